@@ -1,0 +1,102 @@
+"""Eager ground truth for every fused op of the JiT block.
+
+These functions reproduce the official JiT numerics op for op (including the dtype
+promotions that happen under bf16 autocast), so `kernels="torch"` is the official model.
+They are also the CPU implementation of the custom ops and the reference the Triton
+kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm as the official release computes it: fp32 statistics, weight, cast back."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation with per-sample (B, D) shift and scale over (B, N, D) tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _cast(y: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def rmsnorm_modulate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y = modulate(RMSNorm(x), shift, scale), optionally cast to `out_dtype` (the GEMM input dtype)."""
+    return _cast(modulate(rms_norm(x, weight, eps), shift, scale), out_dtype)
+
+
+def residual_rmsnorm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated residual then norm+modulate: x_out = x + gate * branch, y = modulate(RMSNorm(x_out))."""
+    x_out = x + gate.unsqueeze(1) * branch
+    return x_out, rmsnorm_modulate(x_out, weight, shift, scale, eps, out_dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotation (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])."""
+    x = x.unflatten(-1, (-1, 2))
+    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, N, H, Dh) by per-token tables (N, Dh); fp32 tables promote like the official code."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the qkv GEMM output (B, N, 3*H*Dh) into q, k, v of shape (B, N, H, Dh).
+
+    q and k get RMSNorm over the head dim and 2D RoPE; they are returned in qkv's dtype,
+    which is what attention under autocast would cast them to anyway.
+    """
+    b, n, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    q, k, v = qkv.view(b, n, 3, num_heads, head_dim).unbind(2)
+    q = apply_rope(rms_norm(q, q_weight, eps), cos, sin).to(qkv.dtype)
+    k = apply_rope(rms_norm(k, k_weight, eps), cos, sin).to(qkv.dtype)
+    return q, k, v
+
+
+def swiglu(x12: torch.Tensor) -> torch.Tensor:
+    """h = silu(x1) * x2 where x1, x2 are the two halves of the w12 output."""
+    x1, x2 = x12.chunk(2, dim=-1)
+    return F.silu(x1) * x2
+
+
+def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * branch with a per-sample (B, D) gate."""
+    return x + gate.unsqueeze(1) * branch
