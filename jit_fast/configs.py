@@ -1,0 +1,149 @@
+"""Model presets and run configuration dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+# Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
+MODEL_PRESETS: dict[str, dict[str, int | float]] = {
+    "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4, patch_size=16),
+    "JiT-B/32": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4, patch_size=32),
+    "JiT-L/16": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8, patch_size=16),
+    "JiT-L/32": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8, patch_size=32),
+    "JiT-H/16": dict(
+        depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_start=10, patch_size=16,
+        attn_drop=0.2, proj_drop=0.2,
+    ),
+    "JiT-H/32": dict(
+        depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_start=10, patch_size=32,
+        attn_drop=0.2, proj_drop=0.2,
+    ),
+    "JiT-G/16": dict(
+        depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_start=10, patch_size=16,
+        attn_drop=0.2, proj_drop=0.2,
+    ),
+    "JiT-G/32": dict(
+        depth=40, hidden_size=1664, num_heads=16, bottleneck_dim=256, in_context_start=10, patch_size=32,
+        attn_drop=0.2, proj_drop=0.2,
+    ),
+    # Small models for tests and the CPU demo (not official).
+    "JiT-T/4": dict(depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_start=2, patch_size=4,
+                    in_context_len=8),
+    "JiT-S/4": dict(depth=6, hidden_size=192, num_heads=3, bottleneck_dim=32, in_context_start=2, patch_size=4,
+                    in_context_len=8),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Constructor arguments of a JiT model; names follow the official constructor."""
+
+    input_size: int = 256
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    bottleneck_dim: int = 128
+    in_context_len: int = 32
+    in_context_start: int = 4
+    kernels: str = "torch"
+    mlp_pad_to: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Official SwiGLU width h = int(int(D * mlp_ratio) * 2 / 3)."""
+        return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field for impossible shapes."""
+        if self.input_size % self.patch_size:
+            raise ValueError(f"img_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 for the 2D sin-cos embedding")
+        if not 0 <= self.in_context_start <= self.depth:
+            raise ValueError(f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+
+def model_config(name: str, img_size: int = 256, num_classes: int = 1000, **overrides) -> ModelConfig:
+    """Build a ModelConfig from preset `name` plus constructor overrides."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {name!r}; known presets: {', '.join(MODEL_PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown model override(s) {bad}; valid names: {sorted(known)}")
+    kwargs = {**MODEL_PRESETS[name], **overrides}
+    cfg = ModelConfig(input_size=img_size, num_classes=num_classes, **kwargs)
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe; field names follow the official training command's flags."""
+
+    model: str = "JiT-B/16"
+    img_size: int = 256
+    num_classes: int = 1000
+    data_path: str = ""
+    data_backend: str = "dali"
+    output_dir: str = "output"
+    resume: str = ""
+    # recipe
+    epochs: int = 600
+    max_steps: int = 0
+    batch_size: int = 128
+    blr: float = 5e-5
+    lr: float = 0.0
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0
+    ema_decay1: float = 0.9999
+    ema_decay2: float = 0.9996
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    noise_scale: float = 1.0
+    t_eps: float = 0.05
+    label_drop_prob: float = 0.1
+    attn_dropout: float = -1.0
+    proj_dropout: float = -1.0
+    kernels: str = "torch"
+    precision: str = "auto"
+    seed: int = 0
+    num_workers: int = 4
+    # logging / checkpoints
+    log_freq: int = 50
+    save_freq_steps: int = 0
+    save_last_freq: int = 5
+    keep_last: int = 3
+    # evaluation after training (demo)
+    eval_num_images: int = 0
+    eval_steps: int = 50
+    cfg: float = 2.9
+    interval_min: float = 0.1
+    interval_max: float = 1.0
+    solver: str = "heun"
+    extra_model_args: dict = field(default_factory=dict)

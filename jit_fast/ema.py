@@ -1,0 +1,27 @@
+"""Exponential moving averages of parameters, updated with fused foreach ops."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    """Keeps decay-averaged copies of `params` (works on plain or sharded DTensor parameters)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor]) -> None:
+        """shadow = decay * shadow + (1 - decay) * param, rounded as the official update."""
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach() for p in params], alpha=1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for s, v in zip(self.shadow, sd["shadow"], strict=True):
+                s.copy_(v)

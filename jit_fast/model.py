@@ -1,0 +1,303 @@
+"""JiT: Just image Transformer (Li & He, arXiv 2511.13720), parameter-for-parameter official.
+
+Parameter names and shapes equal the official release. The op boundaries that the fused
+kernels replace (RMSNorm+modulate with the gated residual folded in, q/k RMSNorm+RoPE,
+SwiGLU, attention) go through the op table `kernels.get_ops(cfg.kernels)`. Each block
+returns its MLP branch and gate un-added, and the next norm (or the final layer) adds them
+in its fused residual, so no gated residual ever makes its own pass over the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from jit_fast.attention import attention
+from jit_fast.configs import ModelConfig, model_config
+from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
+from kernels import get_ops
+from kernels.reference import gated_residual
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight; holds parameters only, the math lives in the op table."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """Patchify with a low-rank bottleneck: Conv p x p to `bottleneck` then 1x1 conv to D."""
+
+    def __init__(self, patch_size: int, in_chans: int, bottleneck: int, dim: int) -> None:
+        super().__init__()
+        self.proj1 = nn.Conv2d(in_chans, bottleneck, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck, dim, kernel_size=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """MLP on the 256-dim sinusoid of t."""
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row (index num_classes) for the null class."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-RMSNorm and 2D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, ops) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.ops.qk_norm_rope(
+            self.qkv(x), self.q_norm.weight, self.k_norm.weight, rope[0], rope[1], self.num_heads, self.q_norm.eps
+        )
+        o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(o.reshape(b, n, d)))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU MLP: w3(silu(x1) * x2) with x1, x2 the halves of w12(x)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float, ops) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+        self.ffn_dropout = nn.Dropout(drop)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(self.ffn_dropout(self.ops.swiglu(self.w12(x))))
+
+
+Pending = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class JiTBlock(nn.Module):
+    """adaLN-Zero transformer block; its MLP residual is handed to the next norm, not added here."""
+
+    def __init__(self, cfg: ModelConfig, attn_drop: float, proj_drop: float, ops) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = RMSNorm(d)
+        self.attn = Attention(d, cfg.num_heads, attn_drop, proj_drop, ops)
+        self.norm2 = RMSNorm(d)
+        self.mlp = SwiGLUFFN(d, cfg.mlp_hidden, proj_drop, ops)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.ops = ops
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pending: Pending = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        eps = self.norm1.eps
+        if pending is None:
+            h = self.ops.rmsnorm_modulate(x, self.norm1.weight, shift_msa, scale_msa, eps, out_dtype)
+        else:
+            x, h = self.ops.residual_rmsnorm_modulate(
+                x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype
+            )
+        x, h = self.ops.residual_rmsnorm_modulate(
+            x, self.attn(h, rope), gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype
+        )
+        return x, self.mlp(h), gate_mlp
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated RMSNorm and the linear patch decoder."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+
+class JiT(nn.Module):
+    """Pixel-space x-prediction transformer: forward(z, t, y) -> predicted clean image."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.ops = get_ops(cfg.kernels)
+        d, n = cfg.hidden_size, cfg.grid_size**2
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        self.x_embedder = BottleneckPatchEmbed(cfg.patch_size, cfg.in_channels, cfg.bottleneck_dim, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, d), requires_grad=False)
+        if cfg.in_context_len > 0:
+            self.in_context_posemb = nn.Parameter(torch.zeros(1, cfg.in_context_len, d))
+        lo, hi = cfg.depth // 4, cfg.depth // 4 * 3
+        self.blocks = nn.ModuleList(
+            JiTBlock(
+                cfg,
+                cfg.attn_drop if lo <= i < hi else 0.0,
+                cfg.proj_drop if lo <= i < hi else 0.0,
+                self.ops,
+            )
+            for i in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.in_channels)
+        for name, prefix in (("rope", 0), ("rope_incontext", cfg.in_context_len)):
+            cos, sin = rope_tables(cfg.head_dim, cfg.grid_size, prefix)
+            self.register_buffer(f"{name}_cos", cos, persistent=False)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def initialize_weights(self) -> None:
+        """Official init: xavier linears, zero biases, N(0, .02) embeddings, zeroed adaLN and output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid_size).unsqueeze(0))
+        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
+            nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj2.bias)
+        if self.cfg.in_context_len > 0:
+            nn.init.normal_(self.in_context_posemb, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
+        p, c, g = self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"expected images (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}"
+            )
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb
+        x = self.x_embedder(x) + self.pos_embed
+        pending: Pending = None
+        rope = (self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            if cfg.in_context_len > 0 and i == cfg.in_context_start:
+                if pending is not None:
+                    x = gated_residual(x, pending[0], pending[1])
+                    pending = None
+                ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) + self.in_context_posemb
+                x = torch.cat([ctx, x], dim=1)
+                rope = (self.rope_incontext_cos, self.rope_incontext_sin)
+            x, branch, gate = block(x, c, rope, pending, out_dtype)
+            pending = (branch, gate)
+        if cfg.in_context_len > 0 and cfg.in_context_start < cfg.depth:
+            x, branch = x[:, cfg.in_context_len :], branch[:, cfg.in_context_len :]
+            pending = (branch, pending[1])
+        fl = self.final_layer
+        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=-1)
+        if pending is None:
+            h = self.ops.rmsnorm_modulate(x, fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype)
+        else:
+            _, h = self.ops.residual_rmsnorm_modulate(
+                x, pending[0], pending[1], fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype
+            )
+        return self.unpatchify(fl.linear(h))
+
+
+def build_model(
+    name: str, img_size: int = 256, num_classes: int = 1000, kernels: str = "torch", **overrides
+) -> JiT:
+    """Build JiT preset `name` (e.g. "JiT-B/16") with official-constructor overrides."""
+    return JiT(model_config(name, img_size=img_size, num_classes=num_classes, kernels=kernels, **overrides))
+
+
+def official_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key (without the "net." prefix) and shape of the official JiT state_dict, from the facts."""
+    d, p, c, b = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.bottleneck_dim
+    hd, h = cfg.head_dim, cfg.mlp_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        "pos_embed": (1, cfg.grid_size**2, d),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (cfg.num_classes + 1, d),
+        "x_embedder.proj1.weight": (b, c, p, p),
+        "x_embedder.proj2.weight": (d, b, 1, 1),
+        "x_embedder.proj2.bias": (d,),
+    }
+    if cfg.in_context_len > 0:
+        shapes["in_context_posemb"] = (1, cfg.in_context_len, d)
+    for i in range(cfg.depth):
+        k = f"blocks.{i}."
+        shapes.update({
+            k + "norm1.weight": (d,),
+            k + "attn.qkv.weight": (3 * d, d),
+            k + "attn.qkv.bias": (3 * d,),
+            k + "attn.q_norm.weight": (hd,),
+            k + "attn.k_norm.weight": (hd,),
+            k + "attn.proj.weight": (d, d),
+            k + "attn.proj.bias": (d,),
+            k + "norm2.weight": (d,),
+            k + "mlp.w12.weight": (2 * h, d),
+            k + "mlp.w12.bias": (2 * h,),
+            k + "mlp.w3.weight": (d, h),
+            k + "mlp.w3.bias": (d,),
+            k + "adaLN_modulation.1.weight": (6 * d, d),
+            k + "adaLN_modulation.1.bias": (6 * d,),
+        })
+    shapes.update({
+        "final_layer.norm_final.weight": (d,),
+        "final_layer.linear.weight": (p * p * c, d),
+        "final_layer.linear.bias": (p * p * c,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    })
+    return shapes
+
+
