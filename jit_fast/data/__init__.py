@@ -1,0 +1,22 @@
+"""Data pipeline: ADM center crop, sharded reshuffled ImageFolder loading (DALI or torch), demo digits."""
+
+from .crop import CropGeometry, center_crop, crop_geometry
+from .demo import demo_arrays, prepare_demo
+from .index import FolderIndex, build_index
+from .loader import ImageLoader, build_loader, default_backend
+from .order import EpochPlan, plan_epoch
+
+__all__ = [
+    "CropGeometry",
+    "EpochPlan",
+    "FolderIndex",
+    "ImageLoader",
+    "build_index",
+    "build_loader",
+    "center_crop",
+    "crop_geometry",
+    "default_backend",
+    "demo_arrays",
+    "plan_epoch",
+    "prepare_demo",
+]

@@ -1,0 +1,96 @@
+"""Reference backend: PIL decode + ADM crop (torchvision ImageFolder semantics) via a DataLoader or RAM cache."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .crop import center_crop
+from .index import FolderIndex
+from .order import EpochPlan
+
+
+def decode_all(index: FolderIndex, size: int) -> torch.Tensor:
+    """Every image of the index ADM-cropped into one uint8 (N, 3, S, S) tensor (small datasets only)."""
+    out = torch.empty((len(index), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(index.paths):
+        out[i] = torch.from_numpy(center_crop(path, size)).permute(2, 0, 1)
+    return out
+
+
+class _CropDataset(Dataset):
+    """Maps (index, flip) to a cropped, optionally flipped uint8 CHW tensor and its label."""
+
+    def __init__(self, index: FolderIndex, size: int) -> None:
+        self.paths, self.labels, self.size = index.paths, index.labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        i, flip = item
+        for attempt in range(len(self.paths)):
+            j = (i + attempt) % len(self.paths)
+            try:
+                arr = center_crop(self.paths[j], self.size)
+                break
+            except Exception as exc:  # a file broken after validation must not stop a long run
+                warnings.warn(f"skipping unreadable image {self.paths[j]!r} at load time: {exc}", stacklevel=2)
+        else:
+            raise RuntimeError("no readable image left")
+        if flip:
+            arr = arr[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), self.labels[j]
+
+
+class _PlanSampler:
+    """Batch sampler that replays whatever plan was installed last (lets persistent workers survive epochs)."""
+
+    def __init__(self) -> None:
+        self.plan: EpochPlan | None = None
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        assert self.plan is not None
+        for idx, fl in zip(self.plan.indices.tolist(), self.plan.flips.tolist(), strict=True):
+            yield list(zip(idx, fl, strict=True))
+
+    def __len__(self) -> int:
+        return 0 if self.plan is None else len(self.plan)
+
+
+class TorchBackend:
+    """Yields uint8 (B,3,S,S) batches and int64 labels for a plan, from RAM or through DataLoader workers."""
+
+    def __init__(self, index: FolderIndex, size: int, *, num_workers: int, cache: bool, prefetch: int = 2) -> None:
+        self.labels = torch.tensor(index.labels, dtype=torch.int64)
+        self.images = decode_all(index, size) if cache else None
+        self.loader: DataLoader | None = None
+        if self.images is None:
+            self.sampler = _PlanSampler()
+            self.loader = DataLoader(
+                _CropDataset(index, size),
+                batch_sampler=self.sampler,
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                prefetch_factor=prefetch if num_workers > 0 else None,
+                pin_memory=torch.cuda.is_available(),
+            )
+
+    def iterate(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the plan in order."""
+        if self.images is not None:
+            for idx, fl in zip(plan.indices, plan.flips, strict=True):
+                t = torch.from_numpy(idx)
+                x = self.images[t]
+                if fl.any():
+                    f = torch.from_numpy(fl)
+                    x[f] = x[f].flip(-1)
+                yield x, self.labels[t]
+            return
+        assert self.loader is not None
+        self.sampler.plan = plan
+        yield from self.loader
