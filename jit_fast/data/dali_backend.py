@@ -1,0 +1,152 @@
+"""DALI backend: file reader over the validated index, JPEG decode (mixed on GPU, cpu otherwise), ADM crop.
+
+The crop geometry is computed inside the pipeline from the encoded header (peek_image_shape):
+BOX halvings are averages of four shifted nearest-neighbour resamples (bit-exact to PIL for even
+sizes), then an antialiased cubic resize to the ADM size fused with the center crop and the flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .crop import crop_geometry
+from .index import FolderIndex
+from .order import EpochPlan
+
+
+def dali_geometry(shape, size: int, max_halvings: int):
+    """(halved h, w per stage, resized h, w, crop top, left) as DALI nodes from an (H, W, C) shape node.
+
+    Returns the per-stage predicates and sizes so the pipeline can halve conditionally.
+    """
+    import nvidia.dali.math as dmath
+
+    h, w = shape[0], shape[1]
+    stages = []
+    for _ in range(max_halvings):
+        do = dmath.min(h, w) >= 2 * size
+        stages.append((do, h, w))
+        h = h // 2 * do + h * (1 - do)
+        w = w // 2 * do + w * (1 - do)
+    m = dmath.min(h, w)
+    rh = (2 * h * size + m) // (2 * m)
+    rw = (2 * w * size + m) // (2 * m)
+    return stages, h, w, rh, rw, (rh - size) // 2, (rw - size) // 2
+
+
+def _box_halve(img, h, w):
+    """PIL BOX reduction of (h, w) to (h//2, w//2): mean of the 2x2 nearest samples, PIL's two-pass rounding."""
+    from nvidia.dali import fn, types
+
+    hf, wf = fn.cast(h, dtype=types.FLOAT), fn.cast(w, dtype=types.FLOAT)
+    oh, ow = fn.cast(h // 2, dtype=types.FLOAT), fn.cast(w // 2, dtype=types.FLOAT)
+
+    def sample(dy: float, dx: float):
+        out = fn.resize(
+            img,
+            resize_y=oh,
+            resize_x=ow,
+            roi_start=fn.stack(hf * 0 + dy, wf * 0 + dx),
+            roi_end=fn.stack(hf + dy, wf + dx),
+            interp_type=types.INTERP_NN,
+            antialias=False,
+        )
+        return fn.cast(out, dtype=types.UINT16)
+
+    top = (sample(-0.5, -0.5) + sample(-0.5, 0.5) + 1) // 2
+    bottom = (sample(0.5, -0.5) + sample(0.5, 0.5) + 1) // 2
+    return fn.cast((top + bottom + 1) // 2, dtype=types.UINT8)
+
+
+def adm_crop_nodes(encoded, flips, size: int, max_halvings: int, decode_device: str):
+    """DALI graph: encoded images -> ADM-cropped, optionally flipped uint8 CHW images."""
+    from nvidia.dali import fn, types
+
+    shape = fn.peek_image_shape(encoded)
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    stages, h, w, rh, rw, top, left = dali_geometry(shape, size, max_halvings)
+    for do, sh, sw in stages:
+        if do:
+            images = _box_halve(images, sh, sw)
+    pos_y = fn.cast(top, dtype=types.FLOAT) / fn.cast(rh - size + (rh == size), dtype=types.FLOAT)
+    pos_x = fn.cast(left, dtype=types.FLOAT) / fn.cast(rw - size + (rw == size), dtype=types.FLOAT)
+    images = fn.resize_crop_mirror(
+        images,
+        resize_y=fn.cast(rh, dtype=types.FLOAT),
+        resize_x=fn.cast(rw, dtype=types.FLOAT),
+        crop=(size, size),
+        crop_pos_y=pos_y,
+        crop_pos_x=pos_x,
+        mirror=flips,
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+    return fn.transpose(images, perm=[2, 0, 1])
+
+
+def max_halvings(index: FolderIndex, size: int) -> int:
+    """Largest number of BOX halvings any indexed image needs (unrolled stages in the pipeline)."""
+    return max((crop_geometry(w, h, size).halvings for w, h in index.sizes), default=0)
+
+
+class DaliBackend:
+    """Builds one DALI pipeline per pass over a plan (files in plan order, flip packed with the label)."""
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        size: int,
+        *,
+        batch_size: int,
+        num_threads: int,
+        prefetch: int,
+        device: torch.device | None,
+    ) -> None:
+        self.index, self.size, self.batch_size = index, size, batch_size
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.halvings = max_halvings(index, size)
+        use_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
+        self.device_id = (device.index if device is not None and device.index is not None else 0) if use_gpu else None
+        self.labels = np.asarray(index.labels, dtype=np.int64)
+
+    def _pipeline(self, files: list[str], codes: list[int]):
+        from nvidia.dali import fn, pipeline_def
+
+        decode = "mixed" if self.device_id is not None else "cpu"
+
+        @pipeline_def(enable_conditionals=self.halvings > 0)
+        def pipe():
+            encoded, code = fn.readers.file(files=files, labels=codes, random_shuffle=False, name="reader")
+            code = code[0]
+            images = adm_crop_nodes(encoded, code % 2, self.size, self.halvings, decode)
+            return images, code // 2
+
+        return pipe(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+        )
+
+    def iterate(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the plan in order: uint8 (B,3,S,S) images and int64 labels."""
+        if len(plan) == 0:
+            return
+        flat = plan.indices.reshape(-1)
+        files = [self.index.paths[i] for i in flat.tolist()]
+        codes = (self.labels[flat] * 2 + plan.flips.reshape(-1)).tolist()
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        pipe = self._pipeline(files, codes)
+        it = DALIGenericIterator(
+            [pipe], ["images", "labels"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP
+        )
+        try:
+            for out in it:
+                yield out[0]["images"], out[0]["labels"].reshape(-1).long()
+        finally:
+            del it, pipe
