@@ -1,0 +1,484 @@
+"""Fused q/k RMSNorm + 2D RoPE reading the qkv GEMM output once and writing q, k, v as (B, N, H, Dh).
+
+Forward, for q and k of every (token, head) row: n = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps),
+out[d] = n[d] * cos[d] + s(d) * n[d ^ 1] * sin[d] with s(d) = -1 for even d, +1 for odd d (interleaved
+pair rotation; in-context rows carry cos = 1, sin = 0 in the table). v is copied into its own
+contiguous buffer. Backward applies the transposed rotation and the RMSNorm backward in one pass and
+writes dqkv; dq_weight and dk_weight are two-stage sums over rows (see `_common`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels._common import (
+    KernelSpec,
+    check_contiguous,
+    check_dtype,
+    check_same_device,
+    check_shape,
+    device_guard,
+    launch_options,
+    select_config,
+    sum_rows,
+)
+
+MAX_HEAD_DIM = 128
+
+# Size classes keyed by BLOCK_DH = next_pow2(head_dim): Dh 64 -> 64, Dh 80/104/128 -> 128.
+# A "row" is one (token, head) pair; first config of each class is launched, the rest are candidates.
+FWD_CONFIGS: dict[int, list[triton.Config]] = {
+    64: [
+        triton.Config({"BLOCK_R": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 32}, num_warps=8, num_stages=1),
+    ],
+    128: [
+        triton.Config({"BLOCK_R": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 16}, num_warps=8, num_stages=1),
+    ],
+}
+BWD_CONFIGS: dict[int, list[triton.Config]] = {
+    64: [
+        triton.Config({"BLOCK_R": 16, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 32, "ROWS_PER_PROG": 512}, num_warps=8, num_stages=1),
+    ],
+    128: [
+        triton.Config({"BLOCK_R": 8, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_R": 16, "ROWS_PER_PROG": 256}, num_warps=8, num_stages=1),
+    ],
+}
+
+
+@triton.jit
+def _norm_rope(x, x_pair, w, w_pair, cos, sin, sign, DH, eps):
+    """RMSNorm with weight, then the interleaved-pair rotation; also returns rstd (fp32 in, fp32 out)."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / DH + eps)
+    n = x * rstd[:, None] * w[None, :]
+    n_pair = x_pair * rstd[:, None] * w_pair[None, :]
+    return n * cos + sign[None, :] * n_pair * sin
+
+
+@triton.jit
+def qk_norm_rope_fwd_kernel(
+    QKV,
+    QW,
+    KW,
+    COS,
+    SIN,
+    Q,
+    K,
+    V,
+    R,
+    N,
+    H,
+    DH,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):
+    """Program i handles rows [i*BLOCK_R, (i+1)*BLOCK_R) of the B*N*H (token, head) rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DH)
+    pair = cols ^ 1
+    cmask = cols < DH
+    mask = (rows < R)[:, None] & cmask[None, :]
+    token = rows // H
+    head = rows % H
+    pos = token % N
+    in_base = (token.to(tl.int64) * 3 * H + head) * DH
+    rows = rows.to(tl.int64)
+    src = in_base[:, None] + cols[None, :]
+    src_pair = in_base[:, None] + pair[None, :]
+    dst = rows[:, None] * DH + cols[None, :]
+    tab = pos[:, None] * DH + cols[None, :]
+    cos = tl.load(COS + tab, mask=mask, other=0.0)
+    sin = tl.load(SIN + tab, mask=mask, other=0.0)
+    sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+    c = H * DH
+
+    qw = tl.load(QW + cols, mask=cmask, other=0.0).to(tl.float32)
+    qw_pair = tl.load(QW + pair, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)
+    x_pair = tl.load(QKV + src_pair, mask=mask, other=0.0).to(tl.float32)
+    q = _norm_rope(x, x_pair, qw, qw_pair, cos, sin, sign, DH, eps)
+    tl.store(Q + dst, q.to(Q.dtype.element_ty), mask=mask)
+
+    kw = tl.load(KW + cols, mask=cmask, other=0.0).to(tl.float32)
+    kw_pair = tl.load(KW + pair, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(QKV + c + src, mask=mask, other=0.0).to(tl.float32)
+    x_pair = tl.load(QKV + c + src_pair, mask=mask, other=0.0).to(tl.float32)
+    k = _norm_rope(x, x_pair, kw, kw_pair, cos, sin, sign, DH, eps)
+    tl.store(K + dst, k.to(K.dtype.element_ty), mask=mask)
+
+    v = tl.load(QKV + 2 * c + src, mask=mask, other=0.0)
+    tl.store(V + dst, v, mask=mask)
+
+
+@triton.jit
+def _norm_rope_bwd(x, dy, dy_pair, w, cos, sin_pair, sign, DH, eps):
+    """Transposed rotation then RMSNorm backward; returns (dx, per-column dweight contribution)."""
+    dn = dy * cos - sign[None, :] * dy_pair * sin_pair
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / DH + eps)
+    xhat = x * rstd[:, None]
+    g = dn * w[None, :]
+    proj = tl.sum(g * xhat, axis=1) / DH
+    dx = (g - xhat * proj[:, None]) * rstd[:, None]
+    return dx, tl.sum(dn * xhat, axis=0)
+
+
+@triton.jit
+def qk_norm_rope_bwd_kernel(
+    QKV,
+    QW,
+    KW,
+    COS,
+    SIN,
+    DQ,
+    DK,
+    DV,
+    DQKV,
+    PART,
+    R,
+    N,
+    H,
+    DH,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
+):
+    """Program p walks rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG), writes dqkv for them and one fp32
+    partial row each for dq_weight and dk_weight into PART[p, 0:2, :]."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_DH)
+    pair = cols ^ 1
+    cmask = cols < DH
+    sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+    c = H * DH
+    qw = tl.load(QW + cols, mask=cmask, other=0.0).to(tl.float32)
+    kw = tl.load(KW + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_q = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    acc_k = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    row0 = pid * ROWS_PER_PROG
+    n_rows = tl.minimum(R - row0, ROWS_PER_PROG)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = row0 + start + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        token = rows // H
+        head = rows % H
+        pos = token % N
+        in_base = (token.to(tl.int64) * 3 * H + head) * DH
+        rows = rows.to(tl.int64)
+        src = in_base[:, None] + cols[None, :]
+        dst = rows[:, None] * DH + cols[None, :]
+        dst_pair = rows[:, None] * DH + pair[None, :]
+        cos = tl.load(COS + pos[:, None] * DH + cols[None, :], mask=mask, other=0.0)
+        sin_pair = tl.load(SIN + pos[:, None] * DH + pair[None, :], mask=mask, other=0.0)
+
+        x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DQ + dst, mask=mask, other=0.0).to(tl.float32)
+        dy_pair = tl.load(DQ + dst_pair, mask=mask, other=0.0).to(tl.float32)
+        dx, dw = _norm_rope_bwd(x, dy, dy_pair, qw, cos, sin_pair, sign, DH, eps)
+        acc_q += dw
+        tl.store(DQKV + src, dx.to(DQKV.dtype.element_ty), mask=mask)
+
+        x = tl.load(QKV + c + src, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DK + dst, mask=mask, other=0.0).to(tl.float32)
+        dy_pair = tl.load(DK + dst_pair, mask=mask, other=0.0).to(tl.float32)
+        dx, dw = _norm_rope_bwd(x, dy, dy_pair, kw, cos, sin_pair, sign, DH, eps)
+        acc_k += dw
+        tl.store(DQKV + c + src, dx.to(DQKV.dtype.element_ty), mask=mask)
+
+        dv = tl.load(DV + dst, mask=mask, other=0.0)
+        tl.store(DQKV + 2 * c + src, dv.to(DQKV.dtype.element_ty), mask=mask)
+
+    part = PART + pid.to(tl.int64) * 2 * DH + cols
+    tl.store(part, acc_q, mask=cmask)
+    tl.store(part + DH, acc_k, mask=cmask)
+
+
+def _check_inputs(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> int:
+    """Validate shapes, dtypes and head dim; return the head dim."""
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B, N, 3*H*Dh), got shape {tuple(qkv.shape)}")
+    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv last dim {qkv.shape[-1]} is not divisible by 3*num_heads (num_heads={num_heads})")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim % 2 != 0 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim={head_dim} (qkv shape {tuple(qkv.shape)}, num_heads={num_heads}) is unsupported: "
+            f"RoPE pairs need an even head dim <= {MAX_HEAD_DIM}"
+        )
+    n = qkv.shape[1]
+    check_shape("q_weight", q_weight, (head_dim,))
+    check_shape("k_weight", k_weight, (head_dim,))
+    check_shape("cos", cos, (n, head_dim))
+    check_shape("sin", sin, (n, head_dim))
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 table, got {t.dtype}")
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight)):
+        check_dtype(name, t)
+    check_same_device(qkv=qkv, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
+    return head_dim
+
+
+def qk_norm_rope_fwd(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launch: q, k (normed + rotated) and v, each (B, N, H, Dh) contiguous in qkv's dtype."""
+    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
+        check_contiguous(name, t)
+    b, n, _ = qkv.shape
+    shape = (b, n, num_heads, head_dim)
+    q, k, v = (torch.empty(shape, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    rows = b * n * num_heads
+    block_dh = triton.next_power_of_2(head_dim)
+    cfg = config or select_config(FWD_CONFIGS, block_dh, "qk_norm_rope")
+    with device_guard(qkv):
+        qk_norm_rope_fwd_kernel[(triton.cdiv(rows, cfg.kwargs["BLOCK_R"]),)](
+            qkv, q_weight, k_weight, cos, sin, q, k, v, rows, n, num_heads, head_dim, eps,
+            BLOCK_DH=block_dh, **launch_options(cfg),
+        )
+    return q, k, v
+
+
+def qk_norm_rope_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward launch: (dqkv, dq_weight, dk_weight) from the gradients of q, k, v."""
+    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+    b, n, _ = qkv.shape
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        check_shape(name, t, (b, n, num_heads, head_dim))
+        check_contiguous(name, t)
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
+        check_contiguous(name, t)
+    rows = b * n * num_heads
+    block_dh = triton.next_power_of_2(head_dim)
+    cfg = config or select_config(BWD_CONFIGS, block_dh, "qk_norm_rope backward")
+    num_p = triton.cdiv(rows, cfg.kwargs["ROWS_PER_PROG"])
+    dqkv = torch.empty_like(qkv)
+    partials = torch.empty(num_p, 2, head_dim, device=qkv.device, dtype=torch.float32)
+    with device_guard(qkv):
+        qk_norm_rope_bwd_kernel[(num_p,)](
+            qkv, q_weight, k_weight, cos, sin, dq, dk, dv, dqkv, partials, rows, n, num_heads, head_dim, eps,
+            BLOCK_DH=block_dh, **launch_options(cfg),
+        )
+    dw = sum_rows(partials, 1, num_p, 2 * head_dim, 0, 2 * head_dim).view(2, head_dim)
+    return dqkv, dw[0].to(q_weight.dtype), dw[1].to(k_weight.dtype)
+
+
+def _rotate_half_t(g: torch.Tensor) -> torch.Tensor:
+    """Transpose of reference.rotate_half: (g[2i], g[2i+1]) -> (g[2i+1], -g[2i])."""
+    g = g.unflatten(-1, (-1, 2))
+    return torch.stack((g[..., 1], -g[..., 0]), dim=-1).flatten(-2)
+
+
+def qk_norm_rope_bwd_reference(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager backward with the contract of `qk_norm_rope_bwd` (fp32 math): the CPU implementation."""
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    b, n, _ = qkv.shape
+    x = qkv.to(acc).view(b, n, 3, num_heads, -1)
+    cos_, sin_ = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
+    grads = []
+    for i, (dy, w) in enumerate(((dq, q_weight), (dk, k_weight))):
+        xi = x[:, :, i]
+        rstd = torch.rsqrt(xi.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = xi * rstd
+        g = dy.to(acc)
+        dn = g * cos_ + _rotate_half_t(g * sin_)
+        gw = dn * w.to(acc)
+        dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
+        grads.append((dx, (dn * xhat).sum((0, 1, 2)).to(w.dtype)))
+    dqkv = torch.stack((grads[0][0], grads[1][0], dv.to(acc)), dim=2).flatten(2).to(qkv.dtype)
+    return dqkv, grads[0][1], grads[1][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: CUDA -> Triton launch helpers, other devices -> eager reference.
+
+
+@torch.library.custom_op("jit_fast::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = reference.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+    return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)
+
+
+@_qk_norm_rope_op.register_kernel("cuda")
+def _qk_norm_rope_cuda(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+    return qk_norm_rope_fwd(
+        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), cos.contiguous(), sin.contiguous(),
+        num_heads, eps,
+    )
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+    b, n, c3 = qkv.shape
+    shape = (b, n, num_heads, c3 // (3 * num_heads))
+    return tuple(qkv.new_empty(shape) for _ in range(3))
+
+
+@torch.library.custom_op("jit_fast::qk_norm_rope_bwd", mutates_args=())
+def _bwd_op(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_bwd_reference(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+
+
+@_bwd_op.register_kernel("cuda")
+def _bwd_cuda(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+    return qk_norm_rope_bwd(
+        dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
+        cos.contiguous(), sin.contiguous(), num_heads, eps,
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+def _setup(ctx, inputs, output) -> None:
+    qkv, q_weight, k_weight, cos, sin, num_heads, eps = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+    ctx.num_heads, ctx.eps = num_heads, eps
+
+
+def _backward_with(bwd):
+    """Autograd backward computing gradients with `bwd` (custom op or launch helper); tables get no grad."""
+
+    def backward(ctx, dq, dk, dv):
+        qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        grads = [torch.zeros(qkv.shape[:2] + (ctx.num_heads, q_weight.shape[0]), device=qkv.device,
+                             dtype=qkv.dtype) if g is None else g.contiguous() for g in (dq, dk, dv)]
+        dqkv, dqw, dkw = bwd(*grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps)
+        return dqkv, dqw, dkw, None, None, None, None
+
+    return backward
+
+
+_qk_norm_rope_op.register_autograd(_backward_with(torch.ops.jit_fast.qk_norm_rope_bwd), setup_context=_setup)
+
+
+class _LauncherFn(torch.autograd.Function):
+    """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
+
+    @staticmethod
+    def forward(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+        return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+
+    setup_context = staticmethod(_setup)
+    backward = staticmethod(_backward_with(qk_norm_rope_bwd))
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused op (contract of reference.qk_norm_rope, outputs contiguous): validates, dispatches the custom op."""
+    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+    return torch.ops.jit_fast.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+
+
+def qk_norm_rope_launcher(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
+    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+    return _LauncherFn.apply(
+        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), cos.contiguous(), sin.contiguous(),
+        num_heads, eps,
+    )
+
+
+def compile_specs() -> Iterator[KernelSpec]:
+    """Every (kernel, head dim, config) the launchers select for JiT head dims, bf16 activations."""
+    for head_dim, heads in ((64, 16), (80, 16), (104, 16), (128, 16)):
+        block_dh = triton.next_power_of_2(head_dim)
+        ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
+        fwd_sig = {
+            "QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "Q": "*bf16",
+            "K": "*bf16", "V": "*bf16", "R": "i32", "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
+        }
+        for cfg in FWD_CONFIGS[block_dh]:
+            yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, {"BLOCK_DH": block_dh}, cfg,
+                             ints, f"Dh={head_dim}")
+        bwd_sig = {
+            "QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "DQ": "*bf16",
+            "DK": "*bf16", "DV": "*bf16", "DQKV": "*bf16", "PART": "*fp32", "R": "i32", "N": "i32",
+            "H": "i32", "DH": "i32", "eps": "fp32",
+        }
+        for cfg in BWD_CONFIGS[block_dh]:
+            yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, {"BLOCK_DH": block_dh}, cfg,
+                             ints, f"Dh={head_dim}")

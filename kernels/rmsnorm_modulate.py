@@ -1,0 +1,659 @@
+"""Fused RMSNorm + adaLN modulation, optionally preceded by the gated residual of the previous branch.
+
+Forward (one read of x and branch, one write of x_out and y):
+    x_out = x + gate[b] * branch                      (residual variant only)
+    y     = x_out * rstd * weight * (1 + scale[b]) + shift[b],  rstd = 1 / sqrt(mean(x_out^2) + eps)
+Backward recomputes rstd from x_out (no saved statistics) and produces dx, dbranch, dgate, dweight,
+dshift, dscale; the per-sample and per-column sums over tokens are two-stage (see `_common`).
+All arithmetic is fp32; results are rounded once, to the dtype of the tensor they are stored in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels._common import (
+    KernelSpec,
+    check_contiguous,
+    check_dtype,
+    check_rows,
+    check_same_device,
+    check_shape,
+    device_guard,
+    launch_options,
+    rowwise,
+    select_config,
+    sum_rows,
+)
+
+# Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
+# (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates
+# that compile_check also builds. D 768/1024 -> 1024, D 1280/1664 -> 2048.
+FWD_CONFIGS: dict[int, list[triton.Config]] = {
+    1024: [
+        triton.Config({"BLOCK_M": 2}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 4}, num_warps=8, num_stages=1),
+    ],
+    2048: [
+        triton.Config({"BLOCK_M": 1}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 2}, num_warps=8, num_stages=1),
+    ],
+}
+BWD_CONFIGS: dict[int, list[triton.Config]] = {
+    1024: [
+        triton.Config({"BLOCK_M": 1, "ROWS_PER_PROG": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 2, "ROWS_PER_PROG": 32}, num_warps=8, num_stages=1),
+    ],
+    2048: [
+        triton.Config({"BLOCK_M": 1, "ROWS_PER_PROG": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 1, "ROWS_PER_PROG": 64}, num_warps=16, num_stages=1),
+    ],
+}
+MAX_D = max(FWD_CONFIGS)
+
+
+@triton.jit
+def rmsnorm_modulate_fwd_kernel(
+    X,
+    BRANCH,
+    GATE,
+    W,
+    SHIFT,
+    SCALE,
+    XOUT,
+    Y,
+    N,
+    D,
+    stride_gate,
+    stride_shift,
+    stride_scale,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (i, b) handles rows [i*BLOCK_M, (i+1)*BLOCK_M) of sample b over the full hidden width."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < N)[:, None] & cmask[None, :]
+    offs = (b * N + rows)[:, None] * D + cols[None, :]
+
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+        branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
+        x_out = (x + gate[None, :] * branch).to(XOUT.dtype.element_ty)
+        tl.store(XOUT + offs, x_out, mask=mask)
+        x = x_out.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + b * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = (x * rstd[:, None]) * (w * (1.0 + scale))[None, :] + shift[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rmsnorm_modulate_bwd_kernel(
+    XN,
+    DY,
+    DXO,
+    BRANCH,
+    GATE,
+    W,
+    SCALE,
+    DX,
+    DBRANCH,
+    PART,
+    N,
+    D,
+    stride_gate,
+    stride_scale,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DXO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
+):
+    """Program (p, b) walks rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of sample b.
+
+    It writes dx (and dbranch) for its rows and one fp32 partial row each for dshift, dscale,
+    dgate and dweight into PART[b, p, 0:4, :] (reduced later by `sum_rows`).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_p = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    w_eff = w * scale1
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+
+    acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    row0 = pid * ROWS_PER_PROG
+    n_rows = tl.minimum(N - row0, ROWS_PER_PROG)
+    for start in range(0, n_rows, BLOCK_M):
+        rows = row0 + start + tl.arange(0, BLOCK_M)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        offs = (b * N + rows)[:, None] * D + cols[None, :]
+
+        x = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        xhat = x * rstd[:, None]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_shift += tl.sum(dy, axis=0)
+        acc_s += tl.sum(dy * xhat, axis=0)
+
+        dxhat = dy * w_eff[None, :]
+        proj = tl.sum(dxhat * xhat, axis=1) / D
+        dx = (dxhat - xhat * proj[:, None]) * rstd[:, None]
+        if HAS_DXO:
+            dx += tl.load(DXO + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_RESIDUAL:
+            branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
+            acc_gate += tl.sum(dx * branch, axis=0)
+            tl.store(DBRANCH + offs, (dx * gate[None, :]).to(DBRANCH.dtype.element_ty), mask=mask)
+
+    part = PART + ((b * num_p + pid) * 4) * D + cols
+    tl.store(part, acc_shift, mask=cmask)
+    tl.store(part + D, acc_s * w, mask=cmask)
+    tl.store(part + 2 * D, acc_gate, mask=cmask)
+    tl.store(part + 3 * D, acc_s * scale1, mask=cmask)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    branch: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> None:
+    """Shape/dtype/device validation shared by the public ops and the launch helpers."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
+    b, _, d = x.shape
+    if d > MAX_D:
+        raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {MAX_D}")
+    named = {"x": x, "weight": weight, "shift": shift, "scale": scale}
+    check_shape("weight", weight, (d,))
+    check_shape("shift", shift, (b, d))
+    check_shape("scale", scale, (b, d))
+    if branch is not None and gate is not None:
+        check_shape("branch", branch, tuple(x.shape))
+        check_shape("gate", gate, (b, d))
+        named.update(branch=branch, gate=gate)
+    for name, t in named.items():
+        check_dtype(name, t)
+    check_same_device(**named)
+
+
+def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Dtype eager PyTorch gives to an elementwise combination of `tensors` (type promotion)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _launch_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None,
+    config: triton.Config | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(x, weight, shift, scale, branch, gate)
+    for name, t in (("x", x), ("weight", weight), ("branch", branch)):
+        if t is not None:
+            check_contiguous(name, t)
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if t is not None:
+            check_rows(name, t)
+    b, n, d = x.shape
+    residual = branch is not None
+    x_out = torch.empty_like(x, dtype=_out_dtype(x, gate, branch)) if residual else x
+    y_dtype = out_dtype or _out_dtype(x_out, shift, scale)
+    y = torch.empty(x.shape, device=x.device, dtype=y_dtype)
+    cfg = config or select_config(FWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate")
+    grid = (triton.cdiv(n, cfg.kwargs["BLOCK_M"]), b)
+    with device_guard(x):
+        rmsnorm_modulate_fwd_kernel[grid](
+            x,
+            branch if residual else x,
+            gate if residual else shift,
+            weight,
+            shift,
+            scale,
+            x_out,
+            y,
+            n,
+            d,
+            gate.stride(0) if residual else 0,
+            shift.stride(0),
+            scale.stride(0),
+            eps,
+            HAS_RESIDUAL=residual,
+            BLOCK_D=triton.next_power_of_2(d),
+            **launch_options(cfg),
+        )
+    return x_out, y
+
+
+def rmsnorm_modulate_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Triton launch: y = modulate(RMSNorm(x)) on any device Triton runs on (CUDA, or CPU when interpreted)."""
+    return _launch_fwd(x, weight, shift, scale, None, None, eps, out_dtype, config)[1]
+
+
+def residual_rmsnorm_modulate_fwd(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launch: x_out = x + gate * branch and y = modulate(RMSNorm(x_out)) in one pass."""
+    return _launch_fwd(x, weight, shift, scale, branch, gate, eps, out_dtype, config)
+
+
+def rmsnorm_modulate_bwd(
+    dy: torch.Tensor,
+    x_norm: torch.Tensor,
+    dx_out: torch.Tensor | None,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Triton backward launch: returns (dx, dbranch, dgate, dweight, dshift, dscale).
+
+    `x_norm` is the tensor that was normalized (x_out for the residual variant); `dx_out` is the
+    gradient arriving at x_out from later layers. dbranch and dgate are None without a residual.
+    """
+    _check_inputs(x_norm, weight, scale, scale, branch, gate)
+    for name, t in (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight)):
+        if t is not None:
+            check_contiguous(name, t)
+    check_shape("dy", dy, tuple(x_norm.shape))
+    if dx_out is not None:
+        check_shape("dx_out", dx_out, tuple(x_norm.shape))
+    check_rows("scale", scale)
+    residual = branch is not None
+    if residual:
+        check_rows("gate", gate)
+    b, n, d = x_norm.shape
+    cfg = config or select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
+    rows_per_prog = cfg.kwargs["ROWS_PER_PROG"]
+    num_p = triton.cdiv(n, rows_per_prog)
+    dx = torch.empty(x_norm.shape, device=x_norm.device, dtype=x_dtype)
+    dbranch = torch.empty_like(branch) if residual else None
+    partials = torch.empty(b, num_p, 4, d, device=x_norm.device, dtype=torch.float32)
+    with device_guard(x_norm):
+        rmsnorm_modulate_bwd_kernel[(num_p, b)](
+            x_norm,
+            dy,
+            dx_out if dx_out is not None else dy,
+            branch if residual else dy,
+            gate if residual else scale,
+            weight,
+            scale,
+            dx,
+            dbranch if residual else dx,
+            partials,
+            n,
+            d,
+            gate.stride(0) if residual else 0,
+            scale.stride(0),
+            eps,
+            HAS_RESIDUAL=residual,
+            HAS_DXO=dx_out is not None,
+            BLOCK_D=triton.next_power_of_2(d),
+            **launch_options(cfg),
+        )
+    per_sample = sum_rows(partials, b, num_p, 4 * d, num_p * 4 * d, 4 * d).view(b, 4, d)
+    dweight = sum_rows(per_sample[:, 3], 1, b, d, 0, 4 * d).view(d).to(weight.dtype)
+    dshift = per_sample[:, 0].to(shift_dtype)
+    dscale = per_sample[:, 1].to(scale.dtype)
+    dgate = per_sample[:, 2].to(gate.dtype) if residual else None
+    return dx, dbranch, dgate, dweight, dshift, dscale
+
+
+def rmsnorm_modulate_bwd_reference(
+    dy: torch.Tensor,
+    x_norm: torch.Tensor,
+    dx_out: torch.Tensor | None,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, ...]:
+    """Eager backward with the same contract as `rmsnorm_modulate_bwd` (fp32 math): the CPU implementation."""
+    acc = torch.float64 if x_norm.dtype == torch.float64 else torch.float32
+    x = x_norm.to(acc)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x * rstd
+    g = dy.to(acc)
+    w = weight.to(acc)
+    scale1 = 1 + scale.to(acc)
+    s = (g * xhat).sum(1)
+    dxhat = g * (w * scale1).unsqueeze(1)
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
+    if dx_out is not None:
+        dx = dx + dx_out.to(acc)
+    dweight = (s * scale1).sum(0).to(weight.dtype)
+    dshift = g.sum(1).to(shift_dtype)
+    dscale = (s * w).to(scale.dtype)
+    if branch is None:
+        return dx.to(x_dtype), None, None, dweight, dshift, dscale
+    dbranch = (dx * gate.to(acc).unsqueeze(1)).to(branch.dtype)
+    dgate = (dx * branch.to(acc)).sum(1).to(gate.dtype)
+    return dx.to(x_dtype), dbranch, dgate, dweight, dshift, dscale
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: CUDA -> Triton launch helpers, CPU (and anything else) -> eager reference.
+
+
+@torch.library.custom_op("jit_fast::rmsnorm_modulate", mutates_args=())
+def _rmsnorm_modulate_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    return reference.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
+
+
+@_rmsnorm_modulate_op.register_kernel("cuda")
+def _rmsnorm_modulate_cuda(x, weight, shift, scale, eps, out_dtype):
+    return rmsnorm_modulate_fwd(x.contiguous(), weight.contiguous(), rowwise(shift), rowwise(scale), eps, out_dtype)
+
+
+@_rmsnorm_modulate_op.register_fake
+def _rmsnorm_modulate_fake(x, weight, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x, shift, scale))
+
+
+@torch.library.custom_op("jit_fast::residual_rmsnorm_modulate", mutates_args=())
+def _residual_op(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype)
+
+
+@_residual_op.register_kernel("cuda")
+def _residual_cuda(x, branch, gate, weight, shift, scale, eps, out_dtype):
+    return residual_rmsnorm_modulate_fwd(
+        x.contiguous(),
+        branch.contiguous(),
+        rowwise(gate),
+        weight.contiguous(),
+        rowwise(shift),
+        rowwise(scale),
+        eps,
+        out_dtype,
+    )
+
+
+@_residual_op.register_fake
+def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype):
+    x_out = x.new_empty(x.shape, dtype=_out_dtype(x, gate, branch))
+    return x_out, x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x_out, shift, scale))
+
+
+@torch.library.custom_op("jit_fast::rmsnorm_modulate_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor,
+    x_norm: torch.Tensor,
+    dx_out: torch.Tensor | None,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    grads = rmsnorm_modulate_bwd_reference(
+        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype
+    )
+    return [g for g in grads if g is not None]
+
+
+@_bwd_op.register_kernel("cuda")
+def _bwd_cuda(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype):
+    grads = rmsnorm_modulate_bwd(
+        dy.contiguous(),
+        x_norm.contiguous(),
+        None if dx_out is None else dx_out.contiguous(),
+        None if branch is None else branch.contiguous(),
+        None if gate is None else rowwise(gate),
+        weight.contiguous(),
+        rowwise(scale),
+        eps,
+        x_dtype,
+        shift_dtype,
+    )
+    return [g for g in grads if g is not None]
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype):
+    b, _, d = x_norm.shape
+    grads = [x_norm.new_empty(x_norm.shape, dtype=x_dtype)]
+    if branch is not None:
+        grads += [torch.empty_like(branch), gate.new_empty((b, d))]
+    return grads + [torch.empty_like(weight), scale.new_empty((b, d), dtype=shift_dtype), scale.new_empty((b, d))]
+
+
+def _setup_plain(ctx, inputs, output) -> None:
+    x, weight, shift, scale, eps, _ = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.eps, ctx.shift_dtype = eps, shift.dtype
+
+
+def _backward_plain(bwd):
+    """Autograd backward of the plain op, computing gradients with `bwd` (custom op or launch helper)."""
+
+    def backward(ctx, dy):
+        x, weight, scale = ctx.saved_tensors
+        dx, _, _, dweight, dshift, dscale = _unpack(
+            bwd(dy.contiguous(), x, None, None, None, weight, scale, ctx.eps, x.dtype, ctx.shift_dtype), False
+        )
+        return dx, dweight, dshift, dscale, None, None
+
+    return backward
+
+
+def _setup_residual(ctx, inputs, output) -> None:
+    x, branch, gate, weight, shift, scale, eps, _ = inputs
+    ctx.save_for_backward(output[0], branch, gate, weight, scale)
+    ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
+
+
+def _backward_residual(bwd):
+    """Autograd backward of the residual op; `dx_out` is the gradient reaching x_out from later blocks."""
+
+    def backward(ctx, dx_out, dy):
+        x_out, branch, gate, weight, scale = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x_out)
+        dx_out = None if dx_out is None else dx_out.contiguous()
+        grads = bwd(dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype)
+        dx, dbranch, dgate, dweight, dshift, dscale = _unpack(grads, True)
+        return dx, dbranch, dgate, dweight, dshift, dscale, None, None
+
+    return backward
+
+
+def _unpack(grads, residual: bool) -> tuple[torch.Tensor | None, ...]:
+    """Normalize (custom-op list without Nones | launcher tuple) to the 6-tuple of the launcher."""
+    grads = [g for g in grads if g is not None]
+    if residual:
+        return tuple(grads)
+    dx, dweight, dshift, dscale = grads
+    return dx, None, None, dweight, dshift, dscale
+
+
+_BWD_OP = torch.ops.jit_fast.rmsnorm_modulate_bwd
+_rmsnorm_modulate_op.register_autograd(_backward_plain(_BWD_OP), setup_context=_setup_plain)
+_residual_op.register_autograd(_backward_residual(_BWD_OP), setup_context=_setup_residual)
+
+
+class _PlainLauncherFn(torch.autograd.Function):
+    """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
+
+    @staticmethod
+    def forward(x, weight, shift, scale, eps, out_dtype):
+        return rmsnorm_modulate_fwd(x, weight, shift, scale, eps, out_dtype)
+
+    setup_context = staticmethod(_setup_plain)
+    backward = staticmethod(_backward_plain(rmsnorm_modulate_bwd))
+
+
+class _ResidualLauncherFn(torch.autograd.Function):
+    """Autograd over the residual launch helpers directly (no custom op)."""
+
+    @staticmethod
+    def forward(x, branch, gate, weight, shift, scale, eps, out_dtype):
+        return residual_rmsnorm_modulate_fwd(x, branch, gate, weight, shift, scale, eps, out_dtype)
+
+    setup_context = staticmethod(_setup_residual)
+    backward = staticmethod(_backward_residual(rmsnorm_modulate_bwd))
+
+
+def rmsnorm_modulate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Fused op (same contract as reference.rmsnorm_modulate): validates, then dispatches the custom op."""
+    _check_inputs(x, weight, shift, scale)
+    return torch.ops.jit_fast.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
+
+
+def residual_rmsnorm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused op (same contract as reference.residual_rmsnorm_modulate) via the custom op."""
+    _check_inputs(x, weight, shift, scale, branch, gate)
+    return torch.ops.jit_fast.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype)
+
+
+def rmsnorm_modulate_launcher(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
+    _check_inputs(x, weight, shift, scale)
+    return _PlainLauncherFn.apply(x.contiguous(), weight, rowwise(shift), rowwise(scale), eps, out_dtype)
+
+
+def residual_rmsnorm_modulate_launcher(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual variant through the launch helpers with autograd."""
+    _check_inputs(x, weight, shift, scale, branch, gate)
+    return _ResidualLauncherFn.apply(
+        x.contiguous(), branch.contiguous(), rowwise(gate), weight, rowwise(shift), rowwise(scale), eps, out_dtype
+    )
+
+
+def compile_specs() -> Iterator[KernelSpec]:
+    """Every (kernel, variant, D, config) the launchers can select for the JiT widths, bf16-autocast dtypes."""
+    for d in (768, 1024, 1280, 1664):
+        block_d = triton.next_power_of_2(d)
+        ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
+        size = min(s for s in FWD_CONFIGS if s >= block_d)
+        for residual in (False, True):
+            fwd_sig = {
+                "X": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "W": "*fp32", "SHIFT": "*bf16",
+                "SCALE": "*bf16", "XOUT": "*fp32", "Y": "*bf16", "N": "i32", "D": "i32",
+                "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
+            }
+            for cfg in FWD_CONFIGS[size]:
+                yield KernelSpec(
+                    "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, fwd_sig,
+                    {"HAS_RESIDUAL": residual, "BLOCK_D": block_d}, cfg, ints,
+                    f"D={d} residual={residual}",
+                )
+            bwd_sig = {
+                "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16",
+                "W": "*fp32", "SCALE": "*bf16", "DX": "*fp32", "DBRANCH": "*bf16", "PART": "*fp32",
+                "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32", "eps": "fp32",
+            }
+            for cfg in BWD_CONFIGS[size]:
+                yield KernelSpec(
+                    "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, bwd_sig,
+                    {"HAS_RESIDUAL": residual, "HAS_DXO": residual, "BLOCK_D": block_d}, cfg, ints,
+                    f"D={d} residual={residual}",
+                )
