@@ -1,0 +1,127 @@
+"""Roofline projection of counted traffic onto A100 / H100 / H200: modeled times, speedups and MFU.
+
+Every number produced here is modeled, not measured. Each counted op takes
+max(GEMM-or-attention FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency), minimum kernel time);
+ops run back to back (no overlap between kernels). The efficiencies and the minimum kernel time are
+assumptions, stated as named constants and printed with every projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from benchmarks.traffic import Count, OpRecord
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """Peak dense bf16 tensor-core throughput and HBM bandwidth of one GPU (datasheet figures)."""
+
+    name: str
+    peak_bf16_flops: float
+    hbm_bytes_per_s: float
+
+
+# Sources: NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 tensor core 312 TFLOPS dense,
+# 624 with sparsity; HBM2e 2,039 GB/s); NVIDIA H100 datasheet (H100 SXM: BF16 1,979 TFLOPS with
+# sparsity, i.e. 989.5 dense; HBM3 3.35 TB/s); NVIDIA H200 datasheet (H200 SXM: BF16 1,979 TFLOPS with
+# sparsity, 989.5 dense; HBM3e 4.8 TB/s).
+A100 = GPUSpec("A100-SXM4-80GB", 312e12, 2.039e12)
+H100 = GPUSpec("H100-SXM5-80GB", 989.5e12, 3.35e12)
+H200 = GPUSpec("H200-SXM-141GB", 989.5e12, 4.8e12)
+GPUS = {"A100": A100, "H100": H100, "H200": H200}
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Achievable fractions of peak and the floor time of a kernel (assumed, not measured)."""
+
+    gemm_efficiency: float = 0.70
+    attention_efficiency: float = 0.50
+    bandwidth_efficiency: float = 0.80
+    min_kernel_s: float = 2e-6
+
+
+DEFAULT_ASSUMPTIONS = Assumptions()
+
+
+def op_time(r: OpRecord, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> float:
+    """Modeled seconds of one op: the slower of its compute and memory time, at least the kernel floor."""
+    t_mem = r.bytes / (gpu.hbm_bytes_per_s * a.bandwidth_efficiency)
+    t_compute = 0.0
+    if r.category == "gemm":
+        t_compute = r.flops / (gpu.peak_bf16_flops * a.gemm_efficiency)
+    elif r.category == "attention":
+        t_compute = r.flops / (gpu.peak_bf16_flops * a.attention_efficiency)
+    return max(t_mem, t_compute, a.min_kernel_s * r.launches)
+
+
+def project(count: Count, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
+    """Modeled time per phase and category, total, throughput and MFU of one counted run on `gpu`."""
+    by: dict[str, dict[str, float]] = {}
+    for r in count.records:
+        by.setdefault(r.phase, {}).setdefault(r.category, 0.0)
+        by[r.phase][r.category] += op_time(r, gpu, a)
+    total = sum(sum(v.values()) for v in by.values())
+    model_flops = sum(r.model_flops for r in count.records)
+    out = dict(
+        gpu=gpu.name,
+        modeled=True,
+        seconds=total,
+        seconds_by_phase={p: sum(v.values()) for p, v in by.items()},
+        seconds_by_phase_category=by,
+        model_flops=model_flops,
+        mfu=model_flops / (total * gpu.peak_bf16_flops) if total else 0.0,
+    )
+    if count.meta.get("kind") == "train_step":
+        out["img_per_s"] = count.meta["batch"] / total
+    return out
+
+
+def speedup_table(counts: dict[str, Count], a: Assumptions = DEFAULT_ASSUMPTIONS) -> list[dict]:
+    """Per GPU: modeled time of each path and the fused-vs-eager speedup (counts keyed by path)."""
+    rows = []
+    for gname, gpu in GPUS.items():
+        proj = {path: project(c, gpu, a) for path, c in counts.items()}
+        row = dict(gpu=gname, modeled=True, **{f"{p}_ms": v["seconds"] * 1e3 for p, v in proj.items()})
+        row.update({f"{p}_mfu": v["mfu"] for p, v in proj.items()})
+        if "eager" in proj and "fused" in proj:
+            row["speedup_fused_vs_eager"] = proj["eager"]["seconds"] / proj["fused"]["seconds"]
+        rows.append(row)
+    return rows
+
+
+def inputs_summary(counts: dict[str, Count], gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
+    """The inputs a projection used: device constants, assumptions and the counted totals per path."""
+    per_path = {}
+    for path, c in counts.items():
+        cats = {cat: c.totals(categories=(cat,)) for cat in ("gemm", "attention", "fused", "other")}
+        per_path[path] = {
+            cat: dict(launches=t["launches"], gbytes=t["bytes"] / 1e9, tflop=t["flops"] / 1e12)
+            for cat, t in cats.items()
+        }
+    return dict(gpu=asdict(gpu), assumptions=asdict(a), counts=per_path)
+
+
+def format_speedup(counts: dict[str, Count], gpu: GPUSpec = H100, a: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
+    """Human-readable modeled fused-vs-eager speedup on `gpu` with every input it depends on."""
+    inp = inputs_summary(counts, gpu, a)
+    proj = {p: project(c, gpu, a) for p, c in counts.items()}
+    meta = next(iter(counts.values())).meta
+    lines = [
+        f"MODELED (not measured) {meta['kind']} {meta['model']} batch {meta['batch']} at {meta['img_size']}px "
+        f"on {gpu.name}: peak bf16 {gpu.peak_bf16_flops / 1e12:.1f} TFLOP/s, HBM {gpu.hbm_bytes_per_s / 1e12:.2f} TB/s",
+        f"assumptions: GEMM at {a.gemm_efficiency:.0%} of peak, attention at {a.attention_efficiency:.0%}, "
+        f"memory at {a.bandwidth_efficiency:.0%} of bandwidth, >= {a.min_kernel_s * 1e6:.1f} us per kernel",
+    ]
+    for path, cats in inp["counts"].items():
+        parts = ", ".join(
+            f"{cat} {v['launches']} launches / {v['gbytes']:.1f} GB / {v['tflop']:.1f} TFLOP" for cat, v in cats.items()
+        )
+        p = proj[path]
+        lines.append(f"  {path}: {parts}")
+        lines.append(f"  {path}: modeled {p['seconds'] * 1e3:.1f} ms, MFU {p['mfu']:.1%}"
+                     + (f", {p['img_per_s']:.0f} img/s" if "img_per_s" in p else ""))
+    if "eager" in proj and "fused" in proj:
+        lines.append(f"  modeled speedup fused vs eager: {proj['eager']['seconds'] / proj['fused']['seconds']:.3f}x")
+    return "\n".join(lines)

@@ -1,0 +1,653 @@
+"""Memory-traffic, launch, FLOP and saved-activation counter for a JiT block and a whole train step.
+
+Counting runs on fake tensors (`FakeTensorMode`: real shapes and dtypes, no storage, no arithmetic),
+so a JiT-H/16 train step at batch 128 is counted exactly, without scaling, in seconds on a CPU.
+A `TorchDispatchMode` sees every aten op after autograd and autocast have expanded it (the same
+ops a CUDA run dispatches), plus each `jit_fast::*` custom op as one opaque op.
+
+Conventions (the modeled GPU execution):
+- An aten op is one kernel launch that reads each tensor input once and writes each output once.
+  Bytes of a tensor are its distinct elements times the element size (broadcast dims count once).
+  Views, `detach`, allocations and metadata ops cost nothing. In-place ops write what they mutate;
+  ops that overwrite (`copy_`, `fill_`, `bernoulli_`, ...) do not read their destination.
+- A `jit_fast::*` custom op (a fused Triton kernel) is opaque: its inputs read plus outputs written,
+  one launch, plus the internal traffic listed in `FUSED_INTERNALS` (two-stage reduction buffers).
+- Attention is the flash-attention kernel both paths use on a GPU. During counting the model's
+  `attention` is swapped for `jit_fast_bench::flash_attention` (fwd: read q, k, v; write o and the
+  fp32 log-sum-exp; bwd: read dO, q, k, v, o, lse; write dq, dk, dv), because the CPU SDPA kernel
+  choice (a math path with dropout) is not what runs on a GPU. Dropout inside flash attention
+  moves no extra bytes.
+- Autocast is CPU autocast (bf16); for every op JiT uses its cast lists agree with CUDA autocast
+  (linear, conv, matmul and SDPA run in bf16; elementwise ops keep their input dtypes).
+- Saved-for-backward bytes come from `saved_tensors_hooks`, deduplicated by storage, split into
+  activations and weights (parameters, buffers and anything computed from them alone, such as
+  autocast's bf16 weight copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import jit_fast.model as jit_model
+from jit_fast.configs import model_config
+
+PATH_KERNELS = {"eager": "torch", "fused": "triton"}
+PHASES = ("fwd", "bwd", "opt")
+CATEGORIES = ("gemm", "attention", "fused", "other")
+NON_GEMM = ("fused", "other")
+
+FREE_OPS = frozenset({
+    "alias", "as_strided", "detach", "empty", "empty_like", "empty_strided", "expand", "lift_fresh",
+    "new_empty", "new_empty_strided", "permute", "select", "slice", "split", "split_with_sizes", "squeeze",
+    "t", "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "_reshape_alias", "set_",
+})
+OVERWRITE_OPS = frozenset({"copy_", "fill_", "zero_", "bernoulli_", "normal_", "uniform_", "random_", "exponential_"})
+GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
+FUSED_NAMESPACE = "jit_fast"
+BENCH_NAMESPACE = "jit_fast_bench"
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a kernel touches in `t` (stride-0 broadcast dims count once)."""
+    if t.numel() == 0:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+@dataclass
+class OpRecord:
+    """One dispatched op: where it ran (phase, region), what it was, what it cost."""
+
+    phase: str
+    region: str
+    op: str
+    category: str
+    launches: int
+    bytes_read: int
+    bytes_written: int
+    flops: int = 0
+    model_flops: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass
+class Count:
+    """All op records of one counted run plus its saved-for-backward bytes and shape metadata."""
+
+    meta: dict
+    records: list[OpRecord] = field(default_factory=list)
+    saved_activation_bytes: int = 0
+    saved_weight_bytes: int = 0
+
+    def totals(self, phases: tuple[str, ...] = PHASES, categories: tuple[str, ...] = CATEGORIES) -> dict[str, int]:
+        """Sums of launches, bytes and FLOPs over the records in `phases` and `categories`."""
+        out = dict(ops=0, launches=0, bytes_read=0, bytes_written=0, bytes=0, flops=0, model_flops=0)
+        for r in self.records:
+            if r.phase in phases and r.category in categories:
+                out["ops"] += 1
+                out["launches"] += r.launches
+                out["bytes_read"] += r.bytes_read
+                out["bytes_written"] += r.bytes_written
+                out["bytes"] += r.bytes
+                out["flops"] += r.flops
+                out["model_flops"] += r.model_flops
+        return out
+
+    def summary(self) -> dict:
+        """Per-phase and per-category totals, saved bytes, and per-token-per-hidden normalized bytes."""
+        phases = [p for p in PHASES if any(r.phase == p for r in self.records)]
+        table = {}
+        for p in phases:
+            row = {c: self.totals((p,), (c,)) for c in CATEGORIES}
+            row["all"] = self.totals((p,))
+            row["non_gemm"] = self.totals((p,), NON_GEMM)
+            table[p] = row
+        elems = self.meta.get("batch", 0) * self.meta.get("tokens", 0) * self.meta.get("hidden", 0)
+        per_elem = {p: table[p]["non_gemm"]["bytes"] / elems for p in phases} if elems else {}
+        return dict(
+            meta=self.meta,
+            phases=table,
+            fwd_bwd=self.totals(("fwd", "bwd")),
+            fwd_bwd_non_gemm=self.totals(("fwd", "bwd"), NON_GEMM),
+            saved_activation_bytes=self.saved_activation_bytes,
+            saved_weight_bytes=self.saved_weight_bytes,
+            non_gemm_bytes_per_token_hidden=per_elem,
+        )
+
+    def per_op(self, merge_blocks: bool = True) -> list[dict]:
+        """Records aggregated by (phase, region, op); `blocks.<i>.` prefixes merge into `blocks.*.`."""
+        rows: dict[tuple[str, str, str, str], dict] = {}
+        for r in self.records:
+            region = _merge_block_index(r.region) if merge_blocks else r.region
+            key = (r.phase, region, r.op, r.category)
+            row = rows.setdefault(
+                key,
+                dict(phase=r.phase, region=region, op=r.op, category=r.category, calls=0, launches=0,
+                     bytes_read=0, bytes_written=0, flops=0),
+            )
+            row["calls"] += 1
+            row["launches"] += r.launches
+            row["bytes_read"] += r.bytes_read
+            row["bytes_written"] += r.bytes_written
+            row["flops"] += r.flops
+        return list(rows.values())
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary plus the per-op table."""
+        return dict(self.summary(), per_op=self.per_op())
+
+
+def _merge_block_index(region: str) -> str:
+    parts = region.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        parts[1] = "*"
+    return ".".join(parts)
+
+
+def _mutated_args(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensors the op writes in place (schema arguments annotated as written)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        val = args[i] if i < len(args) else kwargs.get(a.name)
+        out += [t for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def gemm_flops(name: str, args: tuple) -> int:
+    """Multiply-add FLOPs (2 per MAC) of a GEMM or convolution aten op from its argument shapes."""
+    if name == "mm":
+        a, b = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name == "addmm":
+        a, b = args[1], args[2]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name in ("bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if name == "convolution":
+        x, w = args[0], args[1]
+        n_out = x.shape[0] * w.shape[0] * math.prod(_conv_out_hw(x, w, args[3], args[4], args[5]))
+        return 2 * n_out * math.prod(w.shape[1:])
+    if name == "convolution_backward":
+        grad_out, w, mask = args[0], args[2], args[10]
+        per = 2 * grad_out.numel() * math.prod(w.shape[1:])
+        return per * (int(mask[0]) + int(mask[1]))
+    raise ValueError(f"no FLOP rule for {name}")
+
+
+def _conv_out_hw(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> list[int]:
+    spatial = x.shape[2:]
+    return [
+        (spatial[i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(len(spatial))
+    ]
+
+
+def attention_flops(q: torch.Tensor, k: torch.Tensor, heads_dim: int) -> int:
+    """Forward FLOPs 4*B*H*Nq*Nk*Dh of softmax attention (QK^T and PV); `heads_dim` is H's axis in q."""
+    b, dh = q.shape[0], q.shape[-1]
+    h = q.shape[heads_dim]
+    nq = q.shape[2] if heads_dim == 1 else q.shape[1]
+    nk = k.shape[2] if heads_dim == 1 else k.shape[1]
+    return 4 * b * h * nq * nk * dh
+
+
+# Internal traffic of fused ops beyond their inputs and outputs, from the launch helpers in kernels/:
+# name -> fn(args, outputs) -> (extra launches, extra bytes read, extra bytes written).
+FusedInternals = Callable[[tuple, list[torch.Tensor]], tuple[int, int, int]]
+
+
+def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
+    """Two-stage reduction of kernels/rmsnorm_modulate.py: fp32 partials (B, P, 4, D), two row sums, casts."""
+    from kernels._common import select_config
+    from kernels.rmsnorm_modulate import BWD_CONFIGS
+
+    x_norm, weight = args[1], args[5]
+    b, n, d = x_norm.shape
+    import triton
+
+    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
+    parts = triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"])
+    partial_bytes = b * parts * 4 * d * 4
+    per_sample = b * 4 * d * 4
+    launches, read, written = 2, partial_bytes + per_sample, partial_bytes + per_sample + d * 4
+    small = [g for g in outputs if g.dim() == 2 or g.shape == weight.shape]
+    for g in small:
+        if g.dtype != torch.float32:
+            launches += 1
+            read += g.numel() * 4
+            written += footprint(g)
+    return launches, read, written
+
+
+FUSED_INTERNALS: dict[str, FusedInternals] = {
+    "jit_fast::rmsnorm_modulate_bwd": _rmsnorm_modulate_bwd_internals,
+}
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Dispatch mode that records an `OpRecord` per costed op; set `phase` and `region` while it runs."""
+
+    def __init__(self, constants: list[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.records: list[OpRecord] = []
+        self.phase = "fwd"
+        self.regions: list[str] = []
+        self.constant_storages = {_storage_key(t) for t in constants}
+        self.saved_activations: dict[int, int] = {}
+        self.saved_weights: dict[int, int] = {}
+
+    @property
+    def region(self) -> str:
+        if self.phase != "fwd":
+            node = torch._C._current_autograd_node()
+            return node.name() if node is not None else self.phase
+        return self.regions[-1] if self.regions else ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ns, name = func.namespace, func._schema.name.split("::")[-1]
+        if ns in ("prim", "profiler") or (ns == "aten" and (name in FREE_OPS or func.is_view)):
+            return out
+        ins = _unique([t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+        outs = _unique([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        written = outs or _unique(_mutated_args(func, args, kwargs))
+        if name in OVERWRITE_OPS:
+            skip = {id(t) for t in written}
+            ins = [t for t in ins if id(t) not in skip]
+        self._track_constants(ins, outs)
+        record = OpRecord(
+            phase=self.phase,
+            region=self.region,
+            op=f"{ns}::{name}",
+            category="other",
+            launches=1,
+            bytes_read=sum(footprint(t) for t in ins),
+            bytes_written=sum(footprint(t) for t in written),
+        )
+        if ns == BENCH_NAMESPACE:
+            self._cost_attention(record, name, args)
+        elif ns == FUSED_NAMESPACE:
+            record.category = "fused"
+            internals = FUSED_INTERNALS.get(record.op)
+            if internals is not None:
+                launches, read, wrote = internals(args, outs)
+                record.launches += launches
+                record.bytes_read += read
+                record.bytes_written += wrote
+        elif ns == "aten" and name in GEMM_OPS:
+            record.category = "gemm"
+            record.flops = record.model_flops = gemm_flops(name, args)
+        self.records.append(record)
+        return out
+
+    def _cost_attention(self, record: OpRecord, name: str, args: tuple) -> None:
+        record.category = "attention"
+        if name == "flash_attention":
+            record.flops = record.model_flops = attention_flops(args[0], args[1], heads_dim=2)
+        else:
+            fwd = attention_flops(args[1], args[2], heads_dim=2)
+            record.flops, record.model_flops = fwd * 5 // 2, 2 * fwd
+
+    def _track_constants(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """Outputs computed from constants (weights, buffers) alone are constants too (e.g. bf16 weight casts)."""
+        if self.phase == "fwd" and ins and all(_storage_key(t) in self.constant_storages for t in ins):
+            self.constant_storages.update(_storage_key(t) for t in outs)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """saved_tensors_hooks pack hook: remember the storage's bytes once, as activation or weight."""
+        key = _storage_key(t)
+        bucket = self.saved_weights if key in self.constant_storages else self.saved_activations
+        bucket[key] = t.untyped_storage().nbytes()
+        return t
+
+    @contextlib.contextmanager
+    def in_region(self, name: str) -> Iterator[None]:
+        self.regions.append(name)
+        try:
+            yield
+        finally:
+            self.regions.pop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Flash-attention stand-in (counting only): one opaque op forward, one backward, like a GPU kernel.
+
+
+@torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N) fp32), computed exactly in fp32."""
+    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse[..., None]) @ vf
+    return o.transpose(1, 2).to(q.dtype), lse
+
+
+@flash_attention.register_fake
+def _flash_attention_fake(q, k, v):
+    b, n, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of `flash_attention`, recomputing the probabilities from lse (fp32 math)."""
+    qf, kf, vf, of, dof = (t.transpose(1, 2).float() for t in (q, k, v, o, do))
+    scale = 1 / math.sqrt(q.shape[-1])
+    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dof * of).sum(-1, keepdim=True)) * scale
+    dq, dk = ds @ kf, ds.transpose(-1, -2) @ qf
+    return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+@flash_attention_bwd.register_fake
+def _flash_attention_bwd_fake(do, q, k, v, o, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _fa_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return flash_attention_bwd(do.contiguous(), q, k, v, o, lse)
+
+
+flash_attention.register_autograd(_fa_backward, setup_context=_fa_setup)
+
+
+def standin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Drop-in for `jit_fast.attention.attention` during counting (dropout changes no byte or FLOP)."""
+    if dropout_p and not isinstance(q, torch._subclasses.fake_tensor.FakeTensor):
+        raise ValueError("the flash-attention stand-in only counts; it has no dropout for real tensors")
+    return flash_attention(q, k, v)[0]
+
+
+@contextlib.contextmanager
+def flash_attention_standin() -> Iterator[None]:
+    """Route the model's attention through the counting stand-in for the duration of the context."""
+    original = jit_model.attention
+    jit_model.attention = standin_attention
+    try:
+        yield
+    finally:
+        jit_model.attention = original
+
+
+# ------------------------------------------------------------------------------------------------
+# Regions: module names (forward hooks) and op-table entries (wrapped functions).
+
+
+@contextlib.contextmanager
+def track_regions(counter: TrafficCounter, root: torch.nn.Module) -> Iterator[None]:
+    """Label forward ops with the innermost module name and op-table function that issued them."""
+    handles = []
+    for name, mod in root.named_modules():
+        if not name:
+            continue
+        handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: counter.regions.append(n)))
+        handles.append(mod.register_forward_hook(lambda _m, _a, _o: _pop(counter.regions)))
+    ops = getattr(root, "ops", None)
+    originals = dict(vars(ops)) if ops is not None else {}
+
+    def wrap(fname: str, fn: Callable) -> Callable:
+        def wrapped(*a, **kw):
+            parent = counter.regions[-1] if counter.regions else ""
+            with counter.in_region(f"{parent}[{fname}]" if parent else fname):
+                return fn(*a, **kw)
+
+        return wrapped
+
+    for fname, fn in originals.items():
+        setattr(ops, fname, wrap(fname, fn))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for fname, fn in originals.items():
+            setattr(ops, fname, fn)
+
+
+def _pop(stack: list[str]) -> None:
+    stack.pop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting entry points.
+
+
+def _constants(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [*net.parameters(), *net.buffers()]
+
+
+def _fake_batch(cfg, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = cfg.input_size
+    return torch.randn(batch, cfg.in_channels, s, s), torch.rand(batch), torch.randint(0, cfg.num_classes, (batch,))
+
+
+def block_index(cfg, which: str) -> int:
+    """Index of a representative block: "standard" (in-context tokens, no dropout), "dropout" (in the
+    dropout range, after the in-context start) or "first"; all but "first" receive a pending residual."""
+    lo, hi = cfg.depth // 4, cfg.depth // 4 * 3
+    if which == "standard":
+        return max(cfg.in_context_start, hi) if max(cfg.in_context_start, hi) < cfg.depth else cfg.depth - 1
+    if which == "dropout":
+        return max(cfg.in_context_start + 1, lo)
+    if which == "first":
+        return 0
+    raise ValueError(f"unknown block kind {which!r}; choose standard, dropout or first")
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_block_inputs(net, idx: int, batch: int) -> tuple[tuple, dict]:
+    """Run the model forward up to block `idx` and return the (args, kwargs) that block receives."""
+    got: dict = {}
+
+    def hook(_m, args, kwargs):
+        got.update(args=args, kwargs=kwargs)
+        raise _Captured
+
+    h = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), contextlib.suppress(_Captured):
+            net(*_fake_batch(net.cfg, batch))
+    finally:
+        h.remove()
+    return got["args"], got["kwargs"]
+
+
+def _leaf(x):
+    """Fresh leaf activation(s) with x's shape/dtype that require grad (None stays None)."""
+    if isinstance(x, tuple):
+        return tuple(_leaf(v) for v in x)
+    return None if x is None else torch.empty_like(x).requires_grad_(True)
+
+
+def count_block(
+    model: str = "JiT-B/16",
+    path: str = "eager",
+    batch: int = 128,
+    img_size: int = 256,
+    which: str = "standard",
+    backward: bool = True,
+    autocast: bool = True,
+    **overrides,
+) -> Count:
+    """Count one JiT block forward (and backward) at full shape for the eager or fused path."""
+    cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
+    idx = block_index(cfg, which)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with FakeTensorMode(), flash_attention_standin():
+        net = jit_model.JiT(cfg).train()
+        block = net.blocks[idx]
+        with amp:
+            args, kwargs = _capture_block_inputs(net, idx, batch)
+        rope = args[2]
+        args = (_leaf(args[0]), _leaf(args[1]), rope, _leaf(args[3]), *args[4:])
+        counter = TrafficCounter(_constants(net) + list(rope))
+        with counter, track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(counter.pack, _id):
+            outs = block(*args, **kwargs)
+        if backward:
+            outs = [o for o in outs if o.requires_grad]
+            grads = [torch.empty_like(o) for o in outs]
+            counter.phase = "bwd"
+            with counter:
+                torch.autograd.backward(outs, grads)
+    n_tokens = args[0].shape[1]
+    meta = dict(kind="block", model=model, path=path, batch=batch, img_size=img_size, block=idx, which=which,
+                tokens=n_tokens, hidden=cfg.hidden_size, heads=cfg.num_heads, depth=cfg.depth,
+                autocast="bf16" if autocast else "off")
+    return _finish(counter, meta)
+
+
+def _id(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _finish(counter: TrafficCounter, meta: dict) -> Count:
+    return Count(
+        meta=meta,
+        records=counter.records,
+        saved_activation_bytes=sum(counter.saved_activations.values()),
+        saved_weight_bytes=sum(counter.saved_weights.values()),
+    )
+
+
+def count_train_step(
+    model: str = "JiT-B/16",
+    path: str = "eager",
+    batch: int = 128,
+    img_size: int = 256,
+    optimizer: bool = True,
+    **overrides,
+) -> Count:
+    """Count a whole train step: flow-matching loss forward, backward, fused AdamW and two EMA updates."""
+    from jit_fast.denoiser import flow_matching_loss
+    from jit_fast.ema import EMA
+
+    cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
+    with FakeTensorMode(), flash_attention_standin():
+        net = jit_model.JiT(cfg).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        x, t, y = _fake_batch(cfg, batch)
+        counter = TrafficCounter(_constants(net))
+        with (
+            counter,
+            track_regions(counter, net),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(counter.pack, _id),
+        ):
+            loss = flow_matching_loss(net, x, y, t=t, num_classes=cfg.num_classes)
+        counter.phase = "bwd"
+        with counter:
+            loss.backward()
+        if optimizer:
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+            emas = [EMA(params, 0.9999), EMA(params, 0.9996)]
+            opt.step()
+            counter.phase = "opt"
+            with counter:
+                opt.step()
+                for ema in emas:
+                    ema.update(params)
+    meta = dict(kind="train_step", model=model, path=path, batch=batch, img_size=img_size,
+                tokens=cfg.grid_size**2 + cfg.in_context_len, hidden=cfg.hidden_size, depth=cfg.depth,
+                params=sum(p.numel() for p in params), autocast="bf16", optimizer="AdamW(fused) + 2 EMA" if optimizer
+                else "none")
+    return _finish(counter, meta)
+
+
+def count_function(fn: Callable[[], object], constants: list[torch.Tensor] = ()) -> Count:
+    """Count the ops `fn()` dispatches (forward only, no autograd phase split); for single-op checks."""
+    counter = TrafficCounter(list(constants))
+    with counter:
+        fn()
+    return _finish(counter, dict(kind="function"))
+
+
+def compare(eager: Count, fused: Count) -> dict:
+    """Fused/eager ratios of non-GEMM bytes, launches and saved activations over forward+backward."""
+    e_ng, f_ng = eager.totals(("fwd", "bwd"), NON_GEMM), fused.totals(("fwd", "bwd"), NON_GEMM)
+    e_all, f_all = eager.totals(("fwd", "bwd")), fused.totals(("fwd", "bwd"))
+    return dict(
+        non_gemm_bytes_eager=e_ng["bytes"],
+        non_gemm_bytes_fused=f_ng["bytes"],
+        non_gemm_bytes_ratio=f_ng["bytes"] / e_ng["bytes"],
+        launches_eager=e_all["launches"],
+        launches_fused=f_all["launches"],
+        launches_ratio=f_all["launches"] / e_all["launches"],
+        saved_activation_bytes_eager=eager.saved_activation_bytes,
+        saved_activation_bytes_fused=fused.saved_activation_bytes,
+        saved_ratio=fused.saved_activation_bytes / eager.saved_activation_bytes,
+    )
+
+
+def per_op_markdown(count: Count, limit: int = 40) -> str:
+    """Markdown table of the costliest aggregated ops of a count (by bytes)."""
+    rows = sorted(count.per_op(), key=lambda r: -(r["bytes_read"] + r["bytes_written"]))[:limit]
+    lines = ["| phase | region | op | category | calls | launches | MB read | MB written | GFLOP |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['phase']} | {r['region'] or '-'} | {r['op']} | {r['category']} | {r['calls']} | {r['launches']} | "
+            f"{r['bytes_read'] / 1e6:.1f} | {r['bytes_written'] / 1e6:.1f} | {r['flops'] / 1e9:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Count",
+    "OpRecord",
+    "TrafficCounter",
+    "compare",
+    "count_block",
+    "count_function",
+    "count_train_step",
+    "flash_attention",
+    "flash_attention_standin",
+    "footprint",
+    "per_op_markdown",
+]
