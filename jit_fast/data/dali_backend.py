@@ -65,8 +65,14 @@ def adm_crop_nodes(encoded, flips, size: int, max_halvings: int, decode_device: 
     """DALI graph: encoded images -> ADM-cropped, optionally flipped uint8 CHW images."""
     from nvidia.dali import fn, types
 
-    shape = fn.peek_image_shape(encoded)
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    shape = fn.peek_image_shape(encoded, adjust_orientation=False)
+    images = fn.decoders.image(
+        encoded,
+        device=decode_device,
+        output_type=types.RGB,
+        adjust_orientation=False,
+        jpeg_fancy_upsampling=True,
+    )
     stages, h, w, rh, rw, top, left = dali_geometry(shape, size, max_halvings)
     for do, sh, sw in stages:
         if do:

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _INDEX_VERSION = "jit_fast-index-v1"
+_UNSUPPORTED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def cache_dir() -> Path:
@@ -49,10 +50,15 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def probe_image(path: str) -> tuple[int, int] | str:
-    """Decode a file fully (reduced-scale JPEG DCT for speed) and return (width, height), or an error text."""
+    """Decode a file fully (reduced-scale JPEG DCT for speed) and return (width, height), or an error text.
+
+    High-bit-depth images are rejected: PIL's RGB conversion clips them where DALI rescales.
+    """
     try:
         with Image.open(path) as img:
             size = img.size
+            if img.mode in _UNSUPPORTED_MODES:
+                return f"unsupported {img.mode} pixels (backends would disagree)"
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
             img.convert("RGB").load()

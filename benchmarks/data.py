@@ -1,0 +1,124 @@
+"""Data-loader throughput: images/s of the DALI and torch backends on the same folder, and their ratio.
+
+    python -m benchmarks.data --root DIR [--img-size 256 --batch-size 64 --workers 2 --batches 30]
+    python -m benchmarks.data --synthetic 1024   # ImageNet-sized JPEGs made from the packaged photos
+
+The torch backend decodes every image (no RAM cache) with `--workers` DataLoader processes; DALI uses
+`--workers` threads. Timings are wall-clock on the device printed in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jit_fast.data import build_loader
+
+
+def photos() -> list[np.ndarray]:
+    """RGB photos shipped with scikit-learn and scikit-image (no download)."""
+    import skimage.data as sd
+    from sklearn.datasets import load_sample_images
+
+    out = list(load_sample_images().images)
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina"):
+        out.append(np.asarray(getattr(sd, name)())[..., :3])
+    return out
+
+
+def make_synthetic(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
+    """ImageNet-like folder: random crops of the photos resized to ~500x375 (varying), JPEG q90."""
+    rng = np.random.default_rng(seed)
+    base = photos()
+    for i in range(count):
+        src = base[i % len(base)]
+        h, w = src.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        long_side = int(rng.integers(400, 640))
+        scale = long_side / max(ch, cw)
+        img = Image.fromarray(np.ascontiguousarray(src[y : y + ch, x : x + cw]))
+        img = img.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
+        folder = root / f"class{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def measure(root: str, backend: str, args: argparse.Namespace) -> float:
+    """Images/s over `args.batches` batches after `args.warmup` warm-up batches."""
+    loader = build_loader(
+        root,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        backend=backend,
+        output="float",
+        num_workers=args.workers,
+        cache=False,
+    )
+    need = args.warmup + args.batches
+    done, start = 0, 0.0
+    while done < need:
+        for _ in loader:
+            done += 1
+            if done == args.warmup:
+                start = time.perf_counter()
+            if done == need:
+                break
+    return args.batches * args.batch_size / (time.perf_counter() - start)
+
+
+def device_label() -> str:
+    """Where the numbers were measured."""
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    """Run both backends on one folder and print images/s and the DALI / torch ratio."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", help="ImageFolder root (class folders)")
+    ap.add_argument("--synthetic", type=int, default=0, help="build N synthetic JPEGs when --root is absent")
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads")
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--backends", default="dali,torch")
+    args = ap.parse_args()
+    tmp = None
+    root = args.root
+    if root is None:
+        tmp = tempfile.TemporaryDirectory()
+        root = str(make_synthetic(Path(tmp.name), args.synthetic or 1024))
+    print(
+        f"device: {device_label()}; root {root}; size {args.img_size}; batch {args.batch_size}; "
+        f"workers/threads {args.workers}; {args.batches} timed batches"
+    )
+    rates = {}
+    for backend in args.backends.split(","):
+        rates[backend] = measure(root, backend, args)
+        print(f"{backend:>6}: {rates[backend]:8.1f} images/s")
+    if "dali" in rates and "torch" in rates:
+        print(f"ratio dali/torch: {rates['dali'] / rates['torch']:.2f}x")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Pre-crop an ImageFolder once: `python -m jit_fast.data.prepare SRC DST --size 256 [--format png|jpeg]`.
+
+Each image is ADM-cropped to SIZE and written under the same class folder (PNG lossless or JPEG q95
+4:4:4); finished outputs are skipped, so an interrupted run resumes. Unreadable inputs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from multiprocessing import get_context
+from pathlib import Path
+
+from PIL import Image
+
+from .crop import center_crop
+from .index import scan_folder
+
+_EXT = {"png": ".png", "jpeg": ".jpg"}
+
+
+def output_path(src_root: str, dst_root: str, path: str, fmt: str) -> str:
+    """Destination of `path`: same relative folder and stem, extension of the chosen format."""
+    rel = os.path.relpath(path, src_root)
+    return os.path.join(dst_root, os.path.splitext(rel)[0] + _EXT[fmt])
+
+
+def _crop_one(job: tuple[str, str, int, str, int]) -> str | None:
+    src, dst, size, fmt, quality = job
+    if os.path.exists(dst):
+        return None
+    try:
+        arr = center_crop(src, size)
+    except Exception as exc:  # unreadable input: report, keep going
+        return f"{src}: {type(exc).__name__}: {exc}"
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    if fmt == "png":
+        Image.fromarray(arr).save(tmp, format="PNG")
+    else:
+        Image.fromarray(arr).save(tmp, format="JPEG", quality=quality, subsampling=0)
+    os.replace(tmp, dst)
+    return None
+
+
+def prepare(
+    src: str | Path, dst: str | Path, size: int = 256, fmt: str = "png", quality: int = 95, workers: int = 1
+) -> list[str]:
+    """Write the ADM-cropped copy of ImageFolder `src` into `dst`; returns the messages of skipped files."""
+    from tqdm import tqdm
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    classes, samples = scan_folder(src)
+    for name in classes:
+        os.makedirs(os.path.join(dst, name), exist_ok=True)
+    jobs = [(p, output_path(src, dst, p, fmt), size, fmt, quality) for p, _ in samples]
+    if len({j[1] for j in jobs}) != len(jobs):
+        raise ValueError("two inputs map to the same output name (same stem, different extension)")
+    todo = [j for j in jobs if not os.path.exists(j[1])]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="img", desc=f"cropping to {size}")
+    failures: list[str] = []
+    if workers > 1:
+        with get_context("fork").Pool(workers) as pool:
+            results = pool.imap_unordered(_crop_one, todo, chunksize=16)
+            for res in results:
+                bar.update()
+                if res:
+                    failures.append(res)
+    else:
+        for job in todo:
+            res = _crop_one(job)
+            bar.update()
+            if res:
+                failures.append(res)
+    bar.close()
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="ImageFolder root (class folders)")
+    ap.add_argument("dst", help="output root (created)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--format", choices=sorted(_EXT), default="png")
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
+    for msg in failures:
+        print(f"skipped {msg}", file=sys.stderr)
+    print(f"done: {len(failures)} skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
