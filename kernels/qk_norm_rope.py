@@ -44,12 +44,12 @@ FWD_CONFIGS: dict[int, list[triton.Config]] = {
 }
 BWD_CONFIGS: dict[int, list[triton.Config]] = {
     64: [
+        triton.Config({"BLOCK_R": 8, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_R": 16, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_R": 32, "ROWS_PER_PROG": 512}, num_warps=8, num_stages=1),
     ],
     128: [
+        triton.Config({"BLOCK_R": 4, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_R": 8, "ROWS_PER_PROG": 256}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_R": 16, "ROWS_PER_PROG": 256}, num_warps=8, num_stages=1),
     ],
 }
 
