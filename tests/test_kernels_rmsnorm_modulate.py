@@ -1,0 +1,237 @@
+"""Fused RMSNorm + adaLN modulate (+ gated residual): Triton kernels under the interpreter vs float64.
+
+Error metric: norm-wise relative error ||a - ref||_2 / ||ref||_2 against reference.py run on float64
+copies of the inputs. fp32 runs must be <= 1e-5; bf16 runs <= 1.25x the eager bf16 path's own error
+(floored at 1e-5, see kernels.testing.error_bound).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import triton
+
+from kernels import _common, reference
+from kernels import rmsnorm_modulate as rm
+from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+
+use_gpu_bf16_rounding()
+
+EPS = 1e-6
+NAMES_RES = ("x", "branch", "gate", "weight", "shift", "scale")
+NAMES_PLAIN = ("x", "weight", "shift", "scale")
+
+
+def make_inputs(b: int, n: int, d: int, mode: str, residual: bool) -> tuple[dict, torch.dtype | None]:
+    """Random inputs; mode "fp32", "bf16" (autocast dtypes: fp32 stream, bf16 vectors, bf16 y) or "bf16-all"."""
+    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    stream = torch.bfloat16 if mode == "bf16-all" else torch.float32
+    t = {
+        "x": torch.randn(b, n, d).to(stream),
+        "weight": 1 + 0.2 * torch.randn(d),
+        "shift": (0.3 * torch.randn(b, d)).to(act),
+        "scale": (0.3 * torch.randn(b, d)).to(act),
+    }
+    if residual:
+        t["branch"] = torch.randn(b, n, d).to(act)
+        t["gate"] = (0.5 * torch.randn(b, d)).to(act)
+    return t, (None if mode == "fp32" else torch.bfloat16)
+
+
+def run(fn, inputs: dict, out_dtype, upstream: list[torch.Tensor], residual: bool, cast=None):
+    """Forward + backward of `fn`; returns ({output name: tensor}, {input name: grad})."""
+    leaves = {k: (v if cast is None else v.to(cast)).detach().clone().requires_grad_() for k, v in inputs.items()}
+    if residual:
+        outs = fn(*(leaves[k] for k in NAMES_RES), EPS, out_dtype)
+        named = {"x_out": outs[0], "y": outs[1]}
+    else:
+        named = {"y": fn(*(leaves[k] for k in NAMES_PLAIN), EPS, out_dtype)}
+    grads = [g.to(o.dtype) for g, o in zip(upstream, named.values(), strict=True)]
+    torch.autograd.backward(list(named.values()), grads)
+    return {k: v.detach() for k, v in named.items()}, {k: v.grad for k, v in leaves.items()}
+
+
+def upstream_grads(b: int, n: int, d: int, residual: bool) -> list[torch.Tensor]:
+    """Random gradients for (x_out, y) or (y,)."""
+    return [torch.randn(b, n, d) for _ in range(2 if residual else 1)]
+
+
+def check_case(b: int, n: int, d: int, mode: str, residual: bool, fn=None) -> dict[str, float]:
+    """Run the kernel path, float64 reference and eager path; assert the rule on every output and gradient."""
+    inputs, out_dtype = make_inputs(b, n, d, mode, residual)
+    up = upstream_grads(b, n, d, residual)
+    ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
+    kern_fn = fn or (rm.residual_rmsnorm_modulate_launcher if residual else rm.rmsnorm_modulate_launcher)
+    k_out, k_grad = run(kern_fn, inputs, out_dtype, up, residual)
+    r_out, r_grad = run(ref_fn, inputs, None, up, residual, cast=torch.float64)
+    e_out, e_grad = run(ref_fn, inputs, out_dtype, up, residual)
+    errs = {}
+    for name in r_out:
+        errs[name] = assert_within_rule(name, k_out[name], r_out[name], None if mode == "fp32" else e_out[name])
+    for name in r_grad:
+        errs["d" + name] = assert_within_rule(
+            "d" + name, k_grad[name], r_grad[name], None if mode == "fp32" else e_grad[name]
+        )
+        assert k_grad[name].dtype == inputs[name].dtype
+    return errs
+
+
+FAST = [
+    (3, 9, 97, "fp32", False),
+    (3, 9, 97, "fp32", True),
+    (3, 9, 97, "bf16", False),
+    (3, 40, 97, "bf16", True),
+    (1, 8, 97, "bf16-all", True),
+    (1, 8, 768, "bf16", True),
+    (1, 8, 1664, "fp32", True),
+]
+
+
+@pytest.mark.parametrize("b,n,d,mode,residual", FAST)
+def test_numerics_fast(b, n, d, mode, residual):
+    check_case(b, n, d, mode, residual)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16-all"])
+@pytest.mark.parametrize("d", [97, 768, 1280, 1664])
+@pytest.mark.parametrize("b", [1, 3])
+def test_numerics_full(b, d, mode, residual):
+    check_case(b, 40 if b == 1 else 17, d, mode, residual)
+
+
+@pytest.mark.parametrize("d", [97, 1280])
+def test_every_candidate_config(d):
+    """Non-default configs of the size class are numerically valid too (compile_check builds them all)."""
+    inputs, out_dtype = make_inputs(2, 9, d, "bf16", True)
+    up = upstream_grads(2, 9, d, True)
+    size = min(s for s in rm.FWD_CONFIGS if s >= triton.next_power_of_2(d))
+    base_out, base_grad = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
+    r_out, r_grad = run(reference.residual_rmsnorm_modulate, inputs, None, up, True, cast=torch.float64)
+    e_out, e_grad = run(reference.residual_rmsnorm_modulate, inputs, out_dtype, up, True)
+    for fcfg in rm.FWD_CONFIGS[size]:
+        x_out, y = rm.residual_rmsnorm_modulate_fwd(
+            *(inputs[k] for k in NAMES_RES), EPS, out_dtype, config=fcfg
+        )
+        assert_within_rule("y", y, r_out["y"], e_out["y"])
+        assert_within_rule("x_out", x_out, r_out["x_out"], e_out["x_out"])
+    for bcfg in rm.BWD_CONFIGS[size]:
+        grads = rm.rmsnorm_modulate_bwd(
+            up[1].to(torch.bfloat16), base_out["x_out"], up[0], inputs["branch"], inputs["gate"],
+            inputs["weight"], inputs["scale"], EPS, inputs["x"].dtype, inputs["shift"].dtype, config=bcfg,
+        )
+        for name, g in zip(NAMES_RES, grads, strict=True):
+            assert_within_rule("d" + name, g, r_grad[name], e_grad[name])
+
+
+@pytest.mark.parametrize("d", [97, 1280])
+def test_backward_bitwise_deterministic(d):
+    inputs, out_dtype = make_inputs(2, 33, d, "bf16", True)
+    up = upstream_grads(2, 33, d, True)
+    _, g1 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
+    _, g2 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_no_atomics_in_kernels():
+    """Reductions are two-stage by construction: no kernel source uses atomics."""
+    for mod in (rm, _common):
+        assert "tl.atomic" not in inspect.getsource(mod)
+
+
+def test_strided_adaln_chunks_match_contiguous():
+    """shift/scale/gate as chunks of the (B, 6D) adaLN output are read in place, same bits as copies."""
+    b, n, d = 2, 5, 97
+    ada = torch.randn(b, 6 * d)
+    shift, scale, gate = ada.chunk(6, dim=1)[:3]
+    x, branch, w = torch.randn(b, n, d), torch.randn(b, n, d), torch.randn(d)
+    strided = rm.residual_rmsnorm_modulate_fwd(x, branch, gate, w, shift, scale, EPS, None)
+    dense = rm.residual_rmsnorm_modulate_fwd(
+        x, branch, gate.contiguous(), w, shift.contiguous(), scale.contiguous(), EPS, None
+    )
+    for a, c in zip(strided, dense, strict=True):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_custom_op_cpu_is_reference(residual):
+    """On CPU the custom op's forward is the eager reference (bitwise); its backward meets the rule."""
+    inputs, out_dtype = make_inputs(2, 7, 40, "bf16", residual)
+    fn = rm.residual_rmsnorm_modulate if residual else rm.rmsnorm_modulate
+    ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
+    up = upstream_grads(2, 7, 40, residual)
+    o_out, _ = run(fn, inputs, out_dtype, up, residual)
+    e_out, _ = run(ref_fn, inputs, out_dtype, up, residual)
+    for name in o_out:
+        assert torch.equal(o_out[name], e_out[name])
+    check_case(2, 7, 40, "bf16", residual, fn=fn)
+    check_case(2, 7, 40, "fp32", residual, fn=fn)
+
+
+def test_cuda_dispatch_runs_triton(monkeypatch):
+    """The CUDA kernel of each op is the Triton launch; CPU tensors never reach it."""
+    calls = []
+    for name in ("rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd", "rmsnorm_modulate_bwd"):
+        orig = getattr(rm, name)
+        monkeypatch.setattr(rm, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for op in ("rmsnorm_modulate", "residual_rmsnorm_modulate", "rmsnorm_modulate_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_fast::{op}", "CUDA")
+    inputs, out_dtype = make_inputs(2, 5, 40, "bf16", True)
+    args = [inputs[k] for k in NAMES_RES]
+    ref = reference.residual_rmsnorm_modulate(*args, EPS, out_dtype)
+    rm.residual_rmsnorm_modulate(*args, EPS, out_dtype)
+    assert calls == []
+    # Redispatching to the CUDA key with CPU tensors runs the registered CUDA kernel in the interpreter.
+    x_out, y = torch.ops.jit_fast.residual_rmsnorm_modulate.default.redispatch(cuda, *args, EPS, out_dtype)
+    assert calls == ["residual_rmsnorm_modulate_fwd"]
+    assert_within_rule("y", y, reference.residual_rmsnorm_modulate(
+        *(a.double() for a in args), EPS, None)[1], ref[1])
+    torch.ops.jit_fast.rmsnorm_modulate.default.redispatch(cuda, *(inputs[k] for k in NAMES_PLAIN), EPS, None)
+    assert calls[-1] == "rmsnorm_modulate_fwd"
+    dy = torch.randn_like(y)
+    torch.ops.jit_fast.rmsnorm_modulate_bwd.default.redispatch(
+        cuda, dy, x_out, None, inputs["branch"], inputs["gate"], inputs["weight"], inputs["scale"], EPS,
+        torch.float32, torch.bfloat16,
+    )
+    assert calls[-1] == "rmsnorm_modulate_bwd"
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x = torch.randn(2, 4, 8)
+        self.w = torch.ones(8)
+        self.v = torch.zeros(2, 8)
+
+    def test_wrong_vector_shape(self):
+        with pytest.raises(ValueError, match=r"shift must have shape \(2, 8\), got \(8,\)"):
+            rm.rmsnorm_modulate(self.x, self.w, torch.zeros(8), self.v)
+        with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+            rm.rmsnorm_modulate_fwd(self.x, torch.ones(9), self.v, self.v)
+
+    def test_wrong_rank_and_branch(self):
+        with pytest.raises(ValueError, match=r"x must be \(B, N, D\), got shape \(8, 8\)"):
+            rm.rmsnorm_modulate(torch.randn(8, 8), self.w, self.v, self.v)
+        with pytest.raises(ValueError, match=r"branch must have shape \(2, 4, 8\)"):
+            rm.residual_rmsnorm_modulate(self.x, torch.randn(2, 5, 8), self.v, self.w, self.v, self.v)
+
+    def test_unsupported_dtype_and_width(self):
+        with pytest.raises(ValueError, match="x has unsupported dtype torch.float64"):
+            rm.rmsnorm_modulate(self.x.double(), self.w, self.v, self.v)
+        with pytest.raises(ValueError, match="D=4096"):
+            rm.rmsnorm_modulate(torch.randn(1, 2, 4096), torch.ones(4096), torch.zeros(1, 4096), torch.zeros(1, 4096))
+
+    def test_non_contiguous(self):
+        """Launch helpers reject non-contiguous activations; the op entry points copy them (documented)."""
+        xt = torch.randn(2, 8, 4).transpose(1, 2)
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            rm.rmsnorm_modulate_fwd(xt, self.w, self.v, self.v)
+        got = rm.rmsnorm_modulate_launcher(xt, self.w, self.v, self.v)
+        assert torch.equal(got, rm.rmsnorm_modulate_fwd(xt.contiguous(), self.w, self.v, self.v))
+        col = torch.zeros(8, 2).t()
+        with pytest.raises(ValueError, match="scale must have unit stride"):
+            rm.rmsnorm_modulate_fwd(self.x, self.w, self.v, col)
