@@ -296,7 +296,7 @@ def qk_norm_rope_bwd(
             BLOCK_DH=block_dh, **launch_options(cfg),
         )
     dw = sum_rows(partials, 1, num_p, 2 * head_dim, 0, 2 * head_dim).view(2, head_dim)
-    return dqkv, dw[0].to(q_weight.dtype), dw[1].to(k_weight.dtype)
+    return dqkv, dw[0].to(q_weight.dtype, copy=True), dw[1].to(k_weight.dtype, copy=True)
 
 
 def _rotate_half_t(g: torch.Tensor) -> torch.Tensor:

@@ -349,9 +349,9 @@ def rmsnorm_modulate_bwd(
         )
     per_sample = sum_rows(partials, b, num_p, 4 * d, num_p * 4 * d, 4 * d).view(b, 4, d)
     dweight = sum_rows(per_sample[:, 3], 1, b, d, 0, 4 * d).view(d).to(weight.dtype)
-    dshift = per_sample[:, 0].to(shift_dtype)
-    dscale = per_sample[:, 1].to(scale.dtype)
-    dgate = per_sample[:, 2].to(gate.dtype) if residual else None
+    dshift = per_sample[:, 0].to(shift_dtype, copy=True)
+    dscale = per_sample[:, 1].to(scale.dtype, copy=True)
+    dgate = per_sample[:, 2].to(gate.dtype, copy=True) if residual else None
     return dx, dbranch, dgate, dweight, dshift, dscale
 
 

@@ -199,6 +199,12 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
         torch.float32, torch.bfloat16,
     )
     assert calls[-1] == "rmsnorm_modulate_bwd"
+    # fp32 gradients must not alias one another (custom ops forbid aliased outputs).
+    f32 = [t.float() for t in (dy, x_out, inputs["branch"], inputs["gate"], inputs["weight"], inputs["scale"])]
+    grads = torch.ops.jit_fast.rmsnorm_modulate_bwd.default.redispatch(
+        cuda, f32[0], f32[1], None, f32[2], f32[3], f32[4], f32[5], EPS, torch.float32, torch.float32
+    )
+    assert len({g.data_ptr() for g in grads}) == len(grads)
 
 
 class TestBadInput:

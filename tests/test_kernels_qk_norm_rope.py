@@ -1,0 +1,204 @@
+"""Fused q/k RMSNorm + RoPE: Triton kernels under the interpreter vs float64 (norm-wise relative error).
+
+fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own error (kernels.testing).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from kernels import qk_norm_rope as qk
+from kernels import reference
+from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+
+use_gpu_bf16_rounding()
+
+EPS = 1e-6
+HEADS = 3
+
+
+def tables(n_img: int, n_ctx: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cos/sin (fp32); the first n_ctx rows are in-context tokens (cos = 1, sin = 0)."""
+    ang = torch.randn(n_img, head_dim) * 3
+    cos = torch.cat((torch.ones(n_ctx, head_dim), ang.cos()))
+    sin = torch.cat((torch.zeros(n_ctx, head_dim), ang.sin()))
+    return cos, sin
+
+
+def make_inputs(b: int, n_img: int, n_ctx: int, head_dim: int, mode: str) -> dict:
+    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    cos, sin = tables(n_img, n_ctx, head_dim)
+    n = n_img + n_ctx
+    return {
+        "qkv": (2 * torch.randn(b, n, 3 * HEADS * head_dim)).to(dtype),
+        "q_weight": 1 + 0.2 * torch.randn(head_dim),
+        "k_weight": 1 + 0.2 * torch.randn(head_dim),
+        "cos": cos,
+        "sin": sin,
+    }
+
+
+def run(fn, inputs: dict, upstream: list[torch.Tensor], cast=None):
+    """Forward + backward; returns ({q, k, v}, {qkv, q_weight, k_weight grads})."""
+    leaves = {}
+    for k, v in inputs.items():
+        v = v if cast is None else v.to(cast)
+        leaves[k] = v.detach().clone().requires_grad_(k not in ("cos", "sin"))
+    outs = fn(leaves["qkv"], leaves["q_weight"], leaves["k_weight"], leaves["cos"], leaves["sin"], HEADS, EPS)
+    named = dict(zip("qkv", outs, strict=True))
+    torch.autograd.backward(list(outs), [g.to(o.dtype) for g, o in zip(upstream, outs, strict=True)])
+    grads = {k: leaves[k].grad for k in ("qkv", "q_weight", "k_weight")}
+    return {k: v.detach() for k, v in named.items()}, grads
+
+
+def check_case(b: int, n_ctx: int, head_dim: int, mode: str, fn=qk.qk_norm_rope_launcher) -> None:
+    inputs = make_inputs(b, 4, n_ctx, head_dim, mode)
+    n = 4 + n_ctx
+    up = [torch.randn(b, n, HEADS, head_dim) for _ in range(3)]
+    k_out, k_grad = run(fn, inputs, up)
+    r_out, r_grad = run(reference.qk_norm_rope, inputs, up, cast=torch.float64)
+    e_out, e_grad = run(reference.qk_norm_rope, inputs, up)
+    eager = mode != "fp32"
+    for name in r_out:
+        assert k_out[name].is_contiguous()
+        assert_within_rule(name, k_out[name], r_out[name], e_out[name] if eager else None)
+    for name in r_grad:
+        assert k_grad[name].dtype == inputs[name].dtype
+        assert_within_rule("d" + name, k_grad[name], r_grad[name], e_grad[name] if eager else None)
+
+
+FAST = [
+    (3, 32, 104, "bf16"),
+    (1, 0, 64, "fp32"),
+    (1, 0, 80, "bf16"),
+    (1, 32, 128, "fp32"),
+]
+
+
+@pytest.mark.parametrize("b,n_ctx,head_dim,mode", FAST)
+def test_numerics_fast(b, n_ctx, head_dim, mode):
+    check_case(b, n_ctx, head_dim, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("n_ctx", [0, 32])
+@pytest.mark.parametrize("head_dim", [64, 80, 104, 128])
+@pytest.mark.parametrize("b", [1, 3])
+def test_numerics_full(b, head_dim, n_ctx, mode):
+    check_case(b, n_ctx, head_dim, mode)
+
+
+def test_in_context_rows_are_not_rotated():
+    """With cos = 1, sin = 0 the output is exactly the normalized input."""
+    inputs = make_inputs(1, 0, 5, 80, "fp32")
+    q, k, _ = qk.qk_norm_rope_fwd(*inputs.values(), HEADS, EPS)
+    b, n, _ = inputs["qkv"].shape
+    x = inputs["qkv"].view(b, n, 3, HEADS, 80)
+    assert_within_rule("q", q, reference.rms_norm(x[:, :, 0].double(), inputs["q_weight"].double(), EPS), None)
+    assert_within_rule("k", k, reference.rms_norm(x[:, :, 1].double(), inputs["k_weight"].double(), EPS), None)
+
+
+@pytest.mark.parametrize("head_dim", [64, 104])
+def test_every_candidate_config(head_dim):
+    inputs = make_inputs(2, 4, 32, head_dim, "bf16")
+    up = [torch.randn(2, 36, HEADS, head_dim).bfloat16() for _ in range(3)]
+    r_out, r_grad = run(reference.qk_norm_rope, inputs, up, cast=torch.float64)
+    e_out, e_grad = run(reference.qk_norm_rope, inputs, up)
+    size = min(s for s in qk.FWD_CONFIGS if s >= head_dim)
+    args = list(inputs.values())
+    for cfg in qk.FWD_CONFIGS[size]:
+        for name, t in zip("qkv", qk.qk_norm_rope_fwd(*args, HEADS, EPS, config=cfg), strict=True):
+            assert_within_rule(name, t, r_out[name], e_out[name])
+    for cfg in qk.BWD_CONFIGS[size]:
+        grads = qk.qk_norm_rope_bwd(*up, *args, HEADS, EPS, config=cfg)
+        for name, g in zip(("qkv", "q_weight", "k_weight"), grads, strict=True):
+            assert_within_rule("d" + name, g, r_grad[name], e_grad[name])
+
+
+def test_backward_bitwise_deterministic():
+    """Rows span several programs (ROWS_PER_PROG) so the two-stage weight reduction is exercised."""
+    inputs = make_inputs(3, 4, 32, 104, "bf16")
+    up = [torch.randn(3, 36, HEADS, 104) for _ in range(3)]
+    assert 3 * 36 * HEADS > qk.BWD_CONFIGS[128][0].kwargs["ROWS_PER_PROG"]
+    _, g1 = run(qk.qk_norm_rope_launcher, inputs, up)
+    _, g2 = run(qk.qk_norm_rope_launcher, inputs, up)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_no_atomics_in_kernels():
+    assert "tl.atomic" not in inspect.getsource(qk)
+
+
+def test_custom_op_cpu_is_reference():
+    inputs = make_inputs(2, 4, 3, 64, "bf16")
+    got = qk.qk_norm_rope(*inputs.values(), HEADS, EPS)
+    want = reference.qk_norm_rope(*inputs.values(), HEADS, EPS)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b) and a.is_contiguous()
+    check_case(2, 3, 64, "bf16", fn=qk.qk_norm_rope)
+    check_case(2, 3, 80, "fp32", fn=qk.qk_norm_rope)
+
+
+def test_cuda_dispatch_runs_triton(monkeypatch):
+    calls = []
+    for name in ("qk_norm_rope_fwd", "qk_norm_rope_bwd"):
+        orig = getattr(qk, name)
+        monkeypatch.setattr(qk, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    for op in ("qk_norm_rope", "qk_norm_rope_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_fast::{op}", "CUDA")
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    inputs = make_inputs(1, 4, 2, 64, "bf16")
+    args = list(inputs.values())
+    qk.qk_norm_rope(*args, HEADS, EPS)
+    assert calls == []
+    q, k, v = torch.ops.jit_fast.qk_norm_rope.default.redispatch(cuda, *args, HEADS, EPS)
+    assert calls == ["qk_norm_rope_fwd"]
+    torch.ops.jit_fast.qk_norm_rope_bwd.default.redispatch(cuda, q, k, v, *args, HEADS, EPS)
+    assert calls == ["qk_norm_rope_fwd", "qk_norm_rope_bwd"]
+
+
+class TestBadInput:
+    def args(self, head_dim=64, n=4, heads=HEADS):
+        cos, sin = tables(n, 0, head_dim)
+        return [torch.randn(1, n, 3 * heads * head_dim), torch.ones(head_dim), torch.ones(head_dim), cos, sin]
+
+    def test_unsupported_head_dim(self):
+        with pytest.raises(ValueError, match=r"head_dim=7 .*unsupported"):
+            qk.qk_norm_rope(*self.args(head_dim=7), HEADS)
+        with pytest.raises(ValueError, match=r"head_dim=136 .*<= 128"):
+            qk.qk_norm_rope_fwd(*self.args(head_dim=136), HEADS)
+
+    def test_heads_do_not_divide(self):
+        with pytest.raises(ValueError, match=r"qkv last dim 576 is not divisible by 3\*num_heads \(num_heads=5\)"):
+            qk.qk_norm_rope(*self.args(), 5)
+
+    def test_tables(self):
+        a = self.args()
+        with pytest.raises(ValueError, match="cos must be a float32 table, got torch.bfloat16"):
+            qk.qk_norm_rope(a[0], a[1], a[2], a[3].bfloat16(), a[4], HEADS)
+        with pytest.raises(ValueError, match=r"sin must have shape \(4, 64\), got \(5, 64\)"):
+            qk.qk_norm_rope(a[0], a[1], a[2], a[3], torch.zeros(5, 64), HEADS)
+        with pytest.raises(ValueError, match=r"q_weight must have shape \(64,\)"):
+            qk.qk_norm_rope(a[0], torch.ones(32), a[2], a[3], a[4], HEADS)
+
+    def test_dtype_and_rank(self):
+        a = self.args()
+        with pytest.raises(ValueError, match="qkv has unsupported dtype torch.int32"):
+            qk.qk_norm_rope(a[0].int(), *a[1:], HEADS)
+        with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3\*H\*Dh\)"):
+            qk.qk_norm_rope(a[0][0], *a[1:], HEADS)
+
+    def test_non_contiguous(self):
+        a = self.args()
+        qkv_nc = torch.randn(1, 3 * HEADS * 64, 4).transpose(1, 2)
+        with pytest.raises(ValueError, match="qkv must be contiguous"):
+            qk.qk_norm_rope_fwd(qkv_nc, *a[1:], HEADS)
+        got = qk.qk_norm_rope_launcher(qkv_nc, *a[1:], HEADS)
+        want = qk.qk_norm_rope_fwd(qkv_nc.contiguous(), *a[1:], HEADS)
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
