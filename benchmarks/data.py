@@ -10,8 +10,10 @@ The torch backend decodes every image (no RAM cache) with `--workers` DataLoader
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jit_fast.data import build_loader
+from jit_fast.data import build_index, build_loader
 
 
 def photos() -> list[np.ndarray]:
@@ -53,8 +55,15 @@ def make_synthetic(root: Path, count: int, classes: int = 8, seed: int = 0) -> P
     return root
 
 
-def measure(root: str, backend: str, args: argparse.Namespace) -> float:
-    """Images/s over `args.batches` batches after `args.warmup` warm-up batches."""
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure(root: str, backend: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(wall images/s over the timed batches, CPU ms per image over the whole run incl. workers)."""
+    cpu0 = _cpu_seconds()
     loader = build_loader(
         root,
         img_size=args.img_size,
@@ -73,7 +82,10 @@ def measure(root: str, backend: str, args: argparse.Namespace) -> float:
                 start = time.perf_counter()
             if done == need:
                 break
-    return args.batches * args.batch_size / (time.perf_counter() - start)
+    rate = args.batches * args.batch_size / (time.perf_counter() - start)
+    del loader  # joins DataLoader workers so their CPU time is counted in RUSAGE_CHILDREN
+    gc.collect()
+    return rate, (_cpu_seconds() - cpu0) * 1e3 / (need * args.batch_size)
 
 
 def device_label() -> str:
@@ -110,12 +122,19 @@ def main() -> None:
         f"device: {device_label()}; root {root}; size {args.img_size}; batch {args.batch_size}; "
         f"workers/threads {args.workers}; {args.batches} timed batches"
     )
-    rates = {}
+    build_index(root, progress=True)  # validate once, outside the timings
+    rates, costs = {}, {}
     for backend in args.backends.split(","):
-        rates[backend] = measure(root, backend, args)
-        print(f"{backend:>6}: {rates[backend]:8.1f} images/s")
+        rates[backend], costs[backend] = measure(root, backend, args)
+        print(
+            f"{backend:>6}: {rates[backend]:8.1f} images/s wall, {costs[backend]:6.2f} CPU-ms/image "
+            f"({1e3 / costs[backend]:6.1f} images/s per core)"
+        )
     if "dali" in rates and "torch" in rates:
-        print(f"ratio dali/torch: {rates['dali'] / rates['torch']:.2f}x")
+        print(
+            f"ratio dali/torch: {rates['dali'] / rates['torch']:.2f}x wall, "
+            f"{costs['torch'] / costs['dali']:.2f}x per CPU second; load average {os.getloadavg()[0]:.1f}"
+        )
     if tmp is not None:
         tmp.cleanup()
 

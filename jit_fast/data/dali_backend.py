@@ -98,8 +98,21 @@ def max_halvings(index: FolderIndex, size: int) -> int:
     return max((crop_geometry(w, h, size).halvings for w, h in index.sizes), default=0)
 
 
+class _Feed:
+    """external_source callback: the encoded files, labels and flip flags of the next planned batch."""
+
+    def __init__(self, index: FolderIndex) -> None:
+        self.paths, self.labels = index.paths, np.asarray(index.labels, dtype=np.int64)
+        self.pending: Iterator[tuple[np.ndarray, np.ndarray]] = iter(())
+
+    def __call__(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        idx, flips = next(self.pending)  # StopIteration ends the DALI epoch
+        encoded = [np.fromfile(self.paths[i], dtype=np.uint8) for i in idx.tolist()]
+        return encoded, self.labels[idx], flips.astype(np.int32)
+
+
 class DaliBackend:
-    """Builds one DALI pipeline per pass over a plan (files in plan order, flip packed with the label)."""
+    """One persistent DALI pipeline fed batch by batch from the shared plan (rebuilt only after an abandoned pass)."""
 
     def __init__(
         self,
@@ -111,24 +124,24 @@ class DaliBackend:
         prefetch: int,
         device: torch.device | None,
     ) -> None:
-        self.index, self.size, self.batch_size = index, size, batch_size
+        self.size, self.batch_size = size, batch_size
         self.num_threads, self.prefetch = num_threads, prefetch
         self.halvings = max_halvings(index, size)
         use_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
         self.device_id = (device.index if device is not None and device.index is not None else 0) if use_gpu else None
-        self.labels = np.asarray(index.labels, dtype=np.int64)
+        self.feed = _Feed(index)
+        self.iterator = None
+        self.clean = False
 
-    def _pipeline(self, files: list[str], codes: list[int]):
+    def _pipeline(self):
         from nvidia.dali import fn, pipeline_def
 
         decode = "mixed" if self.device_id is not None else "cpu"
 
         @pipeline_def(enable_conditionals=self.halvings > 0)
         def pipe():
-            encoded, code = fn.readers.file(files=files, labels=codes, random_shuffle=False, name="reader")
-            code = code[0]
-            images = adm_crop_nodes(encoded, code % 2, self.size, self.halvings, decode)
-            return images, code // 2
+            encoded, labels, flips = fn.external_source(source=self.feed, num_outputs=3, batch=True)
+            return adm_crop_nodes(encoded, flips, self.size, self.halvings, decode), labels
 
         return pipe(
             batch_size=self.batch_size,
@@ -142,17 +155,15 @@ class DaliBackend:
         """Batches of the plan in order: uint8 (B,3,S,S) images and int64 labels."""
         if len(plan) == 0:
             return
-        flat = plan.indices.reshape(-1)
-        files = [self.index.paths[i] for i in flat.tolist()]
-        codes = (self.labels[flat] * 2 + plan.flips.reshape(-1)).tolist()
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        pipe = self._pipeline(files, codes)
-        it = DALIGenericIterator(
-            [pipe], ["images", "labels"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP
-        )
-        try:
-            for out in it:
-                yield out[0]["images"], out[0]["labels"].reshape(-1).long()
-        finally:
-            del it, pipe
+        self.feed.pending = zip(plan.indices, plan.flips, strict=True)
+        if self.iterator is not None and self.clean:
+            self.iterator.reset()  # restarts prefetching from the new plan
+        else:
+            self.iterator = None  # a pass was abandoned mid-way: its prefetched batches are stale
+            self.iterator = DALIGenericIterator([self._pipeline()], ["images", "labels"], auto_reset=False)
+        self.clean = False
+        for out in self.iterator:
+            yield out[0]["images"], out[0]["labels"].reshape(-1)
+        self.clean = True
