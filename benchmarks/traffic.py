@@ -56,8 +56,11 @@ BENCH_NAMESPACE = "jit_fast_bench"
 
 
 def footprint(t: torch.Tensor) -> int:
-    """Bytes of the distinct elements a kernel touches in `t` (stride-0 broadcast dims count once)."""
-    if t.numel() == 0:
+    """Bytes of the distinct elements a kernel touches in `t` (stride-0 broadcast dims count once).
+
+    0-dim tensors count zero: scalars travel as kernel arguments.
+    """
+    if t.numel() == 0 or t.dim() == 0:
         return 0
     n = 1
     for size, stride in zip(t.shape, t.stride(), strict=True):
@@ -347,12 +350,13 @@ class TrafficCounter(TorchDispatchMode):
 
 @torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N) fp32), computed exactly in fp32."""
-    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))
+    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N) fp32), computed in fp32 or wider."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (t.transpose(1, 2).to(acc) for t in (q, k, v))
     s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
     lse = torch.logsumexp(s, dim=-1)
     o = torch.exp(s - lse[..., None]) @ vf
-    return o.transpose(1, 2).to(q.dtype), lse
+    return o.transpose(1, 2).to(q.dtype).contiguous(), lse.float()
 
 
 @flash_attention.register_fake
@@ -366,14 +370,15 @@ def flash_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `flash_attention`, recomputing the probabilities from lse (fp32 math)."""
-    qf, kf, vf, of, dof = (t.transpose(1, 2).float() for t in (q, k, v, o, do))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, of, dof = (t.transpose(1, 2).to(acc) for t in (q, k, v, o, do))
     scale = 1 / math.sqrt(q.shape[-1])
     p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
     dv = p.transpose(-1, -2) @ dof
     dp = dof @ vf.transpose(-1, -2)
     ds = p * (dp - (dof * of).sum(-1, keepdim=True)) * scale
     dq, dk = ds @ kf, ds.transpose(-1, -2) @ qf
-    return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+    return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
 @flash_attention_bwd.register_fake
@@ -460,9 +465,14 @@ def _constants(net: torch.nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
 
-def _fake_batch(cfg, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_batch(cfg, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """Random images (B, C, S, S), times (B,) and labels (B,) for `cfg` on `device`."""
     s = cfg.input_size
-    return torch.randn(batch, cfg.in_channels, s, s), torch.rand(batch), torch.randint(0, cfg.num_classes, (batch,))
+    return (
+        torch.randn(batch, cfg.in_channels, s, s, device=device),
+        torch.rand(batch, device=device),
+        torch.randint(0, cfg.num_classes, (batch,), device=device),
+    )
 
 
 def block_index(cfg, which: str) -> int:
@@ -482,7 +492,7 @@ class _Captured(Exception):
     pass
 
 
-def _capture_block_inputs(net, idx: int, batch: int) -> tuple[tuple, dict]:
+def capture_block_inputs(net, idx: int, batch: int, device: torch.device | str | None = None) -> tuple[tuple, dict]:
     """Run the model forward up to block `idx` and return the (args, kwargs) that block receives."""
     got: dict = {}
 
@@ -493,7 +503,7 @@ def _capture_block_inputs(net, idx: int, batch: int) -> tuple[tuple, dict]:
     h = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), contextlib.suppress(_Captured):
-            net(*_fake_batch(net.cfg, batch))
+            net(*model_batch(net.cfg, batch, device))
     finally:
         h.remove()
     return got["args"], got["kwargs"]
@@ -503,7 +513,12 @@ def _leaf(x):
     """Fresh leaf activation(s) with x's shape/dtype that require grad (None stays None)."""
     if isinstance(x, tuple):
         return tuple(_leaf(v) for v in x)
-    return None if x is None else torch.empty_like(x).requires_grad_(True)
+    return None if x is None else torch.randn_like(x).requires_grad_(True)
+
+
+def block_leaves(args: tuple) -> tuple:
+    """Block arguments (x, c, rope, pending, ...) with x, c and the pending residual as fresh grad-requiring leaves."""
+    return (_leaf(args[0]), _leaf(args[1]), args[2], _leaf(args[3]), *args[4:])
 
 
 def count_block(
@@ -514,25 +529,29 @@ def count_block(
     which: str = "standard",
     backward: bool = True,
     autocast: bool = True,
+    fake: bool = True,
     **overrides,
 ) -> Count:
-    """Count one JiT block forward (and backward) at full shape for the eager or fused path."""
+    """Count one JiT block forward (and backward) at full shape for the eager or fused path.
+
+    `fake=False` runs real CPU tensors instead of fake ones (same op stream; used to validate the fake run).
+    """
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     idx = block_index(cfg, which)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with FakeTensorMode(), flash_attention_standin():
+    with FakeTensorMode() if fake else contextlib.nullcontext(), flash_attention_standin():
         net = jit_model.JiT(cfg).train()
         block = net.blocks[idx]
         with amp:
-            args, kwargs = _capture_block_inputs(net, idx, batch)
+            args, kwargs = capture_block_inputs(net, idx, batch)
+        args = block_leaves(args)
         rope = args[2]
-        args = (_leaf(args[0]), _leaf(args[1]), rope, _leaf(args[3]), *args[4:])
         counter = TrafficCounter(_constants(net) + list(rope))
         with counter, track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(counter.pack, _id):
             outs = block(*args, **kwargs)
         if backward:
             outs = [o for o in outs if o.requires_grad]
-            grads = [torch.empty_like(o) for o in outs]
+            grads = [torch.randn_like(o) for o in outs]
             counter.phase = "bwd"
             with counter:
                 torch.autograd.backward(outs, grads)
@@ -572,7 +591,7 @@ def count_train_step(
     with FakeTensorMode(), flash_attention_standin():
         net = jit_model.JiT(cfg).train()
         params = [p for p in net.parameters() if p.requires_grad]
-        x, t, y = _fake_batch(cfg, batch)
+        x, t, y = model_batch(cfg, batch)
         counter = TrafficCounter(_constants(net))
         with (
             counter,
@@ -600,12 +619,49 @@ def count_train_step(
     return _finish(counter, meta)
 
 
+def count_forward(
+    model: str = "JiT-B/16", path: str = "eager", batch: int = 128, img_size: int = 256, **overrides
+) -> Count:
+    """Count one inference forward of the whole model (eval mode, no grad, bf16 autocast): one sampler NFE."""
+    cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
+    with FakeTensorMode(), flash_attention_standin():
+        net = jit_model.JiT(cfg).eval()
+        x, t, y = model_batch(cfg, batch)
+        counter = TrafficCounter(_constants(net))
+        with counter, torch.no_grad(), track_regions(counter, net), torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x, t, y)
+    meta = dict(kind="forward", model=model, path=path, batch=batch, img_size=img_size,
+                tokens=cfg.grid_size**2 + cfg.in_context_len, hidden=cfg.hidden_size, depth=cfg.depth, autocast="bf16")
+    return _finish(counter, meta)
+
+
 def count_function(fn: Callable[[], object], constants: list[torch.Tensor] = ()) -> Count:
     """Count the ops `fn()` dispatches (forward only, no autograd phase split); for single-op checks."""
     counter = TrafficCounter(list(constants))
     with counter:
         fn()
     return _finish(counter, dict(kind="function"))
+
+
+def count_call(fn: Callable, args: tuple, backward: bool = True, meta: dict | None = None) -> Count:
+    """Count `fn(*args)` (and its backward w.r.t. the grad-requiring tensor args) on fake copies of `args`."""
+    mode = FakeTensorMode()
+    fargs = tuple(
+        mode.from_tensor(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+    with mode:
+        wrt = [a for a in fargs if isinstance(a, torch.Tensor) and a.requires_grad]
+        counter = TrafficCounter([a for a in fargs if isinstance(a, torch.Tensor) and not a.requires_grad])
+        with counter, torch.autograd.graph.saved_tensors_hooks(counter.pack, _id):
+            out = fn(*fargs)
+        if backward:
+            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            grads = [torch.randn_like(o) for o in outs]
+            counter.phase = "bwd"
+            with counter:
+                torch.autograd.grad(outs, wrt, grads)
+    return _finish(counter, dict(kind="call", **(meta or {})))
 
 
 def compare(eager: Count, fused: Count) -> dict:
@@ -644,6 +700,8 @@ __all__ = [
     "TrafficCounter",
     "compare",
     "count_block",
+    "count_call",
+    "count_forward",
     "count_function",
     "count_train_step",
     "flash_attention",

@@ -1,0 +1,260 @@
+"""GPU timings with `triton.testing.do_bench`: fused ops, a block, a train step, sampling and the data loader.
+
+Each section compares the eager official model (`kernels="torch"`), the official release as shipped
+(its blocks wrapped in `torch.compile`) and the fused Triton path. Without CUDA nothing is timed and
+`run_gpu_suite` returns the skip message instead. Every bench function takes a `timer` (milliseconds
+per call of a closure) so the wiring can be exercised on CPU by tests; such runs are never reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.roofline import GPUS, GPUSpec
+from benchmarks.traffic import (
+    PATH_KERNELS,
+    block_index,
+    block_leaves,
+    capture_block_inputs,
+    count_block,
+    count_call,
+    count_train_step,
+    model_batch,
+)
+from benchmarks.workloads import OP_NAMES, grad_inputs, op_inputs
+from jit_fast.model import build_model
+from kernels import get_ops
+
+SKIP_MESSAGE = "CUDA is not available on this machine: GPU timings were not taken."
+PATHS = ("eager", "compiled", "fused")
+Timer = Callable[[Callable[[], object]], float]
+
+
+def cuda_ms(fn: Callable[[], object], rep_ms: int = 200) -> float:
+    """Median milliseconds per call measured by `triton.testing.do_bench` (CUDA events, L2 flushed)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def gpu_spec(device_name: str) -> GPUSpec | None:
+    """The datasheet entry matching a CUDA device name (A100 / H100 / H200), else None."""
+    return next((spec for key, spec in GPUS.items() if key in device_name), None)
+
+
+def _autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _fwd_bwd(fn: Callable, args: tuple) -> Callable[[], object]:
+    """Closure: forward then gradients of all float outputs w.r.t. the grad-requiring args (no accumulation)."""
+    wrt = grad_inputs(args)
+    out = fn(*args)
+    outs = [o for o in (out if isinstance(out, tuple | list) else (out,)) if o.requires_grad]
+    grads = [torch.randn_like(o) for o in outs]
+
+    def run() -> object:
+        o = fn(*args)
+        o = [t for t in (o if isinstance(o, tuple | list) else (o,)) if t.requires_grad]
+        return torch.autograd.grad(o, wrt, grads)
+
+    return run
+
+
+def op_path_functions(name: str, paths: tuple[str, ...] = PATHS) -> dict[str, Callable]:
+    """The eager reference, its torch.compile, and the fused custom op for op-table entry `name`."""
+    ref = getattr(get_ops("torch"), name)
+    table = {"eager": lambda: ref, "compiled": lambda: torch.compile(ref, dynamic=False),
+             "fused": lambda: getattr(get_ops("triton"), name)}
+    return {p: table[p]() for p in paths}
+
+
+def bench_ops(
+    model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
+    peak_bw: float | None = None,
+) -> list[dict]:
+    """Per op and path: fwd and fwd+bwd ms, and effective GB/s = fused-op I/O bytes (counted) / time."""
+    rows = []
+    inputs = op_inputs(model, batch, img_size, device=device, requires_grad=True)
+    for name in OP_NAMES:
+        args = inputs[name]
+        fused_io = count_call(getattr(get_ops("triton"), name), args).summary()["phases"]
+        io_fwd = fused_io["fwd"]["all"]["bytes"]
+        io_fwd_bwd = io_fwd + fused_io["bwd"]["all"]["bytes"]
+        for path, fn in op_path_functions(name, paths).items():
+            fwd = timer(lambda fn=fn, args=args: fn(*args))
+            fwd_bwd = timer(_fwd_bwd(fn, args))
+            row = dict(op=name, path=path, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, io_bytes_fwd=io_fwd,
+                       io_bytes_fwd_bwd=io_fwd_bwd, gbps_fwd=io_fwd / fwd / 1e6,
+                       gbps_fwd_bwd=io_fwd_bwd / fwd_bwd / 1e6)
+            if peak_bw:
+                row["pct_peak_bw_fwd"] = 100 * row["gbps_fwd"] * 1e9 / peak_bw
+                row["pct_peak_bw_fwd_bwd"] = 100 * row["gbps_fwd_bwd"] * 1e9 / peak_bw
+            rows.append(row)
+    return rows
+
+
+def bench_block(
+    model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
+    peak_flops: float | None = None,
+) -> list[dict]:
+    """A standard block's fwd and fwd+bwd ms per path, with MFU from the counted model FLOPs."""
+    rows = []
+    for path in paths:
+        count_path = "fused" if path == "fused" else "eager"
+        torch.manual_seed(0)
+        net = build_model(model, img_size, kernels=PATH_KERNELS[count_path]).to(device).train()
+        idx = block_index(net.cfg, "standard")
+        with _autocast(device):
+            args, kwargs = capture_block_inputs(net, idx, batch, device)
+        args = block_leaves(args)
+        block = torch.compile(net.blocks[idx]) if path == "compiled" else net.blocks[idx]
+
+        def call(*a, block=block, kwargs=kwargs):
+            with _autocast(device):
+                return block(*a, **kwargs)
+
+        fwd = timer(lambda call=call, args=args: call(*args))
+        fwd_bwd = timer(_fwd_bwd(call, args))
+        flops = count_block(model, count_path, batch, img_size).totals()
+        fwd_flops = count_block(model, count_path, batch, img_size, backward=False).totals()["model_flops"]
+        row = dict(path=path, block=idx, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd)
+        if peak_flops:
+            row["mfu_fwd"] = fwd_flops / (fwd * 1e-3) / peak_flops
+            row["mfu_fwd_bwd"] = flops["model_flops"] / (fwd_bwd * 1e-3) / peak_flops
+        rows.append(row)
+        del net, block
+    return rows
+
+
+def make_train_step(model: str, path: str, batch: int, img_size: int, device: str) -> Callable[[], object]:
+    """One full step: bf16-autocast loss, backward, fused AdamW, two EMA updates (blocks compiled if asked)."""
+    from jit_fast.denoiser import flow_matching_loss
+    from jit_fast.ema import EMA
+
+    torch.manual_seed(0)
+    net = build_model(model, img_size, kernels=PATH_KERNELS["fused" if path == "fused" else "eager"]).to(device)
+    net.train()
+    if path == "compiled":
+        for block in net.blocks:
+            block.compile()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device != "cpu")
+    emas = [EMA(params, 0.9999), EMA(params, 0.9996)]
+    x, _, y = model_batch(net.cfg, batch, device)
+
+    def step() -> None:
+        with _autocast(device):
+            loss = flow_matching_loss(net, x, y, num_classes=net.cfg.num_classes)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for ema in emas:
+            ema.update(params)
+
+    return step
+
+
+def bench_train_step(
+    model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
+    peak_flops: float | None = None,
+) -> list[dict]:
+    """Full train-step ms, images/s and MFU (counted model FLOPs / time / peak) per path."""
+    rows = []
+    for path in paths:
+        step = make_train_step(model, path, batch, img_size, device)
+        ms = timer(step)
+        flops = count_train_step(model, "fused" if path == "fused" else "eager", batch, img_size).totals()
+        row = dict(path=path, step_ms=ms, img_per_s=batch / (ms * 1e-3))
+        if peak_flops:
+            row["mfu"] = flops["model_flops"] / (ms * 1e-3) / peak_flops
+        rows.append(row)
+        del step
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_sampling(
+    model: str, batch: int, img_size: int, device: str, steps: int = 10, cfg: float = 2.9,
+    configs: tuple[tuple[str, bool], ...] = (("eager", False), ("fused", False), ("fused", True)),
+) -> list[dict]:
+    """Wall-clock images/s of a `steps`-step Heun run with CFG per (path, CUDA graph) configuration."""
+    from jit_fast.sampler import StaticSampler
+
+    rows = []
+    for path, graphs in configs:
+        torch.manual_seed(0)
+        net = build_model(model, img_size, kernels=PATH_KERNELS[path]).to(device).eval()
+        sampler = StaticSampler(net, batch, steps=steps, device=device, autocast_dtype=torch.bfloat16,
+                                cuda_graph=graphs, img_size=img_size, num_classes=net.cfg.num_classes)
+        noise = torch.randn(batch, 3, img_size, img_size, device=device)
+        y = torch.randint(0, net.cfg.num_classes, (batch,), device=device)
+        sampler.run(noise, y, cfg)
+        _sync(device)
+        start = time.perf_counter()
+        sampler.run(noise, y, cfg)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        rows.append(
+            dict(path=path, cuda_graph=graphs, steps=steps, cfg=cfg, seconds=seconds, img_per_s=batch / seconds)
+        )
+        del net, sampler
+    return rows
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_data(img_size: int, batch: int, images: int = 512, batches: int = 10, workers: int = 4) -> dict:
+    """Loader images/s of the DALI and torch backends on a synthetic ImageNet-like JPEG folder."""
+    from benchmarks.data import make_synthetic, measure
+
+    args = argparse.Namespace(img_size=img_size, batch_size=batch, workers=workers, batches=batches, warmup=2)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = str(make_synthetic(Path(tmp), images))
+        for backend in ("dali", "torch"):
+            try:
+                out[backend] = dict(images_per_s=measure(root, backend, args))
+            except Exception as e:  # noqa: BLE001 - a missing backend is reported, not fatal
+                out[backend] = dict(error=f"{type(e).__name__}: {e}")
+    return dict(images=images, batch=batch, workers=workers, **out)
+
+
+def run_gpu_suite(model: str, batch: int, img_size: int, sample_steps: int = 10) -> dict:
+    """All GPU sections on cuda:0 (each section's failure is recorded, not raised); the skip message without CUDA."""
+    if not torch.cuda.is_available():
+        return dict(skipped=SKIP_MESSAGE)
+    name = torch.cuda.get_device_name()
+    spec = gpu_spec(name)
+    out: dict = dict(device=name, datasheet=spec.name if spec else None, torch=torch.__version__)
+    peak_flops = spec.peak_bf16_flops if spec else None
+    sections = {
+        "ops": lambda: bench_ops(model, batch, img_size, "cuda", peak_bw=spec.hbm_bytes_per_s if spec else None),
+        "block": lambda: bench_block(model, batch, img_size, "cuda", peak_flops=peak_flops),
+        "train_step": lambda: bench_train_step(model, batch, img_size, "cuda", timer=_step_timer,
+                                               peak_flops=peak_flops),
+        "sampling": lambda: bench_sampling(model, batch, img_size, "cuda", steps=sample_steps),
+        "data": lambda: bench_data(img_size, min(batch, 128)),
+    }
+    for key, fn in sections.items():
+        try:
+            out[key] = fn()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the other sections
+            out[key] = dict(error=f"{type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+    return out
+
+
+def _step_timer(fn: Callable[[], object]) -> float:
+    return cuda_ms(fn, rep_ms=3000)

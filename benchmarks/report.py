@@ -1,0 +1,267 @@
+"""Markdown from benchmark JSON: one result's tables, and docs/PERFORMANCE.md regenerated from all results.
+
+    python -m benchmarks.report [--results benchmarks/results] [--out docs/PERFORMANCE.md]
+
+Measured figures always carry the device and the command that produced them; counted and modeled
+figures sit in their own tables, labeled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+PERFORMANCE_MD = ROOT / "docs" / "PERFORMANCE.md"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _measured_gpu(res: dict) -> list[str]:
+    gpu = res["gpu"]
+    if "skipped" in gpu:
+        return [f"**GPU timings: not taken.** {gpu['skipped']}"]
+    head = f"Measured on **{gpu['device']}** (torch {gpu['torch']}) with `{res['command']}`, {res['created']}."
+    out = [head]
+    if isinstance(gpu.get("ops"), list):
+        out.append("Per-op times (`triton.testing.do_bench` median); GB/s = the fused op's I/O bytes / time.")
+        out.append(_table(
+            ["op", "path", "fwd ms", "fwd+bwd ms", "fwd GB/s", "fwd+bwd GB/s", "% peak BW (fwd+bwd)"],
+            [[r["op"], r["path"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}", f"{r['gbps_fwd']:.0f}",
+              f"{r['gbps_fwd_bwd']:.0f}", f"{r['pct_peak_bw_fwd_bwd']:.0f}%" if "pct_peak_bw_fwd_bwd" in r else "-"]
+             for r in gpu["ops"]],
+        ))
+    if isinstance(gpu.get("block"), list):
+        out.append(_table(
+            ["block path", "fwd ms", "fwd+bwd ms", "MFU fwd+bwd"],
+            [[r["path"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}", _pct(r["mfu_fwd_bwd"]) if "mfu_fwd_bwd" in r
+              else "-"] for r in gpu["block"]],
+        ))
+    if isinstance(gpu.get("train_step"), list):
+        out.append(_table(
+            ["train step path", "ms / step", "img/s", "MFU"],
+            [[r["path"], f"{r['step_ms']:.1f}", f"{r['img_per_s']:.0f}", _pct(r["mfu"]) if "mfu" in r else "-"]
+             for r in gpu["train_step"]],
+        ))
+    if isinstance(gpu.get("sampling"), list):
+        out.append(_table(
+            ["sampling path", "CUDA graph", "Heun steps", "img/s"],
+            [[r["path"], r["cuda_graph"], r["steps"], f"{r['img_per_s']:.1f}"] for r in gpu["sampling"]],
+        ))
+    if isinstance(gpu.get("data"), dict) and "error" not in gpu["data"]:
+        d = gpu["data"]
+        out.append(_table(
+            ["loader backend", "img/s"],
+            [[b, f"{d[b]['images_per_s']:.0f}" if "images_per_s" in d[b] else d[b].get("error", "-")]
+             for b in ("dali", "torch") if b in d],
+        ))
+    errors = [f"- {k}: {v['error']}" for k, v in gpu.items() if isinstance(v, dict) and "error" in v]
+    return out + (["Sections that failed:\n" + "\n".join(errors)] if errors else [])
+
+
+def _measured_cpu(res: dict) -> list[str]:
+    cpu = res.get("cpu_measured", {})
+    if "skipped" in cpu:
+        return [f"CPU measurements: {cpu['skipped']}"]
+    out = [f"Measured on **{cpu['device']}** ({cpu['threads']} thread) with `{res['command']}`, {res['created']}. "
+           "CPU wall-clock only: these say nothing about GPU speed."]
+    ops = cpu["reference_ops"]
+    out.append(_table(
+        [f"eager reference op ({ops['shape']})", "median ms", "min ms"],
+        [[k, f"{v['median_s'] * 1e3:.3f}", f"{v['min_s'] * 1e3:.3f}"] for k, v in ops["seconds"].items()],
+    ))
+    sm = cpu["sampler"]
+    out.append(_table(
+        [f"sampler ({sm['shape']})", "median ms / step", "min ms / step"],
+        [[k, f"{v['median_s'] * 1e3:.3f}", f"{v['min_s'] * 1e3:.3f}"] for k, v in sm["seconds"].items()],
+    ))
+    dec = cpu["decode"]
+    out.append(f"JPEG decode + ADM center crop to {dec['size']} (PIL, 1 thread): "
+               f"**{dec['images_per_s']:.0f} img/s** over {dec['images']} ImageNet-sized JPEGs.")
+    return out
+
+
+def _counted_blocks(res: dict) -> list[str]:
+    rows, ratios = [], []
+    for model, b in res["modeled"]["blocks"].items():
+        for path in ("eager", "fused"):
+            s = b[path]
+            ph = s["phases"]
+            per = s["non_gemm_bytes_per_token_hidden"]
+            rows.append([
+                model, path, ph["fwd"]["all"]["launches"], ph["bwd"]["all"]["launches"],
+                _gb(ph["fwd"]["non_gemm"]["bytes"]), _gb(ph["bwd"]["non_gemm"]["bytes"]),
+                f"{per['fwd']:.0f} / {per['bwd']:.0f}", _gb(s["saved_activation_bytes"]),
+            ])
+        c = b["compare"]
+        ratios.append([
+            model, f"{c['launches_fused']} / {c['launches_eager']} = {_pct(c['launches_ratio'])}",
+            f"{_gb(c['non_gemm_bytes_fused'])} / {_gb(c['non_gemm_bytes_eager'])} = {_pct(c['non_gemm_bytes_ratio'])}",
+            f"{_gb(c['saved_activation_bytes_fused'])} / {_gb(c['saved_activation_bytes_eager'])} = "
+            f"{_pct(c['saved_ratio'])}",
+        ])
+    return [
+        f"Standard block (in-context tokens, pending residual in, no dropout), batch {res['batch']}, bf16 autocast. "
+        "Non-GEMM bytes exclude GEMMs and attention (identical in both paths); GB = 1e9 bytes.",
+        _table(["model", "path", "launches fwd", "launches bwd", "non-GEMM GB fwd", "non-GEMM GB bwd",
+                "non-GEMM B / token / hidden (fwd / bwd)", "saved activations GB"], rows),
+        "Fused / eager over forward+backward (issue 7 targets: launches <= 25%, non-GEMM bytes <= 15%, "
+        "saved activations <= 60%):",
+        _table(["model", "launches", "non-GEMM GB", "saved activations GB"], ratios),
+    ]
+
+
+def _projection_table(rows: list[dict], what: str) -> str:
+    return _table(
+        ["GPU", f"eager {what} ms", f"fused {what} ms", "speedup", "MFU eager", "MFU fused"],
+        [[r["gpu"], f"{r['eager_ms']:.2f}", f"{r['fused_ms']:.2f}", f"{r['speedup_fused_vs_eager']:.2f}x",
+          _pct(r["eager_mfu"]), _pct(r["fused_mfu"])] for r in rows],
+    )
+
+
+def _modeled(res: dict) -> list[str]:
+    m = res["modeled"]
+    a = m["assumptions"]
+    out = [
+        f"**Modeled, not measured.** Roofline per op: max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x "
+        f"efficiency), {a['min_kernel_s'] * 1e6:.0f} us x launches), ops back to back. Efficiencies assumed: GEMM "
+        f"{a['gemm_efficiency']:.0%}, attention {a['attention_efficiency']:.0%}, memory "
+        f"{a['bandwidth_efficiency']:.0%}. Peaks: "
+        + "; ".join(f"{k} {v['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {v['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
+                    for k, v in m["gpus"].items()) + " (datasheet values, see benchmarks/roofline.py).",
+    ]
+    model = res["model"]
+    block = m["blocks"].get(model) or next(iter(m["blocks"].values()))
+    out.append(f"Modeled {model} standard block, fwd+bwd, batch {res['batch']}:")
+    out.append(_projection_table(block["projection"], "block"))
+    step = m["train_step"]
+    out.append(f"Modeled {model} full train step (loss fwd+bwd, fused AdamW, 2 EMA updates), batch {res['batch']}:")
+    out.append(_projection_table(step["projection"], "step"))
+    out.append("```\n" + step["h100_text"] + "\n```")
+    sm = m["sampling"]
+    st = sm["settings"]
+    out.append(
+        f"Modeled sampling, {st['solver']}-{st['steps']} with CFG {st['cfg']} on t in {st['interval']}: "
+        f"{sm['rows_per_image']} forward rows per image, forward batch {sm['forward_batch']}:"
+    )
+    out.append(_table(
+        ["GPU", "eager img/s", "fused img/s", "speedup"],
+        [[r["gpu"], f"{r['eager_img_per_s']:.0f}", f"{r['fused_img_per_s']:.0f}",
+          f"{r['speedup_fused_vs_eager']:.2f}x"] for r in sm["projection"]],
+    ))
+    return out
+
+
+def _op_boundaries(res: dict) -> list[str]:
+    rows = [[r["op"], r["path"], r["fwd_launches"], _gb(r["fwd_bytes"]), r["bwd_launches"], _gb(r["bwd_bytes"]),
+             _gb(r["saved_activation_bytes"])] for r in res["modeled"]["op_boundaries"]]
+    return [
+        f"Counted per fused-op boundary ({res['model']} block shapes, batch {res['batch']}): eager reference vs "
+        "fused custom op (its I/O plus the internal two-stage reduction traffic).",
+        _table(["op", "path", "launches fwd", "GB fwd", "launches bwd", "GB bwd", "saved GB"], rows),
+    ]
+
+
+def _per_op(res: dict, limit: int = 25) -> list[str]:
+    out = []
+    for path in ("eager", "fused"):
+        rows = sorted(res["modeled"]["block_per_op"][path], key=lambda r: -(r["bytes_read"] + r["bytes_written"]))
+        out.append(f"Counted {res['model']} block, {path} path: the {limit} op groups moving the most bytes.")
+        out.append(_table(
+            ["phase", "region / autograd node", "op", "category", "calls", "launches", "GB read", "GB written",
+             "GFLOP"],
+            [[r["phase"], r["region"] or "-", r["op"], r["category"], r["calls"], r["launches"], _gb(r["bytes_read"]),
+              _gb(r["bytes_written"]), f"{r['flops'] / 1e9:.1f}"] for r in rows[:limit]],
+        ))
+    return out
+
+
+def _compiled(res: dict) -> list[str]:
+    c = res["compiled"]
+    out = [c["statement"]]
+    p = c["inductor_cpu_proxy"]
+    if "skipped" in p:
+        out.append(f"Inductor CPU proxy: {p['skipped']}")
+        return out
+    eager = res["modeled"]["blocks"].get(p["model"])
+    rows = [["torch.compile proxy (C++ kernels + extern GEMM/attention)", p["launches_proxy"]["fwd"],
+             p["launches_proxy"]["bwd"]]]
+    if eager:
+        for path in ("eager", "fused"):
+            ph = eager[path]["phases"]
+            rows.append([f"{path} (counted)", ph["fwd"]["all"]["launches"], ph["bwd"]["all"]["launches"]])
+    out.append(f"Counted on CPU: {p['model']} standard block compiled by {p['backend']} at {p['img_size']}px, "
+               f"batch {p['batch']} ({p['generated_kernels']['fwd']} + {p['generated_kernels']['bwd']} generated "
+               f"kernels, compile {p['seconds']:.0f} s):")
+    out.append(_table(["block", "launches fwd", "launches bwd"], rows))
+    return out
+
+
+def render_result(res: dict) -> str:
+    """Markdown for one `benchmarks.run` result."""
+    parts = [
+        f"## {res['model']}, batch {res['batch']}, {res['img_size']}px",
+        f"Command: `{res['command']}` on {res['host']}, {res['created']}, git {res['git']}, torch "
+        f"{res['versions']['torch']}, triton {res['versions']['triton']}.",
+        "### Measured on GPU",
+        *_measured_gpu(res),
+        "### Measured on CPU",
+        *_measured_cpu(res),
+        "### Counted traffic (fake-tensor dispatch of the real shapes; not timings)",
+        *_counted_blocks(res),
+        *_op_boundaries(res),
+        "### Modeled GPU times (roofline from the counts)",
+        *_modeled(res),
+        "### The official release as shipped (torch.compile)",
+        *_compiled(res),
+        "### Per-op detail (counted)",
+        *_per_op(res),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+HEADER = """# Performance
+
+Generated by `python -m benchmarks.report` from the JSON in `benchmarks/results/` (written by
+`python -m benchmarks.run`); do not edit by hand. How the numbers are made: docs/BENCHMARKS.md.
+Measured figures name their device and command; counted and modeled figures are in their own
+tables and say so. No GPU timing appears here unless it was measured on that GPU.
+"""
+
+
+def build_document(results_dir: Path = RESULTS_DIR) -> str:
+    """docs/PERFORMANCE.md text from every result JSON (GPU results first, then by name)."""
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results.sort(key=lambda r: ("skipped" in r.get("gpu", {}), r["model"], r["batch"]))
+    body = [render_result(r) for r in results] or ["No results yet: run `python -m benchmarks.run`.\n"]
+    return HEADER + "\n" + "\n".join(body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: regenerate the performance page."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=PERFORMANCE_MD)
+    args = ap.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(build_document(args.results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""One command for the whole performance picture: counted traffic, modeled GPU times, CPU and GPU measurements.
+
+    python -m benchmarks.run --model JiT-B/16 --batch 128
+
+writes benchmarks/results/<tag>.json and .md. On a CPU-only machine it produces the counted and
+modeled tables plus CPU-measured ones and states that GPU timings were not taken; with CUDA it also
+runs `benchmarks.gpu`. `python -m benchmarks.report` turns every JSON there into docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.roofline import DEFAULT_ASSUMPTIONS, GPUS, H100, format_speedup, project, speedup_table
+from benchmarks.traffic import compare, count_block, count_call, count_forward, count_train_step
+from benchmarks.workloads import OP_NAMES, op_inputs
+from kernels import get_ops
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BLOCK_MODELS = ("JiT-B/16", "JiT-L/16", "JiT-H/16")
+SAMPLING = dict(steps=50, solver="heun", interval=(0.1, 1.0), cfg=2.9)
+
+
+def default_img_size(model: str) -> int:
+    """Official resolution of a preset: 256 for /16 models, 512 for /32 models."""
+    return 512 if model.endswith("/32") else 256
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def block_section(models: list[tuple[str, int]], batch: int) -> dict:
+    """Counted eager/fused standard-block traffic per model, their ratios and the modeled block times."""
+    out = {}
+    for model, size in models:
+        eager, fused = count_block(model, "eager", batch, size), count_block(model, "fused", batch, size)
+        out[model] = dict(img_size=size, eager=eager.summary(), fused=fused.summary(), compare=compare(eager, fused),
+                          projection=speedup_table({"eager": eager, "fused": fused}))
+    return out
+
+
+def op_boundary_section(model: str, batch: int, img_size: int) -> list[dict]:
+    """Per fused-op boundary: eager reference vs fused custom op launches, bytes and saved activations."""
+    rows = []
+    inputs = op_inputs(model, batch, img_size, requires_grad=True)
+    for name in OP_NAMES:
+        for path, backend in (("eager", "torch"), ("fused", "triton")):
+            s = count_call(getattr(get_ops(backend), name), inputs[name]).summary()
+            rows.append(dict(
+                op=name, path=path,
+                fwd_launches=s["phases"]["fwd"]["all"]["launches"], fwd_bytes=s["phases"]["fwd"]["all"]["bytes"],
+                bwd_launches=s["phases"]["bwd"]["all"]["launches"], bwd_bytes=s["phases"]["bwd"]["all"]["bytes"],
+                saved_activation_bytes=s["saved_activation_bytes"],
+            ))
+    return rows
+
+
+def step_section(model: str, batch: int, img_size: int) -> dict:
+    """Counted and modeled full train step (loss, backward, fused AdamW, two EMAs), eager vs fused."""
+    counts = {p: count_train_step(model, p, batch, img_size) for p in ("eager", "fused")}
+    return dict(
+        eager=counts["eager"].summary(),
+        fused=counts["fused"].summary(),
+        compare=compare(counts["eager"], counts["fused"]),
+        projection=speedup_table(counts),
+        h100_text=format_speedup(counts, H100),
+    )
+
+
+def sampling_section(model: str, batch: int, img_size: int) -> dict:
+    """Modeled sampling images/s: forward rows per image of Heun-50 with interval CFG times the modeled row cost."""
+    from jit_fast.sampler import forward_rows_per_image
+
+    s = SAMPLING
+    rows_per_image = forward_rows_per_image(s["steps"], s["solver"], s["interval"], s["cfg"])
+    counts = {p: count_forward(model, p, 2 * batch, img_size) for p in ("eager", "fused")}
+    table = []
+    for gname, gpu in GPUS.items():
+        row = dict(gpu=gname, modeled=True)
+        for path, c in counts.items():
+            per_row = project(c, gpu)["seconds"] / (2 * batch)
+            row[f"{path}_ms_per_forward_row"] = per_row * 1e3
+            row[f"{path}_img_per_s"] = 1.0 / (rows_per_image * per_row)
+        row["speedup_fused_vs_eager"] = row["fused_img_per_s"] / row["eager_img_per_s"]
+        table.append(row)
+    return dict(settings=dict(s, interval=list(s["interval"])), forward_batch=2 * batch,
+                rows_per_image=rows_per_image, projection=table)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the full result dict (sections that cannot run here say so)."""
+    from benchmarks.data import device_label
+
+    t0 = time.perf_counter()
+    size = args.img_size or default_img_size(args.model)
+    models = [(m, 256) for m in BLOCK_MODELS]
+    if args.model not in BLOCK_MODELS or size != 256:
+        models.insert(0, (args.model, size))
+    result: dict = dict(
+        schema=1,
+        command="python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        host=device_label(),
+        versions=dict(python=platform.python_version(), torch=torch.__version__, triton=_triton_version()),
+        git=_git_commit(),
+        model=args.model,
+        batch=args.batch,
+        img_size=size,
+    )
+    block_eager = count_block(args.model, "eager", args.batch, size)
+    block_fused = count_block(args.model, "fused", args.batch, size)
+    result["modeled"] = dict(
+        assumptions=asdict(DEFAULT_ASSUMPTIONS),
+        gpus={k: asdict(v) for k, v in GPUS.items()},
+        blocks=block_section(models, args.batch),
+        block_per_op=dict(eager=block_eager.per_op(), fused=block_fused.per_op()),
+        op_boundaries=op_boundary_section(args.model, args.batch, size),
+        train_step=step_section(args.model, args.batch, size),
+        sampling=sampling_section(args.model, args.batch, size),
+    )
+    print(result["modeled"]["train_step"]["h100_text"], flush=True)
+    from benchmarks.compiled import __doc__ as compiled_doc
+
+    result["compiled"] = dict(statement=" ".join(compiled_doc.split())) | _inductor(args)
+    if args.no_cpu:
+        result["cpu_measured"] = dict(skipped="not requested (--no-cpu)")
+    else:
+        from benchmarks.cpu import measure_all
+
+        result["cpu_measured"] = dict(device=device_label(), **measure_all(args.model, size, quick=args.quick))
+    from benchmarks.gpu import run_gpu_suite
+
+    result["gpu"] = run_gpu_suite(args.model, args.batch, size, sample_steps=args.sample_steps)
+    if "skipped" in result["gpu"]:
+        print(result["gpu"]["skipped"], flush=True)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _inductor(args: argparse.Namespace) -> dict:
+    if args.no_inductor:
+        return dict(inductor_cpu_proxy=dict(skipped="not requested (--no-inductor)"))
+    from benchmarks.compiled import inductor_cpu_proxy
+
+    return dict(inductor_cpu_proxy=inductor_cpu_proxy(args.model, img_size=min(64, args.img_size or 64)))
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "absent"
+
+
+def tag_for(model: str, batch: int, size: int, host: str) -> str:
+    """File stem of a result: model, batch, size and where it ran ("cpu" or the GPU name)."""
+    where = host.split(",")[0].removeprefix("GPU ").replace(" ", "-") if host.startswith("GPU") else "cpu"
+    return f"{model.replace('/', '-')}_b{batch}_{size}_{where}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: run, write JSON + Markdown, print where they went."""
+    from benchmarks.report import render_result
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="JiT-B/16")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--img-size", type=int, default=0, help="default: 256 for /16, 512 for /32")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--quick", action="store_true", help="fewer CPU timing repeats")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurements")
+    ap.add_argument("--no-inductor", action="store_true", help="skip the CPU inductor kernel-count proxy")
+    ap.add_argument("--sample-steps", type=int, default=10, help="Heun steps timed by the GPU sampling benchmark")
+    args = ap.parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = tag_for(result["model"], result["batch"], result["img_size"], result["host"])
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(render_result(result))
+    print(f"wrote {args.out / stem}.json and .md in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
