@@ -1,4 +1,4 @@
-"""DALI backend: file reader over the validated index, JPEG decode (mixed on GPU, cpu otherwise), ADM crop.
+"""DALI backend: validated files fed in plan order, JPEG decode (mixed on GPU, cpu otherwise), ADM crop.
 
 The crop geometry is computed inside the pipeline from the encoded header (peek_image_shape):
 BOX halvings are averages of four shifted nearest-neighbour resamples (bit-exact to PIL for even
@@ -7,14 +7,16 @@ sizes), then an antialiased cubic resize to the ADM size fused with the center c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .crop import crop_geometry
-from .index import FolderIndex
+from .index import FolderIndex, probe_image
 from .order import EpochPlan
+from .torch_backend import CropDataset
 
 
 def dali_geometry(shape, size: int, max_halvings: int):
@@ -130,6 +132,7 @@ class DaliBackend:
         use_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
         self.device_id = (device.index if device is not None and device.index is not None else 0) if use_gpu else None
         self.feed = _Feed(index)
+        self.reference = CropDataset(index, size)
         self.iterator = None
         self.clean = False
 
@@ -152,9 +155,23 @@ class DaliBackend:
         )
 
     def iterate(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the plan in order: uint8 (B,3,S,S) images and int64 labels."""
-        if len(plan) == 0:
-            return
+        """Batches of the plan in order: uint8 (B,3,S,S) images and int64 labels.
+
+        A batch DALI fails on (a file broken after validation) is produced by the PIL reference instead,
+        with a warning naming the files; the pipeline is rebuilt and continues with the next batch.
+        """
+        done = 0
+        while done < len(plan):
+            try:
+                for batch in self._run(plan.tail(done)):
+                    done += 1
+                    yield batch
+            except RuntimeError as exc:
+                self.iterator, self.clean = None, False
+                yield self._reference_batch(plan.indices[done], plan.flips[done], exc)
+                done += 1
+
+    def _run(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.feed.pending = zip(plan.indices, plan.flips, strict=True)
@@ -167,3 +184,17 @@ class DaliBackend:
         for out in self.iterator:
             yield out[0]["images"], out[0]["labels"].reshape(-1)
         self.clean = True
+
+    def _reference_batch(self, idx: np.ndarray, flips: np.ndarray, exc: Exception) -> tuple[torch.Tensor, torch.Tensor]:
+        paths = [self.feed.paths[i] for i in idx.tolist()]
+        culprits = [p for p in paths if isinstance(probe_image(p), str)] or paths
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"]
+        reason = (after or lines or [type(exc).__name__])[0]
+        warnings.warn(f"DALI failed on a batch containing {culprits}: {reason}; using the PIL reference", stacklevel=3)
+        images, labels = [], []
+        for i, flip in zip(idx.tolist(), flips.tolist(), strict=True):
+            x, y = self.reference[(i, flip)]
+            images.append(x)
+            labels.append(y)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)

@@ -163,7 +163,7 @@ def build_loader(
 ) -> ImageLoader:
     """Loader over ImageFolder `root` (class folders) yielding (B,3,S,S) images ([-1,1] float or uint8), labels.
 
-    backend None picks `default_backend()`; num_workers = DataLoader workers (torch) or DALI threads;
+    backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch) or DALI threads;
     cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB.
     """
     index = build_index(root, num_workers=num_workers, cache=index_cache)
@@ -171,7 +171,7 @@ def build_loader(
         index,
         img_size=img_size,
         batch_size=batch_size,
-        backend=backend or default_backend(),
+        backend=default_backend() if backend in (None, "auto") else backend,
         rank=rank,
         world_size=world_size,
         seed=seed,

@@ -22,7 +22,7 @@ def decode_all(index: FolderIndex, size: int) -> torch.Tensor:
     return out
 
 
-class _CropDataset(Dataset):
+class CropDataset(Dataset):
     """Maps (index, flip) to a cropped, optionally flipped uint8 CHW tensor and its label."""
 
     def __init__(self, index: FolderIndex, size: int) -> None:
@@ -72,7 +72,7 @@ class TorchBackend:
         if self.images is None:
             self.sampler = _PlanSampler()
             self.loader = DataLoader(
-                _CropDataset(index, size),
+                CropDataset(index, size),
                 batch_sampler=self.sampler,
                 num_workers=num_workers,
                 persistent_workers=num_workers > 0,
