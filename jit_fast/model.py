@@ -87,17 +87,70 @@ class Attention(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    """SwiGLU MLP: w3(silu(x1) * x2) with x1, x2 the halves of w12(x)."""
+    """SwiGLU MLP: w3(silu(x1) * x2) with x1, x2 the halves of w12(x).
 
-    def __init__(self, dim: int, hidden: int, drop: float, ops) -> None:
+    `pad_hidden_to` > 1 stores the hidden width padded to a multiple of it (zero rows at the end of
+    each w12 half, zero columns of w3) for GEMM-friendly shapes. It is exact: padded units compute
+    silu(0) * 0 = 0 and get zero gradients, so they stay zero under AdamW. `state_dict()` always holds
+    the official (2h, D) / (D, h) tensors and official weights load through the padding.
+    """
+
+    def __init__(self, dim: int, hidden: int, drop: float, ops, pad_hidden_to: int = 1) -> None:
         super().__init__()
+        self.hidden = hidden
+        self.hidden_padded = -(-hidden // pad_hidden_to) * pad_hidden_to
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
         self.ffn_dropout = nn.Dropout(drop)
         self.ops = ops
+        if self.hidden_padded != hidden:
+            # Built at the official width first, so the RNG draws match the unpadded MLP; then padded.
+            with torch.no_grad():
+                self.w12.weight = nn.Parameter(self._pad_rows(self.w12.weight))
+                self.w12.bias = nn.Parameter(self._pad_rows(self.w12.bias))
+                self.w3.weight = nn.Parameter(self._pad_cols(self.w3.weight))
+            self.w12.out_features, self.w3.in_features = 2 * self.hidden_padded, self.hidden_padded
+            self.register_state_dict_post_hook(SwiGLUFFN._export_official)
+            self.register_load_state_dict_pre_hook(SwiGLUFFN._import_official)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w3(self.ffn_dropout(self.ops.swiglu(self.w12(x))))
+
+    def reset_parameters(self) -> None:
+        """Official init (xavier at the official shapes, zero biases; same draws as unpadded), zero padding."""
+        w12 = self.w12.weight.new_empty(2 * self.hidden, self.w12.in_features)
+        w3 = self.w3.weight.new_empty(self.w3.out_features, self.hidden)
+        nn.init.xavier_uniform_(w12)
+        nn.init.xavier_uniform_(w3)
+        with torch.no_grad():
+            self.w12.weight.copy_(self._pad_rows(w12))
+            self.w3.weight.copy_(self._pad_cols(w3))
+            self.w12.bias.zero_()
+            self.w3.bias.zero_()
+
+    def _pad_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Official w12 tensor (2h, ...) -> padded (2hp, ...): each half gets zero rows at its end."""
+        x1, x2 = t.chunk(2, dim=0)
+        pad = t.new_zeros((self.hidden_padded - self.hidden,) + tuple(t.shape[1:]))
+        return torch.cat((x1, pad, x2, pad))
+
+    def _pad_cols(self, t: torch.Tensor) -> torch.Tensor:
+        """Official w3 weight (D, h) -> padded (D, hp) with zero columns."""
+        return torch.cat((t, t.new_zeros(t.shape[0], self.hidden_padded - self.hidden)), dim=1)
+
+    def _export_official(self, state_dict, prefix, local_metadata) -> None:
+        h, hp = self.hidden, self.hidden_padded
+        for key in ("w12.weight", "w12.bias"):
+            t = state_dict[prefix + key]
+            state_dict[prefix + key] = torch.cat((t[:h], t[hp : hp + h]))
+        state_dict[prefix + "w3.weight"] = state_dict[prefix + "w3.weight"][:, :h].contiguous()
+
+    def _import_official(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        for key, pad in (("w12.weight", self._pad_rows), ("w12.bias", self._pad_rows), ("w3.weight", self._pad_cols)):
+            t = state_dict.get(prefix + key)
+            official = 2 * self.hidden if key.startswith("w12") else self.hidden
+            if t is not None and t.shape[0 if key.startswith("w12") else 1] == official:
+                state_dict[prefix + key] = pad(t)
 
 
 Pending = tuple[torch.Tensor, torch.Tensor] | None
@@ -112,7 +165,7 @@ class JiTBlock(nn.Module):
         self.norm1 = RMSNorm(d)
         self.attn = Attention(d, cfg.num_heads, attn_drop, proj_drop, ops)
         self.norm2 = RMSNorm(d)
-        self.mlp = SwiGLUFFN(d, cfg.mlp_hidden, proj_drop, ops)
+        self.mlp = SwiGLUFFN(d, cfg.mlp_hidden, proj_drop, ops, pad_hidden_to=cfg.mlp_pad_to)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.ops = ops
 
@@ -187,8 +240,12 @@ class JiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """Official init: xavier linears, zero biases, N(0, .02) embeddings, zeroed adaLN and output."""
+        mlp_linears: set[nn.Module] = set()
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, SwiGLUFFN):
+                m.reset_parameters()
+                mlp_linears.update((m.w12, m.w3))
+            elif isinstance(m, nn.Linear) and m not in mlp_linears:
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid_size).unsqueeze(0))
