@@ -1,0 +1,102 @@
+"""Shared fixtures for the sampling / FID tests: tiny checkpoints, a cheap stand-in Inception, photo sets."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import jit_fast
+from jit_fast.checkpoint import export_official_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+IMG, CLASSES = 16, 10
+
+
+def tiny_net(seed: int = 0) -> jit_fast.JiT:
+    """JiT-T/4 at 16 px with every weight perturbed (the official init zeroes adaLN and the output)."""
+    torch.manual_seed(seed)
+    net = jit_fast.build_model("JiT-T/4", img_size=IMG, num_classes=CLASSES)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Official-layout .pth with distinct model / ema1 / ema2 weights and the official `args`."""
+    sd = tiny_net(seed).state_dict()
+    ema1 = {k: v + 0.01 for k, v in sd.items()}
+    ema2 = {k: v - 0.01 for k, v in sd.items()}
+    args = argparse.Namespace(model="JiT-T/4", img_size=IMG, class_num=CLASSES, noise_scale=1.0)
+    export_official_checkpoint(path, sd, ema1, ema2, 1, args)
+    return path
+
+
+class FakeInception(torch.nn.Module):
+    """Cheap deterministic stand-in for torch-fidelity's Inception: uint8 NCHW -> (2048, 1008) features."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.pool_proj = torch.nn.Parameter(torch.randn(48, 2048, generator=g), requires_grad=False)
+        self.logit_proj = torch.nn.Parameter(torch.randn(48, 1008, generator=g), requires_grad=False)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3
+        self.calls += 1
+        h = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        return torch.tanh(h @ self.pool_proj), 3 * torch.tanh(h @ self.logit_proj)
+
+
+def photos() -> list[np.ndarray]:
+    """Real RGB photos shipped with scikit-image and scikit-learn."""
+    import skimage.data as sd
+    from sklearn.datasets import load_sample_images
+
+    out = [np.asarray(getattr(sd, n)())[..., :3] for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    return out + list(load_sample_images().images)
+
+
+def crops(images: list[np.ndarray], n: int, size: int, seed: int, augment: bool) -> np.ndarray:
+    """n random size x size crops (uint8 NHWC); with augment: flips, 90-degree turns, gain and gamma."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = images[i % len(images)]
+        y0 = rng.integers(0, im.shape[0] - size + 1)
+        x0 = rng.integers(0, im.shape[1] - size + 1)
+        c = im[y0 : y0 + size, x0 : x0 + size].astype(np.float64)
+        if augment:
+            if rng.random() < 0.5:
+                c = c[:, ::-1]
+            c = np.rot90(c, k=int(rng.integers(0, 4)))
+            c = 255.0 * (np.clip(c * rng.uniform(0.7, 1.3), 0, 255) / 255.0) ** rng.uniform(0.8, 1.25)
+        out.append(np.clip(np.round(c), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run sample.py under torchrun on 127.0.0.1 (gloo on CPU)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(ROOT / "sample.py"), *args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
