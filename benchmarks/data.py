@@ -2,6 +2,7 @@
 
     python -m benchmarks.data --root DIR [--img-size 256 --batch-size 64 --workers 2 --batches 30]
     python -m benchmarks.data --synthetic 1024   # ImageNet-sized JPEGs made from the packaged photos
+    python -m benchmarks.data --parity           # PSNR of the DALI crop vs the PIL reference, 256 and 512
 
 The torch backend decodes every image (no RAM cache) with `--workers` DataLoader processes; DALI uses
 `--workers` threads. Timings are wall-clock on the device printed in the header.
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jit_fast.data import build_index, build_loader
+from jit_fast.data import build_index, build_loader, crop_geometry
 
 
 def photos() -> list[np.ndarray]:
@@ -59,6 +60,44 @@ def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def make_photo_folder(root: Path) -> Path:
+    """The packaged photos as JPEG q95, plus copies upscaled past 2x512 so BOX halving runs."""
+    for i, arr in enumerate(photos()):
+        img = Image.fromarray(arr)
+        (root / "photo").mkdir(parents=True, exist_ok=True)
+        img.save(root / "photo" / f"p{i:02d}.jpg", quality=95)
+        f = 1050 / min(img.size) + 0.1 * (i % 4)
+        big = img.resize((round(img.size[0] * f), round(img.size[1] * f)), Image.BICUBIC)
+        big.save(root / "photo" / f"up{i:02d}.jpg", quality=95)
+    return root
+
+
+def parity(root: str, workers: int) -> None:
+    """Print per-image PSNR (dB) of DALI against the PIL reference crop at 256 and 512, with mean and min."""
+    scores: dict[int, list[float]] = {}
+    index = build_index(root, cache=False)
+    for size in (256, 512):
+        kw = dict(img_size=size, batch_size=1, shuffle=False, flip=False, output="uint8", index_cache=False)
+        dali = build_loader(root, backend="dali", num_workers=workers, **kw)
+        ref = build_loader(root, backend="torch", num_workers=0, cache=False, **kw)
+        scores[size] = []
+        for (xd, _), (xt, _) in zip(dali, ref, strict=True):
+            mse = ((xd.double() - xt.double()) ** 2).mean().item()
+            scores[size].append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    print(f"{'image':<12}{'W x H':>12}{'halvings@256':>14}{'PSNR@256':>10}{'halvings@512':>14}{'PSNR@512':>10}")
+    for i, (path, (w, h)) in enumerate(zip(index.paths, index.sizes, strict=True)):
+        k256, k512 = crop_geometry(w, h, 256).halvings, crop_geometry(w, h, 512).halvings
+        print(
+            f"{Path(path).name:<12}{f'{w}x{h}':>12}{k256:>14}{scores[256][i]:>10.2f}{k512:>14}{scores[512][i]:>10.2f}"
+        )
+    for size, vals in scores.items():
+        finite = [v for v in vals if np.isfinite(v)]
+        print(
+            f"size {size}: {len(vals)} images, {len(vals) - len(finite)} bit-identical; over the others "
+            f"mean {np.mean(finite):.2f} dB, min {np.min(finite):.2f} dB"
+        )
 
 
 def measure(root: str, backend: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -112,7 +151,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--backends", default="dali,torch")
+    ap.add_argument("--parity", action="store_true", help="PSNR table of DALI vs the PIL reference instead")
     args = ap.parse_args()
+    if args.parity:
+        with tempfile.TemporaryDirectory() as tmp:
+            parity(args.root or str(make_photo_folder(Path(tmp))), args.workers)
+        return
     tmp = None
     root = args.root
     if root is None:
