@@ -350,19 +350,19 @@ class TrafficCounter(TorchDispatchMode):
 
 @torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N) fp32), computed in fp32 or wider."""
+    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N)), computed in fp32 (fp64 for fp64 inputs)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = (t.transpose(1, 2).to(acc) for t in (q, k, v))
     s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
     lse = torch.logsumexp(s, dim=-1)
     o = torch.exp(s - lse[..., None]) @ vf
-    return o.transpose(1, 2).to(q.dtype).contiguous(), lse.float()
+    return o.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 @flash_attention.register_fake
 def _flash_attention_fake(q, k, v):
     b, n, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 @torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention_bwd", mutates_args=())
