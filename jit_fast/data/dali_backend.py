@@ -101,7 +101,7 @@ def max_halvings(index: FolderIndex, size: int) -> int:
 
 
 class _Feed:
-    """external_source callback: the encoded files, labels and flip flags of the next planned batch."""
+    """external_source callback: file paths (as bytes, read by DALI), labels and flips of the next planned batch."""
 
     def __init__(self, index: FolderIndex) -> None:
         self.paths, self.labels = index.paths, np.asarray(index.labels, dtype=np.int64)
@@ -109,8 +109,8 @@ class _Feed:
 
     def __call__(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         idx, flips = next(self.pending)  # StopIteration ends the DALI epoch
-        encoded = [np.fromfile(self.paths[i], dtype=np.uint8) for i in idx.tolist()]
-        return encoded, self.labels[idx], flips.astype(np.int32)
+        names = [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in idx.tolist()]
+        return names, self.labels[idx], flips.astype(np.int32)
 
 
 class DaliBackend:
@@ -143,7 +143,8 @@ class DaliBackend:
 
         @pipeline_def(enable_conditionals=self.halvings > 0)
         def pipe():
-            encoded, labels, flips = fn.external_source(source=self.feed, num_outputs=3, batch=True)
+            names, labels, flips = fn.external_source(source=self.feed, num_outputs=3, batch=True)
+            encoded = fn.io.file.read(names)
             return adm_crop_nodes(encoded, flips, self.size, self.halvings, decode), labels
 
         return pipe(
