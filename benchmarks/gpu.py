@@ -105,7 +105,10 @@ def bench_block(
     model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
     peak_flops: float | None = None,
 ) -> list[dict]:
-    """A standard block's fwd and fwd+bwd ms per path, with MFU from the counted model FLOPs."""
+    """A standard block's fwd and fwd+bwd ms per path, with MFU from the counted model FLOPs.
+
+    `img_per_s_depth_blocks` = batch / (depth x fwd+bwd time): the training rate of the blocks alone.
+    """
     rows = []
     for path in paths:
         count_path = "fused" if path == "fused" else "eager"
@@ -125,7 +128,9 @@ def bench_block(
         fwd_bwd = timer(_fwd_bwd(call, args))
         flops = count_block(model, count_path, batch, img_size).totals()
         fwd_flops = count_block(model, count_path, batch, img_size, backward=False).totals()["model_flops"]
-        row = dict(path=path, block=idx, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd)
+        depth = net.cfg.depth
+        row = dict(path=path, block=idx, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                   img_per_s_depth_blocks=batch / (depth * fwd_bwd * 1e-3))
         if peak_flops:
             row["mfu_fwd"] = fwd_flops / (fwd * 1e-3) / peak_flops
             row["mfu_fwd_bwd"] = flops["model_flops"] / (fwd_bwd * 1e-3) / peak_flops
@@ -215,17 +220,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_data(img_size: int, batch: int, images: int = 512, batches: int = 10, workers: int = 4) -> dict:
-    """Loader images/s of the DALI and torch backends on a synthetic ImageNet-like JPEG folder."""
+def bench_data(
+    img_size: int, batch: int, images: int = 512, batches: int = 10, workers: int = 4,
+    backends: tuple[str, ...] = ("dali", "torch"),
+) -> dict:
+    """Loader images/s (and CPU ms per image) per backend on a synthetic ImageNet-like JPEG folder."""
     from benchmarks.data import make_synthetic, measure
 
     args = argparse.Namespace(img_size=img_size, batch_size=batch, workers=workers, batches=batches, warmup=2)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = str(make_synthetic(Path(tmp), images))
-        for backend in ("dali", "torch"):
+        for backend in backends:
             try:
-                out[backend] = dict(images_per_s=measure(root, backend, args))
+                rate, cpu_ms = measure(root, backend, args)
+                out[backend] = dict(images_per_s=rate, cpu_ms_per_image=cpu_ms)
             except Exception as e:  # noqa: BLE001 - a missing backend is reported, not fatal
                 out[backend] = dict(error=f"{type(e).__name__}: {e}")
     return dict(images=images, batch=batch, workers=workers, **out)

@@ -47,9 +47,9 @@ def _measured_gpu(res: dict) -> list[str]:
         ))
     if isinstance(gpu.get("block"), list):
         out.append(_table(
-            ["block path", "fwd ms", "fwd+bwd ms", "MFU fwd+bwd"],
-            [[r["path"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}", _pct(r["mfu_fwd_bwd"]) if "mfu_fwd_bwd" in r
-              else "-"] for r in gpu["block"]],
+            ["block path", "fwd ms", "fwd+bwd ms", "img/s (depth x block, fwd+bwd)", "MFU fwd+bwd"],
+            [[r["path"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}", f"{r['img_per_s_depth_blocks']:.0f}",
+              _pct(r["mfu_fwd_bwd"]) if "mfu_fwd_bwd" in r else "-"] for r in gpu["block"]],
         ))
     if isinstance(gpu.get("train_step"), list):
         out.append(_table(
@@ -65,9 +65,10 @@ def _measured_gpu(res: dict) -> list[str]:
     if isinstance(gpu.get("data"), dict) and "error" not in gpu["data"]:
         d = gpu["data"]
         out.append(_table(
-            ["loader backend", "img/s"],
-            [[b, f"{d[b]['images_per_s']:.0f}" if "images_per_s" in d[b] else d[b].get("error", "-")]
-             for b in ("dali", "torch") if b in d],
+            [f"loader backend ({d['images']} synthetic JPEGs, batch {d['batch']}, {d['workers']} workers)", "img/s",
+             "CPU ms / image"],
+            [[b, f"{d[b]['images_per_s']:.0f}", f"{d[b]['cpu_ms_per_image']:.2f}"] if "images_per_s" in d[b]
+             else [b, d[b].get("error", "-"), "-"] for b in ("dali", "torch") if b in d],
         ))
     errors = [f"- {k}: {v['error']}" for k, v in gpu.items() if isinstance(v, dict) and "error" in v]
     return out + (["Sections that failed:\n" + "\n".join(errors)] if errors else [])

@@ -28,20 +28,31 @@ def test_gpu_spec_lookup() -> None:
     assert gpu.gpu_spec("Tesla T4") is None
 
 
-def test_op_and_block_wiring_on_cpu() -> None:
-    ops = gpu.bench_ops("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"), peak_bw=1e12)
-    assert {(r["op"], r["path"]) for r in ops} == {(o, p) for o in run.OP_NAMES for p in ("eager", "fused")}
-    assert all(r["io_bytes_fwd_bwd"] > r["io_bytes_fwd"] > 0 for r in ops)
-    blocks = gpu.bench_block("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"), peak_flops=1e12)
-    assert [r["path"] for r in blocks] == ["eager", "fused"]
-    assert all(r["mfu_fwd_bwd"] > 0 for r in blocks)
+@pytest.fixture(scope="module")
+def stub_gpu_section() -> dict:
+    """Every GPU bench function run on CPU with the stub timer (a wiring check, not a measurement)."""
+    return dict(
+        device="STUB-NOT-A-GPU",
+        datasheet=None,
+        torch=torch.__version__,
+        ops=gpu.bench_ops("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"), peak_bw=1e12),
+        block=gpu.bench_block("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"), peak_flops=1e12),
+        train_step=gpu.bench_train_step("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"),
+                                        peak_flops=1e12),
+        sampling=gpu.bench_sampling("JiT-T/4", 2, 16, "cpu", steps=2, configs=(("fused", False),)),
+        data=gpu.bench_data(32, 4, images=24, batches=2, workers=1, backends=("torch",)),
+    )
 
 
-def test_train_step_and_sampling_wiring_on_cpu() -> None:
-    steps = gpu.bench_train_step("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"), peak_flops=1e12)
-    assert [r["img_per_s"] for r in steps] == [2000.0, 2000.0]
-    rows = gpu.bench_sampling("JiT-T/4", 2, 16, "cpu", steps=2, configs=(("fused", False),))
-    assert rows[0]["img_per_s"] > 0 and rows[0]["cuda_graph"] is False
+def test_gpu_bench_wiring_on_cpu(stub_gpu_section: dict) -> None:
+    g = stub_gpu_section
+    assert {(r["op"], r["path"]) for r in g["ops"]} == {(o, p) for o in run.OP_NAMES for p in ("eager", "fused")}
+    assert all(r["io_bytes_fwd_bwd"] > r["io_bytes_fwd"] > 0 for r in g["ops"])
+    assert [r["path"] for r in g["block"]] == ["eager", "fused"]
+    assert all(r["mfu_fwd_bwd"] > 0 for r in g["block"])
+    assert [r["img_per_s"] for r in g["train_step"]] == [2000.0, 2000.0]
+    assert g["sampling"][0]["img_per_s"] > 0 and g["sampling"][0]["cuda_graph"] is False
+    assert g["data"]["torch"]["images_per_s"] > 0
 
 
 def test_roofline_is_max_of_compute_memory_and_floor() -> None:
@@ -55,7 +66,7 @@ def test_roofline_is_max_of_compute_memory_and_floor() -> None:
             assert t >= r.flops / (roofline.H100.peak_bf16_flops * a.gemm_efficiency)
 
 
-def test_run_writes_json_and_markdown(tmp_path) -> None:
+def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
     assert run.main(["--model", "JiT-T/4", "--batch", "2", "--img-size", "16", "--no-cpu", "--no-inductor",
                      "--out", str(tmp_path)]) == 0
     (js,) = tmp_path.glob("*.json")
@@ -67,3 +78,6 @@ def test_run_writes_json_and_markdown(tmp_path) -> None:
     assert "Modeled, not measured" in md
     doc = report.build_document(tmp_path)
     assert doc.startswith("# Performance") and md.strip() in doc
+    res["gpu"] = stub_gpu_section  # rendering check only; never written to results
+    gpu_md = report.render_result(res)
+    assert "Measured on **STUB-NOT-A-GPU**" in gpu_md and "Sections that failed" not in gpu_md
