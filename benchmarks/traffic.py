@@ -11,7 +11,9 @@ Conventions (the modeled GPU execution):
   Views, `detach`, allocations and metadata ops cost nothing. In-place ops write what they mutate;
   ops that overwrite (`copy_`, `fill_`, `bernoulli_`, ...) do not read their destination.
 - A `jit_fast::*` custom op (a fused Triton kernel) is opaque: its inputs read plus outputs written,
-  one launch, plus the internal traffic listed in `FUSED_INTERNALS` (two-stage reduction buffers).
+  one launch, plus the internal launches and traffic listed in `FUSED_INTERNALS` (two-stage reduction
+  buffers, gradient copies). `count_block(..., launchers=True)` instead runs the CUDA launch helpers
+  on the fake tensors and records every Triton launch; the tests require both counts to agree.
 - Attention is the flash-attention kernel both paths use on a GPU. During counting the model's
   `attention` is swapped for `jit_fast_bench::flash_attention` (fwd: read q, k, v; write o and the
   fp32 log-sum-exp; bwd: read dO, q, k, v, o, lse; write dq, dk, dv), because the CPU SDPA kernel
@@ -225,36 +227,49 @@ def attention_flops(q: torch.Tensor, k: torch.Tensor, heads_dim: int) -> int:
     return 4 * b * h * nq * nk * dh
 
 
-# Internal traffic of fused ops beyond their inputs and outputs, from the launch helpers in kernels/:
+# Internal traffic of fused ops beyond their inputs read and outputs written, mirroring the CUDA launch
+# helpers in kernels/ (kept honest by tests/test_traffic.py, which counts the helpers' real launches):
 # name -> fn(args, outputs) -> (extra launches, extra bytes read, extra bytes written).
 FusedInternals = Callable[[tuple, list[torch.Tensor]], tuple[int, int, int]]
 
 
 def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """Two-stage reduction of kernels/rmsnorm_modulate.py: fp32 partials (B, P, 4, D), two row sums, casts."""
+    """fp32 partials (B, P, 4, D) -> row sum to (B, 4, D) -> row sum of the dweight rows -> dshift/dscale/dgate
+    copies."""
+    import triton
+
     from kernels._common import select_config
     from kernels.rmsnorm_modulate import BWD_CONFIGS
 
-    x_norm, weight = args[1], args[5]
+    x_norm, gate, weight = args[1], args[4], args[5]
     b, n, d = x_norm.shape
+    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
+    partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * 4 * d * 4
+    per_sample_row = b * d * 4
+    copies = 2 + (gate is not None)
+    launches = 2 + copies + (weight.dtype != torch.float32)
+    read = partials + per_sample_row * (1 + copies)
+    return launches, read, partials + 4 * per_sample_row
+
+
+def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
+    """fp32 partials (P, 2, Dh) -> row sum to (2, Dh) -> copies into dq_weight and dk_weight."""
     import triton
 
-    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
-    parts = triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"])
-    partial_bytes = b * parts * 4 * d * 4
-    per_sample = b * 4 * d * 4
-    launches, read, written = 2, partial_bytes + per_sample, partial_bytes + per_sample + d * 4
-    small = [g for g in outputs if g.dim() == 2 or g.shape == weight.shape]
-    for g in small:
-        if g.dtype != torch.float32:
-            launches += 1
-            read += g.numel() * 4
-            written += footprint(g)
-    return launches, read, written
+    from kernels._common import select_config
+    from kernels.qk_norm_rope import BWD_CONFIGS
+
+    qkv, num_heads = args[3], args[8]
+    b, n, _ = qkv.shape
+    dh = args[4].shape[0]
+    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(dh), "qk_norm_rope backward")
+    partials = triton.cdiv(b * n * num_heads, cfg.kwargs["ROWS_PER_PROG"]) * 2 * dh * 4
+    return 3, partials + 2 * dh * 4, partials + 2 * dh * 4
 
 
 FUSED_INTERNALS: dict[str, FusedInternals] = {
     "jit_fast::rmsnorm_modulate_bwd": _rmsnorm_modulate_bwd_internals,
+    "jit_fast::qk_norm_rope_bwd": _qk_norm_rope_bwd_internals,
 }
 
 
@@ -286,6 +301,8 @@ class TrafficCounter(TorchDispatchMode):
         ins = _unique([t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
         outs = _unique([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
         written = outs or _unique(_mutated_args(func, args, kwargs))
+        if not written:  # returns no tensor and writes none (promote_types, sizes, ...): no kernel
+            return out
         if name in OVERWRITE_OPS:
             skip = {id(t) for t in written}
             ins = [t for t in ins if id(t) not in skip]
@@ -342,6 +359,35 @@ class TrafficCounter(TorchDispatchMode):
             yield
         finally:
             self.regions.pop()
+
+
+@contextlib.contextmanager
+def record_triton_launches(counter: TrafficCounter) -> Iterator[None]:
+    """Record `kernel[grid](...)` launches as one-launch records instead of running them (for fake tensors).
+
+    Bytes are the footprints of the distinct tensor arguments: each buffer a kernel is handed is taken
+    to be read or written once. Used to count the launch helpers of kernels/ exactly, launch by launch.
+    """
+    from triton.runtime.jit import KernelInterface
+
+    original = KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        def launch(*args, **kwargs):
+            tensors = _unique([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+            name = getattr(getattr(kernel, "fn", None), "__name__", type(kernel).__name__)
+            counter.records.append(OpRecord(
+                phase=counter.phase, region=counter.region, op=f"triton::{name}", category="fused", launches=1,
+                bytes_read=sum(footprint(t) for t in tensors), bytes_written=0,
+            ))
+
+        return launch
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,11 +576,14 @@ def count_block(
     backward: bool = True,
     autocast: bool = True,
     fake: bool = True,
+    launchers: bool = False,
     **overrides,
 ) -> Count:
     """Count one JiT block forward (and backward) at full shape for the eager or fused path.
 
     `fake=False` runs real CPU tensors instead of fake ones (same op stream; used to validate the fake run).
+    `launchers=True` (fused path, fake tensors) replaces the opaque custom ops by the CUDA launch helpers
+    and records every Triton launch and helper aten op (used to validate `FUSED_INTERNALS`).
     """
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     idx = block_index(cfg, which)
@@ -547,14 +596,23 @@ def count_block(
         args = block_leaves(args)
         rope = args[2]
         counter = TrafficCounter(_constants(net) + list(rope))
-        with counter, track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(counter.pack, _id):
-            outs = block(*args, **kwargs)
-        if backward:
-            outs = [o for o in outs if o.requires_grad]
-            grads = [torch.randn_like(o) for o in outs]
-            counter.phase = "bwd"
-            with counter:
-                torch.autograd.backward(outs, grads)
+        launch_ctx = contextlib.nullcontext()
+        if launchers:
+            from kernels.ops import launcher_ops
+
+            vars(net.ops).update(vars(launcher_ops()))
+            launch_ctx = record_triton_launches(counter)
+        with launch_ctx:
+            with counter, track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(
+                counter.pack, _id
+            ):
+                outs = block(*args, **kwargs)
+            if backward:
+                outs = [o for o in outs if o.requires_grad]
+                grads = [torch.randn_like(o) for o in outs]
+                counter.phase = "bwd"
+                with counter:
+                    torch.autograd.backward(outs, grads)
     n_tokens = args[0].shape[1]
     meta = dict(kind="block", model=model, path=path, batch=batch, img_size=img_size, block=idx, which=which,
                 tokens=n_tokens, hidden=cfg.hidden_size, heads=cfg.num_heads, depth=cfg.depth,

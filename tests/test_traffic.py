@@ -95,6 +95,16 @@ def test_fake_count_equals_real_count(path: str) -> None:
     assert real.saved_activation_bytes == fake.saved_activation_bytes > 0
 
 
+@pytest.mark.parametrize("model", ["JiT-B/16", "JiT-H/16"])
+def test_fused_internals_match_launch_helpers(model: str) -> None:
+    """Opaque custom ops + FUSED_INTERNALS == the CUDA launch helpers counted launch by launch."""
+    opaque, launched = count_block(model, "fused", 128), count_block(model, "fused", 128, launchers=True)
+    for phase in ("fwd", "bwd"):
+        a, b = opaque.totals((phase,)), launched.totals((phase,))
+        assert (a["launches"], a["bytes"]) == (b["launches"], b["bytes"]), phase
+    assert opaque.saved_activation_bytes == launched.saved_activation_bytes
+
+
 def test_eager_block_counts_scale_with_batch() -> None:
     """Token-proportional traffic: doubling the batch doubles non-GEMM bytes up to batch-independent terms."""
     one, two, four = (count_block("JiT-B/16", "eager", b).totals(("fwd", "bwd"), NON_GEMM)["bytes"] for b in (1, 2, 4))
@@ -123,10 +133,11 @@ def _ratios(model: str) -> dict:
 
 
 # Issue 7 acceptance on the standard block (in-context tokens, pending residual, no dropout) at batch 128.
-# Measured with the kernels of 2026-11-22: launches 65 / 210 = 31% and non-GEMM bytes 15.4-15.6% at
-# B/16 and H/16. The fused path's remaining launches are 15 GEMMs, 2 attention, 8 fused ops (+10 reduction
-# and cast launches inside the rmsnorm backward), 22 autocast weight/bias casts and their gradient casts,
-# 5 bias-gradient sums and the adaLN SiLU/cat; 0.59 GB of its 4.55 GB non-GEMM bytes are bias-gradient sums.
+# Measured with the kernels at commit 218a9f5: launches 68 / 210 = 32.4% and non-GEMM bytes 15.4% (B/16),
+# 15.6% (H/16); saved activations 56.5%. The fused path's 68 launches: 15 GEMMs, 2 attention, 8 fused-op
+# kernels + 13 launches inside their backwards (two-stage reductions and gradient copies), 22 autocast
+# weight/bias casts and gradient casts, 5 bias-gradient sums, adaLN SiLU/SiLU-backward/cat. Of its 4.54 GB
+# non-GEMM bytes (B/16), 0.59 GB are bias-gradient sums shared with the eager path.
 # strict: once the targets are met these report XPASS as failures, so the marks must then be removed.
 UNMET = "issue 7 target not met by the current fused path (see the measured counts above the test)"
 
@@ -149,10 +160,10 @@ def test_fused_block_launches(model: str) -> None:
 
 
 def test_fused_block_far_below_eager() -> None:
-    """What the fused path does achieve (fails on regressions): under a third of launches, a sixth of bytes."""
+    """What the fused path does achieve (fails on regressions): at most a third of launches, a sixth of bytes."""
     for model in ("JiT-B/16", "JiT-H/16"):
         r = _ratios(model)
-        assert r["launches_ratio"] < 0.33 and r["non_gemm_bytes_ratio"] < 0.16
+        assert r["launches_ratio"] <= 1 / 3 and r["non_gemm_bytes_ratio"] <= 1 / 6
 
 
 def test_fused_block_is_modeled_faster_on_h100() -> None:
