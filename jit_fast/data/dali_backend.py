@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +19,16 @@ from .index import FolderIndex, probe_image
 from .order import EpochPlan
 from .torch_backend import CropDataset
 
+if TYPE_CHECKING:
+    from nvidia.dali.data_node import DataNode
+    from nvidia.dali.pipeline import Pipeline
 
-def dali_geometry(shape, size: int, max_halvings: int):
-    """(halved h, w per stage, resized h, w, crop top, left) as DALI nodes from an (H, W, C) shape node.
 
-    Returns the per-stage predicates and sizes so the pipeline can halve conditionally.
+def dali_geometry(shape: DataNode, size: int, max_halvings: int) -> tuple:
+    """ADM geometry as DALI nodes from an (H, W, C) header shape: crop_geometry() in integer arithmetic.
+
+    Returns ([(halve?, h, w) before each unrolled stage], h, w after halving, resized h, w, top, left);
+    rounding is half-up in exact integers (= Python's round except at exact ties, impossible for 2^k sizes).
     """
     import nvidia.dali.math as dmath
 
@@ -39,14 +45,14 @@ def dali_geometry(shape, size: int, max_halvings: int):
     return stages, h, w, rh, rw, (rh - size) // 2, (rw - size) // 2
 
 
-def _box_halve(img, h, w):
+def _box_halve(img: DataNode, h: DataNode, w: DataNode) -> DataNode:
     """PIL BOX reduction of (h, w) to (h//2, w//2): mean of the 2x2 nearest samples, PIL's two-pass rounding."""
     from nvidia.dali import fn, types
 
     hf, wf = fn.cast(h, dtype=types.FLOAT), fn.cast(w, dtype=types.FLOAT)
     oh, ow = fn.cast(h // 2, dtype=types.FLOAT), fn.cast(w // 2, dtype=types.FLOAT)
 
-    def sample(dy: float, dx: float):
+    def sample(dy: float, dx: float) -> DataNode:
         out = fn.resize(
             img,
             resize_y=oh,
@@ -63,7 +69,7 @@ def _box_halve(img, h, w):
     return fn.cast((top + bottom + 1) // 2, dtype=types.UINT8)
 
 
-def adm_crop_nodes(encoded, flips, size: int, max_halvings: int, decode_device: str):
+def adm_crop_nodes(encoded: DataNode, flips: DataNode, size: int, max_halvings: int, decode_device: str) -> DataNode:
     """DALI graph: encoded images -> ADM-cropped, optionally flipped uint8 CHW images."""
     from nvidia.dali import fn, types
 
@@ -130,13 +136,16 @@ class DaliBackend:
         self.num_threads, self.prefetch = num_threads, prefetch
         self.halvings = max_halvings(index, size)
         use_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
-        self.device_id = (device.index if device is not None and device.index is not None else 0) if use_gpu else None
+        self.device_id: int | None = None
+        if use_gpu:
+            explicit = device is not None and device.index is not None
+            self.device_id = device.index if explicit else torch.cuda.current_device()
         self.feed = _Feed(index)
         self.reference = CropDataset(index, size)
         self.iterator = None
         self.clean = False
 
-    def _pipeline(self):
+    def _pipeline(self) -> Pipeline:
         from nvidia.dali import fn, pipeline_def
 
         decode = "mixed" if self.device_id is not None else "cpu"

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -162,7 +163,7 @@ def build_index(
     return index
 
 
-def _progress(it, total: int, enabled: bool):
+def _progress(it: Iterable, total: int, enabled: bool) -> Iterable:
     if not enabled:
         return it
     from tqdm import tqdm
