@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from benchmarks.roofline import GPUS, GPUSpec
 from benchmarks.traffic import (
@@ -28,7 +29,7 @@ from benchmarks.traffic import (
     count_train_step,
     model_batch,
 )
-from benchmarks.workloads import OP_NAMES, grad_inputs, op_inputs
+from benchmarks.workloads import OP_NAMES, op_inputs
 from jit_fast.model import build_model
 from kernels import get_ops
 
@@ -53,9 +54,10 @@ def _autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def _fwd_bwd(fn: Callable, args: tuple) -> Callable[[], object]:
-    """Closure: forward then gradients of all float outputs w.r.t. the grad-requiring args (no accumulation)."""
-    wrt = grad_inputs(args)
+def _fwd_bwd(fn: Callable, args: tuple, params: list[torch.Tensor] = ()) -> Callable[[], object]:
+    """Closure: forward, then gradients of the float outputs w.r.t. every grad-requiring tensor in `args`
+    (nested too) and `params`: the whole backward, weight gradients included, without accumulation kernels."""
+    wrt = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.requires_grad] + list(params)
     out = fn(*args)
     outs = [o for o in (out if isinstance(out, tuple | list) else (out,)) if o.requires_grad]
     grads = [torch.randn_like(o) for o in outs]
@@ -125,7 +127,7 @@ def bench_block(
                 return block(*a, **kwargs)
 
         fwd = timer(lambda call=call, args=args: call(*args))
-        fwd_bwd = timer(_fwd_bwd(call, args))
+        fwd_bwd = timer(_fwd_bwd(call, args, [p for p in net.blocks[idx].parameters() if p.requires_grad]))
         flops = count_block(model, count_path, batch, img_size).totals()
         fwd_flops = count_block(model, count_path, batch, img_size, backward=False).totals()["model_flops"]
         depth = net.cfg.depth

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,10 +156,6 @@ class Count:
             row["flops"] += r.flops
         return list(rows.values())
 
-    def to_dict(self) -> dict:
-        """JSON-ready summary plus the per-op table."""
-        return dict(self.summary(), per_op=self.per_op())
-
 
 def _merge_block_index(region: str) -> str:
     parts = region.split(".")
@@ -276,7 +272,7 @@ FUSED_INTERNALS: dict[str, FusedInternals] = {
 class TrafficCounter(TorchDispatchMode):
     """Dispatch mode that records an `OpRecord` per costed op; set `phase` and `region` while it runs."""
 
-    def __init__(self, constants: list[torch.Tensor] = ()) -> None:
+    def __init__(self, constants: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
         self.records: list[OpRecord] = []
         self.phase = "fwd"
@@ -693,7 +689,7 @@ def count_forward(
     return _finish(counter, meta)
 
 
-def count_function(fn: Callable[[], object], constants: list[torch.Tensor] = ()) -> Count:
+def count_function(fn: Callable[[], object], constants: Sequence[torch.Tensor] = ()) -> Count:
     """Count the ops `fn()` dispatches (forward only, no autograd phase split); for single-op checks."""
     counter = TrafficCounter(list(constants))
     with counter:
@@ -739,19 +735,6 @@ def compare(eager: Count, fused: Count) -> dict:
     )
 
 
-def per_op_markdown(count: Count, limit: int = 40) -> str:
-    """Markdown table of the costliest aggregated ops of a count (by bytes)."""
-    rows = sorted(count.per_op(), key=lambda r: -(r["bytes_read"] + r["bytes_written"]))[:limit]
-    lines = ["| phase | region | op | category | calls | launches | MB read | MB written | GFLOP |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['phase']} | {r['region'] or '-'} | {r['op']} | {r['category']} | {r['calls']} | {r['launches']} | "
-            f"{r['bytes_read'] / 1e6:.1f} | {r['bytes_written'] / 1e6:.1f} | {r['flops'] / 1e9:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 __all__ = [
     "Count",
     "OpRecord",
@@ -765,5 +748,4 @@ __all__ = [
     "flash_attention",
     "flash_attention_standin",
     "footprint",
-    "per_op_markdown",
 ]

@@ -45,14 +45,3 @@ def op_inputs(
         "qk_norm_rope": (act(batch, n, 3 * d), param(cfg.head_dim), param(cfg.head_dim), cos, sin, cfg.num_heads, eps),
         "swiglu": (act(batch, n, 2 * h),),
     }
-
-
-def float_outputs(out) -> list[torch.Tensor]:
-    """The floating tensors among an op's outputs (what a backward pass differentiates)."""
-    outs = out if isinstance(out, tuple | list) else (out,)
-    return [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
-
-
-def grad_inputs(args: tuple) -> list[torch.Tensor]:
-    """The arguments a backward pass produces gradients for."""
-    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
