@@ -215,6 +215,51 @@ def test_sharding_two_ranks_covers_each_file_once() -> None:
             np.testing.assert_array_equal(one.flips[j], flip_flags(n, 7, epoch)[one.indices[j]])
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_loaders_on_two_ranks_yield_their_shards(small_root: Path, backend: str) -> None:
+    from jit_fast.data.torch_backend import decode_all
+
+    kw = dict(img_size=32, batch_size=3, seed=2, world_size=2, output="uint8", backend=backend, index_cache=False)
+    loaders = [build_loader(small_root, rank=r, **kw) for r in range(2)]
+    crops = decode_all(loaders[0].index, 32)
+    labels = torch.tensor(loaders[0].index.labels)
+    seen = []
+    for loader in loaders:
+        assert len(loader) == 3  # 23 // (2 * 3)
+        plan = loader.plan()
+        for b, (x, y) in enumerate(loader):
+            idx = torch.from_numpy(plan.indices[b])
+            want = crops[idx].clone()
+            flips = torch.from_numpy(plan.flips[b])
+            want[flips] = want[flips].flip(-1)
+            assert torch.equal(y, labels[idx])
+            assert psnr(x, want) > 45 if backend == "dali" else torch.equal(x, want)
+            seen += idx.tolist()
+    assert len(seen) == len(set(seen)) == 18
+
+
+def _rank_main(rank: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    loader = build_loader(root, img_size=32, batch_size=4, rank=rank, world_size=2, seed=9, backend="torch")
+    labels = torch.cat([y for _, y in loader])
+    plan = loader.plan(0)
+    assert labels.tolist() == [loader.index.labels[i] for i in plan.indices.reshape(-1)]
+    torch.save(torch.from_numpy(plan.indices.reshape(-1)), os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_epoch_covers_each_file_once(small_root: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(str(small_root), str(tmp_path)), nprocs=2)
+    seen = torch.cat([torch.load(tmp_path / f"{r}.pt") for r in range(2)]).tolist()
+    assert len(seen) == len(set(seen)) == 16  # 23 images, global batch 8, drop-last
+
+
 def test_epoch_orders_differ_and_reproduce(small_root: Path) -> None:
     a, b = epoch_order(1000, 0, 0), epoch_order(1000, 0, 1)
     assert not np.array_equal(a, b) and np.array_equal(np.sort(a), np.arange(1000))

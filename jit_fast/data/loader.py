@@ -142,6 +142,17 @@ class ImageLoader:
         return self._to_device(x)
 
 
+def _shared_index(root: str | Path, num_workers: int | None, index_cache: bool | str | Path) -> FolderIndex:
+    """Validate once per node under torch.distributed: local rank 0 first, the others then read its cache."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return build_index(root, num_workers=num_workers, cache=index_cache)
+    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    index = build_index(root, num_workers=num_workers, cache=index_cache) if first else None
+    dist.barrier()
+    return index if index is not None else build_index(root, num_workers=num_workers, cache=index_cache)
+
+
 def build_loader(
     root: str | Path,
     img_size: int = 256,
@@ -166,7 +177,7 @@ def build_loader(
     backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch) or DALI threads;
     cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB.
     """
-    index = build_index(root, num_workers=num_workers, cache=index_cache)
+    index = _shared_index(root, num_workers, index_cache)
     return ImageLoader(
         index,
         img_size=img_size,
