@@ -43,6 +43,8 @@ class Assumptions:
 
 
 DEFAULT_ASSUMPTIONS = Assumptions()
+# Bracket for the assumptions above: every unit at 100% of peak and no per-kernel floor.
+PURE_ROOFLINE = Assumptions(gemm_efficiency=1.0, attention_efficiency=1.0, bandwidth_efficiency=1.0, min_kernel_s=0.0)
 
 
 def op_time(r: OpRecord, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> float:

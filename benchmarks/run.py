@@ -21,9 +21,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.roofline import DEFAULT_ASSUMPTIONS, GPUS, H100, format_speedup, project, speedup_table
+from benchmarks.roofline import (
+    DEFAULT_ASSUMPTIONS,
+    GPUS,
+    H100,
+    PURE_ROOFLINE,
+    format_speedup,
+    project,
+    speedup_table,
+)
 from benchmarks.traffic import compare, count_block, count_call, count_forward, count_train_step
 from benchmarks.workloads import OP_NAMES, op_inputs
+from jit_fast.configs import model_config
 from kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -46,12 +55,17 @@ def _git_commit() -> str:
 
 
 def block_section(models: list[tuple[str, int]], batch: int) -> dict:
-    """Counted eager/fused standard-block traffic per model, their ratios and the modeled block times."""
+    """Counted eager/fused block traffic per model (standard block; also a dropout block where the preset
+    trains with dropout), their ratios and the modeled block times. Keys: model, or "model (dropout block)"."""
     out = {}
     for model, size in models:
-        eager, fused = count_block(model, "eager", batch, size), count_block(model, "fused", batch, size)
-        out[model] = dict(img_size=size, eager=eager.summary(), fused=fused.summary(), compare=compare(eager, fused),
-                          projection=speedup_table({"eager": eager, "fused": fused}))
+        kinds = ["standard"] + (["dropout"] if model_config(model, img_size=size).attn_drop > 0 else [])
+        for which in kinds:
+            eager = count_block(model, "eager", batch, size, which=which)
+            fused = count_block(model, "fused", batch, size, which=which)
+            key = model if which == "standard" else f"{model} ({which} block)"
+            out[key] = dict(img_size=size, which=which, eager=eager.summary(), fused=fused.summary(),
+                            compare=compare(eager, fused), projection=speedup_table({"eager": eager, "fused": fused}))
     return out
 
 
@@ -79,6 +93,7 @@ def step_section(model: str, batch: int, img_size: int) -> dict:
         fused=counts["fused"].summary(),
         compare=compare(counts["eager"], counts["fused"]),
         projection=speedup_table(counts),
+        projection_pure_roofline=speedup_table(counts, PURE_ROOFLINE),
         h100_text=format_speedup(counts, H100),
     )
 
