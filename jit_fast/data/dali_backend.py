@@ -24,11 +24,24 @@ if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline
 
 
-def dali_geometry(shape: DataNode, size: int, max_halvings: int) -> tuple:
-    """ADM geometry as DALI nodes from an (H, W, C) header shape: crop_geometry() in integer arithmetic.
+def _python_round_scaled(x: DataNode, m: DataNode, size: int) -> DataNode:
+    """Python's round(x * (size / m)): the same float64 operations, then round half to even."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
 
-    Returns ([(halve?, h, w) before each unrolled stage], h, w after halving, resized h, w, top, left);
-    rounding is half-up in exact integers (= Python's round except at exact ties, impossible for 2^k sizes).
+    f64, i64 = types.FLOAT64, types.INT64
+    v = fn.cast(x, dtype=f64) * (size / fn.cast(m, dtype=f64))
+    low = dmath.floor(v)
+    frac = v - low
+    base = fn.cast(low, dtype=i64)
+    tie_to_odd = (frac == 0.5) & (base % 2 == 1)
+    return base + fn.cast(frac > 0.5, dtype=i64) + fn.cast(tie_to_odd, dtype=i64)
+
+
+def dali_geometry(shape: DataNode, size: int, max_halvings: int) -> tuple:
+    """ADM geometry as DALI nodes from an (H, W, C) header shape, exactly as crop_geometry() computes it.
+
+    Returns ([(halve?, h, w) before each unrolled stage], h, w after halving, resized h, w, top, left).
     """
     import nvidia.dali.math as dmath
 
@@ -40,8 +53,7 @@ def dali_geometry(shape: DataNode, size: int, max_halvings: int) -> tuple:
         h = h // 2 * do + h * (1 - do)
         w = w // 2 * do + w * (1 - do)
     m = dmath.min(h, w)
-    rh = (2 * h * size + m) // (2 * m)
-    rw = (2 * w * size + m) // (2 * m)
+    rh, rw = _python_round_scaled(h, m, size), _python_round_scaled(w, m, size)
     return stages, h, w, rh, rw, (rh - size) // 2, (rw - size) // 2
 
 
