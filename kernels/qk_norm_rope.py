@@ -31,7 +31,9 @@ from kernels._common import (
 MAX_HEAD_DIM = 128
 
 # Size classes keyed by BLOCK_DH = next_pow2(head_dim): Dh 64 -> 64, Dh 80/104/128 -> 128.
-# A "row" is one (token, head) pair; first config of each class is launched, the rest are candidates.
+# A "row" is one (token, head) pair; first config of each class is launched (fixed, so reductions are
+# reproducible), the rest are candidates compile_check also builds. Defaults: no spills, then the
+# best occupancy estimate in compile_check's report (no GPU here to time them).
 FWD_CONFIGS: dict[int, list[triton.Config]] = {
     64: [
         triton.Config({"BLOCK_R": 16}, num_warps=4, num_stages=1),
