@@ -63,13 +63,15 @@ def _box_halve(img: DataNode, h: DataNode, w: DataNode) -> DataNode:
 
     hf, wf = fn.cast(h, dtype=types.FLOAT), fn.cast(w, dtype=types.FLOAT)
     oh, ow = fn.cast(h // 2, dtype=types.FLOAT), fn.cast(w // 2, dtype=types.FLOAT)
+    zero = hf * 0  # per-sample scalar node: fn.stack takes nodes only
 
     def sample(dy: float, dx: float) -> DataNode:
+        """Nearest-neighbour halving with the source window shifted by (dy, dx) pixels."""
         out = fn.resize(
             img,
             resize_y=oh,
             resize_x=ow,
-            roi_start=fn.stack(hf * 0 + dy, wf * 0 + dx),
+            roi_start=fn.stack(zero + dy, zero + dx),
             roi_end=fn.stack(hf + dy, wf + dx),
             interp_type=types.INTERP_NN,
             antialias=False,
