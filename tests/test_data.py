@@ -411,13 +411,23 @@ def test_file_broken_after_validation_is_skipped(small_root: Path, tmp_path: Pat
     assert ys[1].tolist() == [loader.index.labels[i] for i in (5, 7, 7, 8, 9)]
 
 
-def test_index_cache_skips_revalidation(small_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_cache_skips_revalidation(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
     import jit_fast.data.index as idx
 
-    first = build_index(small_root)
-    monkeypatch.setattr(idx, "probe_image", lambda path: "should not be called")
-    second = build_index(small_root)
-    assert second.paths == first.paths and second.sizes == first.sizes and not second.bad
+    root = tmp_path / "copy"
+    shutil.copytree(small_root, root)
+    first = build_index(root)
+    probed: list[str] = []
+    real_probe = idx.probe_image
+    monkeypatch.setattr(idx, "probe_image", lambda path: probed.append(path) or real_probe(path))
+    second = build_index(root, num_workers=1)
+    assert not probed and second.paths == first.paths and second.sizes == first.sizes and not second.bad
+    with open(first.paths[3], "ab") as f:
+        f.write(b"\0")  # a changed file invalidates the cached index
+    third = build_index(root, num_workers=1)
+    assert len(probed) == 23 and third.paths == first.paths
 
 
 # ---------------------------------------------------------------- output format, demo, prepare tool

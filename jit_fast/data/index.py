@@ -97,12 +97,12 @@ def _listing_key(root: str, samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()[:20]
 
 
-def _read_cache(path: Path, root: str, classes: list[str]) -> FolderIndex | None:
+def _read_cache(path: Path, root: str, classes: list[str], key: str) -> FolderIndex | None:
     try:
         lines = path.read_text().splitlines()
     except OSError:
         return None
-    if not lines or lines[0] != _INDEX_VERSION:
+    if not lines or lines[0] != f"{_INDEX_VERSION}\t{key}":
         return None
     index = FolderIndex(root, classes, [], [], [], [])
     for line in lines[1:]:
@@ -117,9 +117,9 @@ def _read_cache(path: Path, root: str, classes: list[str]) -> FolderIndex | None
     return index
 
 
-def _write_cache(path: Path, index: FolderIndex) -> None:
+def _write_cache(path: Path, index: FolderIndex, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [_INDEX_VERSION]
+    rows = [f"{_INDEX_VERSION}\t{key}"]
     for p, lab, (w, h) in zip(index.paths, index.labels, index.sizes, strict=True):
         rows.append(f"ok\t{os.path.relpath(p, index.root)}\t{lab}\t{w}\t{h}")
     rows += [f"bad\t{os.path.relpath(p, index.root)}\t{why.replace(chr(9), ' ')}" for p, why in index.bad]
@@ -129,19 +129,29 @@ def _write_cache(path: Path, index: FolderIndex) -> None:
 
 
 def build_index(
-    root: str | Path, *, num_workers: int | None = None, cache: bool | str | Path = True, progress: bool = False
+    root: str | Path,
+    *,
+    num_workers: int | None = None,
+    cache: bool | str | Path = True,
+    progress: bool | None = None,
 ) -> FolderIndex:
-    """Scan and validate `root` once (cached by listing); bad files are skipped with a warning naming them."""
+    """Scan and validate `root` once (cached by listing); bad files are skipped with a warning naming them.
+
+    `cache` True keeps the index under cache_dir()/index, a path puts it there, False disables it;
+    `progress` None shows a tqdm bar for more than 10k files.
+    """
     root = os.fspath(root)
     classes, samples = scan_folder(root)
     cache_file: Path | None = None
-    if cache:
+    key = ""
+    if cache and not any("\t" in p or "\n" in p for p, _ in samples):  # the TSV cannot hold those names
         key = _listing_key(root, samples)
         cache_file = Path(cache) if not isinstance(cache, bool) else cache_dir() / "index" / f"{key}.tsv"
-        index = _read_cache(cache_file, root, classes)
+        index = _read_cache(cache_file, root, classes, key)
         if index is not None and len(index.paths) + len(index.bad) == len(samples):
             _report(index)
             return index
+    progress = len(samples) > 10_000 if progress is None else progress
     paths = [p for p, _ in samples]
     workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(paths) > 256:
@@ -158,7 +168,7 @@ def build_index(
             index.labels.append(label)
             index.sizes.append(res)
     if cache_file is not None:
-        _write_cache(cache_file, index)
+        _write_cache(cache_file, index, key)
     _report(index)
     return index
 
