@@ -16,8 +16,6 @@ from PIL import Image
 from jit_fast.data import build_index, build_loader, center_crop, crop_geometry, plan_epoch
 from jit_fast.data.order import batches_per_epoch, epoch_order, flip_flags
 
-dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 is part of the toolchain")
-
 
 def photos() -> list[np.ndarray]:
     """Real RGB photos packaged with scikit-learn and scikit-image."""
