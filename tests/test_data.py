@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -17,6 +18,7 @@ from jit_fast.data import build_index, build_loader, center_crop, crop_geometry,
 from jit_fast.data.order import batches_per_epoch, epoch_order, flip_flags
 
 
+@functools.cache
 def photos() -> list[np.ndarray]:
     """Real RGB photos packaged with scikit-learn and scikit-image."""
     import skimage.data as sd
