@@ -181,25 +181,27 @@ def rmsnorm_modulate_bwd_kernel(
 def _check_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,
-    shift: torch.Tensor,
+    shift: torch.Tensor | None,
     scale: torch.Tensor,
     branch: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
 ) -> None:
-    """Shape/dtype/device validation shared by the public ops and the launch helpers."""
+    """Shape/dtype/device validation shared by the public ops and the launch helpers (shift None: backward)."""
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
+    if (branch is None) != (gate is None):
+        raise ValueError("branch and gate must be given together (gated residual) or both omitted")
     b, _, d = x.shape
     if d > MAX_D:
         raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {MAX_D}")
-    named = {"x": x, "weight": weight, "shift": shift, "scale": scale}
+    named = {"x": x, "weight": weight, "shift": shift, "scale": scale, "branch": branch, "gate": gate}
+    named = {k: v for k, v in named.items() if v is not None}
     check_shape("weight", weight, (d,))
-    check_shape("shift", shift, (b, d))
-    check_shape("scale", scale, (b, d))
-    if branch is not None and gate is not None:
+    for name in ("shift", "scale", "gate"):
+        if name in named:
+            check_shape(name, named[name], (b, d))
+    if branch is not None:
         check_shape("branch", branch, tuple(x.shape))
-        check_shape("gate", gate, (b, d))
-        named.update(branch=branch, gate=gate)
     for name, t in named.items():
         check_dtype(name, t)
     check_same_device(**named)
@@ -307,7 +309,7 @@ def rmsnorm_modulate_bwd(
     `x_norm` is the tensor that was normalized (x_out for the residual variant); `dx_out` is the
     gradient arriving at x_out from later layers. dbranch and dgate are None without a residual.
     """
-    _check_inputs(x_norm, weight, scale, scale, branch, gate)
+    _check_inputs(x_norm, weight, None, scale, branch, gate)
     for name, t in (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight)):
         if t is not None:
             check_contiguous(name, t)
@@ -517,6 +519,7 @@ def _backward_plain(bwd):
 def _setup_residual(ctx, inputs, output) -> None:
     x, branch, gate, weight, shift, scale, eps, _ = inputs
     ctx.save_for_backward(output[0], branch, gate, weight, scale)
+    ctx.set_materialize_grads(False)  # an unused x_out (final layer) then skips reading a zero gradient
     ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
 
 
@@ -647,14 +650,15 @@ def compile_specs() -> Iterator[KernelSpec]:
                     {"HAS_RESIDUAL": residual, "BLOCK_D": block_d}, cfg, ints,
                     f"D={d} residual={residual}",
                 )
-            bwd_sig = {
-                "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16",
-                "W": "*fp32", "SCALE": "*bf16", "DX": "*fp32", "DBRANCH": "*bf16", "PART": "*fp32",
-                "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32", "eps": "fp32",
-            }
+        bwd_sig = {
+            "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16",
+            "W": "*fp32", "SCALE": "*bf16", "DX": "*fp32", "DBRANCH": "*bf16", "PART": "*fp32",
+            "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32", "eps": "fp32",
+        }
+        for residual, has_dxo in ((False, False), (True, True), (True, False)):
             for cfg in BWD_CONFIGS[size]:
                 yield KernelSpec(
                     "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, bwd_sig,
-                    {"HAS_RESIDUAL": residual, "HAS_DXO": residual, "BLOCK_D": block_d}, cfg, ints,
-                    f"D={d} residual={residual}",
+                    {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "BLOCK_D": block_d}, cfg, ints,
+                    f"D={d} residual={residual} dx_out={has_dxo}",
                 )

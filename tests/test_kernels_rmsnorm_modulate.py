@@ -241,3 +241,22 @@ class TestBadInput:
         col = torch.zeros(8, 2).t()
         with pytest.raises(ValueError, match="scale must have unit stride"):
             rm.rmsnorm_modulate_fwd(self.x, self.w, self.v, col)
+
+
+@pytest.mark.parametrize("fn", [rm.residual_rmsnorm_modulate_launcher, rm.residual_rmsnorm_modulate])
+def test_unused_x_out(fn):
+    """Final layer: x_out is discarded, so no gradient arrives for it (the HAS_DXO=False kernel variant)."""
+    inputs, out_dtype = make_inputs(2, 9, 97, "bf16", True)
+    gy = torch.randn(2, 9, 97)
+
+    def grads(f, cast=None):
+        leaves = {k: (v if cast is None else v.to(cast)).detach().clone().requires_grad_() for k, v in inputs.items()}
+        _, y = f(*(leaves[k] for k in NAMES_RES), EPS, None if cast else out_dtype)
+        y.backward(gy.to(y.dtype))
+        return {k: v.grad for k, v in leaves.items()}
+
+    got = grads(fn)
+    ref = grads(reference.residual_rmsnorm_modulate, cast=torch.float64)
+    eager = grads(reference.residual_rmsnorm_modulate)
+    for name in got:
+        assert_within_rule("d" + name, got[name], ref[name], eager[name])
