@@ -87,8 +87,9 @@ def speedup_table(counts: dict[str, Count], a: Assumptions = DEFAULT_ASSUMPTIONS
         proj = {path: project(c, gpu, a) for path, c in counts.items()}
         row = dict(gpu=gname, modeled=True, **{f"{p}_ms": v["seconds"] * 1e3 for p, v in proj.items()})
         row.update({f"{p}_mfu": v["mfu"] for p, v in proj.items()})
-        if "eager" in proj and "fused" in proj:
-            row["speedup_fused_vs_eager"] = proj["eager"]["seconds"] / proj["fused"]["seconds"]
+        for base in ("eager", "compiled"):
+            if base in proj and "fused" in proj:
+                row[f"speedup_fused_vs_{base}"] = proj[base]["seconds"] / proj["fused"]["seconds"]
         rows.append(row)
     return rows
 

@@ -81,3 +81,14 @@ def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
     res["gpu"] = stub_gpu_section  # rendering check only; never written to results
     gpu_md = report.render_result(res)
     assert "Measured on **STUB-NOT-A-GPU**" in gpu_md and "Sections that failed" not in gpu_md
+
+
+@pytest.mark.slow
+def test_inductor_proxy_scales_and_models() -> None:
+    """The compiled-block proxy on a tiny preset: both compiles agree, bytes grow with the batch, it projects."""
+    from benchmarks.compiled import compiled_block_count, inductor_cpu_proxy
+
+    p = inductor_cpu_proxy("JiT-T/4", img_size=16, batch=8)
+    assert all(v["kernels"] > 0 and v["extern_calls"] > 0 for v in p["phases"].values())
+    c = compiled_block_count(p)
+    assert c.totals()["launches"] > 0 and roofline.project(c, roofline.H100)["seconds"] > 0
