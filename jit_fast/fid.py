@@ -315,7 +315,7 @@ def save_stats(path: str | Path, stats: dict, **meta) -> None:
     """Atomically write {mu, sigma} plus JSON metadata as an .npz."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     os.close(fd)
     try:
         np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], meta=np.array(json.dumps(meta, sort_keys=True)))
@@ -355,7 +355,7 @@ def _read_image(path: str, crop: int | None) -> torch.Tensor:
         arr = center_crop(path, crop)
     else:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
+            arr = np.array(img.convert("RGB"))
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 

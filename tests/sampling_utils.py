@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -88,15 +89,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run sample.py under torchrun on 127.0.0.1 (gloo on CPU)."""
+def torchrun(nproc: int, args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
+    """Run sample.py under torchrun on 127.0.0.1 (gloo on CPU) with `threads` intra-op threads per rank.
+
+    CPU matmuls may split their reductions by thread count, so runs compared bit for bit use the same.
+    """
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(ROOT / "sample.py"), *args,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def gather_worker(rank: int, world: int, port: int, images: np.ndarray, chunk: int, folder: str, out: str) -> None:
+    """mp.spawn target: this rank's chunks into a FeatureAccumulator and a folder's stats, over gloo."""
+    import torch.distributed as dist
+
+    from jit_fast import fid
+    from jit_fast.sample import rank_chunks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ext = FakeInception()
+        acc = fid.FeatureAccumulator(ext, 5)
+        for _, st, en in rank_chunks(len(images), chunk, rank, world):
+            acc.add(images[st:en], st)
+        feats = acc.gather()
+        stats = fid.reference_stats(folder, lambda: fid.FeatureAccumulator(ext, 5), "w", cache_dir=out + "/cache")
+        if rank == 0:
+            torch.save({"feats": feats, "stats": stats}, out + "/gathered.pt")
+    finally:
+        dist.destroy_process_group()

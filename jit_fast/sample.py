@@ -1,0 +1,728 @@
+"""Generation and FID/IS evaluation of a JiT checkpoint: the library behind `sample.py`.
+
+    torchrun --nproc_per_node 8 sample.py --ckpt checkpoint-last.pth --num-images 50000 \\
+        --cfg 2.9 --interval 0.1 1.0 --steps 50 --solver heun --fid-ref jit_in256_stats.npz --out eval/
+
+Index space. Image i (0 <= i < N) has label i % num_classes and noise seeded by (seed, i). The
+indices are cut into chunks [k B, (k+1) B) of the batch size B; rank r runs chunks r, r+W, ...
+(the last chunk is padded to B inside the sampler). A chunk is always computed as the same
+batch whatever the world size, so a fixed seed and batch size give bitwise the same
+samples.npz on 1 or 64 ranks; another batch size gives the same images up to the float
+rounding of batched matmuls (rare +-1 flips of a uint8 value).
+
+Every finished chunk is written to `OUT/parts/` (atomic files); a restarted run with the same
+settings reuses them, so a long run resumes where it stopped. At the end rank 0 streams the
+parts into `OUT/samples.npz`, writes `OUT/grid.png` and `OUT/metrics.json`, and drops the parts.
+Inception features of every chunk are computed on the device as it is produced and all-gathered
+at the end (`jit_fast.fid`), so no PNG has to be written to get FID and IS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from jit_fast import fid
+from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
+from jit_fast.model import JiT
+from jit_fast.sampler import (
+    SOLVERS,
+    StaticSampler,
+    forward_rows_per_image,
+    image_noise,
+    nfe_per_image,
+    to_uint8,
+)
+
+EMA_NAMES = ("ema1", "ema2", "model")
+LABEL_RULE = "i % num_classes"
+
+
+class UsageError(ValueError):
+    """A command-line setting that cannot work (reported as one line, exit code 2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Index space: labels, chunks, ranks
+# --------------------------------------------------------------------------------------------
+def class_labels(start: int, end: int, num_classes: int) -> torch.Tensor:
+    """Labels of images [start, end): class-balanced, image i gets i % num_classes."""
+    return torch.arange(start, end, dtype=torch.long) % num_classes
+
+
+def chunk_ranges(num_images: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """(k, start, end) of every chunk [k B, min((k+1) B, N))."""
+    return [(k, s, min(s + batch_size, num_images)) for k, s in enumerate(range(0, num_images, batch_size))]
+
+
+def rank_chunks(num_images: int, batch_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """The chunks rank `rank` of `world` generates: k = rank, rank + world, ..."""
+    return chunk_ranges(num_images, batch_size)[rank::world]
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------------
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the torchrun group if there is one (NCCL on CUDA, gloo on CPU); (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was given but CUDA is not available")
+        dev = torch.device("cuda", int(device.split(":")[1]) if ":" in device else local_rank)
+        torch.cuda.set_device(dev)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise UsageError(f"unknown --device {device!r} (auto, cpu, cuda)")
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    rank, world = fid.dist_info()
+    return rank, world, dev
+
+
+def barrier() -> None:
+    if fid.dist_info()[1] > 1:
+        dist.barrier()
+
+
+def _all_ok(ok: bool, message: str) -> None:
+    """Raise UsageError on every rank if any rank is not ok (keeps ranks from hanging)."""
+    if fid.dist_info()[1] > 1:
+        flag = torch.tensor([0 if ok else 1], device=fid._comm_device())
+        dist.all_reduce(flag)
+        ok = int(flag) == 0
+    if not ok:
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (formats are read by jit_fast.checkpoint.load_weights)
+# --------------------------------------------------------------------------------------------
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, or of a directory's files (relative names and digests, sorted)."""
+    if path.is_file():
+        return fid.file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + fid.file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) of weight set `which`; checked against `net` when given."""
+    sd, meta = load_weights(ckpt, which)
+    if net is not None:
+        check_state_dict(net, sd, f"{meta.get('source', ckpt)} [{which}]")
+    return sd, meta
+
+
+def build_net(meta: dict, a: argparse.Namespace, device: torch.device) -> JiT:
+    """The checkpoint's network (command-line --model/--img-size/--num-classes override its metadata)."""
+    given = {"model": a.model, "img_size": a.img_size, "num_classes": a.num_classes}
+    meta = {**meta, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        net = build_model_from_meta(meta, kernels=a.kernels)
+    except ValueError as e:  # unknown preset, impossible shapes
+        raise CheckpointError(str(e)) from None
+    return net.to(device).eval().requires_grad_(False)
+
+
+def swap_weights(net: JiT, sd: dict[str, torch.Tensor]) -> None:
+    """Copy a weight set into the net's existing tensors (captured CUDA graphs keep pointing at them)."""
+    net.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    """Save uint8 NHWC images as one PNG grid with 2-pixel gaps."""
+    n, h, w, c = images.shape
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    gap = 2
+    canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        canvas[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = img
+    Image.fromarray(canvas).save(path)
+
+
+def write_npz_streaming(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, callable]]) -> None:
+    """Write an uncompressed .npz whose arrays come in chunks: {key: (shape, dtype, chunk iterator factory)}.
+
+    np.load reads it like np.savez output; nothing is held in memory beyond one chunk.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, (shape, dtype, chunks) in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                written = 0
+                for block in chunks():
+                    block = np.ascontiguousarray(block, dtype=dtype)
+                    f.write(block.tobytes())
+                    written += block.shape[0]
+                if written != shape[0]:
+                    raise RuntimeError(f"{key}: wrote {written} rows, expected {shape[0]}")
+    os.replace(tmp, path)
+
+
+class PartStore:
+    """Finished chunks on disk (`parts/chunk_K.npz`) for resuming, tied to one run fingerprint."""
+
+    def __init__(self, root: Path, fingerprint: dict, overwrite: bool = False) -> None:
+        self.root = root
+        self.fingerprint = fingerprint
+        rank, _ = fid.dist_info()
+        run_file = root / "run.json"
+        mismatch = None
+        if rank == 0:
+            if run_file.is_file():
+                old = json.loads(run_file.read_text())
+                if old != fingerprint:
+                    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                    if overwrite:
+                        shutil.rmtree(root)
+                    else:
+                        mismatch = f"{root} holds chunks of another run (different {', '.join(diff)}); " \
+                                   "use another --out or pass --overwrite"
+            if mismatch is None:
+                root.mkdir(parents=True, exist_ok=True)
+                _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+        mismatch = fid.broadcast_object(mismatch)
+        if mismatch:
+            raise UsageError(mismatch)
+        barrier()
+
+    def path(self, k: int) -> Path:
+        return self.root / f"chunk_{k:07d}.npz"
+
+    def has(self, k: int) -> bool:
+        return self.path(k).is_file()
+
+    def load(self, k: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        p = self.path(k)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as data:
+                images, labels = data["images"], data["labels"]
+        except Exception:
+            return None  # a torn or foreign file: regenerate the chunk
+        return (images, labels) if images.shape[0] == n == labels.shape[0] else None
+
+    def save(self, k: int, images: np.ndarray, labels: np.ndarray) -> None:
+        tmp = self.root / f".chunk_{k:07d}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, self.path(k))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Writer:
+    """One background thread for disk writes (chunk parts, PNGs) so they overlap the sampling."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def put(self, job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prefetch(fn, items: list):
+    """Generator of fn(item) for items in order, computing the next one in a thread meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(fn, items[0]) if items else None
+        for i in range(len(items)):
+            cur, fut = fut, (pool.submit(fn, items[i + 1]) if i + 1 < len(items) else None)
+            try:
+                yield cur.result()
+            except GeneratorExit:
+                if fut is not None:
+                    fut.cancel()
+                raise
+
+
+def _write_pngs(folder: Path, images: np.ndarray, start: int) -> None:
+    for j, img in enumerate(images):
+        p = folder / f"{start + j:06d}.png"
+        if not p.exists():
+            Image.fromarray(img).save(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setting:
+    ema: str
+    cfg: float
+
+    @property
+    def tag(self) -> str:
+        return f"{self.ema}_cfg{self.cfg:g}"
+
+
+class Evaluator:
+    """Sampler, Inception and reference statistics shared by every setting of a launch."""
+
+    def __init__(self, args: argparse.Namespace, net: JiT, rank: int, world: int,
+                 device: torch.device, meta: dict, ckpt_info: dict) -> None:
+        self.args, self.net = args, net
+        self.rank, self.world, self.device = rank, world, device
+        self.ckpt_info = ckpt_info
+        self.mcfg = net.cfg
+        self.noise_scale = float(args.noise_scale if args.noise_scale is not None
+                                 else meta.get("noise_scale") or (2.0 if self.mcfg.input_size >= 512 else 1.0))
+        self.t_eps = float(args.t_eps if args.t_eps is not None else meta.get("t_eps") or 0.05)
+        self.amp_dtype = resolve_precision(args.precision, device)
+        runner = torch.compile(net, dynamic=False) if args.compile else net
+        self.sampler = StaticSampler(
+            runner, args.batch_size, steps=args.steps, solver=args.solver, interval=tuple(args.interval),
+            noise_scale=self.noise_scale, num_classes=self.mcfg.num_classes, t_eps=self.t_eps,
+            img_size=self.mcfg.input_size, in_channels=self.mcfg.in_channels, device=device,
+            autocast_dtype=self.amp_dtype, cuda_graph=(device.type == "cuda" and not args.no_cuda_graph),
+        )
+        self.extractor = self.ref_stats = None
+        self.weights_id = None
+        if args.metrics:
+            self._setup_inception()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _setup_inception(self) -> None:
+        a = self.args
+        err = None
+        for turn in (0, 1):  # rank 0 first (a download lands in the hub cache once), then the others
+            if (self.rank == 0) == (turn == 0):
+                try:
+                    self.extractor = fid.build_inception(a.inception_weights, self.device)
+                except fid.InceptionWeightsError as e:
+                    err = str(e)
+            barrier()
+        _all_ok(err is None, err or "Inception weights failed to load on another rank")
+        self.weights_id = fid.weights_tag(a.inception_weights) if self.rank == 0 else None
+        self.weights_id = fid.broadcast_object(self.weights_id)
+        if a.fid_ref:
+            err = None
+            try:
+                self.ref_stats = fid.reference_stats(
+                    a.fid_ref, self.accumulator, self.weights_id, a.fid_cache, a.fid_ref_crop,
+                    num_workers=a.fid_workers, log=self.log,
+                )
+            except fid.StatsError as e:
+                err = str(e)
+            _all_ok(err is None, err or "FID reference failed on another rank")
+
+    def accumulator(self) -> fid.FeatureAccumulator:
+        return fid.FeatureAccumulator(self.extractor, self.args.fid_batch_size, self.device)
+
+    # ---------------------------------------------------------------------------------------
+    def sampling_config(self, s: Setting) -> dict:
+        a = self.args
+        return {
+            "ema": s.ema, "cfg": s.cfg, "interval": list(a.interval), "steps": a.steps, "solver": a.solver,
+            "seed": a.seed, "num_images": a.num_images, "batch_size": a.batch_size,
+            "noise_scale": self.noise_scale, "t_eps": self.t_eps, "labels": LABEL_RULE,
+            "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
+            "compile": bool(a.compile), "device_type": self.device.type,
+            "model": dataclasses.asdict(self.mcfg),
+            "checkpoint_sha256": self.ckpt_info["sha256"],
+        }
+
+    def run_setting(self, s: Setting, out: Path) -> dict:
+        a, rank, world = self.args, self.rank, self.world
+        out.mkdir(parents=True, exist_ok=True)
+        config = self.sampling_config(s)
+        store = PartStore(out / "parts", config, overwrite=a.overwrite)
+        mine = rank_chunks(a.num_images, a.batch_size, rank, world)
+        shape = (self.mcfg.in_channels, self.mcfg.input_size, self.mcfg.input_size)
+        acc = self.accumulator() if self.extractor is not None else None
+        png_dir = out / "images"
+        if a.png:
+            png_dir.mkdir(exist_ok=True)
+        resumed = generated = 0
+        todo = [(k, st, en, store.has(k)) for k, st, en in mine]
+        noises = _prefetch(lambda c: image_noise(a.seed, range(c[1], c[2]), shape), [c for c in todo if not c[3]])
+        bar = _progress(a.num_images, rank, s.tag)
+        writer = _Writer()
+        t0 = time.perf_counter()
+        try:
+            for k, st, en, done in todo:
+                part = store.load(k, en - st) if done else None
+                if part is None:
+                    noise = next(noises) if not done else image_noise(a.seed, range(st, en), shape)
+                    y = class_labels(st, en, self.mcfg.num_classes)
+                    u8 = to_uint8(self.sampler.run(noise, y.to(self.device), s.cfg))
+                    images, labels = u8.cpu().numpy(), y.numpy()
+                    writer.put(lambda k=k, im=images, lab=labels: store.save(k, im, lab))
+                    generated += en - st
+                else:
+                    images = part[0]
+                    u8 = torch.from_numpy(images).to(self.device)
+                    resumed += en - st
+                if acc is not None:
+                    acc.add(u8, st)
+                if a.png:
+                    writer.put(lambda im=images, st=st: _write_pngs(png_dir, im, st))
+                bar.update(min((en - st) * world, bar.total - bar.n))
+            writer.close()
+        finally:
+            noises.close()
+            bar.close()
+        seconds = time.perf_counter() - t0
+        counts = torch.tensor([generated, resumed], dtype=torch.float64)
+        t_max = torch.tensor([seconds], dtype=torch.float64)
+        if world > 1:
+            counts, t_max = counts.to(fid._comm_device()), t_max.to(fid._comm_device())
+            dist.all_reduce(counts)
+            dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
+        generated, resumed, seconds = int(counts[0]), int(counts[1]), float(t_max[0])
+        barrier()
+        feats = acc.gather() if acc is not None else None
+        row = None
+        if rank == 0:
+            row = self._finish(s, out, store, config, feats, generated, resumed, seconds)
+        row = fid.broadcast_object(row)
+        barrier()
+        if rank == 0 and not a.keep_parts:
+            shutil.rmtree(store.root, ignore_errors=True)
+        return row
+
+    def _finish(self, s: Setting, out: Path, store: PartStore, config: dict, feats, generated: int,
+                resumed: int, seconds: float) -> dict:
+        a = self.args
+        chunks = chunk_ranges(a.num_images, a.batch_size)
+        S, C = self.mcfg.input_size, self.mcfg.in_channels
+
+        def parts(key: str):
+            def it():
+                for k, _, _ in chunks:
+                    with np.load(store.path(k), allow_pickle=False) as data:
+                        yield data[key]
+            return it
+
+        if not a.no_npz:
+            arrays = {}
+            img = ((a.num_images, S, S, C), np.uint8, parts("images"))
+            lab = ((a.num_images,), np.int64, parts("labels"))
+            if a.npz_keys in ("both", "named"):
+                arrays |= {"images": img, "labels": lab}
+            if a.npz_keys in ("both", "adm"):
+                arrays |= {"arr_0": img, "arr_1": lab}
+            write_npz_streaming(out / "samples.npz", arrays)
+        first: list[np.ndarray] = []
+        for block in parts("images")():
+            first.append(block[: 64 - sum(len(b) for b in first)])
+            if sum(len(b) for b in first) >= 64:
+                break
+        save_grid(np.concatenate(first), out / "grid.png")
+        metrics: dict = {"num_images": a.num_images}
+        if feats is not None:
+            if feats[fid.POOL].shape[0] != a.num_images:
+                raise RuntimeError(f"gathered {feats[fid.POOL].shape[0]} feature rows for {a.num_images} images")
+            is_mean, is_std = fid.inception_score(feats[fid.LOGITS])
+            metrics |= {"inception_score_mean": is_mean, "inception_score_std": is_std}
+            if self.ref_stats is not None:
+                metrics["fid"] = fid.frechet_distance(fid.fid_stats(feats[fid.POOL]), self.ref_stats)
+        row = {
+            "setting": {"ema": s.ema, "cfg": s.cfg},
+            "metrics": metrics,
+            "config": config,
+            "checkpoint": self.ckpt_info,
+            "nfe_per_image": nfe_per_image(a.steps, a.solver),
+            "forward_images_per_image": forward_rows_per_image(a.steps, a.solver, tuple(a.interval), s.cfg),
+            "inception": {"weights": self.weights_id, "fid_ref": str(a.fid_ref) if a.fid_ref else None,
+                          "batch_size": a.fid_batch_size} if self.extractor is not None else None,
+            "timing": {"seconds": round(seconds, 3), "generated": generated, "resumed": resumed,
+                       "img_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
+                       "world_size": self.world, "device": str(self.device),
+                       "cuda_graph": self.sampler.use_graphs},
+            "outputs": {"dir": str(out), "npz": None if a.no_npz else str(out / "samples.npz"),
+                        "grid": str(out / "grid.png"), "png_dir": str(out / "images") if a.png else None},
+            "versions": _versions(),
+        }
+        _atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
+        return row
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    with contextlib.suppress(Exception):
+        import torch_fidelity
+
+        out["torch_fidelity"] = torch_fidelity.__version__
+    return out
+
+
+def _progress(total: int, rank: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=rank != 0, dynamic_ncols=True, smoothing=0.1,
+                file=sys.stderr)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: auto = bf16 on CUDA (the official evaluation), fp32 (None) on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _float_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def _ema_list(text: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in EMA_NAMES]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"--ema takes a comma-separated subset of {EMA_NAMES}, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sample.py", description="Generate images from a JiT checkpoint and evaluate FID/IS (torchrun-ready).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint: .pth (official or ours), .safetensors, DCP dir, run dir")
+    p.add_argument("--preset", choices=["demo"], default=None, help="demo: sample grid + class accuracy (digits)")
+    p.add_argument("--model", default=None, help="model preset when the checkpoint has no metadata")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=None, help="images to generate (default 50000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per rank per batch (a fixed graph shape)")
+    p.add_argument("--cfg", type=_float_list, default=None, help="guidance scale(s), e.g. 2.5,2.7,2.9 (default 2.9)")
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="CFG interval (default 0.1 1.0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="(default heun)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=_ema_list, default=["ema1"], help="weights: ema1, ema2, model (comma list sweeps)")
+    p.add_argument("--noise-scale", type=float, default=None, help="default: checkpoint's, else 1 (2 at >= 512)")
+    p.add_argument("--t-eps", type=float, default=None, help="default: checkpoint's, else 0.05")
+    p.add_argument("--out", type=Path, default=Path("samples_out"))
+    p.add_argument("--fid-ref", type=Path, default=None, help="reference: stats .npz (mu, sigma), images .npz or dir")
+    p.add_argument("--fid-ref-crop", type=int, default=None, help="ADM center-crop reference folder images to S")
+    p.add_argument("--fid-cache", type=Path, default=None, help="cache of folder statistics (default ~/.cache)")
+    p.add_argument("--fid-batch-size", type=int, default=64, help="Inception batch (64 = torch-fidelity's)")
+    p.add_argument("--fid-workers", type=int, default=4, help="decoder processes for a reference folder")
+    p.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity Inception .pth (offline)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="skip Inception (no FID/IS)")
+    p.add_argument("--png", action="store_true", help="also write OUT/images/NNNNNN.png")
+    p.add_argument("--no-npz", action="store_true", help="do not write samples.npz")
+    p.add_argument("--npz-keys", choices=["both", "named", "adm"], default="both",
+                   help="samples.npz arrays: images/labels, arr_0/arr_1 (ADM suite) or both")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the sampler eagerly on CUDA")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--overwrite", action="store_true", help="discard chunks of a different earlier run in OUT")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after finishing")
+    return p
+
+
+SAMPLING_DEFAULTS = {"cfg": [2.9], "interval": [0.1, 1.0], "steps": 50, "solver": "heun"}
+
+
+def fill_defaults(a: argparse.Namespace) -> None:
+    """Fill unset sampling flags: the official defaults, or under --preset demo those of the demo run."""
+    a.num_images_given = a.num_images is not None
+    if a.num_images is None:
+        a.num_images = 50000
+    defaults = dict(SAMPLING_DEFAULTS)
+    if a.preset == "demo":
+        from jit_fast.configs import RUN_PRESETS
+
+        demo = RUN_PRESETS["demo"]
+        defaults.update(cfg=[demo["cfg"]], interval=[demo["interval_min"], demo["interval_max"]],
+                        steps=demo["eval_steps"])
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if a.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {a.num_images}")
+    if a.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {a.steps}")
+    lo, hi = a.interval
+    if not 0 <= lo < hi:
+        raise UsageError(f"--interval needs 0 <= LO < HI, got {lo} {hi}")
+    if a.fid_ref is not None and not a.metrics:
+        raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
+    if a.fid_batch_size < 1:
+        raise UsageError(f"--fid-batch-size must be >= 1, got {a.fid_batch_size}")
+
+
+def print_nfe(a: argparse.Namespace, rank: int) -> None:
+    if rank != 0:
+        return
+    nfe = nfe_per_image(a.steps, a.solver)
+    formula = f"2*({a.steps}-1)+1" if a.solver == "heun" else f"{a.steps}"
+    for cfg in a.cfg:
+        rows = forward_rows_per_image(a.steps, a.solver, tuple(a.interval), cfg)
+        print(f"NFE per image: {nfe} = {formula} ({a.solver}, {a.steps} steps; cfg {cfg:g} in "
+              f"({a.interval[0]:g}, {a.interval[1]:g}): guided evaluations batched as one 2B forward, "
+              f"{rows} images through the net per image)", flush=True)
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    fill_defaults(a)
+    check_args(a)
+    rank, world, device = setup_distributed(a.device)
+    sd, meta = load_weight_set(a.ckpt, a.ema[0])
+    net = build_net(meta, a, device)
+    check_state_dict(net, sd, f"{meta.get('source', a.ckpt)} [{a.ema[0]}]")
+    swap_weights(net, sd)
+    del sd
+    if a.preset == "demo":
+        return [run_demo(a, net, device, rank)]
+    source = Path(meta.get("source", a.ckpt))
+    sha = fid.broadcast_object(checkpoint_sha256(source) if rank == 0 else None)
+    ckpt_info = {"path": str(source), "kind": meta.get("kind"), "sha256": sha,
+                 "step": meta.get("step"), "epoch": meta.get("epoch")}
+    ev = Evaluator(a, net, rank, world, device, meta, ckpt_info)
+    print_nfe(a, rank)
+    settings = [Setting(e, c) for e in a.ema for c in a.cfg]
+    sweep = len(settings) > 1
+    rows = []
+    for i, e in enumerate(a.ema):
+        if i > 0:  # the first set is already in the net
+            swap_weights(net, load_weight_set(a.ckpt, e, net)[0])
+        for c in a.cfg:
+            s = Setting(e, c)
+            row = ev.run_setting(s, a.out / s.tag if sweep else a.out)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps({"setting": row["setting"], "metrics": row["metrics"],
+                                  "seconds": row["timing"]["seconds"]}), flush=True)
+    if rank == 0 and sweep:
+        write_sweep(a.out, rows)
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """Lowest FID; without FID, highest Inception Score; None without metrics."""
+    with_fid = [r for r in rows if "fid" in r["metrics"]]
+    if with_fid:
+        return min(with_fid, key=lambda r: r["metrics"]["fid"])
+    with_is = [r for r in rows if "inception_score_mean" in r["metrics"]]
+    return max(with_is, key=lambda r: r["metrics"]["inception_score_mean"]) if with_is else None
+
+
+def write_sweep(out: Path, rows: list[dict]) -> None:
+    best = best_row(rows)
+    lines = [json.dumps({"setting": r["setting"], "metrics": r["metrics"], "dir": r["outputs"]["dir"]}) for r in rows]
+    _atomic_write_text(out / "sweep.jsonl", "\n".join(lines) + "\n")
+    summary = {"rows": rows, "best": None if best is None else {"setting": best["setting"], "metrics": best["metrics"],
+                                                                "dir": best["outputs"]["dir"]}}
+    _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    if best is not None:
+        key = "fid" if "fid" in best["metrics"] else "inception_score_mean"
+        print(f"best: ema {best['setting']['ema']} cfg {best['setting']['cfg']:g} "
+              f"({key} {best['metrics'][key]:.4f})", flush=True)
+
+
+def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int) -> dict | None:
+    """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
+    try:
+        from jit_fast.demo_eval import evaluate_demo
+    except ImportError as e:
+        raise UsageError(f"--preset demo needs jit_fast.demo_eval ({e})") from None
+    cfg = net.cfg
+    offer = dict(cfg=a.cfg[0], interval=tuple(a.interval), steps=a.steps, solver=a.solver, seed=a.seed,
+                 num_classes=cfg.num_classes, img_size=cfg.input_size, device=device,
+                 noise_scale=a.noise_scale if a.noise_scale is not None else 1.0,
+                 t_eps=a.t_eps if a.t_eps is not None else 0.05)
+    if a.num_images_given:
+        offer["num_images"] = a.num_images
+    params = inspect.signature(evaluate_demo).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offer.items() if takes_all or k in params}
+    result = None
+    if rank == 0:
+        a.out.mkdir(parents=True, exist_ok=True)
+        result = evaluate_demo(net, a.out, **kwargs)
+        print(f"demo evaluation: {result}", flush=True)
+    return fid.broadcast_object(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        run(a)
+    except (UsageError, CheckpointError, fid.StatsError, fid.InceptionWeightsError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

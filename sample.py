@@ -1,0 +1,12 @@
+"""Generate images from a JiT checkpoint and evaluate FID/IS; torchrun-compatible (docs/SAMPLING.md).
+
+    python sample.py --ckpt checkpoint-last.pth --num-images 50000 --cfg 2.9 --fid-ref stats.npz --out eval/
+    python sample.py --preset demo --ckpt output/demo/checkpoint-last.pth
+"""
+
+import sys
+
+from jit_fast.sample import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""sample.py: outputs, NFE print, sweeps, resume, bad input (tiny model; a cheap stand-in Inception)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint
+
+import jit_fast.sample as sample_mod
+from jit_fast import fid
+from jit_fast.model import JiT
+from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth")
+
+
+@pytest.fixture
+def fake_inception(monkeypatch):
+    ext = FakeInception()
+    monkeypatch.setattr(fid, "build_inception", lambda weights=None, device="cpu": ext.to(device))
+    return ext
+
+
+def base_args(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "4", "--steps", "3", "--out", str(out),
+            *extra]
+
+
+def load_npz(path):
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_outputs_match_library_and_nfe_is_printed(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
+    calls = []
+    forward = JiT.forward
+    monkeypatch.setattr(JiT, "forward", lambda self, *a: calls.append(a[0].shape[0]) or forward(self, *a))
+    assert sample_mod.main(base_args(ckpt, tmp_path, "--png")) == 0
+    out = capsys.readouterr().out
+    nfe = int(re.search(r"NFE per image: (\d+) = 2\*\(3-1\)\+1", out).group(1))
+    assert nfe == nfe_per_image(3, "heun") == 5
+    assert len(calls) == nfe * 3  # three chunks of the static batch 4 (last one padded)
+
+    npz = load_npz(tmp_path / "samples.npz")
+    assert set(npz) == {"images", "labels", "arr_0", "arr_1"}
+    assert npz["images"].shape == (10, IMG, IMG, 3) and npz["images"].dtype == np.uint8
+    assert np.array_equal(npz["images"], npz["arr_0"]) and np.array_equal(npz["labels"], npz["arr_1"])
+    assert np.array_equal(npz["labels"], np.arange(10) % CLASSES)
+
+    # equal to the library: chunk k = images [4k, 4k+4) through a static sampler of batch 4
+    sd = torch.load(ckpt, weights_only=False)["model_ema1"]
+    net = sample_mod.build_net({"model": "JiT-T/4", "img_size": IMG, "num_classes": CLASSES},
+                               sample_mod.build_parser().parse_args(["--ckpt", "x"]), torch.device("cpu"))
+    net.load_state_dict({k.removeprefix("net."): v for k, v in sd.items()})
+    s = StaticSampler(net, 4, steps=3, num_classes=CLASSES)
+    for st in (0, 4, 8):
+        en = min(st + 4, 10)
+        x = s.run(image_noise(0, range(st, en), (3, IMG, IMG)), torch.arange(st, en) % CLASSES, 2.9)
+        assert np.array_equal(sample_mod.to_uint8(x).numpy(), npz["images"][st:en])
+
+    for i in (0, 9):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:06d}.png")), npz["images"][i])
+    assert (tmp_path / "grid.png").is_file() and not (tmp_path / "parts").exists()
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["checkpoint"]["sha256"] == fid.file_sha256(ckpt)
+    assert m["config"]["cfg"] == 2.9 and m["config"]["interval"] == [0.1, 1.0] and m["config"]["steps"] == 3
+    assert m["config"]["labels"] == "i % num_classes" and m["config"]["model"]["depth"] == 4
+    assert m["nfe_per_image"] == 5 and m["timing"]["generated"] == 10
+    assert m["metrics"]["inception_score_mean"] >= 1.0 and "fid" not in m["metrics"]
+
+
+def test_sweep_loads_model_once_and_names_best(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
+    builds = []
+    real_build = sample_mod.build_net
+    monkeypatch.setattr(sample_mod, "build_net", lambda *a: builds.append(1) or real_build(*a))
+    argv = base_args(ckpt, tmp_path / "sweep", "--cfg", "1.5,3", "--ema", "ema1,ema2", "--num-images", "20")
+    assert sample_mod.main(argv) == 0
+    assert len(builds) == 1
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["setting"]["ema"], r["setting"]["cfg"]) for r in rows] == [
+        ("ema1", 1.5), ("ema1", 3.0), ("ema2", 1.5), ("ema2", 3.0)]
+    summary = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    scores = [r["metrics"]["inception_score_mean"] for r in rows]
+    assert len(set(scores)) == 4
+    best = rows[int(np.argmax(scores))]  # no FID reference: the best is the highest IS
+    assert summary["best"]["setting"] == best["setting"]
+    assert f"best: ema {best['setting']['ema']} cfg {best['setting']['cfg']:g}" in capsys.readouterr().out
+    images = {t: load_npz(tmp_path / "sweep" / t / "samples.npz")["images"]
+              for t in ("ema1_cfg1.5", "ema1_cfg3", "ema2_cfg1.5", "ema2_cfg3")}
+    assert not np.array_equal(images["ema1_cfg1.5"], images["ema2_cfg1.5"])
+    assert not np.array_equal(images["ema1_cfg1.5"], images["ema1_cfg3"])
+    # a sweep row equals the same setting run alone (weights swapped and cfg buffer reset correctly)
+    assert sample_mod.main(base_args(ckpt, tmp_path / "one", "--cfg", "1.5", "--ema", "ema2", "--num-images", "20")) \
+        == 0
+    assert np.array_equal(load_npz(tmp_path / "one" / "samples.npz")["images"], images["ema2_cfg1.5"])
+
+
+def test_interrupted_run_resumes_from_finished_chunks(ckpt, tmp_path, monkeypatch):
+    assert sample_mod.main(base_args(ckpt, tmp_path / "full", "--no-metrics")) == 0
+    full = load_npz(tmp_path / "full" / "samples.npz")
+
+    runs = []
+    real_run = StaticSampler.run
+
+    def flaky(self, *a, **k):
+        runs.append(1)
+        if len(runs) == 3:
+            raise KeyboardInterrupt  # killed while sampling the third chunk
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(StaticSampler, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sample_mod.main(base_args(ckpt, tmp_path / "cut", "--no-metrics"))
+    assert sorted(p.name for p in (tmp_path / "cut" / "parts").glob("chunk_*.npz")) == [
+        "chunk_0000000.npz", "chunk_0000001.npz"]
+
+    # another setting cannot reuse these chunks
+    assert sample_mod.main(base_args(ckpt, tmp_path / "cut", "--no-metrics", "--seed", "1")) == 2
+
+    runs.clear()
+    assert sample_mod.main(base_args(ckpt, tmp_path / "cut", "--no-metrics")) == 0
+    assert len(runs) == 1  # only the missing chunk is generated
+    resumed = load_npz(tmp_path / "cut" / "samples.npz")
+    assert all(np.array_equal(full[k], resumed[k]) for k in full)
+    m = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert m["timing"]["resumed"] == 8 and m["timing"]["generated"] == 2
+
+
+def test_overwrite_discards_chunks_of_another_run(ckpt, tmp_path):
+    out = tmp_path / "o"
+    assert sample_mod.main(base_args(ckpt, out, "--no-metrics", "--keep-parts")) == 0
+    assert sample_mod.main(base_args(ckpt, out, "--no-metrics", "--cfg", "2")) == 2
+    assert sample_mod.main(base_args(ckpt, out, "--no-metrics", "--cfg", "2", "--overwrite")) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["cfg"] == 2.0
+
+
+def test_bad_fid_reference_fails_before_sampling(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    monkeypatch.setattr(StaticSampler, "run", lambda *a, **k: pytest.fail("sampled despite a bad reference"))
+    assert sample_mod.main(base_args(ckpt, tmp_path / "o", "--fid-ref", str(tmp_path / "ref.npz"))) == 2
+    assert "do not fit the 2048-d Inception pool features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ckpt", "/nonexistent/ckpt.pth"], "checkpoint not found"),
+        (["--inception-weights", "/nonexistent/inception.pth"], "Inception weights file not found"),
+        (["--interval", "0.5", "0.2"], "--interval needs 0 <= LO < HI"),
+        (["--num-images", "0"], "--num-images must be >= 1"),
+        (["--num-classes", "7"], "does not fit the model"),
+    ],
+)
+def test_bad_input_is_one_line_error(ckpt, tmp_path, extra, message, capsys):
+    assert sample_mod.main(base_args(ckpt, tmp_path / "o") + extra) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_cli_errors_without_traceback(ckpt, tmp_path):
+    r = run_cli(base_args(ckpt, tmp_path / "o", "--ckpt", str(tmp_path / "missing.pth")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"sample.py: error: checkpoint not found: {tmp_path / 'missing.pth'}"]
+    r = run_cli(base_args(ckpt, tmp_path / "o", "--ema", "ema3"))
+    assert r.returncode == 2 and "--ema takes a comma-separated subset" in r.stderr
+
+
+def test_demo_preset_calls_the_demo_evaluation(ckpt, tmp_path, monkeypatch, capsys):
+    """`--preset demo` hands the net and the demo run's sampling settings to jit_fast.demo_eval."""
+    import sys
+    import types
+
+    from jit_fast.configs import RUN_PRESETS
+
+    seen = {}
+
+    def evaluate_demo(net, out_dir, cfg, interval, steps, solver, num_classes, seed=0):
+        seen.update(net=net, out_dir=out_dir, cfg=cfg, interval=interval, steps=steps, solver=solver,
+                    num_classes=num_classes, seed=seed)
+        return {"accuracy": 1.0}
+
+    monkeypatch.setitem(sys.modules, "jit_fast.demo_eval", types.SimpleNamespace(evaluate_demo=evaluate_demo))
+    assert sample_mod.main(["--preset", "demo", "--ckpt", str(ckpt), "--out", str(tmp_path / "d")]) == 0
+    demo = RUN_PRESETS["demo"]
+    assert seen["cfg"] == demo["cfg"] and seen["steps"] == demo["eval_steps"]
+    assert seen["interval"] == (demo["interval_min"], demo["interval_max"]) and seen["solver"] == "heun"
+    assert seen["num_classes"] == CLASSES and seen["out_dir"] == tmp_path / "d"
+    assert isinstance(seen["net"], JiT) and not seen["net"].training
+    assert "demo evaluation: {'accuracy': 1.0}" in capsys.readouterr().out
+    # explicit flags win over the demo defaults
+    assert sample_mod.main(["--preset", "demo", "--ckpt", str(ckpt), "--out", str(tmp_path / "d"), "--cfg", "3",
+                            "--steps", "4"]) == 0
+    assert seen["cfg"] == 3.0 and seen["steps"] == 4
