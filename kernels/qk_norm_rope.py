@@ -228,13 +228,23 @@ def _check_inputs(
     check_shape("k_weight", k_weight, (head_dim,))
     check_shape("cos", cos, (n, head_dim))
     check_shape("sin", sin, (n, head_dim))
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be a float32 table, got {t.dtype}")
-    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight)):
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
         check_dtype(name, t)
     check_same_device(qkv=qkv, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
     return head_dim
+
+
+def _check_launch_tables(cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Kernels read fp32 tables; the op entry points convert other float tables (a bf16 model) first."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 table for the launch helper, got {t.dtype}")
+        check_contiguous(name, t)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 contiguous copies of the tables when needed (they are small: N x Dh)."""
+    return cos.float().contiguous(), sin.float().contiguous()
 
 
 def qk_norm_rope_fwd(
@@ -249,8 +259,9 @@ def qk_norm_rope_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launch: q, k (normed + rotated) and v, each (B, N, H, Dh) contiguous in qkv's dtype."""
     head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
-    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight)):
         check_contiguous(name, t)
+    _check_launch_tables(cos, sin)
     b, n, _ = qkv.shape
     shape = (b, n, num_heads, head_dim)
     q, k, v = (torch.empty(shape, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
@@ -284,8 +295,8 @@ def qk_norm_rope_bwd(
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         check_shape(name, t, (b, n, num_heads, head_dim))
         check_contiguous(name, t)
-    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
-        check_contiguous(name, t)
+    check_contiguous("qkv", qkv)
+    _check_launch_tables(cos, sin)
     rows = b * n * num_heads
     block_dh = triton.next_power_of_2(head_dim)
     cfg = config or select_config(BWD_CONFIGS, block_dh, "qk_norm_rope backward")
@@ -359,7 +370,7 @@ def _qk_norm_rope_op(
 @_qk_norm_rope_op.register_kernel("cuda")
 def _qk_norm_rope_cuda(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
     return qk_norm_rope_fwd(
-        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), cos.contiguous(), sin.contiguous(),
+        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
         num_heads, eps,
     )
 
@@ -391,7 +402,7 @@ def _bwd_op(
 def _bwd_cuda(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
     return qk_norm_rope_bwd(
         dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
-        cos.contiguous(), sin.contiguous(), num_heads, eps,
+        *_tables(cos, sin), num_heads, eps,
     )
 
 
@@ -459,7 +470,7 @@ def qk_norm_rope_launcher(
     """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
     _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
     return _LauncherFn.apply(
-        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), cos.contiguous(), sin.contiguous(),
+        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
         num_heads, eps,
     )
 

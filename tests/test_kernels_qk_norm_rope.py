@@ -179,8 +179,15 @@ class TestBadInput:
 
     def test_tables(self):
         a = self.args()
-        with pytest.raises(ValueError, match="cos must be a float32 table, got torch.bfloat16"):
-            qk.qk_norm_rope(a[0], a[1], a[2], a[3].bfloat16(), a[4], HEADS)
+        with pytest.raises(ValueError, match="cos must be a float32 table for the launch helper, got torch.bfloat16"):
+            qk.qk_norm_rope_fwd(a[0], a[1], a[2], a[3].bfloat16(), a[4], HEADS)
+        with pytest.raises(ValueError, match="sin has unsupported dtype torch.int64"):
+            qk.qk_norm_rope(a[0], a[1], a[2], a[3], a[4].long(), HEADS)
+        # A bf16 model's tables are converted to fp32 by the op entry points (documented).
+        lo = [t.bfloat16() for t in a[3:]]
+        got = qk.qk_norm_rope_launcher(*a[:3], *lo, HEADS)
+        for x, y in zip(got, qk.qk_norm_rope_fwd(*a[:3], *(t.float() for t in lo), HEADS), strict=True):
+            assert torch.equal(x, y)
         with pytest.raises(ValueError, match=r"sin must have shape \(4, 64\), got \(5, 64\)"):
             qk.qk_norm_rope(a[0], a[1], a[2], a[3], torch.zeros(5, 64), HEADS)
         with pytest.raises(ValueError, match=r"q_weight must have shape \(64,\)"):
