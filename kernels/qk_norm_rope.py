@@ -213,8 +213,8 @@ def _check_inputs(
     num_heads: int,
 ) -> int:
     """Validate shapes, dtypes and head dim; return the head dim."""
-    if qkv.dim() != 3:
-        raise ValueError(f"qkv must be (B, N, 3*H*Dh), got shape {tuple(qkv.shape)}")
+    if qkv.dim() != 3 or qkv.numel() == 0:
+        raise ValueError(f"qkv must be a non-empty (B, N, 3*H*Dh) tensor, got shape {tuple(qkv.shape)}")
     if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(f"qkv last dim {qkv.shape[-1]} is not divisible by 3*num_heads (num_heads={num_heads})")
     head_dim = qkv.shape[-1] // (3 * num_heads)

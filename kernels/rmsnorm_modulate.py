@@ -187,8 +187,8 @@ def _check_inputs(
     gate: torch.Tensor | None = None,
 ) -> None:
     """Shape/dtype/device validation shared by the public ops and the launch helpers (shift None: backward)."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (B, N, D) tensor, got shape {tuple(x.shape)}")
     if (branch is None) != (gate is None):
         raise ValueError("branch and gate must be given together (gated residual) or both omitted")
     b, _, d = x.shape

@@ -197,7 +197,7 @@ class TestBadInput:
         a = self.args()
         with pytest.raises(ValueError, match="qkv has unsupported dtype torch.int32"):
             qk.qk_norm_rope(a[0].int(), *a[1:], HEADS)
-        with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3\*H\*Dh\)"):
+        with pytest.raises(ValueError, match=r"qkv must be a non-empty \(B, N, 3\*H\*Dh\) tensor"):
             qk.qk_norm_rope(a[0][0], *a[1:], HEADS)
 
     def test_non_contiguous(self):

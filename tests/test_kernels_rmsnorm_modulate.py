@@ -220,8 +220,12 @@ class TestBadInput:
             rm.rmsnorm_modulate_fwd(self.x, torch.ones(9), self.v, self.v)
 
     def test_wrong_rank_and_branch(self):
-        with pytest.raises(ValueError, match=r"x must be \(B, N, D\), got shape \(8, 8\)"):
+        with pytest.raises(ValueError, match=r"x must be a non-empty \(B, N, D\) tensor, got shape \(8, 8\)"):
             rm.rmsnorm_modulate(torch.randn(8, 8), self.w, self.v, self.v)
+        with pytest.raises(ValueError, match=r"got shape \(2, 0, 8\)"):
+            rm.rmsnorm_modulate(torch.randn(2, 0, 8), self.w, self.v, self.v)
+        with pytest.raises(ValueError, match="branch and gate must be given together"):
+            rm.residual_rmsnorm_modulate_fwd(self.x, torch.randn(2, 4, 8), None, self.w, self.v, self.v)
         with pytest.raises(ValueError, match=r"branch must have shape \(2, 4, 8\)"):
             rm.residual_rmsnorm_modulate(self.x, torch.randn(2, 5, 8), self.v, self.w, self.v, self.v)
 
