@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .index import build_index, cache_dir
+from .loader import to_float
 from .torch_backend import decode_all
 
 _MARKER = ".complete"
@@ -43,5 +44,5 @@ def prepare_demo(root: str | Path | None = None, size: int = 32) -> Path:
 def demo_arrays(size: int = 32, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All demo digits exactly as the loader yields them unflipped: float [-1,1] (N,3,S,S) and labels (N,)."""
     index = build_index(prepare_demo(root, size))
-    images = decode_all(index, size).float().div_(127.5).sub_(1.0)
+    images = to_float(decode_all(index, size))
     return images, torch.tensor(index.labels, dtype=torch.int64)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .index import FolderIndex, build_index
@@ -18,6 +19,16 @@ DEFAULT_CACHE_BYTES = 1 << 30
 def default_backend() -> str:
     """Backend used when none is given: dali with CUDA, else torch (faster per batch on CPU here)."""
     return "dali" if torch.cuda.is_available() else "torch"
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1); on CPU in numpy: no OpenMP pool wake-up per batch."""
+    if x.device.type != "cpu":
+        return x.float().div_(127.5).sub_(1.0)
+    arr = x.numpy().astype(np.float32)
+    arr /= 127.5
+    arr -= 1.0
+    return torch.from_numpy(arr)
 
 
 class ImageLoader:
@@ -136,10 +147,8 @@ class ImageLoader:
         return t.to(self.device, non_blocking=True)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = self._to_device(x)
-            return x if self.output == "uint8" else x.float().div_(127.5).sub_(1.0)
-        return self._to_device(x)
+        x = self._to_device(x)
+        return x if self.output == "uint8" else to_float(x)
 
 
 def _shared_index(root: str | Path, num_workers: int | None, index_cache: bool | str | Path) -> FolderIndex:

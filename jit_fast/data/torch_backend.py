@@ -66,8 +66,8 @@ class TorchBackend:
     """Yields uint8 (B,3,S,S) batches and int64 labels for a plan, from RAM or through DataLoader workers."""
 
     def __init__(self, index: FolderIndex, size: int, *, num_workers: int, cache: bool, prefetch: int = 2) -> None:
-        self.labels = torch.tensor(index.labels, dtype=torch.int64)
-        self.images = decode_all(index, size) if cache else None
+        self.labels = np.asarray(index.labels, dtype=np.int64)
+        self.images = decode_all(index, size).numpy() if cache else None
         self.loader: DataLoader | None = None
         if self.images is None:
             self.sampler = _PlanSampler()
@@ -81,15 +81,12 @@ class TorchBackend:
             )
 
     def iterate(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the plan in order."""
+        """Batches of the plan in order (RAM path in numpy: no intra-op thread pool per small batch)."""
         if self.images is not None:
             for idx, fl in zip(plan.indices, plan.flips, strict=True):
-                t = torch.from_numpy(idx)
-                x = self.images[t]
-                if fl.any():
-                    f = torch.from_numpy(fl)
-                    x[f] = x[f].flip(-1)
-                yield x, self.labels[t]
+                x = self.images[idx]
+                x[fl] = x[fl][..., ::-1]
+                yield torch.from_numpy(x), torch.from_numpy(self.labels[idx])
             return
         assert self.loader is not None
         self.sampler.plan = plan
