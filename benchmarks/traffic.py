@@ -543,11 +543,14 @@ def capture_block_inputs(net, idx: int, batch: int, device: torch.device | str |
         raise _Captured
 
     h = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
+    training = net.training
+    net.eval()  # shapes and dtypes are those of training; eval skips dropout on the way (no RNG, no stand-in limit)
     try:
         with torch.no_grad(), contextlib.suppress(_Captured):
             net(*model_batch(net.cfg, batch, device))
     finally:
         h.remove()
+        net.train(training)
     return got["args"], got["kwargs"]
 
 
