@@ -172,6 +172,29 @@ def _modeled(res: dict) -> list[str]:
     return out
 
 
+def _categories(res: dict) -> list[str]:
+    block = res["modeled"]["blocks"].get(res["model"])
+    if block is None:
+        return []
+    rows = []
+    for cat in ("gemm", "attention", "fused", "other"):
+        row = [cat]
+        for path in ("eager", "fused"):
+            ph = block[path]["phases"]
+            row += [ph["fwd"][cat]["launches"] + ph["bwd"][cat]["launches"],
+                    _gb(ph["fwd"][cat]["bytes"] + ph["bwd"][cat]["bytes"])]
+        rows.append(row)
+    step = res["modeled"]["train_step"]
+    return [
+        f"Where the {res['model']} standard block's launches and bytes go (fwd+bwd, batch {res['batch']}). "
+        "In the fused path, `other` is what no fused kernel covers: autocast weight/bias casts and their "
+        "gradient casts, bias-gradient sums, the adaLN SiLU and its backward, the adaLN chunk gradient concat:",
+        _table(["category", "eager launches", "eager GB", "fused launches", "fused GB"], rows),
+        f"Whole train step, activations saved for backward: eager {_gb(step['eager']['saved_activation_bytes'])} GB, "
+        f"fused {_gb(step['fused']['saved_activation_bytes'])} GB ({_pct(step['compare']['saved_ratio'])}).",
+    ]
+
+
 def _op_boundaries(res: dict) -> list[str]:
     rows = [[r["op"], r["path"], r["fwd_launches"], _gb(r["fwd_bytes"]), r["bwd_launches"], _gb(r["bwd_bytes"]),
              _gb(r["saved_activation_bytes"])] for r in res["modeled"]["op_boundaries"]]
@@ -235,6 +258,7 @@ def render_result(res: dict) -> str:
         *_measured_cpu(res),
         "### Counted traffic (fake-tensor dispatch of the real shapes; not timings)",
         *_counted_blocks(res),
+        *_categories(res),
         *_op_boundaries(res),
         "### Modeled GPU times (roofline from the counts)",
         *_modeled(res),
