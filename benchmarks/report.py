@@ -1,4 +1,4 @@
-"""Markdown from benchmark JSON: one result's tables, and docs/PERFORMANCE.md regenerated from all results.
+"""Markdown from benchmark JSON: each result's tables, and docs/PERFORMANCE.md regenerated from all results.
 
     python -m benchmarks.report [--results benchmarks/results] [--out docs/PERFORMANCE.md]
 
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--out", type=Path, default=PERFORMANCE_MD)
     args = ap.parse_args(argv)
+    for path in sorted(args.results.glob("*.json")):  # keep each result's own Markdown in step with this renderer
+        path.with_suffix(".md").write_text(render_result(json.loads(path.read_text())))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(build_document(args.results))
     print(f"wrote {args.out}")
