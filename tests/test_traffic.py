@@ -11,7 +11,9 @@ from benchmarks.traffic import (
     NON_GEMM,
     compare,
     count_block,
+    count_forward,
     count_function,
+    count_train_step,
     flash_attention,
     footprint,
 )
@@ -169,3 +171,18 @@ def test_fused_block_far_below_eager() -> None:
 def test_fused_block_is_modeled_faster_on_h100() -> None:
     eager, fused = count_block("JiT-B/16", "eager", 128), count_block("JiT-B/16", "fused", 128)
     assert project(fused, H100)["seconds"] < project(eager, H100)["seconds"]
+
+
+@pytest.mark.parametrize(("model", "paper_gmacs"), [("JiT-B/16", 25), ("JiT-L/16", 88), ("JiT-H/16", 182),
+                                                    ("JiT-G/16", 383)])
+def test_forward_flops_match_paper(model: str, paper_gmacs: int) -> None:
+    """Counted forward FLOPs per image = 2 x the paper's "Gflops" (multiply-adds) at 256px, within 1%."""
+    gflops = count_forward(model, "eager", 1).totals()["model_flops"] / 1e9
+    assert abs(gflops / (2 * paper_gmacs) - 1) < 0.01
+
+
+def test_train_step_model_flops_are_three_forwards() -> None:
+    """Backward = 2x forward FLOPs except the image-side patch-embedding input gradient, which is not needed."""
+    step = count_train_step("JiT-B/16", "eager", 2, optimizer=False)
+    fwd = step.totals(("fwd",))["model_flops"]
+    assert 2.95 * fwd < step.totals()["model_flops"] <= 3 * fwd
