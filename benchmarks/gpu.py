@@ -46,8 +46,15 @@ def cuda_ms(fn: Callable[[], object], rep_ms: int = 200) -> float:
 
 
 def gpu_spec(device_name: str) -> GPUSpec | None:
-    """The datasheet entry matching a CUDA device name (A100 / H100 / H200), else None."""
-    return next((spec for key, spec in GPUS.items() if key in device_name), None)
+    """The datasheet entry matching a CUDA device name, else None.
+
+    The constants are the SXM parts (A100 80GB, H100, H200); PCIe and 40GB variants have other
+    bandwidths and clocks, so they get no entry (no % of peak is printed rather than a wrong one).
+    """
+    name = device_name.upper()
+    if "PCIE" in name or "40GB" in name or "NVL" in name:
+        return None
+    return next((spec for key, spec in GPUS.items() if key in name), None)
 
 
 def _autocast(device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -26,6 +26,7 @@ def test_gpu_spec_lookup() -> None:
     assert gpu.gpu_spec("NVIDIA H100 80GB HBM3") is roofline.H100
     assert gpu.gpu_spec("NVIDIA A100-SXM4-80GB") is roofline.A100
     assert gpu.gpu_spec("Tesla T4") is None
+    assert gpu.gpu_spec("NVIDIA A100-PCIE-40GB") is None and gpu.gpu_spec("NVIDIA H100 PCIe") is None
 
 
 @pytest.fixture(scope="module")
