@@ -91,6 +91,7 @@ class OpRecord:
 
     @property
     def bytes(self) -> int:
+        """Bytes read plus bytes written."""
         return self.bytes_read + self.bytes_written
 
 
@@ -283,6 +284,7 @@ class TrafficCounter(TorchDispatchMode):
 
     @property
     def region(self) -> str:
+        """Label of the current op: the innermost module/op-table region forward, the autograd node backward."""
         if self.phase != "fwd":
             node = torch._C._current_autograd_node()
             return node.name() if node is not None else self.phase
@@ -350,6 +352,7 @@ class TrafficCounter(TorchDispatchMode):
 
     @contextlib.contextmanager
     def in_region(self, name: str) -> Iterator[None]:
+        """Label the forward ops issued inside the context with `name`."""
         self.regions.append(name)
         try:
             yield
