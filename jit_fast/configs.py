@@ -99,19 +99,29 @@ def model_config(name: str, img_size: int = 256, num_classes: int = 1000, **over
 
 @dataclass
 class TrainConfig:
-    """Training recipe; field names follow the official training command's flags."""
+    """Training recipe; field names follow the official training command's flags.
 
+    Defaults are the official ImageNet recipe. `batch_size` is per rank (per micro-step), so the
+    global batch is batch_size x world_size x grad_accum and lr = blr x global_batch / 256
+    unless `lr` is set. `num_classes` 0 means: from the dataset (or the resumed checkpoint).
+    """
+
+    preset: str = ""
     model: str = "JiT-B/16"
     img_size: int = 256
-    num_classes: int = 1000
+    num_classes: int = 0
     data_path: str = ""
-    data_backend: str = "dali"
+    demo_data: bool = False  # use the built-in digits ImageFolder (jit_fast.data.prepare_demo)
+    data_backend: str = "auto"
     output_dir: str = "output"
     resume: str = ""
+    auto_resume: bool = False  # continue from output_dir's newest checkpoint if there is one
+    overwrite: bool = False  # a fresh run may delete output_dir's old checkpoints
     # recipe
     epochs: int = 600
     max_steps: int = 0
     batch_size: int = 128
+    grad_accum: int = 1
     blr: float = 5e-5
     lr: float = 0.0
     min_lr: float = 0.0
@@ -131,15 +141,26 @@ class TrainConfig:
     attn_dropout: float = -1.0
     proj_dropout: float = -1.0
     kernels: str = "torch"
-    precision: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"
     seed: int = 0
     num_workers: int = 4
+    # distributed / performance
+    fsdp: str = "auto"  # auto: FSDP2 when world_size > 1
+    compile: bool = False
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
     # logging / checkpoints
     log_freq: int = 50
     save_freq_steps: int = 0
     save_last_freq: int = 5
     keep_last: int = 3
+    async_save: bool = False
+    signal_check_freq: int = 1
+    tensorboard: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name
     # evaluation after training (demo)
+    demo_eval: bool = False
     eval_num_images: int = 0
     eval_steps: int = 50
     cfg: float = 2.9
@@ -147,3 +168,37 @@ class TrainConfig:
     interval_max: float = 1.0
     solver: str = "heun"
     extra_model_args: dict = field(default_factory=dict)
+
+
+# Run presets for `train.py --preset NAME`: TrainConfig fields; explicit flags override them.
+RUN_PRESETS: dict[str, dict] = {
+    # CPU demo: a tiny JiT on the digits (1797 images, 32x32), a few minutes on 2 cores, then the
+    # demo evaluation (sample grid + class-conditional accuracy).
+    "demo": dict(
+        model="JiT-T/4",
+        extra_model_args=dict(hidden_size=128, depth=4, num_heads=4, patch_size=8, in_context_len=4,
+                              bottleneck_dim=32),
+        img_size=32,
+        num_classes=10,
+        demo_data=True,
+        data_backend="torch",
+        output_dir="output/demo",
+        overwrite=True,
+        batch_size=64,
+        lr=1e-3,
+        warmup_epochs=1.0,
+        epochs=100000,
+        max_steps=1500,
+        ema_decay1=0.995,
+        ema_decay2=0.99,
+        log_freq=50,
+        save_freq_steps=500,
+        keep_last=1,
+        num_workers=0,
+        demo_eval=True,
+        eval_steps=10,
+        cfg=2.0,
+        interval_min=0.0,
+        interval_max=1.0,
+    ),
+}

@@ -1,0 +1,114 @@
+"""Training metrics: model FLOPs, MFU, peak memory, and a rank-0 TensorBoard + JSON-lines logger."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from jit_fast.configs import ModelConfig
+
+# Dense bf16 tensor-core peak per device in TFLOP/s (vendor datasheets, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,  # NVIDIA H200 SXM datasheet
+    "H100 SXM": 989.4,  # NVIDIA H100 SXM5 datasheet
+    "H100 NVL": 835.0,
+    "H100 PCIE": 756.0,
+    "H100": 989.4,
+    "GH200": 989.4,
+    "B200": 2250.0,  # NVIDIA B200 (HGX) datasheet
+    "A100": 312.0,  # NVIDIA A100 datasheet
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+}
+
+
+def forward_macs_per_image(cfg: ModelConfig) -> float:
+    """Multiply-accumulates of one forward pass on one image (matmuls, convs and attention).
+
+    JiT-B/16 at 256 gives 25.0e9, the paper's "25 Gflops" (which count multiply-adds).
+    """
+    d, p, c, b, h = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.bottleneck_dim, cfg.mlp_hidden
+    n = cfg.grid_size**2
+    macs = n * (c * p * p * b + b * d)  # bottleneck patch embed
+    macs += 256 * d + d * d  # timestep MLP
+    for i in range(cfg.depth):
+        tokens = n + (cfg.in_context_len if cfg.in_context_len > 0 and i >= cfg.in_context_start else 0)
+        macs += d * 6 * d  # adaLN (per image)
+        macs += tokens * (3 * d * d + d * d + 2 * d * h + h * d)  # qkv, proj, w12, w3
+        macs += 2 * tokens * tokens * d  # q k^T and attn v
+    macs += d * 2 * d + n * d * p * p * c  # final adaLN and linear
+    return float(macs)
+
+
+def train_flops_per_image(cfg: ModelConfig) -> float:
+    """Model FLOPs of one training step per image: forward + backward = 3 x forward, 2 FLOPs per MAC."""
+    return 6.0 * forward_macs_per_image(cfg)
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, fp32, unlisted GPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, tf in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA) or peak resident set size of the process (CPU), GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except (ImportError, OSError):
+        return 0.0
+
+
+class MetricsLogger:
+    """Scalars to TensorBoard (`<out>/tb`) and `<out>/metrics.jsonl`; a no-op off rank 0."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(out / "tb"))
+            except ImportError as e:  # tensorboard is a declared dependency; keep training without it
+                print(f"warning: TensorBoard logging disabled ({e})", file=sys.stderr)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None

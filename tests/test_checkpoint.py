@@ -1,0 +1,273 @@
+"""Checkpoints: atomic saves, keep-last, async saves, official import/export, safe unpickling, weight loading."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import assert_bitwise_equal, checkpoint_tensors, make_image_folder, read_losses, tiny_argv
+
+from jit_fast.checkpoint import (
+    CheckpointError,
+    build_model_from_meta,
+    export_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_official_checkpoint,
+    load_weights,
+    official_param_order,
+    optimizer_from_official,
+    read_meta,
+    resolve_checkpoint,
+    safe_load,
+)
+from jit_fast.configs import model_config
+from jit_fast.model import JiT, official_state_dict_shapes
+from jit_fast.train import main
+
+TINY_MODEL = dict(depth=2, in_context_start=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "jit_fast_cache"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def run4(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Uninterrupted 4-step run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("run4")
+    assert main(tiny_argv(data, out, "--max-steps", "4", "--save-freq-steps", "2")) == 0
+    return out
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_latest(
+    data: Path, run4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A writer that dies midway (some bytes written, then an error) never becomes the checkpoint resume picks."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    out = tmp_path / "run"
+    original = FileSystemWriter.write_data
+    calls = {"n": 0}
+
+    def dying_writer(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second save (step 4): half a shard, then the disk "fills up"
+            Path(self.path, "__0_0.distcp").write_bytes(b"\x00" * 1000)
+            raise OSError(28, "No space left on device (simulated)")
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", dying_writer)
+    assert main(tiny_argv(data, out, "--max-steps", "4", "--save-freq-steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "saving checkpoint" in err and "No space left" in err and "step_000000002" in err
+    monkeypatch.setattr(FileSystemWriter, "write_data", original)
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    # resume picks step 2 and reaches the uninterrupted run's state exactly
+    assert main(tiny_argv(data, out, "--max-steps", "4", "--save-freq-steps", "2", "--resume", str(out))) == 0
+    assert_bitwise_equal(checkpoint_tensors(run4), checkpoint_tensors(out))
+
+
+def test_half_written_directories_are_never_resumed(run4: Path, tmp_path: Path) -> None:
+    """A crash mid-save leaves .tmp-step_N (or a step dir without meta.json): resume ignores it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    ck = run / "checkpoints"
+    shutil.copytree(ck / "step_000000004", ck / ".tmp-step_000000006")  # data written, never renamed
+    (ck / "step_000000008").mkdir()
+    (ck / "step_000000008" / ".metadata").write_bytes(b"partial")  # no meta.json: incomplete
+    assert resolve_checkpoint(run).path.name == "step_000000004"
+    assert latest_checkpoint(run).name == "step_000000004"
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        resolve_checkpoint(ck / "step_000000008")
+
+
+def test_keep_last_and_stale_tmp_cleanup(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-step_000000099").mkdir(parents=True)
+    assert main(tiny_argv(data, out, "--max-steps", "5", "--save-freq-steps", "1", "--keep-last", "2")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [4, 5]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    meta = read_meta(latest_checkpoint(out))
+    assert meta["model_meta"] == {"model": "JiT-T/4", "img_size": 16, "num_classes": 4,
+                                  "overrides": TINY_MODEL}
+    assert (meta["step"], meta["epoch"], meta["step_in_epoch"], meta["global_batch"]) == (5, 0, 5, 8)
+
+
+def test_async_save_matches_sync(data: Path, run4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "async"
+    assert main(tiny_argv(data, out, "--max-steps", "2", "--save-freq-steps", "2", "--async-save")) == 0
+    assert main(tiny_argv(data, out, "--max-steps", "4", "--save-freq-steps", "2", "--async-save",
+                          "--resume", str(out))) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert_bitwise_equal(checkpoint_tensors(run4), checkpoint_tensors(out))
+    assert read_losses(out) == read_losses(run4)
+
+
+# ------------------------------------------------------------------------------------------------
+# official interop
+
+
+def official_dict(cfg, epoch: int = 1, seed: int = 0) -> dict:
+    """An official-format checkpoint built from the official key list (random weights and AdamW state)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = official_state_dict_shapes(cfg)
+
+    def weights():
+        return {f"net.{k}": torch.randn(s, generator=g) for k, s in shapes.items()}
+
+    net = JiT(cfg)
+    named = [(n, p.shape, p.requires_grad) for n, p in net.named_parameters()]
+    order = official_param_order(named)
+    n_no_decay = sum(1 for n, s, rg in named if rg and (len(s) == 1 or n.endswith(".bias")))
+    state = {i: {"step": torch.tensor(float(7 * (epoch + 1))), "exp_avg": torch.randn(shapes[n], generator=g),
+                 "exp_avg_sq": torch.rand(shapes[n], generator=g)} for i, n in enumerate(order)}
+    group = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, amsgrad=False, maximize=False, foreach=None,
+                 capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
+    optimizer = {"state": state, "param_groups": [
+        {**group, "weight_decay": 0.0, "params": list(range(n_no_decay))},
+        {**group, "weight_decay": 0.0, "params": list(range(n_no_decay, len(order)))},
+    ]}
+    args = argparse.Namespace(model="JiT-T/4", img_size=cfg.input_size, class_num=cfg.num_classes,
+                              attn_dropout=0.0, proj_dropout=0.0, blr=5e-5, batch_size=8,
+                              jit_fast_overrides=dict(TINY_MODEL))
+    return {"model": weights(), "model_ema1": weights(), "model_ema2": weights(), "optimizer": optimizer,
+            "epoch": epoch, "args": args}
+
+
+def _assert_official_equal(a: dict, b: dict) -> None:
+    for key in ("model", "model_ema1", "model_ema2"):
+        assert a[key].keys() == b[key].keys()
+        bad = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not bad, f"{key}: {bad[:3]}"
+    assert a["epoch"] == b["epoch"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    groups = [[g["params"] for g in x["optimizer"]["param_groups"]] for x in (a, b)]
+    assert groups[0] == groups[1]
+
+
+def test_official_import_export_roundtrip_is_bitwise(data: Path, tmp_path: Path) -> None:
+    """official .pth -> train.py --resume (model, EMAs, AdamW state, epoch) -> DCP -> official .pth, bitwise."""
+    cfg = model_config("JiT-T/4", img_size=16, num_classes=4, **TINY_MODEL)
+    src = official_dict(cfg, epoch=1)
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save(src, path)
+    # resume from the official folder; no steps left to train: epoch 2 starts at step 2 * 8 = 16
+    out = tmp_path / "imported"
+    assert main(tiny_argv(data, out, "--max-steps", "16", "--resume", str(tmp_path))) == 0
+    meta = read_meta(latest_checkpoint(out))
+    assert (meta["step"], meta["epoch"], meta["step_in_epoch"]) == (16, 2, 0)
+    exported = export_checkpoint(out, tmp_path / "export" / "checkpoint-last.pth")
+    back = safe_load(exported)
+    _assert_official_equal(src, back)
+    assert back["args"].model == "JiT-T/4" and back["args"].class_num == 4
+    # and once more through the importer
+    again = tmp_path / "again"
+    assert main(tiny_argv(data, again, "--max-steps", "16", "--resume", str(exported))) == 0
+    _assert_official_equal(src, safe_load(export_checkpoint(again, tmp_path / "again.pth")))
+
+
+def test_official_import_keeps_training(data: Path, tmp_path: Path) -> None:
+    cfg = model_config("JiT-T/4", img_size=16, num_classes=4, **TINY_MODEL)
+    torch.save(official_dict(cfg, epoch=0), tmp_path / "checkpoint-last.pth")
+    out = tmp_path / "run"
+    assert main(tiny_argv(data, out, "--max-steps", "10", "--resume", str(tmp_path / "checkpoint-last.pth"))) == 0
+    assert sorted(read_losses(out)) == [9, 10]
+
+
+def test_optimizer_import_only_where_shapes_allow() -> None:
+    cfg = model_config("JiT-T/4", img_size=16, num_classes=4, **TINY_MODEL)
+    src = official_dict(cfg)
+    other = JiT(model_config("JiT-T/4", img_size=16, num_classes=5, **TINY_MODEL))
+    named = [(n, p.shape, p.requires_grad) for n, p in other.named_parameters()]
+    osd, why = optimizer_from_official(src["optimizer"], named)
+    assert osd is None and "y_embedder.embedding_table.weight" in why
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_disallowed_global_is_refused(data: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "epoch": 0, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused to load .*allow-list"):
+        load_official_checkpoint(path)
+    assert main(tiny_argv(data, tmp_path / "o", "--resume", str(path))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: refused to load")
+    # plain pickle of a global outside the allow-list, too
+    p2 = tmp_path / "evil2.pth"
+    with open(p2, "wb") as f:
+        pickle.dump({"model": {}, "x": Evil()}, f, protocol=2)
+    with pytest.raises(CheckpointError):
+        safe_load(p2)
+
+
+def test_load_weights_from_every_kind(run4: Path, tmp_path: Path) -> None:
+    """DCP dir, run dir, official .pth and safetensors give the same weights and enough metadata to rebuild."""
+    ref = checkpoint_tensors(run4)
+    pth = export_checkpoint(run4, tmp_path / "ckpt.pth")
+    st = export_checkpoint(run4, tmp_path / "ema1.safetensors", "ema1")
+    st2 = export_checkpoint(run4, tmp_path / "ema2.safetensors", "ema2")
+    for which in ("ema1", "ema2", "model"):
+        want = {k.split("/", 1)[1]: v for k, v in ref.items() if k.startswith(which + "/")}
+        sources = [run4, latest_checkpoint(run4), pth] + ([st] if which == "ema1" else [st2] if which == "ema2" else [])
+        for src in sources:
+            sd, meta = load_weights(src, which)
+            assert sd.keys() == want.keys(), src
+            assert all(torch.equal(sd[k], want[k]) for k in sd), (src, which)
+            assert (meta["model"], meta["img_size"], meta["num_classes"]) == ("JiT-T/4", 16, 4), (src, meta)
+            assert meta["overrides"].get("depth") == 2
+    with pytest.raises(CheckpointError, match="holds the ema1 weights"):
+        load_weights(st, "ema2")
+    net, meta = load_model(st)
+    z, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 3])
+    net2 = build_model_from_meta(meta)
+    net2.load_state_dict(load_weights(run4, "ema1")[0])
+    assert torch.equal(net(z, t, y), net2.eval()(z, t, y))
+    assert meta["step"] == 4 and load_weights(pth)[1]["epoch"] == -1  # official: no epoch finished yet
+
+
+def test_export_cli(run4: Path, tmp_path: Path) -> None:
+    from jit_fast.checkpoint import main as ckpt_main
+
+    assert ckpt_main([str(run4), str(tmp_path / "w.safetensors"), "--which", "ema2"]) == 0
+    assert ckpt_main([str(tmp_path / "missing"), str(tmp_path / "w.pth")]) == 2
+    assert ckpt_main([str(run4), str(tmp_path / "w.npz")]) == 2
+
+
+def test_ema_matches_the_closed_form_recurrence(data: Path, tmp_path: Path) -> None:
+    """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i over the parameters after each step (float64 reference)."""
+    from jit_fast.distributed import DistEnv, full_tensor
+    from jit_fast.train import Trainer, parse_config
+
+    cfg, explicit = parse_config(tiny_argv(data, tmp_path / "ema", "--max-steps", "6"))
+    tr = Trainer(cfg, DistEnv(), explicit)
+    history = [[full_tensor(p).detach().double().clone() for p in tr.params]]
+    tr.run(step_callback=lambda t: history.append([full_tensor(p).detach().double().clone() for p in t.params]))
+    for ema in (tr.ema1, tr.ema2):
+        d = ema.decay
+        k = len(history) - 1
+        for j, s in enumerate(ema.shadow):
+            ref = d**k * history[0][j] + sum((1 - d) * d ** (k - i) * history[i][j] for i in range(1, k + 1))
+            torch.testing.assert_close(s.double(), ref, rtol=1e-6, atol=1e-6)

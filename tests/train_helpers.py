@@ -1,0 +1,114 @@
+"""Shared helpers of the training, checkpoint and distributed tests: tiny data, tiny runs, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny JiT (2 blocks, 16 px, in-context tokens from block 1) on 4 classes x 16 JPEGs (64 images):
+# 8 samples per global batch gives 8 steps per epoch, so 20 steps cross two epoch boundaries.
+TINY = [
+    "--model", "JiT-T/4", "--model-arg", "depth=2", "--model-arg", "in_context_start=1", "--img-size", "16",
+    "--data-backend", "torch", "--num-workers", "0", "--lr", "1e-3", "--warmup-epochs", "1",
+    "--ema-decay1", "0.9", "--ema-decay2", "0.5", "--log-freq", "1", "--no-tensorboard", "--batch-size", "8",
+]
+
+
+def make_image_folder(root: Path, classes: int = 4, per_class: int = 16, size: int = 20, seed: int = 0) -> Path:
+    """A small JPEG ImageFolder with class-dependent colors; returns its root."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.array([(c * 60) % 256, (c * 110 + 40) % 256, (255 - c * 50) % 256], dtype=np.float64)
+            arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+def tiny_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data-path", str(data), "--output-dir", str(out), *extra]
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl (log_freq 1)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        out[d["step"]] = d["loss"]
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model, optimizer, both EMAs) as full CPU tensors."""
+    from jit_fast.checkpoint import latest_checkpoint, load_dcp_keys
+
+    ckpt = Path(ckpt)
+    if not (ckpt / ".metadata").is_file():
+        ckpt = latest_checkpoint(ckpt)
+    return flatten(load_dcp_keys(ckpt, {"model", "optim", "ema1", "ema2"}))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+    assert any(k.startswith("optim/state/") for k in a) and any(k.startswith("ema2/") for k in a)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(cache: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.pop("TRITON_INTERPRET", None)
+    if cache is not None:
+        env["JIT_FAST_CACHE"] = str(cache)
+    env.update(extra)
+    return env
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 300,
+             launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc_per_node=nproc <args>` on a free 127.0.0.1 port (cwd = repo root)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *launcher_args, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py <args>` in a subprocess (cwd = repo root)."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env or subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def describe(p: subprocess.CompletedProcess) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
