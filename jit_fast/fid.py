@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import urllib.error
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from unittest import mock
@@ -399,17 +400,43 @@ def features_of_files(
             progress(len(batch))
 
 
+class NpzRows:
+    """Rows of one array inside an .npz read on demand (the file is never loaded whole)."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.zip = zipfile.ZipFile(path)
+        self.f = self.zip.open(key + ".npy")
+        version = np.lib.format.read_magic(self.f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = read(self.f)
+        if fortran:
+            raise StatsError(f"{path}: '{key}' is stored in Fortran order")
+        self.offset = self.f.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.f.seek(self.offset + start * self.row_bytes)
+        buf = self.f.read((stop - start) * self.row_bytes)
+        return np.frombuffer(buf, self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def close(self) -> None:
+        self.f.close()
+        self.zip.close()
+
+
 def _features_of_npz_images(acc: FeatureAccumulator, path: Path, key: str) -> None:
     rank, world = dist_info()
-    with np.load(path, mmap_mode="r", allow_pickle=False) as data:
-        images = data[key]
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise StatsError(f"{path}: '{key}' must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-        bs = acc.batch_size
-        n_batches = -(-images.shape[0] // bs)
-        lo, hi = rank * n_batches // world * bs, min((rank + 1) * n_batches // world * bs, images.shape[0])
+    rows = NpzRows(path, key)
+    try:
+        if rows.dtype != np.uint8 or len(rows.shape) != 4:
+            raise StatsError(f"{path}: '{key}' must be uint8 images (N, H, W, 3), got {rows.dtype} {rows.shape}")
+        bs, n = acc.batch_size, rows.shape[0]
+        n_batches = -(-n // bs)
+        lo, hi = rank * n_batches // world * bs, min((rank + 1) * n_batches // world * bs, n)
         for s in range(lo, hi, bs):
-            acc.add(np.asarray(images[s : min(s + bs, hi)]), s)
+            acc.add(rows.read(s, min(s + bs, hi)).copy(), s)
+    finally:
+        rows.close()
 
 
 def reference_stats(

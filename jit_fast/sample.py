@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import queue
@@ -273,10 +274,10 @@ class _Writer:
             raise self.error
         self.q.put(job)
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
         self.q.put(None)
         self.thread.join()
-        if self.error is not None:
+        if self.error is not None and raise_error:
             raise self.error
 
 
@@ -419,10 +420,10 @@ class Evaluator:
                 if a.png:
                     writer.put(lambda im=images, st=st: _write_pngs(png_dir, im, st))
                 bar.update(min((en - st) * world, bar.total - bar.n))
-            writer.close()
         finally:
             noises.close()
             bar.close()
+            writer.close(raise_error=sys.exc_info()[0] is None)  # finished chunks reach disk even if interrupted
         seconds = time.perf_counter() - t0
         counts = torch.tensor([generated, resumed], dtype=torch.float64)
         t_max = torch.tensor([seconds], dtype=torch.float64)
@@ -464,12 +465,8 @@ class Evaluator:
             if a.npz_keys in ("both", "adm"):
                 arrays |= {"arr_0": img, "arr_1": lab}
             write_npz_streaming(out / "samples.npz", arrays)
-        first: list[np.ndarray] = []
-        for block in parts("images")():
-            first.append(block[: 64 - sum(len(b) for b in first)])
-            if sum(len(b) for b in first) >= 64:
-                break
-        save_grid(np.concatenate(first), out / "grid.png")
+        first = itertools.islice(parts("images")(), -(-64 // a.batch_size))  # chunks holding images 0..63
+        save_grid(np.concatenate(list(first))[:64], out / "grid.png")
         metrics: dict = {"num_images": a.num_images}
         if feats is not None:
             if feats[fid.POOL].shape[0] != a.num_images:

@@ -157,15 +157,19 @@ def _features(ext, folder: Path) -> torch.Tensor:
     return acc.gather()[fid.POOL]
 
 
-def test_images_npz_reference_equals_folder_reference(tmp_path):
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_images_npz_reference_equals_folder_reference(tmp_path, save):
     images = crops(photos(), 9, 40, seed=2, augment=False)
     folder = write_pngs(tmp_path / "ref", images)
-    np.savez(tmp_path / "ref.npz", arr_0=images)
+    save(tmp_path / "ref.npz", arr_0=images, arr_1=np.arange(9))  # an ADM-style sample batch
     ext = FakeInception()
     make = lambda: fid.FeatureAccumulator(ext, 4)  # noqa: E731
     a = fid.reference_stats(folder, make, "w", cache_dir=tmp_path / "c")
     b = fid.reference_stats(tmp_path / "ref.npz", make, "w", cache_dir=tmp_path / "c")
     assert np.array_equal(a["mu"], b["mu"]) and np.array_equal(a["sigma"], b["sigma"])
+    rows = fid.NpzRows(tmp_path / "ref.npz", "arr_0")
+    assert np.array_equal(rows.read(3, 7), images[3:7]) and np.array_equal(rows.read(0, 2), images[:2])
+    rows.close()
 
 
 def test_stats_file_roundtrip_and_fid_values(tmp_path):

@@ -199,3 +199,25 @@ def test_demo_preset_calls_the_demo_evaluation(ckpt, tmp_path, monkeypatch, caps
     assert sample_mod.main(["--preset", "demo", "--ckpt", str(ckpt), "--out", str(tmp_path / "d"), "--cfg", "3",
                             "--steps", "4"]) == 0
     assert seen["cfg"] == 3.0 and seen["steps"] == 4
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_eager_samples(ckpt, tmp_path):
+    """--compile (inductor on CPU here; inside the CUDA graphs on a GPU) keeps the uint8 samples."""
+    extra = ["--no-metrics", "--num-images", "6", "--batch-size", "3", "--steps", "2"]
+    assert sample_mod.main(base_args(ckpt, tmp_path / "eager", *extra)) == 0
+    assert sample_mod.main(base_args(ckpt, tmp_path / "compiled", *extra, "--compile")) == 0
+    eager = load_npz(tmp_path / "eager" / "samples.npz")["images"].astype(int)
+    compiled = load_npz(tmp_path / "compiled" / "samples.npz")["images"].astype(int)
+    assert np.abs(eager - compiled).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_cli_equals_eager_cli_on_gpu(ckpt, tmp_path):
+    extra = ["--no-metrics", "--device", "cuda", "--num-images", "20"]
+    assert sample_mod.main(base_args(ckpt, tmp_path / "graph", *extra)) == 0
+    assert sample_mod.main(base_args(ckpt, tmp_path / "eager", *extra, "--no-cuda-graph")) == 0
+    graph, eager = (load_npz(tmp_path / d / "samples.npz") for d in ("graph", "eager"))
+    assert json.loads((tmp_path / "graph" / "metrics.json").read_text())["timing"]["cuda_graph"] is True
+    assert np.array_equal(graph["images"], eager["images"])

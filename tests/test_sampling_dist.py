@@ -96,8 +96,13 @@ def test_two_rank_metrics_equal_one_rank_and_torch_fidelity(ckpt, tmp_path):
     m2 = json.loads((tmp_path / "w2" / "metrics.json").read_text())["metrics"]
     m1 = json.loads((tmp_path / "w1" / "metrics.json").read_text())["metrics"]
     assert m1 == m2
-    theirs = torch_fidelity.calculate_metrics(
-        input1=str(tmp_path / "w1" / "images"), input2=str(ref), cuda=False, isc=True, fid=True, verbose=False,
-        cache=False, save_cpu_ram=True, batch_size=4, feature_extractor_weights_path=str(weights))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank: CPU convolutions may round differently per thread count
+    try:
+        theirs = torch_fidelity.calculate_metrics(
+            input1=str(tmp_path / "w1" / "images"), input2=str(ref), cuda=False, isc=True, fid=True, verbose=False,
+            cache=False, save_cpu_ram=True, batch_size=4, feature_extractor_weights_path=str(weights))
+    finally:
+        torch.set_num_threads(threads)
     assert m1["fid"] == pytest.approx(theirs["frechet_inception_distance"], abs=1e-6, rel=0)
     assert m1["inception_score_mean"] == pytest.approx(theirs["inception_score_mean"], abs=1e-6, rel=0)
