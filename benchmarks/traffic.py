@@ -244,9 +244,10 @@ def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) ->
     partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * 4 * d * 4
     per_sample_row = b * d * 4
     copies = 2 + (gate is not None)
-    launches = 2 + copies + (weight.dtype != torch.float32)
-    read = partials + per_sample_row * (1 + copies)
-    return launches, read, partials + 4 * per_sample_row
+    weight_cast = (weight.dtype != torch.float32) * d * 4  # fp32 dweight sum written, then read by its cast
+    launches = 2 + copies + bool(weight_cast)
+    read = partials + per_sample_row * (1 + copies) + weight_cast
+    return launches, read, partials + 4 * per_sample_row + weight_cast
 
 
 def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
@@ -506,6 +507,14 @@ def _pop(stack: list[str]) -> None:
 # Counting entry points.
 
 
+def cast_parameters(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Give every parameter (not the buffers) `dtype`, as FSDP2's MixedPrecisionPolicy(param_dtype) does."""
+    if dtype is not None:
+        for p in net.parameters():
+            p.data = p.data.to(dtype)
+    return net
+
+
 def _constants(net: torch.nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
@@ -579,6 +588,7 @@ def count_block(
     autocast: bool = True,
     fake: bool = True,
     launchers: bool = False,
+    param_dtype: torch.dtype | None = None,
     **overrides,
 ) -> Count:
     """Count one JiT block forward (and backward) at full shape for the eager or fused path.
@@ -586,12 +596,14 @@ def count_block(
     `fake=False` runs real CPU tensors instead of fake ones (same op stream; used to validate the fake run).
     `launchers=True` (fused path, fake tensors) replaces the opaque custom ops by the CUDA launch helpers
     and records every Triton launch and helper aten op (used to validate `FUSED_INTERNALS`).
+    `param_dtype=torch.bfloat16` computes with bf16 parameters, as FSDP2's bf16 gather does in
+    multi-GPU training (see `cast_parameters`).
     """
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     idx = block_index(cfg, which)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with FakeTensorMode() if fake else contextlib.nullcontext(), flash_attention_standin():
-        net = jit_model.JiT(cfg).train()
+        net = cast_parameters(jit_model.JiT(cfg).train(), param_dtype)
         block = net.blocks[idx]
         with amp:
             args, kwargs = capture_block_inputs(net, idx, batch)
@@ -618,7 +630,7 @@ def count_block(
     n_tokens = args[0].shape[1]
     meta = dict(kind="block", model=model, path=path, batch=batch, img_size=img_size, block=idx, which=which,
                 tokens=n_tokens, hidden=cfg.hidden_size, heads=cfg.num_heads, depth=cfg.depth,
-                autocast="bf16" if autocast else "off")
+                autocast="bf16" if autocast else "off", params=str(param_dtype or torch.float32))
     return _finish(counter, meta)
 
 
@@ -641,15 +653,20 @@ def count_train_step(
     batch: int = 128,
     img_size: int = 256,
     optimizer: bool = True,
+    param_dtype: torch.dtype | None = None,
     **overrides,
 ) -> Count:
-    """Count a whole train step: flow-matching loss forward, backward, fused AdamW and two EMA updates."""
+    """Count a whole train step: flow-matching loss forward, backward, fused AdamW and two EMA updates.
+
+    With `param_dtype` the forward and backward use parameters of that dtype (FSDP2's bf16 gather); the
+    optimizer phase is then not counted, since FSDP2 steps its fp32 shards (not modeled here).
+    """
     from jit_fast.denoiser import flow_matching_loss
     from jit_fast.ema import EMA
 
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     with FakeTensorMode(), flash_attention_standin():
-        net = jit_model.JiT(cfg).train()
+        net = cast_parameters(jit_model.JiT(cfg).train(), param_dtype)
         params = [p for p in net.parameters() if p.requires_grad]
         x, t, y = model_batch(cfg, batch)
         counter = TrafficCounter(_constants(net))
@@ -663,7 +680,7 @@ def count_train_step(
         counter.phase = "bwd"
         with counter:
             loss.backward()
-        if optimizer:
+        if optimizer and param_dtype is None:
             opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
             emas = [EMA(params, 0.9999), EMA(params, 0.9996)]
             opt.step()
@@ -674,8 +691,8 @@ def count_train_step(
                     ema.update(params)
     meta = dict(kind="train_step", model=model, path=path, batch=batch, img_size=img_size,
                 tokens=cfg.grid_size**2 + cfg.in_context_len, hidden=cfg.hidden_size, depth=cfg.depth,
-                params=sum(p.numel() for p in params), autocast="bf16", optimizer="AdamW(fused) + 2 EMA" if optimizer
-                else "none")
+                params=sum(p.numel() for p in params), autocast="bf16", param_dtype=str(param_dtype or torch.float32),
+                optimizer="AdamW(fused) + 2 EMA" if optimizer and param_dtype is None else "none")
     return _finish(counter, meta)
 
 
