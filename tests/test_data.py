@@ -186,7 +186,7 @@ def test_dali_gpu_graph_is_well_formed() -> None:
 
 def test_flips_identical_between_backends(small_root: Path) -> None:
     kw = dict(img_size=64, batch_size=4, shuffle=True, flip=True, seed=3, output="uint8", index_cache=False)
-    ld = build_loader(small_root, backend="dali", num_workers=1, **kw)
+    ld = build_loader(small_root, backend="dali", num_workers=0, **kw)  # 0 workers: one DALI thread
     lt = build_loader(small_root, backend="torch", num_workers=0, **kw)
     ref = build_loader(small_root, backend="torch", num_workers=0, **{**kw, "flip": False})
     plan = lt.plan()

@@ -74,7 +74,12 @@ class ImageLoader:
             from .dali_backend import DaliBackend
 
             self.backend = DaliBackend(
-                index, img_size, batch_size=batch_size, num_threads=threads, prefetch=prefetch, device=self.device
+                index,
+                img_size,
+                batch_size=batch_size,
+                num_threads=max(1, threads),
+                prefetch=prefetch,
+                device=self.device,
             )
         else:
             raise ValueError(f"unknown data backend {backend!r} (use 'dali' or 'torch')")
@@ -183,7 +188,8 @@ def build_loader(
 ) -> ImageLoader:
     """Loader over ImageFolder `root` (class folders) yielding (B,3,S,S) images ([-1,1] float or uint8), labels.
 
-    backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch) or DALI threads;
+    backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch; 0 loads in
+    the main process) or DALI threads (at least 1);
     cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB.
     """
     index = _shared_index(root, num_workers, index_cache)
