@@ -410,6 +410,21 @@ def test_file_broken_after_validation_is_skipped(small_root: Path, tmp_path: Pat
     assert ys[1].tolist() == [loader.index.labels[i] for i in (5, 7, 7, 8, 9)]
 
 
+def test_dali_raises_on_systematic_failure(small_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(small_root, root)
+    kw = dict(img_size=32, batch_size=4, shuffle=False, flip=False, index_cache=False, num_workers=1)
+    loader = build_loader(root, backend="dali", **kw)
+    for i in (0, 4, 8, 12):  # every batch has a broken file: not the single-bad-file case
+        Path(loader.index.paths[i]).write_bytes(b"broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="consecutive batches"):
+            _run_with_timeout(lambda: collect(loader), 120)
+
+
 def test_index_cache_skips_revalidation(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 

@@ -19,6 +19,8 @@ from .index import FolderIndex, probe_image
 from .order import EpochPlan
 from .torch_backend import CropDataset
 
+_MAX_CONSECUTIVE_FAILURES = 3
+
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
     from nvidia.dali.pipeline import Pipeline
@@ -183,15 +185,19 @@ class DaliBackend:
 
         A batch DALI fails on (a file broken after validation) is produced by the PIL reference instead,
         with a warning naming the files; the pipeline is rebuilt and continues with the next batch.
+        Failures on several consecutive batches are not a bad file and are raised.
         """
-        done = 0
+        done, failures = 0, 0
         while done < len(plan):
             try:
                 for batch in self._run(plan.tail(done)):
-                    done += 1
+                    done, failures = done + 1, 0
                     yield batch
             except RuntimeError as exc:
                 self.iterator, self.clean = None, False
+                failures += 1
+                if failures > _MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(f"DALI failed on {failures} consecutive batches") from exc
                 yield self._reference_batch(plan.indices[done], plan.flips[done], exc)
                 done += 1
 
