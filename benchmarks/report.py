@@ -116,8 +116,10 @@ def _counted_blocks(res: dict) -> list[str]:
             f"{_pct(c['saved_ratio'])}",
         ])
     return [
-        f"Standard block (in-context tokens, pending residual in, no dropout), batch {res['batch']}, bf16 autocast; "
-        "a \"dropout block\" is one in the range where the preset trains with dropout (not fused in either path). "
+        f"Standard block (in-context tokens, pending residual in, no dropout), batch {res['batch']}, bf16 autocast "
+        "with fp32 parameters (single-GPU training); \"bf16 params\": parameters gathered in bf16 as FSDP2 does in "
+        "multi-GPU training (no autocast weight casts); \"dropout block\": one in the range where the preset trains "
+        "with dropout (not fused in either path). "
         "Non-GEMM bytes exclude GEMMs and attention (identical in both paths); GB = 1e9 bytes.",
         _table(["model", "path", "launches fwd", "launches bwd", "non-GEMM GB fwd", "non-GEMM GB bwd",
                 "non-GEMM B / token / hidden (fwd / bwd)", "saved activations GB"], rows),

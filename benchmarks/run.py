@@ -55,17 +55,23 @@ def _git_commit() -> str:
 
 
 def block_section(models: list[tuple[str, int]], batch: int) -> dict:
-    """Counted eager/fused block traffic per model (standard block; also a dropout block where the preset
-    trains with dropout), their ratios and the modeled block times. Keys: model, or "model (dropout block)"."""
+    """Counted eager/fused block traffic per model, their ratios and the modeled block times.
+
+    Keys: "model" (standard block, fp32 parameters under bf16 autocast: single-GPU training),
+    "model (bf16 params)" (parameters gathered in bf16 by FSDP2: multi-GPU training) and, for presets
+    that train with dropout, "model (dropout block)".
+    """
     out = {}
     for model, size in models:
-        kinds = ["standard"] + (["dropout"] if model_config(model, img_size=size).attn_drop > 0 else [])
-        for which in kinds:
-            eager = count_block(model, "eager", batch, size, which=which)
-            fused = count_block(model, "fused", batch, size, which=which)
-            key = model if which == "standard" else f"{model} ({which} block)"
-            out[key] = dict(img_size=size, which=which, eager=eager.summary(), fused=fused.summary(),
-                            compare=compare(eager, fused), projection=speedup_table({"eager": eager, "fused": fused}))
+        variants = [("standard", None, model), ("standard", torch.bfloat16, f"{model} (bf16 params)")]
+        if model_config(model, img_size=size).attn_drop > 0:
+            variants.append(("dropout", None, f"{model} (dropout block)"))
+        for which, param_dtype, key in variants:
+            eager = count_block(model, "eager", batch, size, which=which, param_dtype=param_dtype)
+            fused = count_block(model, "fused", batch, size, which=which, param_dtype=param_dtype)
+            out[key] = dict(img_size=size, which=which, params=str(param_dtype or torch.float32),
+                            eager=eager.summary(), fused=fused.summary(), compare=compare(eager, fused),
+                            projection=speedup_table({"eager": eager, "fused": fused}))
     return out
 
 

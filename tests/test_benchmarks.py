@@ -72,7 +72,9 @@ def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
                      "--out", str(tmp_path)]) == 0
     (js,) = tmp_path.glob("*.json")
     res = json.loads(js.read_text())
-    assert set(res["modeled"]["blocks"]) == {"JiT-T/4", *run.BLOCK_MODELS, "JiT-H/16 (dropout block)"}
+    standard = {"JiT-T/4", *run.BLOCK_MODELS}
+    expected = standard | {f"{b} (bf16 params)" for b in standard} | {"JiT-H/16 (dropout block)"}
+    assert set(res["modeled"]["blocks"]) == expected
     md = js.with_suffix(".md").read_text()
     if not torch.cuda.is_available():
         assert "GPU timings: not taken" in md and "Measured on **" not in md
