@@ -503,3 +503,16 @@ def test_prepare_tool_is_exact_and_resumable(photo_root: Path, tmp_path: Path) -
     xd, _ = next(iter(build_loader(dst, backend="dali", **kw)))
     xt, _ = next(iter(build_loader(dst, backend="torch", **kw)))
     assert torch.equal(xt, xd)  # pre-cropped PNGs: both backends reproduce the stored crop exactly
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    import argparse
+
+    from benchmarks.data import make_synthetic, measure
+
+    root = make_synthetic(tmp_path / "syn", 24, classes=3)
+    build_index(root)
+    args = argparse.Namespace(img_size=64, batch_size=4, workers=1, batches=3, warmup=1)
+    for backend in ("dali", "torch"):
+        rate, cpu_ms = measure(str(root), backend, args)
+        assert rate > 0 and cpu_ms > 0
