@@ -16,17 +16,34 @@ from .order import EpochPlan
 
 def decode_all(index: FolderIndex, size: int) -> torch.Tensor:
     """Every image of the index ADM-cropped into one uint8 (N, 3, S, S) tensor (small datasets only)."""
-    out = torch.empty((len(index), 3, size, size), dtype=torch.uint8)
+    out = np.empty((len(index), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(index.paths):
-        out[i] = torch.from_numpy(center_crop(path, size)).permute(2, 0, 1)
-    return out
+        out[i] = center_crop(path, size).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+class PathTable:
+    """Paths packed in one bytes blob: forked DataLoader workers share it without refcount copy-on-write."""
+
+    def __init__(self, paths: list[str]) -> None:
+        encoded = [p.encode() for p in paths]
+        self.blob = b"".join(encoded)
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].decode()
 
 
 class CropDataset(Dataset):
     """Maps (index, flip) to a cropped, optionally flipped uint8 CHW tensor and its label."""
 
     def __init__(self, index: FolderIndex, size: int) -> None:
-        self.paths, self.labels, self.size = index.paths, index.labels, size
+        self.paths = PathTable(index.paths)
+        self.labels = np.asarray(index.labels, dtype=np.int64)
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,7 +61,7 @@ class CropDataset(Dataset):
             raise RuntimeError("no readable image left")
         if flip:
             arr = arr[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), self.labels[j]
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(self.labels[j])
 
 
 class _PlanSampler:
