@@ -324,9 +324,7 @@ class Evaluator:
         self.rank, self.world, self.device = rank, world, device
         self.ckpt_info = ckpt_info
         self.mcfg = net.cfg
-        self.noise_scale = float(args.noise_scale if args.noise_scale is not None
-                                 else meta.get("noise_scale") or (2.0 if self.mcfg.input_size >= 512 else 1.0))
-        self.t_eps = float(args.t_eps if args.t_eps is not None else meta.get("t_eps") or 0.05)
+        self.noise_scale, self.t_eps = recipe(args, meta, self.mcfg)
         self.amp_dtype = resolve_precision(args.precision, device)
         runner = torch.compile(net, dynamic=False) if args.compile else net
         self.sampler = StaticSampler(
@@ -512,6 +510,14 @@ def _progress(total: int, rank: int, desc: str):
                 file=sys.stderr)
 
 
+def recipe(a: argparse.Namespace, meta: dict, mcfg) -> tuple[float, float]:
+    """(noise_scale, t_eps): the flag, else the checkpoint's recipe, else 1.0 (2.0 at >= 512 px) and 0.05."""
+    noise_scale = a.noise_scale if a.noise_scale is not None else meta.get("noise_scale")
+    t_eps = a.t_eps if a.t_eps is not None else meta.get("t_eps")
+    return (float(noise_scale if noise_scale is not None else (2.0 if mcfg.input_size >= 512 else 1.0)),
+            float(t_eps if t_eps is not None else 0.05))
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: auto = bf16 on CUDA (the official evaluation), fp32 (None) on CPU."""
     if precision == "auto":
@@ -641,7 +647,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     swap_weights(net, sd)
     del sd
     if a.preset == "demo":
-        return [run_demo(a, net, device, rank)]
+        return [run_demo(a, net, device, rank, meta)]
     source = Path(meta.get("source", a.ckpt))
     sha = fid.broadcast_object(checkpoint_sha256(source) if rank == 0 else None)
     ckpt_info = {"path": str(source), "kind": meta.get("kind"), "sha256": sha,
@@ -688,17 +694,16 @@ def write_sweep(out: Path, rows: list[dict]) -> None:
               f"({key} {best['metrics'][key]:.4f})", flush=True)
 
 
-def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int) -> dict | None:
+def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int, meta: dict) -> dict | None:
     """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
     try:
         from jit_fast.demo_eval import evaluate_demo
     except ImportError as e:
         raise UsageError(f"--preset demo needs jit_fast.demo_eval ({e})") from None
-    cfg = net.cfg
+    noise_scale, t_eps = recipe(a, meta, net.cfg)
     offer = dict(cfg=a.cfg[0], interval=tuple(a.interval), steps=a.steps, solver=a.solver, seed=a.seed,
-                 num_classes=cfg.num_classes, img_size=cfg.input_size, device=device,
-                 noise_scale=a.noise_scale if a.noise_scale is not None else 1.0,
-                 t_eps=a.t_eps if a.t_eps is not None else 0.05)
+                 num_classes=net.cfg.num_classes, img_size=net.cfg.input_size, device=device,
+                 noise_scale=noise_scale, t_eps=t_eps)
     if a.num_images_given:
         offer["num_images"] = a.num_images
     params = inspect.signature(evaluate_demo).parameters

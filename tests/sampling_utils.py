@@ -29,12 +29,12 @@ def tiny_net(seed: int = 0) -> jit_fast.JiT:
     return net.eval()
 
 
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+def tiny_checkpoint(path: Path, seed: int = 0, noise_scale: float = 1.0) -> Path:
     """Official-layout .pth with distinct model / ema1 / ema2 weights and the official `args`."""
     sd = tiny_net(seed).state_dict()
     ema1 = {k: v + 0.01 for k, v in sd.items()}
     ema2 = {k: v - 0.01 for k, v in sd.items()}
-    args = argparse.Namespace(model="JiT-T/4", img_size=IMG, class_num=CLASSES, noise_scale=1.0)
+    args = argparse.Namespace(model="JiT-T/4", img_size=IMG, class_num=CLASSES, noise_scale=noise_scale)
     export_official_checkpoint(path, sd, ema1, ema2, 1, args)
     return path
 

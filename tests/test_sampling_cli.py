@@ -142,6 +142,16 @@ def test_overwrite_discards_chunks_of_another_run(ckpt, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["config"]["cfg"] == 2.0
 
 
+def test_recipe_comes_from_the_checkpoint_unless_given(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "ns.pth", noise_scale=2.5)
+    assert sample_mod.main(base_args(ck, tmp_path / "a", "--no-metrics", "--num-images", "2")) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["config"]["noise_scale"] == 2.5
+    assert sample_mod.main(base_args(ck, tmp_path / "b", "--no-metrics", "--num-images", "2",
+                                     "--noise-scale", "1.25", "--t-eps", "0.1")) == 0
+    config = json.loads((tmp_path / "b" / "metrics.json").read_text())["config"]
+    assert config["noise_scale"] == 1.25 and config["t_eps"] == 0.1
+
+
 def test_bad_fid_reference_fails_before_sampling(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
     monkeypatch.setattr(StaticSampler, "run", lambda *a, **k: pytest.fail("sampled despite a bad reference"))
