@@ -11,7 +11,7 @@ An official JiT checkpoint (`checkpoint-last.pth`) is a pickle holding `model`,
 `model_ema1`, `model_ema2` (keys prefixed "net."), `optimizer`, `epoch` and the argparse
 `args`. It is loaded weights-only with an allow-list for that Namespace.
 
-``python -m jit_fast.checkpoint SRC DST [--which ema1]`` converts between the formats
+``python -m jit_fast.export SRC DST [--which ema1]`` converts between the formats
 (DST ending in .safetensors or .pth).
 """
 
@@ -689,25 +689,3 @@ def export_checkpoint(src: str | Path, dst: str | Path, which: str = "ema1") -> 
 
 def _model_meta(meta: dict) -> dict:
     return {k: meta[k] for k in ("model", "img_size", "num_classes", "overrides", *_RECIPE_KEYS) if k in meta}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jit_fast.checkpoint",
-        description="Convert a jit_fast / official JiT checkpoint to .safetensors (one weight set) or official .pth.",
-    )
-    p.add_argument("src", help="run dir, checkpoint dir, official .pth or .safetensors")
-    p.add_argument("dst", help="output file: *.safetensors or *.pth")
-    p.add_argument("--which", "--ema", default="ema1", choices=WEIGHT_SETS, help="weight set for .safetensors")
-    a = p.parse_args(argv)
-    try:
-        out = export_checkpoint(a.src, a.dst, a.which)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -218,11 +218,15 @@ def prepare_model(
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # Inputs are not cast: autocast decides op dtypes exactly as on the unsharded path and t stays fp32.
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    # The root's own parameters (embedders, pos_embed, in-context tokens, final layer; ~3% of JiT-B)
+    # are gathered in fp32: as under plain autocast, pos_embed and the label embedding then keep the
+    # residual stream and the conditioning in fp32 (a bf16 pos_embed would make the stream bf16).
+    root_mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     n = len(blocks)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -249,7 +249,7 @@ def test_load_weights_from_every_kind(run4: Path, tmp_path: Path) -> None:
 
 
 def test_export_cli(run4: Path, tmp_path: Path) -> None:
-    from jit_fast.checkpoint import main as ckpt_main
+    from jit_fast.export import main as ckpt_main
 
     assert ckpt_main([str(run4), str(tmp_path / "w.safetensors"), "--which", "ema2"]) == 0
     assert ckpt_main([str(tmp_path / "missing"), str(tmp_path / "w.pth")]) == 2

@@ -182,10 +182,10 @@ def test_sigterm_to_torchrun_checkpoints_and_exits(data: Path, cache: Path, tmp_
 
 @pytest.mark.slow
 def test_bf16_fsdp_tolerance(data: Path, cache: Path, tmp_path: Path) -> None:
-    """bf16 parameters (MixedPrecisionPolicy bf16 / reduce fp32) under CPU autocast: 2 ranks vs 1 rank.
+    """bf16 block parameters (MixedPrecisionPolicy bf16 / reduce fp32) under CPU autocast: 2 ranks vs 1 rank.
 
-    Measured on CPU gloo over 20 steps: max relative loss difference 5.7e-5 (2 ranks vs a 1-rank FSDP2
-    world) and 7e-4 (vs 1-rank plain autocast with fp32 weights); docs/TRAINING.md states 2e-4 and 2e-3.
+    Measured on CPU gloo over 20 steps: max relative loss difference 3.9e-5 (2 ranks vs a 1-rank FSDP2
+    world) and 3.4e-5 (vs 1-rank plain autocast with fp32 weights); docs/TRAINING.md states rtol 2e-4.
     """
     out2, out1, out1p = tmp_path / "b2", tmp_path / "b1", tmp_path / "b1p"
     p = torchrun(["train.py", *two_rank_args(data, out2, "--precision", "bf16")], env=subprocess_env(cache))
@@ -197,4 +197,23 @@ def test_bf16_fsdp_tolerance(data: Path, cache: Path, tmp_path: Path) -> None:
     l2, l1, l1p = read_losses(out2), read_losses(out1), read_losses(out1p)
     for s in l2:
         assert l2[s] == pytest.approx(l1[s], rel=2e-4), s
-        assert l2[s] == pytest.approx(l1p[s], rel=2e-3), s
+        assert l2[s] == pytest.approx(l1p[s], rel=2e-4), s
+
+
+@pytest.mark.slow
+def test_official_import_on_two_ranks_is_bitwise(data: Path, cache: Path, tmp_path: Path) -> None:
+    """An official checkpoint imported by 2 FSDP2 ranks (weights, EMAs and AdamW state sharded on the fly)
+    exports back bitwise."""
+    import torch
+    from test_checkpoint import TINY_MODEL, _assert_official_equal, official_dict
+
+    from jit_fast.checkpoint import export_checkpoint, safe_load
+    from jit_fast.configs import model_config
+
+    src = official_dict(model_config("JiT-T/4", img_size=16, num_classes=4, **TINY_MODEL), epoch=1)
+    torch.save(src, tmp_path / "checkpoint-last.pth")
+    out = tmp_path / "run"
+    p = torchrun(["train.py", *two_rank_args(data, out, "--max-steps", "16", "--resume", str(tmp_path))],
+                 env=subprocess_env(cache))
+    assert p.returncode == 0, describe(p)
+    _assert_official_equal(src, safe_load(export_checkpoint(out, tmp_path / "back.pth")))
