@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     size = args.img_size or default_img_size(args.model)
-    models = [(m, 256) for m in BLOCK_MODELS]
-    if args.model not in BLOCK_MODELS or size != 256:
+    models = [(m, 256) for m in args.block_models.split(",") if m]
+    if (args.model, size) not in models:
         models.insert(0, (args.model, size))
     result: dict = dict(
         schema=1,
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="JiT-B/16")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--img-size", type=int, default=0, help="default: 256 for /16, 512 for /32")
+    ap.add_argument("--block-models", default=",".join(BLOCK_MODELS),
+                    help="comma list of presets whose blocks are counted at 256px besides --model")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--quick", action="store_true", help="fewer CPU timing repeats")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurements")

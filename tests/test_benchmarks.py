@@ -69,10 +69,10 @@ def test_roofline_is_max_of_compute_memory_and_floor() -> None:
 
 def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
     assert run.main(["--model", "JiT-T/4", "--batch", "2", "--img-size", "16", "--no-cpu", "--no-inductor",
-                     "--out", str(tmp_path)]) == 0
+                     "--block-models", "JiT-H/16", "--out", str(tmp_path)]) == 0
     (js,) = tmp_path.glob("*.json")
     res = json.loads(js.read_text())
-    standard = {"JiT-T/4", *run.BLOCK_MODELS}
+    standard = {"JiT-T/4", "JiT-H/16"}
     expected = standard | {f"{b} (bf16 params)" for b in standard} | {"JiT-H/16 (dropout block)"}
     assert set(res["modeled"]["blocks"]) == expected
     md = js.with_suffix(".md").read_text()
