@@ -160,8 +160,8 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:c].cpu() for o, c in zip(out, counts, strict=True)])
 
 
-def broadcast_object(obj):
-    """Rank 0's object on every rank."""
+def _from_rank0(obj):
+    """Rank 0's object on every rank (default group; fid needs no DistEnv)."""
     if dist_info()[1] == 1:
         return obj
     box = [obj]
@@ -475,7 +475,7 @@ def reference_stats(
     ).hexdigest()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"{ref.name or 'ref'}-{key[:16]}.npz"
-    if broadcast_object(cached.is_file()):  # rank 0 decides, so all ranks take the same path
+    if _from_rank0(cached.is_file()):  # rank 0 decides, so all ranks take the same path
         log(f"FID reference: cached statistics {cached}")
         return load_stats_npz(cached) if dist_info()[0] == 0 else None
     log(f"FID reference: computing statistics of {ref} (cached afterwards as {cached})")

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from jit_fast import distributed as D
 from jit_fast import fid
 from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
 from jit_fast.model import JiT
@@ -77,48 +78,6 @@ def chunk_ranges(num_images: int, batch_size: int) -> list[tuple[int, int, int]]
 def rank_chunks(num_images: int, batch_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
     """The chunks rank `rank` of `world` generates: k = rank, rank + world, ..."""
     return chunk_ranges(num_images, batch_size)[rank::world]
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed
-# --------------------------------------------------------------------------------------------
-def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the torchrun group if there is one (NCCL on CUDA, gloo on CPU); (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was given but CUDA is not available")
-        dev = torch.device("cuda", int(device.split(":")[1]) if ":" in device else local_rank)
-        torch.cuda.set_device(dev)
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise UsageError(f"unknown --device {device!r} (auto, cpu, cuda)")
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
-    rank, world = fid.dist_info()
-    return rank, world, dev
-
-
-def barrier() -> None:
-    if fid.dist_info()[1] > 1:
-        dist.barrier()
-
-
-def _all_ok(ok: bool, message: str) -> None:
-    """Raise UsageError on every rank if any rank is not ok (keeps ranks from hanging)."""
-    if fid.dist_info()[1] > 1:
-        flag = torch.tensor([0 if ok else 1], device=fid._comm_device())
-        dist.all_reduce(flag)
-        ok = int(flag) == 0
-    if not ok:
-        raise UsageError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,13 +158,12 @@ def write_npz_streaming(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.
 class PartStore:
     """Finished chunks on disk (`parts/chunk_K.npz`) for resuming, tied to one run fingerprint."""
 
-    def __init__(self, root: Path, fingerprint: dict, overwrite: bool = False) -> None:
+    def __init__(self, env: D.DistEnv, root: Path, fingerprint: dict, overwrite: bool = False) -> None:
         self.root = root
         self.fingerprint = fingerprint
-        rank, _ = fid.dist_info()
         run_file = root / "run.json"
         mismatch = None
-        if rank == 0:
+        if env.is_main:
             if run_file.is_file():
                 old = json.loads(run_file.read_text())
                 if old != fingerprint:
@@ -218,10 +176,10 @@ class PartStore:
             if mismatch is None:
                 root.mkdir(parents=True, exist_ok=True)
                 _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
-        mismatch = fid.broadcast_object(mismatch)
+        mismatch = D.broadcast_object(env, mismatch)
         if mismatch:
             raise UsageError(mismatch)
-        barrier()
+        D.barrier(env)
 
     def path(self, k: int) -> Path:
         return self.root / f"chunk_{k:07d}.npz"
@@ -318,10 +276,10 @@ class Setting:
 class Evaluator:
     """Sampler, Inception and reference statistics shared by every setting of a launch."""
 
-    def __init__(self, args: argparse.Namespace, net: JiT, rank: int, world: int,
-                 device: torch.device, meta: dict, ckpt_info: dict) -> None:
-        self.args, self.net = args, net
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, args: argparse.Namespace, net: JiT, env: D.DistEnv, meta: dict, ckpt_info: dict) -> None:
+        self.args, self.net, self.env = args, net, env
+        self.rank, self.world, device = env.rank, env.world_size, env.device
+        self.device = device
         self.ckpt_info = ckpt_info
         self.mcfg = net.cfg
         self.noise_scale, self.t_eps = recipe(args, meta, self.mcfg)
@@ -351,10 +309,9 @@ class Evaluator:
                     self.extractor = fid.build_inception(a.inception_weights, self.device)
                 except fid.InceptionWeightsError as e:
                     err = str(e)
-            barrier()
-        _all_ok(err is None, err or "Inception weights failed to load on another rank")
-        self.weights_id = fid.weights_tag(a.inception_weights) if self.rank == 0 else None
-        self.weights_id = fid.broadcast_object(self.weights_id)
+            D.barrier(self.env)
+        self._all_ok(err, "Inception weights failed to load on another rank")
+        self.weights_id = D.broadcast_object(self.env, fid.weights_tag(a.inception_weights) if self.rank == 0 else None)
         if a.fid_ref:
             err = None
             try:
@@ -364,7 +321,12 @@ class Evaluator:
                 )
             except fid.StatsError as e:
                 err = str(e)
-            _all_ok(err is None, err or "FID reference failed on another rank")
+            self._all_ok(err, "the FID reference failed on another rank")
+
+    def _all_ok(self, err: str | None, elsewhere: str) -> None:
+        """Raise UsageError on every rank if any rank failed (keeps the others from hanging)."""
+        if D.any_rank(self.env, err is not None):
+            raise UsageError(err or elsewhere)
 
     def accumulator(self) -> fid.FeatureAccumulator:
         return fid.FeatureAccumulator(self.extractor, self.args.fid_batch_size, self.device)
@@ -386,7 +348,7 @@ class Evaluator:
         a, rank, world = self.args, self.rank, self.world
         out.mkdir(parents=True, exist_ok=True)
         config = self.sampling_config(s)
-        store = PartStore(out / "parts", config, overwrite=a.overwrite)
+        store = PartStore(self.env, out / "parts", config, overwrite=a.overwrite)
         mine = rank_chunks(a.num_images, a.batch_size, rank, world)
         shape = (self.mcfg.in_channels, self.mcfg.input_size, self.mcfg.input_size)
         acc = self.accumulator() if self.extractor is not None else None
@@ -423,20 +385,17 @@ class Evaluator:
             bar.close()
             writer.close(raise_error=sys.exc_info()[0] is None)  # finished chunks reach disk even if interrupted
         seconds = time.perf_counter() - t0
-        counts = torch.tensor([generated, resumed], dtype=torch.float64)
-        t_max = torch.tensor([seconds], dtype=torch.float64)
-        if world > 1:
-            counts, t_max = counts.to(fid._comm_device()), t_max.to(fid._comm_device())
-            dist.all_reduce(counts)
-            dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
+        counts, t_max = torch.tensor([generated, resumed]), torch.tensor([seconds], dtype=torch.float64)
+        if world > 1:  # host-side gloo collectives
+            dist.all_reduce(counts, group=self.env.control_group)
+            dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=self.env.control_group)
         generated, resumed, seconds = int(counts[0]), int(counts[1]), float(t_max[0])
-        barrier()
+        D.barrier(self.env)
         feats = acc.gather() if acc is not None else None
         row = None
         if rank == 0:
             row = self._finish(s, out, store, config, feats, generated, resumed, seconds)
-        row = fid.broadcast_object(row)
-        barrier()
+        row = D.broadcast_object(self.env, row)
         if rank == 0 and not a.keep_parts:
             shutil.rmtree(store.root, ignore_errors=True)
         return row
@@ -640,19 +599,41 @@ def print_nfe(a: argparse.Namespace, rank: int) -> None:
 def run(a: argparse.Namespace) -> list[dict]:
     fill_defaults(a)
     check_args(a)
-    rank, world, device = setup_distributed(a.device)
+    try:
+        env = D.init_distributed(a.device)
+    except ValueError as e:  # unknown device, CUDA asked for but absent
+        raise UsageError(str(e)) from None
+    try:
+        return _run(a, env)
+    finally:
+        D.shutdown(env)
+
+
+def _run(a: argparse.Namespace, env: D.DistEnv) -> list[dict]:
+    rank, device = env.rank, env.device
     sd, meta = load_weight_set(a.ckpt, a.ema[0])
     net = build_net(meta, a, device)
     check_state_dict(net, sd, f"{meta.get('source', a.ckpt)} [{a.ema[0]}]")
     swap_weights(net, sd)
     del sd
     if a.preset == "demo":
-        return [run_demo(a, net, device, rank, meta)]
+        return [run_demo(a, net, env, meta)]
+    err = None
+    if rank == 0:  # every further weight set of a sweep must load before hours of sampling start
+        for e in a.ema[1:]:
+            try:
+                load_weight_set(a.ckpt, e, net)
+            except CheckpointError as x:
+                err = str(x)
+                break
+    err = D.broadcast_object(env, err)
+    if err:
+        raise CheckpointError(err)
     source = Path(meta.get("source", a.ckpt))
-    sha = fid.broadcast_object(checkpoint_sha256(source) if rank == 0 else None)
+    sha = D.broadcast_object(env, checkpoint_sha256(source) if rank == 0 else None)
     ckpt_info = {"path": str(source), "kind": meta.get("kind"), "sha256": sha,
                  "step": meta.get("step"), "epoch": meta.get("epoch")}
-    ev = Evaluator(a, net, rank, world, device, meta, ckpt_info)
+    ev = Evaluator(a, net, env, meta, ckpt_info)
     print_nfe(a, rank)
     settings = [Setting(e, c) for e in a.ema for c in a.cfg]
     sweep = len(settings) > 1
@@ -694,7 +675,7 @@ def write_sweep(out: Path, rows: list[dict]) -> None:
               f"({key} {best['metrics'][key]:.4f})", flush=True)
 
 
-def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int, meta: dict) -> dict | None:
+def run_demo(a: argparse.Namespace, net: JiT, env: D.DistEnv, meta: dict) -> dict | None:
     """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
     try:
         from jit_fast.demo_eval import evaluate_demo
@@ -702,7 +683,7 @@ def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int, m
         raise UsageError(f"--preset demo needs jit_fast.demo_eval ({e})") from None
     noise_scale, t_eps = recipe(a, meta, net.cfg)
     offer = dict(cfg=a.cfg[0], interval=tuple(a.interval), steps=a.steps, solver=a.solver, seed=a.seed,
-                 num_classes=net.cfg.num_classes, img_size=net.cfg.input_size, device=device,
+                 num_classes=net.cfg.num_classes, img_size=net.cfg.input_size, device=env.device,
                  noise_scale=noise_scale, t_eps=t_eps)
     if a.num_images_given:
         offer["num_images"] = a.num_images
@@ -710,11 +691,11 @@ def run_demo(a: argparse.Namespace, net: JiT, device: torch.device, rank: int, m
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offer.items() if takes_all or k in params}
     result = None
-    if rank == 0:
+    if env.is_main:
         a.out.mkdir(parents=True, exist_ok=True)
         result = evaluate_demo(net, a.out, **kwargs)
         print(f"demo evaluation: {result}", flush=True)
-    return fid.broadcast_object(result)
+    return D.broadcast_object(env, result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -724,7 +705,4 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, fid.StatsError, fid.InceptionWeightsError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint
+from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint, tiny_net
 
 import jit_fast.sample as sample_mod
 from jit_fast import fid
@@ -231,3 +231,14 @@ def test_cuda_graph_cli_equals_eager_cli_on_gpu(ckpt, tmp_path):
     graph, eager = (load_npz(tmp_path / d / "samples.npz") for d in ("graph", "eager"))
     assert json.loads((tmp_path / "graph" / "metrics.json").read_text())["timing"]["cuda_graph"] is True
     assert np.array_equal(graph["images"], eager["images"])
+
+
+def test_sweep_over_a_missing_weight_set_fails_before_sampling(tmp_path, monkeypatch, capsys):
+    from jit_fast.checkpoint import export_safetensors
+
+    export_safetensors(tmp_path / "ema1.safetensors", tiny_net().state_dict(),
+                       {"model": "JiT-T/4", "img_size": IMG, "num_classes": CLASSES}, which="ema1")
+    monkeypatch.setattr(StaticSampler, "run", lambda *a, **k: pytest.fail("sampled before checking the sets"))
+    argv = base_args(tmp_path / "ema1.safetensors", tmp_path / "o", "--no-metrics", "--ema", "ema1,ema2")
+    assert sample_mod.main(argv) == 2
+    assert "holds the ema1 weights, not ema2" in capsys.readouterr().err
