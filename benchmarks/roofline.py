@@ -128,3 +128,26 @@ def format_speedup(counts: dict[str, Count], gpu: GPUSpec = H100, a: Assumptions
     if "eager" in proj and "fused" in proj:
         lines.append(f"  modeled speedup fused vs eager: {proj['eager']['seconds'] / proj['fused']['seconds']:.3f}x")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: count a train step (or block) for both paths and print the modeled comparison with its inputs."""
+    import argparse
+
+    from benchmarks.traffic import count_block, count_train_step
+
+    ap = argparse.ArgumentParser(description="Modeled fused-vs-eager speedup from counted traffic (not measured).")
+    ap.add_argument("--model", default="JiT-B/16")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--gpu", default="H100", choices=sorted(GPUS))
+    ap.add_argument("--block", action="store_true", help="one standard block instead of the whole train step")
+    args = ap.parse_args(argv)
+    count = count_block if args.block else count_train_step
+    counts = {p: count(args.model, p, args.batch, args.img_size) for p in ("eager", "fused")}
+    print(format_speedup(counts, GPUS[args.gpu]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

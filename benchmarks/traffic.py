@@ -758,6 +758,44 @@ def compare(eager: Count, fused: Count) -> dict:
     )
 
 
+def format_count(count: Count, top: int = 30) -> str:
+    """Plain-text totals per phase and category, then the `top` op groups by bytes moved."""
+    lines = [f"{count.meta}"]
+    for phase, row in count.summary()["phases"].items():
+        cats = ", ".join(f"{c} {row[c]['launches']} launches {row[c]['bytes'] / 1e9:.2f} GB" for c in CATEGORIES)
+        lines.append(f"{phase}: {cats}")
+    lines.append(f"saved for backward: activations {count.saved_activation_bytes / 1e9:.2f} GB, "
+                 f"weights {count.saved_weight_bytes / 1e9:.2f} GB")
+    rows = sorted(count.per_op(), key=lambda r: -(r["bytes_read"] + r["bytes_written"]))[:top]
+    lines.append(f"{'phase':5} {'calls':>5} {'launch':>6} {'GB read':>8} {'GB wrote':>8} {'GFLOP':>8}  op  [region]")
+    lines += [f"{r['phase']:5} {r['calls']:5d} {r['launches']:6d} {r['bytes_read'] / 1e9:8.3f} "
+              f"{r['bytes_written'] / 1e9:8.3f} {r['flops'] / 1e9:8.1f}  {r['op']}  [{r['region']}]" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: count a block (or a train step) of one path and print totals and the heaviest ops."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Count bytes, launches, FLOPs and saved activations (fake tensors).")
+    ap.add_argument("--model", default="JiT-B/16")
+    ap.add_argument("--path", default="fused", choices=sorted(PATH_KERNELS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--which", default="standard", choices=["standard", "dropout", "first"])
+    ap.add_argument("--step", action="store_true", help="whole train step instead of one block")
+    ap.add_argument("--bf16-params", action="store_true", help="bf16 parameters, as FSDP2 gathers them")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args(argv)
+    dtype = torch.bfloat16 if args.bf16_params else None
+    if args.step:
+        count = count_train_step(args.model, args.path, args.batch, args.img_size, param_dtype=dtype)
+    else:
+        count = count_block(args.model, args.path, args.batch, args.img_size, which=args.which, param_dtype=dtype)
+    print(format_count(count, args.top))
+    return 0
+
+
 __all__ = [
     "Count",
     "OpRecord",
@@ -771,4 +809,9 @@ __all__ = [
     "flash_attention",
     "flash_attention_standin",
     "footprint",
+    "format_count",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -95,3 +95,13 @@ def test_inductor_proxy_scales_and_models() -> None:
     assert all(v["kernels"] > 0 and v["extern_calls"] > 0 for v in p["phases"].values())
     c = compiled_block_count(p)
     assert c.totals()["launches"] > 0 and roofline.project(c, roofline.H100)["seconds"] > 0
+
+
+def test_command_lines(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import traffic
+
+    assert traffic.main(["--model", "JiT-B/16", "--path", "fused", "--batch", "4", "--top", "3"]) == 0
+    assert "jit_fast::" in capsys.readouterr().out
+    assert roofline.main(["--model", "JiT-T/4", "--batch", "2", "--img-size", "16", "--block"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("MODELED (not measured)") and "modeled speedup fused vs eager" in out
