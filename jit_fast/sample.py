@@ -160,7 +160,6 @@ class PartStore:
 
     def __init__(self, env: D.DistEnv, root: Path, fingerprint: dict, overwrite: bool = False) -> None:
         self.root = root
-        self.fingerprint = fingerprint
         run_file = root / "run.json"
         mismatch = None
         if env.is_main:
@@ -277,7 +276,7 @@ class Evaluator:
     """Sampler, Inception and reference statistics shared by every setting of a launch."""
 
     def __init__(self, args: argparse.Namespace, net: JiT, env: D.DistEnv, meta: dict, ckpt_info: dict) -> None:
-        self.args, self.net, self.env = args, net, env
+        self.args, self.env = args, env
         self.rank, self.world, device = env.rank, env.world_size, env.device
         self.device = device
         self.ckpt_info = ckpt_info

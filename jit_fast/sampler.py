@@ -4,6 +4,8 @@ The grid is t = linspace(0, 1, steps + 1) from noise (t=0) to data (t=1): Heun f
 first steps-1 intervals and Euler for the last (as the official sampler). Conditional and
 unconditional passes run as one batch of 2B, and the unconditional half is skipped where
 the guidance scale is 1 (outside the CFG interval), so fewer FLOPs give the same images.
+`StaticSampler` runs the same step functions over static buffers, replayed as CUDA graphs on a
+GPU (the large-batch evaluation path of `jit_fast.sample`).
 """
 
 from __future__ import annotations
