@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import jit_fast.model as jit_model
-from jit_fast.configs import model_config
+from jit_fast.configs import ModelConfig, model_config
 
 PATH_KERNELS = {"eager": "torch", "fused": "triton"}
 PHASES = ("fwd", "bwd", "opt")
@@ -519,7 +519,7 @@ def _constants(net: torch.nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
 
 
-def model_batch(cfg, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+def model_batch(cfg: ModelConfig, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
     """Random images (B, C, S, S), times (B,) and labels (B,) for `cfg` on `device`."""
     s = cfg.input_size
     return (
@@ -529,7 +529,7 @@ def model_batch(cfg, batch: int, device: torch.device | str | None = None) -> tu
     )
 
 
-def block_index(cfg, which: str) -> int:
+def block_index(cfg: ModelConfig, which: str) -> int:
     """Index of a representative block: "standard" (in-context tokens, no dropout), "dropout" (in the
     dropout range, after the in-context start) or "first"; all but "first" receive a pending residual."""
     lo, hi = cfg.depth // 4, cfg.depth // 4 * 3
@@ -546,7 +546,9 @@ class _Captured(Exception):
     pass
 
 
-def capture_block_inputs(net, idx: int, batch: int, device: torch.device | str | None = None) -> tuple[tuple, dict]:
+def capture_block_inputs(
+    net: jit_model.JiT, idx: int, batch: int, device: torch.device | str | None = None
+) -> tuple[tuple, dict]:
     """Run the model forward up to block `idx` and return the (args, kwargs) that block receives."""
     got: dict = {}
 
