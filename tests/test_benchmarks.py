@@ -105,3 +105,15 @@ def test_command_lines(capsys: pytest.CaptureFixture) -> None:
     assert roofline.main(["--model", "JiT-T/4", "--batch", "2", "--img-size", "16", "--block"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("MODELED (not measured)") and "modeled speedup fused vs eager" in out
+
+
+@pytest.mark.slow
+def test_full_cpu_run_under_five_minutes(tmp_path) -> None:
+    """Issue 7: `python -m benchmarks.run --model JiT-B/16 --batch 128` finishes on a CPU in under 5 minutes."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only budget applies on CPU-only machines")
+    assert run.main(["--model", "JiT-B/16", "--batch", "128", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("*.json")
+    res = json.loads(js.read_text())
+    assert res["seconds"] < 300 and res["gpu"] == {"skipped": gpu.SKIP_MESSAGE}
+    assert "heun_step_null_net" in res["cpu_measured"]["sampler"]["seconds"]
