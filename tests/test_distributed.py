@@ -217,3 +217,15 @@ def test_official_import_on_two_ranks_is_bitwise(data: Path, cache: Path, tmp_pa
                  env=subprocess_env(cache))
     assert p.returncode == 0, describe(p)
     _assert_official_equal(src, safe_load(export_checkpoint(out, tmp_path / "back.pth")))
+
+
+@pytest.mark.slow
+def test_fsdp_grad_accumulation_matches(data: Path, cache: Path, ref2: Path, tmp_path: Path) -> None:
+    """2 ranks x 2 per micro-step x 2 accumulation steps (reduce-scatter only on the last) == 2 ranks x 4."""
+    out = tmp_path / "acc"
+    p = torchrun(["train.py", *two_rank_args(data, out, "--batch-size", "2", "--grad-accum", "2")],
+                 env=subprocess_env(cache))
+    assert p.returncode == 0, describe(p)
+    la, lr = read_losses(out), read_losses(ref2)
+    for s in lr:
+        assert la[s] == pytest.approx(lr[s], rel=1e-5, abs=0), s
