@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import random
@@ -46,6 +45,8 @@ from jit_fast.checkpoint import (
     resolve_checkpoint,
 )
 from jit_fast.configs import MODEL_PRESETS, RUN_PRESETS, ModelConfig, TrainConfig, model_config
+from jit_fast.demo_eval import evaluate_demo
+from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.denoiser import flow_matching_loss, sample_t
 from jit_fast.ema import EMA
 from jit_fast.metrics import MetricsLogger, peak_flops, peak_memory_gb, train_flops_per_image
@@ -866,29 +867,20 @@ class Trainer:
         return net.to(self.device).eval()
 
     def demo_eval(self) -> int:
+        """Sample from EMA1 and score the demo (grid, accuracy, diversity); exit code 1 if a target is missed."""
         net = self.gathered_ema_model("ema1")
         code = 0
         if self.env.is_main:
-            try:
-                from jit_fast.demo_eval import evaluate_demo
-            except ImportError as e:
-                print(f"error: demo evaluation unavailable (jit_fast.demo_eval: {e})", file=sys.stderr)
-                code = 1
-            else:
-                cfg = self.cfg
-                offer = dict(cfg=cfg.cfg, interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps,
-                             solver=cfg.solver, noise_scale=cfg.noise_scale, num_classes=cfg.num_classes,
-                             seed=cfg.seed, img_size=cfg.img_size, t_eps=cfg.t_eps)
-                if cfg.eval_num_images:
-                    offer["num_images"] = cfg.eval_num_images
-                params = inspect.signature(evaluate_demo).parameters
-                takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-                kwargs = {k: v for k, v in offer.items() if takes_all or k in params}
-                result = evaluate_demo(net, self.out / "demo_eval", **kwargs)
-                if result is not None:
-                    self.log(f"demo evaluation: {result}")
-        D.barrier(self.env)
-        return code
+            cfg = self.cfg
+            kwargs = dict(cfg=cfg.cfg, interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps,
+                          solver=cfg.solver, noise_scale=cfg.noise_scale, num_classes=cfg.num_classes,
+                          seed=cfg.seed, img_size=cfg.img_size, t_eps=cfg.t_eps)
+            if cfg.eval_num_images:
+                kwargs["num_images"] = cfg.eval_num_images
+            result = evaluate_demo(net, self.out / "demo_eval", **kwargs)
+            self.log(f"demo evaluation: {demo_summary(result)}")
+            code = 0 if result["passed"] else 1
+        return D.broadcast_object(self.env, code)
 
 
 def threading_is_main() -> bool:

@@ -185,26 +185,24 @@ def test_cli_errors_without_traceback(ckpt, tmp_path):
 
 def test_demo_preset_calls_the_demo_evaluation(ckpt, tmp_path, monkeypatch, capsys):
     """`--preset demo` hands the net and the demo run's sampling settings to jit_fast.demo_eval."""
-    import sys
-    import types
-
     from jit_fast.configs import RUN_PRESETS
 
     seen = {}
 
-    def evaluate_demo(net, out_dir, cfg, interval, steps, solver, num_classes, seed=0):
+    def evaluate_demo(net, out_dir, cfg, interval, steps, solver, num_classes, seed, **_):
         seen.update(net=net, out_dir=out_dir, cfg=cfg, interval=interval, steps=steps, solver=solver,
                     num_classes=num_classes, seed=seed)
-        return {"accuracy": 1.0}
+        return {"accuracy": 1.0, "accuracy_target": 0.95, "classifier_accuracy_on_real_heldout": 0.97,
+                "diversity_ratio": 0.9, "diversity_target": 0.5, "passed": True, "grid": "g.png"}
 
-    monkeypatch.setitem(sys.modules, "jit_fast.demo_eval", types.SimpleNamespace(evaluate_demo=evaluate_demo))
+    monkeypatch.setattr(sample_mod, "evaluate_demo", evaluate_demo)
     assert sample_mod.main(["--preset", "demo", "--ckpt", str(ckpt), "--out", str(tmp_path / "d")]) == 0
     demo = RUN_PRESETS["demo"]
     assert seen["cfg"] == demo["cfg"] and seen["steps"] == demo["eval_steps"]
     assert seen["interval"] == (demo["interval_min"], demo["interval_max"]) and seen["solver"] == "heun"
     assert seen["num_classes"] == CLASSES and seen["out_dir"] == tmp_path / "d"
     assert isinstance(seen["net"], JiT) and not seen["net"].training
-    assert "demo evaluation: {'accuracy': 1.0}" in capsys.readouterr().out
+    assert "demo evaluation: PASS: class-conditional accuracy 100.0%" in capsys.readouterr().out
     # explicit flags win over the demo defaults
     assert sample_mod.main(["--preset", "demo", "--ckpt", str(ckpt), "--out", str(tmp_path / "d"), "--cfg", "3",
                             "--steps", "4"]) == 0
