@@ -113,6 +113,7 @@ class TrainConfig:
     data_path: str = ""
     demo_data: bool = False  # use the built-in digits ImageFolder (jit_fast.data.prepare_demo)
     data_backend: str = "auto"
+    flip: bool = True  # random horizontal flip; off for the digits demo (a mirrored 3 is no digit)
     output_dir: str = "output"
     resume: str = ""
     auto_resume: bool = False  # continue from output_dir's newest checkpoint if there is one
@@ -182,6 +183,7 @@ RUN_PRESETS: dict[str, dict] = {
         num_classes=10,
         demo_data=True,
         data_backend="torch",
+        flip=False,
         output_dir="output/demo",
         overwrite=True,
         batch_size=64,

@@ -158,6 +158,7 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--tensorboard",), "tensorboard", "TensorBoard scalars in OUTPUT/tb"),
     (("--reshard-after-forward",), "reshard_after_forward", "FSDP2: free gathered params after forward"),
     (("--demo-data",), "demo_data", "train on the built-in digits dataset"),
+    (("--flip",), "flip", "random horizontal flip (official recipe; --no-flip for data like digits)"),
 ]
 _UNSUPPORTED = {
     "--online-eval": "online FID is not run inside train.py; sample the checkpoint with sample.py --fid-ref",
@@ -444,7 +445,7 @@ class Trainer:
             return build_loader(
                 root, img_size=cfg.img_size, batch_size=cfg.batch_size,
                 backend=None if cfg.data_backend == "auto" else cfg.data_backend,
-                rank=env.rank, world_size=env.world_size, seed=cfg.seed, epoch=0, shuffle=True, flip=True,
+                rank=env.rank, world_size=env.world_size, seed=cfg.seed, epoch=0, shuffle=True, flip=cfg.flip,
                 output="float", device=self.device, num_workers=cfg.num_workers,
             )
 
