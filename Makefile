@@ -1,0 +1,20 @@
+# Two-command quickstart: `make demo` (install, train the CPU demo, score it) and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+.PHONY: install demo test test-fast lint
+
+install:
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e ".[test]"
+
+demo: install
+	$(PYTHON) train.py --preset demo
+
+test: install
+	$(PYTHON) -m pytest -m "not bench"
+
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check .
