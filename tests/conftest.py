@@ -1,13 +1,27 @@
-"""Test setup: Triton runs in its CPU interpreter (must be set before triton is imported)."""
+"""Test setup: Triton runs in its CPU interpreter (must be set before triton is imported); caches in tmp."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from train_helpers import make_image_folder  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jit_fast's cache (demo digits, file indexes, FID statistics) lives in the session's tmp dir."""
+    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "jit_fast_cache"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageFolder (4 classes x 16 images, 20 px) for training tests."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import assert_bitwise_equal, checkpoint_tensors, make_image_folder, read_losses, tiny_argv
+from train_helpers import assert_bitwise_equal, checkpoint_tensors, read_losses, tiny_argv
 
 from jit_fast.checkpoint import (
     CheckpointError,
@@ -31,16 +31,6 @@ from jit_fast.model import JiT, official_state_dict_shapes
 from jit_fast.train import main
 
 TINY_MODEL = dict(depth=2, in_context_start=1)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "jit_fast_cache"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
 
 
 @pytest.fixture(scope="module")

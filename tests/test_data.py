@@ -35,11 +35,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "jit_fast_cache"))
-
-
 @pytest.fixture(scope="module")
 def photo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Photos as JPEG q95 in 2 classes, plus copies upscaled past 2x512 so BOX halving runs (1-2 times)."""

@@ -18,7 +18,6 @@ from train_helpers import (
     checkpoint_tensors,
     describe,
     free_port,
-    make_image_folder,
     read_losses,
     subprocess_env,
     tiny_argv,
@@ -42,11 +41,6 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JIT_FAST_CACHE", str(cache))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
 
 
 def two_rank_args(data: Path, out: Path, *extra: str) -> list[str]:

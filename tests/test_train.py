@@ -11,7 +11,6 @@ from train_helpers import (
     assert_bitwise_equal,
     checkpoint_tensors,
     describe,
-    make_image_folder,
     read_losses,
     run_cli,
     subprocess_env,
@@ -31,16 +30,6 @@ from jit_fast.train import (
     parse_config,
     run_training,
 )
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "jit_fast_cache"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
 
 
 @pytest.fixture(scope="module")
