@@ -164,10 +164,10 @@ def test_sigterm_to_torchrun_checkpoints_and_exits(data: Path, cache: Path, tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "preempted" in stdout, stdout + stderr
-    ckpts = list_checkpoints(out)
-    assert len(ckpts) == 1 and ckpts[0][0] >= 3
-    step = ckpts[0][0]
+    m = re.search(r"preempted \(.*?\) at step (\d+)", stdout)
+    assert m, stdout + stderr
+    step = int(m.group(1))
+    assert step >= 3 and list_checkpoints(out)[-1][0] == step  # the preemption checkpoint is the newest
     p = torchrun(["train.py", *two_rank_args(data, out, "--max-steps", str(step + 2), "--resume", str(out))],
                  env=subprocess_env(cache))
     assert p.returncode == 0, describe(p)
