@@ -3,6 +3,7 @@
     python -m benchmarks.data --root DIR [--img-size 256 --batch-size 64 --workers 2 --batches 30]
     python -m benchmarks.data --synthetic 1024   # ImageNet-sized JPEGs made from the packaged photos
     python -m benchmarks.data --parity           # PSNR of the DALI crop vs the PIL reference, 256 and 512
+    ... --dali-filter linear                     # DALI's cheaper antialiased-linear resize (default cubic)
 
 The torch backend decodes every image (no RAM cache) with `--workers` DataLoader processes; DALI uses
 `--workers` threads. Reported: wall-clock images/s over the timed batches and CPU-ms per image over
@@ -75,18 +76,19 @@ def make_photo_folder(root: Path) -> Path:
     return root
 
 
-def parity(root: str, workers: int) -> None:
+def parity(root: str, workers: int, dali_filter: str = "cubic") -> None:
     """Print per-image PSNR (dB) of DALI against the PIL reference crop at 256 and 512, with mean and min."""
     scores: dict[int, list[float]] = {}
     index = build_index(root, cache=False)
     for size in (256, 512):
         kw = dict(img_size=size, batch_size=1, shuffle=False, flip=False, output="uint8", index_cache=False)
-        dali = build_loader(root, backend="dali", num_workers=workers, **kw)
+        dali = build_loader(root, backend="dali", num_workers=workers, dali_filter=dali_filter, **kw)
         ref = build_loader(root, backend="torch", num_workers=0, cache=False, **kw)
         scores[size] = []
         for (xd, _), (xt, _) in zip(dali, ref, strict=True):
             mse = ((xd.double() - xt.double()) ** 2).mean().item()
             scores[size].append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    print(f"DALI resize filter: {dali_filter}")
     print(f"{'image':<12}{'W x H':>12}{'halvings@256':>14}{'PSNR@256':>10}{'halvings@512':>14}{'PSNR@512':>10}")
     for i, (path, (w, h)) in enumerate(zip(index.paths, index.sizes, strict=True)):
         k256, k512 = crop_geometry(w, h, 256).halvings, crop_geometry(w, h, 512).halvings
@@ -112,6 +114,7 @@ def measure(root: str, backend: str, args: argparse.Namespace) -> tuple[float, f
         output="float",
         num_workers=args.workers,
         cache=False,
+        dali_filter=getattr(args, "dali_filter", "cubic"),
     )
     need = args.warmup + args.batches
     done, start = 0, time.perf_counter()
@@ -152,11 +155,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--backends", default="dali,torch")
+    ap.add_argument("--dali-filter", choices=("cubic", "linear"), default="cubic", help="DALI resize filter")
     ap.add_argument("--parity", action="store_true", help="PSNR table of DALI vs the PIL reference instead")
     args = ap.parse_args()
     if args.parity:
         with tempfile.TemporaryDirectory() as tmp:
-            parity(args.root or str(make_photo_folder(Path(tmp))), args.workers)
+            parity(args.root or str(make_photo_folder(Path(tmp))), args.workers, args.dali_filter)
         return
     tmp = None
     root = args.root
@@ -165,7 +169,7 @@ def main() -> None:
         root = str(make_synthetic(Path(tmp.name), args.synthetic or 1024))
     print(
         f"device: {device_label()}; root {root}; size {args.img_size}; batch {args.batch_size}; "
-        f"workers/threads {args.workers}; {args.batches} timed batches"
+        f"workers/threads {args.workers}; {args.batches} timed batches; DALI filter {args.dali_filter}"
     )
     build_index(root, progress=True)  # validate once, outside the timings
     rates, costs = {}, {}

@@ -107,6 +107,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--num-classes", "--class-num"), "num_classes", int, "number of classes (default: from the data)"),
     (("--data-path",), "data_path", str, "ImageFolder root (DIR/train is used when present)"),
     (("--data-backend",), "data_backend", str, "auto | dali | torch"),
+    (("--dali-filter",), "dali_filter", str, "cubic | linear (DALI resize filter)"),
     (("--num-workers",), "num_workers", int, "loader workers / DALI threads"),
     (("--output-dir",), "output_dir", str, "run directory (checkpoints, tb, metrics.jsonl)"),
     (("--resume",), "resume", str, "checkpoint dir, run dir, official .pth or folder with checkpoint-last.pth"),
@@ -228,6 +229,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
 def validate_config(cfg: TrainConfig) -> None:
     choices = dict(lr_schedule=("constant", "cosine"), precision=("auto", "bf16", "fp32"),
                    fsdp=("auto", "on", "off"), data_backend=("auto", "dali", "torch"), kernels=("torch", "triton"),
+                   dali_filter=("cubic", "linear"),
                    solver=("heun", "euler"))
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -446,7 +448,7 @@ class Trainer:
                 root, img_size=cfg.img_size, batch_size=cfg.batch_size,
                 backend=None if cfg.data_backend == "auto" else cfg.data_backend,
                 rank=env.rank, world_size=env.world_size, seed=cfg.seed, epoch=0, shuffle=True, flip=cfg.flip,
-                output="float", device=self.device, num_workers=cfg.num_workers,
+                output="float", device=self.device, num_workers=cfg.num_workers, dali_filter=cfg.dali_filter,
             )
 
         loader = None

@@ -2,7 +2,8 @@
 
 The crop geometry is computed inside the pipeline from the encoded header (peek_image_shape):
 BOX halvings are averages of four shifted nearest-neighbour resamples (bit-exact to PIL for even
-sizes), then an antialiased cubic resize to the ADM size fused with the center crop and the flip.
+sizes), then an antialiased resize to the ADM size fused with the center crop and the flip: cubic (the
+PIL BICUBIC match, default) or linear (antialiased triangle, about a third cheaper on CPU, ~44 dB from PIL).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .order import EpochPlan
 from .torch_backend import CropDataset
 
 _MAX_CONSECUTIVE_FAILURES = 3
+FILTERS = ("cubic", "linear")  # DALI resize filter of the final ADM resize (the BOX halvings are exact either way)
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -85,9 +87,18 @@ def _box_halve(img: DataNode, h: DataNode, w: DataNode) -> DataNode:
     return fn.cast((top + bottom + 1) // 2, dtype=types.UINT8)
 
 
-def adm_crop_nodes(encoded: DataNode, flips: DataNode, size: int, max_halvings: int, decode_device: str) -> DataNode:
-    """DALI graph: encoded images -> ADM-cropped, optionally flipped uint8 CHW images."""
+def adm_crop_nodes(
+    encoded: DataNode, flips: DataNode, size: int, max_halvings: int, decode_device: str, resize_filter: str = "cubic"
+) -> DataNode:
+    """DALI graph: encoded images -> ADM-cropped, optionally flipped uint8 CHW images.
+
+    resize_filter "cubic" (PIL's BICUBIC, antialiased) or "linear" (antialiased triangle: cheaper, less faithful).
+    """
     from nvidia.dali import fn, types
+
+    if resize_filter not in FILTERS:
+        raise ValueError(f"DALI resize filter must be one of {', '.join(FILTERS)}, got {resize_filter!r}")
+    interp = types.INTERP_CUBIC if resize_filter == "cubic" else types.INTERP_LINEAR
 
     shape = fn.peek_image_shape(encoded, adjust_orientation=False)
     images = fn.decoders.image(
@@ -111,7 +122,7 @@ def adm_crop_nodes(encoded: DataNode, flips: DataNode, size: int, max_halvings: 
         crop_pos_y=pos_y,
         crop_pos_x=pos_x,
         mirror=flips,
-        interp_type=types.INTERP_CUBIC,
+        interp_type=interp,
         antialias=True,
     )
     return fn.transpose(images, perm=[2, 0, 1])
@@ -147,8 +158,11 @@ class DaliBackend:
         num_threads: int,
         prefetch: int,
         device: torch.device | None,
+        resize_filter: str = "cubic",
     ) -> None:
-        self.size, self.batch_size = size, batch_size
+        if resize_filter not in FILTERS:
+            raise ValueError(f"dali_filter must be one of {', '.join(FILTERS)}, got {resize_filter!r}")
+        self.size, self.batch_size, self.resize_filter = size, batch_size, resize_filter
         self.num_threads, self.prefetch = num_threads, prefetch
         self.halvings = max_halvings(index, size)
         use_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
@@ -170,7 +184,7 @@ class DaliBackend:
         def pipe():
             names, labels, flips = fn.external_source(source=self.feed, num_outputs=3, batch=True)
             encoded = fn.io.file.read(names)
-            return adm_crop_nodes(encoded, flips, self.size, self.halvings, decode), labels
+            return adm_crop_nodes(encoded, flips, self.size, self.halvings, decode, self.resize_filter), labels
 
         return pipe(
             batch_size=self.batch_size,

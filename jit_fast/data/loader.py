@@ -52,6 +52,7 @@ class ImageLoader:
         num_workers: int | None,
         cache: bool | None,
         prefetch: int,
+        dali_filter: str = "cubic",
     ) -> None:
         if output not in ("float", "uint8"):
             raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
@@ -80,6 +81,7 @@ class ImageLoader:
                 num_threads=max(1, threads),
                 prefetch=prefetch,
                 device=self.device,
+                resize_filter=dali_filter,
             )
         else:
             raise ValueError(f"unknown data backend {backend!r} (use 'dali' or 'torch')")
@@ -185,13 +187,18 @@ def build_loader(
     cache: bool | None = None,
     prefetch: int = 2,
     index_cache: bool | str | Path = True,
+    dali_filter: str = "cubic",
 ) -> ImageLoader:
     """Loader over ImageFolder `root` (class folders) yielding (B,3,S,S) images ([-1,1] float or uint8), labels.
 
     backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch; 0 loads in
     the main process) or DALI threads (at least 1);
-    cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB.
+    cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB;
+    dali_filter (dali) is the final resize filter: "cubic" (PIL BICUBIC, ~56 dB from the reference) or "linear"
+    (antialiased triangle, about a third cheaper on CPU, ~44 dB); the torch backend is always PIL BICUBIC.
     """
+    if dali_filter not in ("cubic", "linear"):  # checked before the (possibly long) validation pass
+        raise ValueError(f"dali_filter must be 'cubic' or 'linear', got {dali_filter!r}")
     index = _shared_index(root, num_workers, index_cache)
     return ImageLoader(
         index,
@@ -209,4 +216,5 @@ def build_loader(
         num_workers=num_workers,
         cache=cache,
         prefetch=prefetch,
+        dali_filter=dali_filter,
     )
