@@ -6,7 +6,7 @@
 
 import sys
 
-from jit_fast.sample import main
+from jit_fast.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

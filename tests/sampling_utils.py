@@ -112,7 +112,7 @@ def gather_worker(rank: int, world: int, port: int, images: np.ndarray, chunk: i
     import torch.distributed as dist
 
     from jit_fast import fid
-    from jit_fast.sample import rank_chunks
+    from jit_fast.generate import rank_chunks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint, tiny_net
 
-import jit_fast.sample as sample_mod
+import jit_fast.generate as sample_mod
 from jit_fast import fid
 from jit_fast.model import JiT
 from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from sampling_utils import FakeInception, crops, free_port, gather_worker, photos, tiny_checkpoint, torchrun
 
-import jit_fast.sample as sample_mod
+import jit_fast.generate as sample_mod
 from jit_fast import fid
 
 
