@@ -25,3 +25,12 @@ def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ImageFolder (4 classes x 16 images, 20 px) for training tests."""
     return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy second core (opt-in per module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

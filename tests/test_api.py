@@ -15,13 +15,7 @@ OVERRIDES = dict(depth=3, hidden_size=48, num_heads=4, mlp_ratio=4.0, bottleneck
 IMG, CLASSES = 32, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kernels: str = "torch", seed: int = 0, **kw) -> jit_fast.JiT:

@@ -34,13 +34,7 @@ HEAD_DIM = {768: 64, 1024: 64, 1280: 80, 1664: 104}
 SWIGLU_HIDDEN = {768: 2048, 1024: 2730, 1280: 3413, 1664: 4437}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_shapes(

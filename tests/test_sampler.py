@@ -18,13 +18,7 @@ from jit_fast.sampler import StaticSampler, forward_rows_per_image, image_noise,
 IMG, CLASSES = 16, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> jit_fast.JiT:
