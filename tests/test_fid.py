@@ -47,7 +47,11 @@ def in_memory_features(ext, images: np.ndarray) -> dict:
 
 
 def test_in_memory_is_and_fid_stats_equal_torch_fidelity(inception_weights, photo_sets):
-    """IS and the FID statistics (mu, sigma) equal torch-fidelity's on the PNG folder, bit for bit."""
+    """IS and the FID statistics (mu, sigma) equal torch-fidelity's on the PNG folder.
+
+    Not bit for bit: here the images arrive in pieces of 7 and 9 while torch-fidelity runs one
+    batch of 16, and on some CPUs convolution rounding depends on the batch size.
+    """
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
@@ -67,8 +71,8 @@ def test_in_memory_is_and_fid_stats_equal_torch_fidelity(inception_weights, phot
     assert theirs["inception_score_mean"] > 1.01  # random weights still tell the photos apart
     assert ours_is[0] == pytest.approx(theirs["inception_score_mean"], abs=1e-6, rel=0)
     assert ours_is[1] == pytest.approx(theirs["inception_score_std"], abs=1e-6, rel=0)
-    assert np.array_equal(ours_stats["mu"], their_stats["mu"])
-    assert np.array_equal(ours_stats["sigma"], their_stats["sigma"])
+    np.testing.assert_allclose(ours_stats["mu"], their_stats["mu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours_stats["sigma"], their_stats["sigma"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -74,7 +74,9 @@ def test_features_and_folder_stats_gathered_across_ranks(tmp_path):
     stats = fid.reference_stats(folder, lambda: fid.FeatureAccumulator(ext, 5), "w", cache_dir=tmp_path / "c1")
     for k in ("index", fid.POOL, fid.LOGITS):
         assert torch.equal(two["feats"][k], one[k])
-    assert np.array_equal(two["stats"]["mu"], stats["mu"]) and np.array_equal(two["stats"]["sigma"], stats["sigma"])
+    # the folder is split into other batches on 2 ranks: equal up to batched-matmul rounding (CPU-dependent)
+    np.testing.assert_allclose(two["stats"]["mu"], stats["mu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["stats"]["sigma"], stats["sigma"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
