@@ -231,27 +231,23 @@ FusedInternals = Callable[[tuple, list[torch.Tensor]], tuple[int, int, int]]
 
 
 def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (B, P, 4, D) -> row sum to (B, 4, D) -> row sum of the dweight rows -> dshift/dscale/dgate
-    copies."""
+    """fp32 partials (B, P, 4, D) -> one row sum into dshift/dscale/dgate and an fp32 per-sample dweight
+    (B, D) -> one row sum into dweight."""
     import triton
 
     from kernels._common import select_config
     from kernels.rmsnorm_modulate import BWD_CONFIGS
 
-    x_norm, gate, weight = args[1], args[4], args[5]
+    x_norm = args[1]
     b, n, d = x_norm.shape
     cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
     partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * 4 * d * 4
-    per_sample_row = b * d * 4
-    copies = 2 + (gate is not None)
-    weight_cast = (weight.dtype != torch.float32) * d * 4  # fp32 dweight sum written, then read by its cast
-    launches = 2 + copies + bool(weight_cast)
-    read = partials + per_sample_row * (1 + copies) + weight_cast
-    return launches, read, partials + 4 * per_sample_row + weight_cast
+    per_sample_dweight = b * d * 4
+    return 2, partials + per_sample_dweight, partials + per_sample_dweight
 
 
 def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (P, 2, Dh) -> row sum to (2, Dh) -> copies into dq_weight and dk_weight."""
+    """fp32 partials (P, 2, Dh) -> one row sum into dq_weight and dk_weight."""
     import triton
 
     from kernels._common import select_config
@@ -262,7 +258,7 @@ def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tup
     dh = args[4].shape[0]
     cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(dh), "qk_norm_rope backward")
     partials = triton.cdiv(b * n * num_heads, cfg.kwargs["ROWS_PER_PROG"]) * 2 * dh * 4
-    return 3, partials + 2 * dh * 4, partials + 2 * dh * 4
+    return 1, partials, partials
 
 
 FUSED_INTERNALS: dict[str, FusedInternals] = {

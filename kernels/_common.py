@@ -1,8 +1,8 @@
 """Pieces shared by the fused ops: input checks, config selection and the deterministic row-sum kernel.
 
 Every backward reduction over tokens is two-stage: the main kernel writes one fp32 partial row per
-program, then `sum_rows` adds those rows in a fixed order. No atomics, so gradients are bitwise
-reproducible for a given shape and config.
+program, then `sum_rows` adds those rows in a fixed order and writes each gradient in its final
+dtype. No atomics, so gradients are bitwise reproducible for a given shape and config.
 """
 
 from __future__ import annotations
@@ -86,51 +86,86 @@ def launch_options(config: triton.Config) -> dict[str, int]:
 
 
 @triton.jit
-def sum_rows_kernel(
-    IN,
-    OUT,
-    R,
-    C,
-    stride_g,
-    stride_r,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """OUT[g, c] = sum_r IN[g * stride_g + r * stride_r + c], summed in a fixed order."""
-    pid_c = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+def _sum_store(IN, OUT, g, R, C, stride_g, stride_r, stride_o, cols, cmask, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """OUT[g * stride_o + c] = sum_r IN[g * stride_g + r * stride_r + c] over r in order, cast to OUT's dtype."""
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask = (rows < R)[:, None] & cmask[None, :]
         tile = tl.load(IN + g * stride_g + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
-    tl.store(OUT + g * C + cols, acc, mask=cmask)
+    tl.store(OUT + g * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def sum_rows_kernel(
+    IN,
+    OUT0,
+    OUT1,
+    OUT2,
+    OUT3,
+    R,
+    C,
+    stride_g,
+    stride_r,
+    NUM_OUT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """OUTj[g, c] = sum_r IN[g * stride_g + r * stride_r + j * C + c] for j < NUM_OUT, each in its own dtype.
+
+    One launch finishes a fused backward's reductions: every gradient it produces is written
+    straight in its final dtype, with no fp32 intermediate or cast launch behind it.
+    """
+    pid_c = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    _sum_store(IN, OUT0, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+    if NUM_OUT > 1:
+        _sum_store(IN + C, OUT1, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+    if NUM_OUT > 2:
+        _sum_store(IN + 2 * C, OUT2, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+    if NUM_OUT > 3:
+        _sum_store(IN + 3 * C, OUT3, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
 
 
 SUM_ROWS_CONFIG = triton.Config({"BLOCK_R": 8, "BLOCK_C": 512}, num_warps=4, num_stages=1)
+MAX_SUM_OUTPUTS = 4
 
 
-def sum_rows(partials: torch.Tensor, groups: int, rows: int, cols: int, stride_g: int, stride_r: int) -> torch.Tensor:
-    """Second reduction stage: (groups, cols) fp32 sums over `rows` partial rows of an fp32 buffer."""
-    out = torch.empty(groups, cols, device=partials.device, dtype=torch.float32)
+def sum_rows(partials: torch.Tensor, outs: Sequence[torch.Tensor], rows: int, stride_g: int, stride_r: int) -> None:
+    """Second reduction stage into `outs` (1 to 4 contiguous tensors of one shape (..., C), any dtypes).
+
+    outs[j].view(G, C)[g] = sum over r < rows of partials[g * stride_g + r * stride_r + j * C : ... + C],
+    summed in fp32 in a fixed order (G = outs[j].numel() // C).
+    """
+    if not 1 <= len(outs) <= MAX_SUM_OUTPUTS or any(o.shape != outs[0].shape for o in outs):
+        raise ValueError(f"sum_rows takes 1 to {MAX_SUM_OUTPUTS} outputs of one shape, got "
+                         f"{[tuple(o.shape) for o in outs]}")
+    for i, o in enumerate(outs):
+        check_contiguous(f"sum_rows output {i}", o)
+    cols = outs[0].shape[-1]
+    groups = outs[0].numel() // cols
+    padded = list(outs) + [outs[0]] * (MAX_SUM_OUTPUTS - len(outs))
     block_c = SUM_ROWS_CONFIG.kwargs["BLOCK_C"]
     with device_guard(partials):
         sum_rows_kernel[(triton.cdiv(cols, block_c), groups)](
-            partials, out, rows, cols, stride_g, stride_r, **launch_options(SUM_ROWS_CONFIG)
+            partials, *padded, rows, cols, stride_g, stride_r, NUM_OUT=len(outs), **launch_options(SUM_ROWS_CONFIG)
         )
-    return out
 
 
 def sum_rows_specs() -> Iterator[KernelSpec]:
-    """Compile jobs for the row-sum kernel (fp32 partial buffers only)."""
-    yield KernelSpec(
-        name="sum_rows",
-        fn=sum_rows_kernel,
-        signature={"IN": "*fp32", "OUT": "*fp32", "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32"},
-        constexprs={},
-        config=SUM_ROWS_CONFIG,
-        int_args={"C": 4 * 1664, "stride_g": 8 * 4 * 1664, "stride_r": 4 * 1664},
-    )
+    """Compile jobs for the row-sum kernel: fp32 partials into 1 (dweight), 2 (q/k weights) or 4 (adaLN) outputs."""
+    for outs in (("bf16",), ("fp32", "fp32"), ("bf16", "bf16", "fp32", "bf16")):
+        ptrs = {f"OUT{j}": f"*{outs[min(j, len(outs) - 1)]}" for j in range(MAX_SUM_OUTPUTS)}
+        yield KernelSpec(
+            name="sum_rows",
+            fn=sum_rows_kernel,
+            signature={"IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32"},
+            constexprs={"NUM_OUT": len(outs)},
+            config=SUM_ROWS_CONFIG,
+            int_args={"C": 1664, "stride_g": 8 * 4 * 1664, "stride_r": 4 * 1664},
+            label="outputs " + ",".join(outs),
+        )

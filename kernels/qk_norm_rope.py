@@ -308,8 +308,9 @@ def qk_norm_rope_bwd(
             qkv, q_weight, k_weight, cos, sin, dq, dk, dv, dqkv, partials, rows, n, num_heads, head_dim, eps,
             BLOCK_DH=block_dh, **launch_options(cfg),
         )
-    dw = sum_rows(partials, 1, num_p, 2 * head_dim, 0, 2 * head_dim).view(2, head_dim)
-    return dqkv, dw[0].to(q_weight.dtype, copy=True), dw[1].to(k_weight.dtype, copy=True)
+    dq_weight, dk_weight = torch.empty_like(q_weight), torch.empty_like(k_weight)
+    sum_rows(partials, [dq_weight, dk_weight], num_p, 0, 2 * head_dim)
+    return dqkv, dq_weight, dk_weight
 
 
 def _rotate_half_t(g: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ def rmsnorm_modulate_bwd_kernel(
     """Program (p, b) walks rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of sample b.
 
     It writes dx (and dbranch) for its rows and one fp32 partial row each for dshift, dscale,
-    dgate and dweight into PART[b, p, 0:4, :] (reduced later by `sum_rows`).
+    dweight and dgate into PART[b, p, 0:4, :] (reduced later by `sum_rows`).
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -174,8 +174,8 @@ def rmsnorm_modulate_bwd_kernel(
     part = PART + ((b * num_p + pid) * 4) * D + cols
     tl.store(part, acc_shift, mask=cmask)
     tl.store(part + D, acc_s * w, mask=cmask)
-    tl.store(part + 2 * D, acc_gate, mask=cmask)
-    tl.store(part + 3 * D, acc_s * scale1, mask=cmask)
+    tl.store(part + 2 * D, acc_s * scale1, mask=cmask)
+    tl.store(part + 3 * D, acc_gate, mask=cmask)
 
 
 def _check_inputs(
@@ -349,11 +349,14 @@ def rmsnorm_modulate_bwd(
             BLOCK_D=triton.next_power_of_2(d),
             **launch_options(cfg),
         )
-    per_sample = sum_rows(partials, b, num_p, 4 * d, num_p * 4 * d, 4 * d).view(b, 4, d)
-    dweight = sum_rows(per_sample[:, 3], 1, b, d, 0, 4 * d).view(d).to(weight.dtype)
-    dshift = per_sample[:, 0].to(shift_dtype, copy=True)
-    dscale = per_sample[:, 1].to(scale.dtype, copy=True)
-    dgate = per_sample[:, 2].to(gate.dtype, copy=True) if residual else None
+    # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and an fp32
+    # per-sample dweight; stage 3 sums those over the batch into dweight
+    new = lambda dtype: torch.empty(b, d, device=x_norm.device, dtype=dtype)  # noqa: E731
+    dshift, dscale, dweight_b = new(shift_dtype), new(scale.dtype), new(torch.float32)
+    dgate = new(gate.dtype) if residual else None
+    sum_rows(partials, [dshift, dscale, dweight_b] + ([dgate] if residual else []), num_p, num_p * 4 * d, 4 * d)
+    dweight = torch.empty(d, device=x_norm.device, dtype=weight.dtype)
+    sum_rows(dweight_b, [dweight], b, 0, d)
     return dx, dbranch, dgate, dweight, dshift, dscale
 
 

@@ -95,3 +95,22 @@ def test_compiled_graph_keeps_custom_ops_opaque():
     grads_of(compiled, block_inputs())
     for op in NAMES + ("rmsnorm_modulate_bwd", "qk_norm_rope_bwd", "swiglu_bwd"):
         assert any(f"jit_fast.{op}." in s for s in seen), op
+
+
+def test_sum_rows_writes_each_output_in_its_dtype() -> None:
+    """The second reduction stage: sums of strided partial rows into up to four outputs of mixed dtypes."""
+    from kernels._common import sum_rows
+
+    g, r, c = 3, 5, 700  # C spans two column blocks, the second one masked
+    part = torch.randn(g, r, 4, c, dtype=torch.float64).float()
+    outs = [torch.empty(g, c, dtype=dt) for dt in (torch.bfloat16, torch.float32, torch.float32, torch.float16)]
+    sum_rows(part, outs, r, r * 4 * c, 4 * c)
+    want = part.double().sum(1)
+    for j, out in enumerate(outs):
+        torch.testing.assert_close(out.double(), want[:, j], rtol=1e-6 if out.dtype == torch.float32 else 1e-2,
+                                   atol=1e-5)
+    total = torch.empty(c, dtype=torch.bfloat16)
+    sum_rows(outs[1], [total], g, 0, c)  # stride_g 0: one group summing the rows of a (G, C) buffer
+    torch.testing.assert_close(total.double(), outs[1].double().sum(0), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="one shape"):
+        sum_rows(part, [outs[0], torch.empty(c)], r, r * 4 * c, 4 * c)

@@ -142,12 +142,13 @@ def _ratios(model: str, params: str = "fp32") -> dict:
 
 
 # Issue 7 acceptance on the standard block (in-context tokens, pending residual, no dropout) at batch 128.
-# Measured with the kernels at commit 840d397, fp32 params: launches 68 / 210 = 32.4%, non-GEMM bytes 15.4%
-# (B/16) / 15.6% (H/16), saved activations 56.5%. bf16 params (FSDP2): launches 48 / 191 = 25.1%, non-GEMM
-# bytes 13.7%, saved 54.3%. The fused path's 68 launches (fp32 params): 15 GEMMs, 2 attention, 8 fused-op
-# kernels + 13 launches inside their backwards (two-stage reductions and gradient copies), 22 autocast
-# weight/bias casts and gradient casts, 5 bias-gradient sums, adaLN SiLU/SiLU-backward/cat. Of its 4.54 GB
-# non-GEMM bytes (B/16), 0.59 GB are bias-gradient sums shared with the eager path.
+# bf16 params (FSDP2, the multi-GPU training path): launches 38 / 191 = 19.9%, non-GEMM bytes 13.7%,
+# saved activations 54.3% (B/16 and H/16): all met. fp32 params under bf16 autocast (single process
+# without FSDP): launches 60 / 210 = 28.6%, non-GEMM bytes 15.4% (B/16) / 15.6% (H/16), saved 56.5%.
+# The fused path's 60 launches there: 15 GEMMs, 2 attention, 8 fused-op kernels + 7 launches inside
+# their backwards (second reduction stages), 22 autocast weight/bias casts and gradient casts, 5
+# bias-gradient sums, adaLN SiLU/SiLU-backward/cat. The casts (and the 0.59 GB of bias-gradient sums,
+# shared with eager) keep the fp32-parameter configuration above the targets.
 # strict: once a target is met its test reports XPASS as a failure, so the mark must then be removed.
 UNMET = pytest.mark.xfail(strict=True, reason="issue 7 target not met by the current fused path (counts above)")
 CASES = [(m, p) for m in ("JiT-B/16", "JiT-H/16") for p in PARAMS]
@@ -165,16 +166,18 @@ def test_fused_block_non_gemm_bytes(model: str, params: str) -> None:
     assert _ratios(model, params)["non_gemm_bytes_ratio"] <= 0.15
 
 
-@pytest.mark.parametrize(("model", "params"), [pytest.param(m, p, marks=UNMET) for m, p in CASES])
+@pytest.mark.parametrize(
+    ("model", "params"), [pytest.param(m, p, marks=UNMET) if p == "fp32" else (m, p) for m, p in CASES]
+)
 def test_fused_block_launches(model: str, params: str) -> None:
     assert _ratios(model, params)["launches_ratio"] <= 0.25
 
 
 def test_fused_block_far_below_eager() -> None:
-    """What the fused path does achieve (fails on regressions): at most a third of launches, a sixth of bytes."""
+    """What the fp32-parameter path does achieve (fails on regressions): launches <= 30%, bytes <= 16%."""
     for model, params in CASES:
         r = _ratios(model, params)
-        assert r["launches_ratio"] <= 1 / 3 and r["non_gemm_bytes_ratio"] <= 1 / 6
+        assert r["launches_ratio"] <= 0.30 and r["non_gemm_bytes_ratio"] <= 0.16
 
 
 def test_fused_block_is_modeled_faster_on_h100() -> None:
