@@ -261,7 +261,22 @@ def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tup
     return 1, partials, partials
 
 
+def _swiglu_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
+    """With a bias: fp32 partials (P, 2h) -> one row sum into dbias. Without: nothing beyond the op's I/O."""
+    import triton
+
+    from kernels.swiglu import BWD_CONFIGS
+
+    x12, bias = args[0], args[1]
+    if bias is None:
+        return 0, 0, 0
+    m = x12.numel() // x12.shape[-1]
+    partials = triton.cdiv(m, BWD_CONFIGS[0].kwargs["ROWS_PER_PROG"]) * x12.shape[-1] * 4
+    return 1, partials, partials
+
+
 FUSED_INTERNALS: dict[str, FusedInternals] = {
+    "jit_fast::swiglu_bwd": _swiglu_bwd_internals,
     "jit_fast::rmsnorm_modulate_bwd": _rmsnorm_modulate_bwd_internals,
     "jit_fast::qk_norm_rope_bwd": _qk_norm_rope_bwd_internals,
 }
@@ -503,10 +518,14 @@ def _pop(stack: list[str]) -> None:
 # Counting entry points.
 
 
-def cast_parameters(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """Give every parameter (not the buffers) `dtype`, as FSDP2's MixedPrecisionPolicy(param_dtype) does."""
+def cast_parameters(net: jit_model.JiT, dtype: torch.dtype | None) -> jit_model.JiT:
+    """Give the blocks' parameters `dtype`, as `distributed.prepare_model`'s FSDP2 policy gathers them.
+
+    The root's own parameters (embedders, pos_embed, in-context tokens, final layer) stay fp32 there,
+    so the residual stream stays fp32 exactly as in FSDP2 training.
+    """
     if dtype is not None:
-        for p in net.parameters():
+        for p in net.blocks.parameters():
             p.data = p.data.to(dtype)
     return net
 
@@ -594,7 +613,7 @@ def count_block(
     `fake=False` runs real CPU tensors instead of fake ones (same op stream; used to validate the fake run).
     `launchers=True` (fused path, fake tensors) replaces the opaque custom ops by the CUDA launch helpers
     and records every Triton launch and helper aten op (used to validate `FUSED_INTERNALS`).
-    `param_dtype=torch.bfloat16` computes with bf16 parameters, as FSDP2's bf16 gather does in
+    `param_dtype=torch.bfloat16` computes with bf16 block parameters, as FSDP2's bf16 gather does in
     multi-GPU training (see `cast_parameters`).
     """
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
@@ -656,7 +675,7 @@ def count_train_step(
 ) -> Count:
     """Count a whole train step: flow-matching loss forward, backward, fused AdamW and two EMA updates.
 
-    With `param_dtype` the forward and backward use parameters of that dtype (FSDP2's bf16 gather); the
+    With `param_dtype` the forward and backward use block parameters of that dtype (FSDP2's bf16 gather); the
     optimizer phase is then not counted, since FSDP2 steps its fp32 shards (not modeled here).
     """
     from jit_fast.denoiser import flow_matching_loss
@@ -782,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=256)
     ap.add_argument("--which", default="standard", choices=["standard", "dropout", "first"])
     ap.add_argument("--step", action="store_true", help="whole train step instead of one block")
-    ap.add_argument("--bf16-params", action="store_true", help="bf16 parameters, as FSDP2 gathers them")
+    ap.add_argument("--bf16-params", action="store_true",
+                    help="bf16 block parameters, as FSDP2 gathers them (root stays fp32)")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.bf16_params else None

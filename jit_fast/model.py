@@ -114,7 +114,8 @@ class SwiGLUFFN(nn.Module):
             self.register_load_state_dict_pre_hook(SwiGLUFFN._import_official)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self.ffn_dropout(self.ops.swiglu(self.w12(x))))
+        h = self.ops.linear_swiglu(x, self.w12.weight, self.w12.bias)
+        return self.w3(self.ffn_dropout(h))
 
     def reset_parameters(self) -> None:
         """Official init (xavier at the official shapes, zero biases; same draws as unpadded), zero padding."""

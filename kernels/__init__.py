@@ -21,6 +21,7 @@ def get_ops(name: str) -> SimpleNamespace:
             residual_rmsnorm_modulate=reference.residual_rmsnorm_modulate,
             qk_norm_rope=reference.qk_norm_rope,
             swiglu=reference.swiglu,
+            linear_swiglu=reference.linear_swiglu,
         )
     if name == "triton":
         from kernels.ops import triton_ops

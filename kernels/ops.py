@@ -21,6 +21,7 @@ def triton_ops() -> SimpleNamespace:
         residual_rmsnorm_modulate=rmsnorm_modulate.residual_rmsnorm_modulate,
         qk_norm_rope=qk_norm_rope.qk_norm_rope,
         swiglu=swiglu.swiglu,
+        linear_swiglu=swiglu.linear_swiglu,
     )
 
 
@@ -31,4 +32,5 @@ def launcher_ops() -> SimpleNamespace:
         residual_rmsnorm_modulate=rmsnorm_modulate.residual_rmsnorm_modulate_launcher,
         qk_norm_rope=qk_norm_rope.qk_norm_rope_launcher,
         swiglu=swiglu.swiglu_launcher,
+        linear_swiglu=swiglu.linear_swiglu_launcher,
     )

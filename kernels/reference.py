@@ -91,10 +91,22 @@ def qk_norm_rope(
     return q, k, v
 
 
-def swiglu(x12: torch.Tensor) -> torch.Tensor:
-    """h = silu(x1) * x2 where x1, x2 are the two halves of the w12 output."""
+def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """h = silu(x1) * x2 where x1, x2 are the two halves of the w12 output.
+
+    With `bias` (the w12 bias of a GEMM run without it) the sum is formed in fp32 (float64 for
+    float64 input) and h is returned in x12's dtype: the fused op's contract.
+    """
+    if bias is not None:
+        acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
+        return swiglu(x12.to(acc) + bias.to(acc)).to(x12.dtype)
     x1, x2 = x12.chunk(2, dim=-1)
     return F.silu(x1) * x2
+
+
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """swiglu(x @ weight.T + bias): the w12 GEMM (bias in its epilogue) and SwiGLU, as the official MLP."""
+    return swiglu(F.linear(x, weight, bias))
 
 
 def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The backward recomputes the sigmoid from x1 instead of saving it:
     dx1 = dh * x2 * s * (1 + x1 * (1 - s)),  dx2 = dh * x1 * s,  s = sigmoid(x1).
-Rows are the flattened leading dims; each program handles BLOCK_M rows x BLOCK_H hidden units.
+Rows are the flattened leading dims. An optional bias (the w12 bias, when the GEMM runs without it) is
+added in fp32 on load, and its gradient (column sums of dx12) is reduced in the backward pass that
+writes dx12 anyway: two-stage, deterministic, written in the bias dtype (`linear_swiglu`).
 """
 
 from __future__ import annotations
@@ -10,64 +12,119 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._common import KernelSpec, check_contiguous, check_dtype, device_guard, launch_options
+from kernels._common import (
+    KernelSpec,
+    check_contiguous,
+    check_dtype,
+    check_same_device,
+    check_shape,
+    device_guard,
+    launch_options,
+    sum_rows,
+)
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
-# The first config is launched; the second is a candidate that compile_check also builds.
+# The first config is launched; the second is a candidate that compile_check also builds. A backward
+# program walks ROWS_PER_PROG rows so the bias-gradient partials stay small (P = M / ROWS_PER_PROG rows);
+# its 256-wide tiles keep the two column accumulators at 56-64 registers (512 wide: 128, 19-25% occupancy).
 FWD_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_M": 4, "BLOCK_H": 512}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 8, "BLOCK_H": 512}, num_warps=8, num_stages=1),
 ]
 BWD_CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_M": 4, "BLOCK_H": 512}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 8, "BLOCK_H": 512}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 2, "BLOCK_H": 256, "ROWS_PER_PROG": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 4, "BLOCK_H": 256, "ROWS_PER_PROG": 64}, num_warps=8, num_stages=1),
 ]
 
 
 @triton.jit
-def swiglu_fwd_kernel(X12, OUT, M, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """OUT[m, j] = silu(X12[m, j]) * X12[m, H + j] for a BLOCK_M x BLOCK_H tile."""
+def swiglu_fwd_kernel(X12, BIAS, OUT, M, H, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """OUT[m, j] = silu(x1) * x2 for a BLOCK_M x BLOCK_H tile, x1 = X12[m, j] (+ BIAS[j]), x2 = X12[m, H + j]
+    (+ BIAS[H + j])."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    cmask = cols < H
+    mask = (rows < M)[:, None] & cmask[None, :]
     src = rows[:, None] * (2 * H) + cols[None, :]
     x1 = tl.load(X12 + src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X12 + src + H, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x1 += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x2 += tl.load(BIAS + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = x1 * tl.sigmoid(x1) * x2
     tl.store(OUT + rows[:, None] * H + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def swiglu_bwd_kernel(X12, DOUT, DX12, M, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """DX12 = (dx1, dx2) for a BLOCK_M x BLOCK_H tile, recomputing sigmoid(x1)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+def swiglu_bwd_kernel(
+    X12,
+    BIAS,
+    DOUT,
+    DX12,
+    PART,
+    M,
+    H,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
+):
+    """Program (p, j) writes DX12 = (dx1, dx2) for rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of hidden
+    block j, recomputing sigmoid(x1); with a bias it also writes the fp32 column sums of dx1 and dx2 over
+    its rows into PART[p, :] (the bias-gradient partials, reduced later by `sum_rows`)."""
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < M)[:, None] & (cols < H)[None, :]
-    src = rows[:, None] * (2 * H) + cols[None, :]
-    x1 = tl.load(X12 + src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X12 + src + H, mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(DOUT + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(x1)
-    dx1 = dout * x2 * s * (1.0 + x1 * (1.0 - s))
-    dx2 = dout * x1 * s
-    tl.store(DX12 + src, dx1.to(DX12.dtype.element_ty), mask=mask)
-    tl.store(DX12 + src + H, dx2.to(DX12.dtype.element_ty), mask=mask)
+    cmask = cols < H
+    if HAS_BIAS:
+        b1 = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+        b2 = tl.load(BIAS + H + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROG, BLOCK_M):
+        rows = pid * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        src = rows[:, None] * (2 * H) + cols[None, :]
+        x1 = tl.load(X12 + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X12 + src + H, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x1 += b1[None, :]
+            x2 += b2[None, :]
+        dout = tl.load(DOUT + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(x1)
+        dx1 = dout * x2 * s * (1.0 + x1 * (1.0 - s))
+        dx2 = dout * x1 * s
+        tl.store(DX12 + src, dx1.to(DX12.dtype.element_ty), mask=mask)
+        tl.store(DX12 + src + H, dx2.to(DX12.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc1 += tl.sum(dx1, axis=0)
+            acc2 += tl.sum(dx2, axis=0)
+    if HAS_BIAS:
+        tl.store(PART + pid * 2 * H + cols, acc1, mask=cmask)
+        tl.store(PART + pid * 2 * H + H + cols, acc2, mask=cmask)
 
 
-def _check_inputs(x12: torch.Tensor) -> None:
-    """x12 must be (..., 2h) with a supported float dtype."""
+def _check_inputs(x12: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """x12 must be (..., 2h) with a supported float dtype; a bias must be a contiguous (2h,) vector."""
     if x12.dim() < 1 or x12.shape[-1] % 2 != 0:
         raise ValueError(f"x12 must have an even last dim (x1 | x2 halves), got shape {tuple(x12.shape)}")
     check_dtype("x12", x12)
+    if bias is not None:
+        check_shape("bias", bias, (x12.shape[-1],))
+        check_dtype("bias", bias)
+        check_contiguous("bias", bias)
+        check_same_device(x12=x12, bias=bias)
 
 
-def swiglu_fwd(x12: torch.Tensor, config: triton.Config | None = None) -> torch.Tensor:
-    """Triton launch: silu(x1) * x2, shape (..., h), in x12's dtype."""
-    _check_inputs(x12)
+def swiglu_fwd(
+    x12: torch.Tensor, bias: torch.Tensor | None = None, config: triton.Config | None = None
+) -> torch.Tensor:
+    """Triton launch: silu(x1 + b1) * (x2 + b2), shape (..., h), in x12's dtype (bias optional)."""
+    _check_inputs(x12, bias)
     check_contiguous("x12", x12)
     h = x12.shape[-1] // 2
     m = x12.numel() // max(2 * h, 1)
@@ -77,13 +134,16 @@ def swiglu_fwd(x12: torch.Tensor, config: triton.Config | None = None) -> torch.
         return out
     grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
-        swiglu_fwd_kernel[grid](x12, out, m, h, **launch_options(cfg))
+        swiglu_fwd_kernel[grid](x12, x12 if bias is None else bias, out, m, h, HAS_BIAS=bias is not None,
+                                **launch_options(cfg))
     return out
 
 
-def swiglu_bwd(x12: torch.Tensor, dout: torch.Tensor, config: triton.Config | None = None) -> torch.Tensor:
-    """Triton backward launch: dx12 (..., 2h) from dout (..., h)."""
-    _check_inputs(x12)
+def swiglu_bwd(
+    x12: torch.Tensor, dout: torch.Tensor, bias: torch.Tensor | None = None, config: triton.Config | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton backward launch: (dx12 (..., 2h), dbias (2h,) in the bias dtype or None) from dout (..., h)."""
+    _check_inputs(x12, bias)
     check_contiguous("x12", x12)
     check_contiguous("dout", dout)
     h = x12.shape[-1] // 2
@@ -91,64 +151,78 @@ def swiglu_bwd(x12: torch.Tensor, dout: torch.Tensor, config: triton.Config | No
         raise ValueError(f"dout must have shape {tuple(x12.shape[:-1]) + (h,)}, got {tuple(dout.shape)}")
     m = x12.numel() // max(2 * h, 1)
     dx12 = torch.empty_like(x12)
-    cfg = config or BWD_CONFIGS[0]
+    dbias = None if bias is None else torch.empty_like(bias)
     if dx12.numel() == 0:
-        return dx12
-    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
+        return dx12, None if dbias is None else dbias.zero_()
+    cfg = config or BWD_CONFIGS[0]
+    num_p = triton.cdiv(m, cfg.kwargs["ROWS_PER_PROG"])
+    partials = None if bias is None else torch.empty(num_p, 2 * h, device=x12.device, dtype=torch.float32)
+    grid = (num_p, triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
-        swiglu_bwd_kernel[grid](x12, dout, dx12, m, h, **launch_options(cfg))
-    return dx12
+        swiglu_bwd_kernel[grid](
+            x12, x12 if bias is None else bias, dout, dx12, dx12 if partials is None else partials, m, h,
+            HAS_BIAS=bias is not None, **launch_options(cfg),
+        )
+    if dbias is not None:
+        sum_rows(partials, [dbias], num_p, 0, 2 * h)
+    return dx12, dbias
 
 
-def swiglu_bwd_reference(x12: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+def swiglu_bwd_reference(
+    x12: torch.Tensor, dout: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager backward with the contract of `swiglu_bwd` (fp32 math): the CPU implementation."""
     acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
-    x1, x2 = x12.to(acc).chunk(2, dim=-1)
+    x = x12.to(acc) if bias is None else x12.to(acc) + bias.to(acc)
+    x1, x2 = x.chunk(2, dim=-1)
     g = dout.to(acc)
     s = torch.sigmoid(x1)
-    return torch.cat((g * x2 * s * (1 + x1 * (1 - s)), g * x1 * s), dim=-1).to(x12.dtype)
+    dx12 = torch.cat((g * x2 * s * (1 + x1 * (1 - s)), g * x1 * s), dim=-1)
+    dbias = None if bias is None else dx12.flatten(0, -2).sum(0).to(bias.dtype)
+    return dx12.to(x12.dtype), dbias
 
 
 @torch.library.custom_op("jit_fast::swiglu", mutates_args=())
-def _swiglu_op(x12: torch.Tensor) -> torch.Tensor:
-    return reference.swiglu(x12)
+def _swiglu_op(x12: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return reference.swiglu(x12, bias)
 
 
 @_swiglu_op.register_kernel("cuda")
-def _swiglu_cuda(x12):
-    return swiglu_fwd(x12.contiguous())
+def _swiglu_cuda(x12, bias):
+    return swiglu_fwd(x12.contiguous(), bias)
 
 
 @_swiglu_op.register_fake
-def _swiglu_fake(x12):
+def _swiglu_fake(x12, bias):
     return x12.new_empty(x12.shape[:-1] + (x12.shape[-1] // 2,))
 
 
 @torch.library.custom_op("jit_fast::swiglu_bwd", mutates_args=())
-def _bwd_op(x12: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    return swiglu_bwd_reference(x12, dout)
+def _bwd_op(x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor) -> list[torch.Tensor]:
+    return [g for g in swiglu_bwd_reference(x12, dout, bias) if g is not None]
 
 
 @_bwd_op.register_kernel("cuda")
-def _bwd_cuda(x12, dout):
-    return swiglu_bwd(x12.contiguous(), dout.contiguous())
+def _bwd_cuda(x12, bias, dout):
+    return [g for g in swiglu_bwd(x12.contiguous(), dout.contiguous(), bias) if g is not None]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(x12, dout):
-    return torch.empty_like(x12)
+def _bwd_fake(x12, bias, dout):
+    return [torch.empty_like(x12)] + ([] if bias is None else [torch.empty_like(bias)])
 
 
 def _setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*inputs)
 
 
 def _backward_with(bwd):
-    """Autograd backward computing dx12 with `bwd` (custom op or launch helper)."""
+    """Autograd backward computing (dx12, dbias) with `bwd(x12, bias, dout)` (custom op or launch helper)."""
 
     def backward(ctx, dout):
-        (x12,) = ctx.saved_tensors
-        return bwd(x12, dout.contiguous())
+        x12, bias = ctx.saved_tensors
+        grads = bwd(x12, bias, dout.contiguous())
+        return grads[0], (grads[1] if bias is not None else None)
 
     return backward
 
@@ -160,32 +234,46 @@ class _LauncherFn(torch.autograd.Function):
     """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
 
     @staticmethod
-    def forward(x12):
-        return swiglu_fwd(x12)
+    def forward(x12, bias):
+        return swiglu_fwd(x12, bias)
 
     setup_context = staticmethod(_setup)
-    backward = staticmethod(_backward_with(swiglu_bwd))
+    backward = staticmethod(_backward_with(lambda x12, bias, dout: swiglu_bwd(x12, dout, bias)))
 
 
-def swiglu(x12: torch.Tensor) -> torch.Tensor:
+def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Fused op (contract of reference.swiglu): validates, then dispatches the custom op."""
-    _check_inputs(x12)
-    return torch.ops.jit_fast.swiglu(x12)
+    _check_inputs(x12, bias)
+    return torch.ops.jit_fast.swiglu(x12, bias)
 
 
-def swiglu_launcher(x12: torch.Tensor) -> torch.Tensor:
+def swiglu_launcher(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
-    _check_inputs(x12)
-    return _LauncherFn.apply(x12.contiguous())
+    _check_inputs(x12, bias)
+    return _LauncherFn.apply(x12.contiguous(), bias)
+
+
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The w12 GEMM without its bias, then SwiGLU with the bias folded in: its gradient comes out of the
+    SwiGLU backward, which writes dx12 anyway, instead of a separate pass over dx12."""
+    return swiglu(F.linear(x, weight), bias)
+
+
+def linear_swiglu_launcher(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear_swiglu` over the launch helpers."""
+    return swiglu_launcher(F.linear(x, weight), bias)
 
 
 def compile_specs() -> Iterator[KernelSpec]:
-    """Both kernels x every config, bf16 activations, JiT-G padded hidden width."""
+    """Both kernels x every config, bf16 activations (fp32 bias, as under autocast), JiT-G padded width."""
     ints = {"M": 256 * 288, "H": 4480}
-    for cfg in FWD_CONFIGS:
-        yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel, {"X12": "*bf16", "OUT": "*bf16", "M": "i32", "H": "i32"},
-                         {}, cfg, ints, "h=4480")
-    for cfg in BWD_CONFIGS:
-        yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
-                         {"X12": "*bf16", "DOUT": "*bf16", "DX12": "*bf16", "M": "i32", "H": "i32"},
-                         {}, cfg, ints, "h=4480")
+    for has_bias in (False, True):
+        for cfg in FWD_CONFIGS:
+            yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel,
+                             {"X12": "*bf16", "BIAS": "*fp32", "OUT": "*bf16", "M": "i32", "H": "i32"},
+                             {"HAS_BIAS": has_bias}, cfg, ints, f"h=4480 bias={has_bias}")
+        for cfg in BWD_CONFIGS:
+            yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
+                             {"X12": "*bf16", "BIAS": "*fp32", "DOUT": "*bf16", "DX12": "*bf16", "PART": "*fp32",
+                              "M": "i32", "H": "i32"},
+                             {"HAS_BIAS": has_bias}, cfg, ints, f"h=4480 bias={has_bias}")

@@ -100,7 +100,7 @@ def test_inductor_proxy_scales_and_models() -> None:
 def test_command_lines(capsys: pytest.CaptureFixture) -> None:
     from benchmarks import traffic
 
-    assert traffic.main(["--model", "JiT-B/16", "--path", "fused", "--batch", "4", "--top", "3"]) == 0
+    assert traffic.main(["--model", "JiT-B/16", "--path", "fused", "--batch", "4", "--top", "40"]) == 0
     assert "jit_fast::" in capsys.readouterr().out
     assert roofline.main(["--model", "JiT-T/4", "--batch", "2", "--img-size", "16", "--block"]) == 0
     out = capsys.readouterr().out

@@ -17,29 +17,38 @@ from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
 use_gpu_bf16_rounding()
 
 
-def run(fn, x12: torch.Tensor, dout: torch.Tensor, cast=None) -> tuple[torch.Tensor, torch.Tensor]:
+def run(fn, x12: torch.Tensor, dout: torch.Tensor, bias=None, cast=None) -> tuple[torch.Tensor, ...]:
+    """Output and gradients (dx12, and dbias with a bias) of `fn`, optionally on inputs cast to `cast`."""
     leaf = (x12 if cast is None else x12.to(cast)).detach().clone().requires_grad_()
-    out = fn(leaf)
+    b = None if bias is None else (bias if cast is None else bias.to(cast)).detach().clone().requires_grad_()
+    out = fn(leaf) if b is None else fn(leaf, b)
     out.backward(dout.to(out.dtype))
-    return out.detach(), leaf.grad
+    return (out.detach(), leaf.grad) + (() if b is None else (b.grad,))
 
 
-def check_case(shape: tuple[int, ...], h: int, dtype: torch.dtype, fn=sw.swiglu_launcher) -> None:
+def check_case(shape: tuple[int, ...], h: int, dtype: torch.dtype, fn=sw.swiglu_launcher, bias: bool = False) -> None:
+    """Kernel vs float64 reference (and the eager bf16 path's own error): h, dx12 and, with a bias, dbias.
+
+    The bias is fp32, as the w12 bias under autocast; the eager path then is the op's reference contract.
+    """
     x12 = (2 * torch.randn(*shape, 2 * h)).to(dtype)
+    b = torch.randn(2 * h) if bias else None
     dout = torch.randn(*shape, h)
-    k_out, k_grad = run(fn, x12, dout)
-    r_out, r_grad = run(reference.swiglu, x12, dout, cast=torch.float64)
-    e_out, e_grad = run(reference.swiglu, x12, dout)
-    eager = dtype != torch.float32
-    assert_within_rule("h", k_out, r_out, e_out if eager else None)
-    assert_within_rule("dx12", k_grad, r_grad, e_grad if eager else None)
+    got = run(fn, x12, dout, b)
+    want = run(reference.swiglu, x12, dout, b, cast=torch.float64)
+    eager = run(reference.swiglu, x12, dout, b) if dtype != torch.float32 else (None,) * len(got)
+    for name, g, w, e in zip(("h", "dx12", "dbias"), got, want, eager, strict=False):
+        assert_within_rule(name, g, w, e)
+    assert len(got) == 3 if bias else 2
 
 
 # Hidden widths: odd small, and the official h for D = 768 / 1280 / 1664 (2048 = B; 3413, 4437 unpadded).
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,h", [((3, 9), 97), ((1, 8), 2048)])
-def test_numerics_fast(shape, h, dtype):
-    check_case(shape, h, dtype)
+@pytest.mark.parametrize("shape,h", [((3, 9), 97), ((1, 8), 2048), ((2, 70), 40)])
+def test_numerics_fast(shape, h, dtype, bias):
+    """(2, 70) rows span three backward programs of 64 rows: the bias partials are reduced across them."""
+    check_case(shape, h, dtype, bias=bias)
 
 
 @pytest.mark.slow
@@ -47,18 +56,32 @@ def test_numerics_fast(shape, h, dtype):
 @pytest.mark.parametrize("h", [97, 2048, 3413, 3456, 4437, 4480])
 @pytest.mark.parametrize("b", [1, 3])
 def test_numerics_full(b, h, dtype):
-    check_case((b, 17), h, dtype)
+    check_case((b, 17), h, dtype, bias=True)
 
 
 def test_every_candidate_config():
     x12 = torch.randn(2, 9, 2 * 200).bfloat16()
+    bias = torch.randn(400)
     dout = torch.randn(2, 9, 200).bfloat16()
-    r_out, r_grad = run(reference.swiglu, x12, dout, cast=torch.float64)
-    e_out, e_grad = run(reference.swiglu, x12, dout)
-    for cfg in sw.FWD_CONFIGS:
-        assert_within_rule("h", sw.swiglu_fwd(x12, config=cfg), r_out, e_out)
-    for cfg in sw.BWD_CONFIGS:
-        assert_within_rule("dx12", sw.swiglu_bwd(x12, dout, config=cfg), r_grad, e_grad)
+    for b in (None, bias):
+        r_out, r_grad, *r_db = run(reference.swiglu, x12, dout, b, cast=torch.float64)
+        e_out, e_grad, *e_db = run(reference.swiglu, x12, dout, b)
+        for cfg in sw.FWD_CONFIGS:
+            assert_within_rule("h", sw.swiglu_fwd(x12, b, config=cfg), r_out, e_out)
+        for cfg in sw.BWD_CONFIGS:
+            dx12, dbias = sw.swiglu_bwd(x12, dout, b, config=cfg)
+            assert_within_rule("dx12", dx12, r_grad, e_grad)
+            if b is None:
+                assert dbias is None
+            else:
+                assert_within_rule("dbias", dbias, r_db[0], e_db[0])
+
+
+def test_bias_gradient_is_deterministic():
+    x12, bias, dout = torch.randn(3, 50, 2 * 96).bfloat16(), torch.randn(192), torch.randn(3, 50, 96).bfloat16()
+    first, second = sw.swiglu_bwd(x12, dout, bias), sw.swiglu_bwd(x12, dout, bias)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[1].dtype == torch.float32  # written in the bias dtype, no cast launch behind it
 
 
 def test_zero_padding_stays_zero():
@@ -67,9 +90,10 @@ def test_zero_padding_stays_zero():
     x12[..., 100:128] = 0
     x12[..., 128 + 100 :] = 0
     out = sw.swiglu_fwd(x12)
-    dx12 = sw.swiglu_bwd(x12, torch.randn(2, 5, 128))
+    dx12, dbias = sw.swiglu_bwd(x12, torch.randn(2, 5, 128), torch.zeros(256))
     assert torch.all(out[..., 100:] == 0)
     assert torch.all(dx12[..., 100:128] == 0) and torch.all(dx12[..., 228:] == 0)
+    assert torch.all(dbias[100:128] == 0) and torch.all(dbias[228:] == 0)
 
 
 def test_no_atomics_and_no_saved_sigmoid():
@@ -81,8 +105,25 @@ def test_no_atomics_and_no_saved_sigmoid():
 def test_custom_op_cpu_is_reference():
     x12 = torch.randn(2, 3, 2 * 40).bfloat16()
     assert torch.equal(sw.swiglu(x12), reference.swiglu(x12))
-    check_case((2, 3), 40, torch.bfloat16, fn=sw.swiglu)
-    check_case((2, 3), 40, torch.float32, fn=sw.swiglu)
+    for bias in (False, True):
+        check_case((2, 3), 40, torch.bfloat16, fn=sw.swiglu, bias=bias)
+        check_case((2, 3), 40, torch.float32, fn=sw.swiglu, bias=bias)
+
+
+def test_linear_swiglu_is_the_official_mlp_gate():
+    """Fused table: GEMM without bias + SwiGLU with the bias folded in == the reference GEMM-with-bias path."""
+    x, w, b = torch.randn(2, 5, 24), torch.randn(64, 24) / 5, torch.randn(64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = reference.linear_swiglu(*leaves)
+    ref.sum().backward()
+    want = [t.grad for t in leaves]
+    for fn in (sw.linear_swiglu, sw.linear_swiglu_launcher):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves)
+        out.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for g, wg in zip((t.grad for t in leaves), want, strict=True):
+            torch.testing.assert_close(g, wg, rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_dispatch_runs_triton(monkeypatch):
@@ -91,11 +132,11 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
         orig = getattr(sw, name)
         monkeypatch.setattr(sw, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    x12 = torch.randn(2, 3, 16)
-    sw.swiglu(x12)
+    x12, bias = torch.randn(2, 3, 16), torch.randn(16)
+    sw.swiglu(x12, bias)
     assert calls == []
-    out = torch.ops.jit_fast.swiglu.default.redispatch(cuda, x12)
-    torch.ops.jit_fast.swiglu_bwd.default.redispatch(cuda, x12, torch.ones_like(out))
+    out = torch.ops.jit_fast.swiglu.default.redispatch(cuda, x12, bias)
+    torch.ops.jit_fast.swiglu_bwd.default.redispatch(cuda, x12, bias, torch.ones_like(out))
     assert calls == ["swiglu_fwd", "swiglu_bwd"]
 
 
@@ -106,6 +147,8 @@ def test_bad_input():
         sw.swiglu(torch.ones(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 4\)"):
         sw.swiglu_bwd(torch.randn(2, 8), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\), got \(4,\)"):
+        sw.swiglu(torch.randn(2, 8), torch.randn(4))
     nc = torch.randn(8, 2).t()
     with pytest.raises(ValueError, match="x12 must be contiguous"):
         sw.swiglu_fwd(nc)

@@ -132,7 +132,7 @@ def _ratios(model: str, params: str = "fp32") -> dict:
     """Fused/eager ratios of the standard block at batch 128, forward+backward (cached).
 
     params "fp32": fp32 parameters under bf16 autocast (single-GPU training, the official recipe);
-    "bf16": bf16 parameters as FSDP2 gathers them in multi-GPU training (no autocast weight casts).
+    "bf16": bf16 block parameters and an fp32 root, as FSDP2 gathers them in multi-GPU training.
     """
     if (model, params) not in _RATIOS:
         kw = dict(param_dtype=PARAMS[params])
@@ -142,13 +142,13 @@ def _ratios(model: str, params: str = "fp32") -> dict:
 
 
 # Issue 7 acceptance on the standard block (in-context tokens, pending residual, no dropout) at batch 128.
-# bf16 params (FSDP2, the multi-GPU training path): launches 38 / 191 = 19.9%, non-GEMM bytes 13.7%,
-# saved activations 54.3% (B/16 and H/16): all met. fp32 params under bf16 autocast (single process
-# without FSDP): launches 60 / 210 = 28.6%, non-GEMM bytes 15.4% (B/16) / 15.6% (H/16), saved 56.5%.
-# The fused path's 60 launches there: 15 GEMMs, 2 attention, 8 fused-op kernels + 7 launches inside
-# their backwards (second reduction stages), 22 autocast weight/bias casts and gradient casts, 5
-# bias-gradient sums, adaLN SiLU/SiLU-backward/cat. The casts (and the 0.59 GB of bias-gradient sums,
-# shared with eager) keep the fp32-parameter configuration above the targets.
+# bf16 block params with an fp32 root (FSDP2, the multi-GPU training path): launches 40 / 194 = 20.6%,
+# non-GEMM bytes 14.0%, saved activations 56.5% (B/16 and H/16): all met. fp32 params under bf16 autocast
+# (one process without FSDP): non-GEMM bytes 14.4% (B/16) / 14.7% (H/16) and saved 56.5%, met; launches
+# 58 / 210 = 27.6%, not met. Those 58: 15 GEMMs, 2 attention, 8 fused-op kernels + 6 second-stage
+# reductions inside their backwards, 20 autocast casts of weights/biases and of their gradients, 4
+# bias-gradient sums (qkv, proj, w3, adaLN; w12's comes out of the SwiGLU backward), adaLN SiLU,
+# SiLU-backward and cat. Without the 20 casts (what FSDP2's bf16 gather removes) the target is met.
 # strict: once a target is met its test reports XPASS as a failure, so the mark must then be removed.
 UNMET = pytest.mark.xfail(strict=True, reason="issue 7 target not met by the current fused path (counts above)")
 CASES = [(m, p) for m in ("JiT-B/16", "JiT-H/16") for p in PARAMS]
@@ -159,9 +159,7 @@ def test_fused_block_saved_activations(model: str, params: str) -> None:
     assert _ratios(model, params)["saved_ratio"] <= 0.60
 
 
-@pytest.mark.parametrize(
-    ("model", "params"), [pytest.param(m, p, marks=UNMET) if p == "fp32" else (m, p) for m, p in CASES]
-)
+@pytest.mark.parametrize(("model", "params"), CASES)
 def test_fused_block_non_gemm_bytes(model: str, params: str) -> None:
     assert _ratios(model, params)["non_gemm_bytes_ratio"] <= 0.15
 
@@ -174,10 +172,9 @@ def test_fused_block_launches(model: str, params: str) -> None:
 
 
 def test_fused_block_far_below_eager() -> None:
-    """What the fp32-parameter path does achieve (fails on regressions): launches <= 30%, bytes <= 16%."""
+    """What the fp32-parameter path does achieve (fails on regressions): launches <= 28%."""
     for model, params in CASES:
-        r = _ratios(model, params)
-        assert r["launches_ratio"] <= 0.30 and r["non_gemm_bytes_ratio"] <= 0.16
+        assert _ratios(model, params)["launches_ratio"] <= 0.28
 
 
 def test_fused_block_is_modeled_faster_on_h100() -> None:
