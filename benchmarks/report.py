@@ -117,8 +117,9 @@ def _counted_blocks(res: dict) -> list[str]:
         ])
     return [
         f"Standard block (in-context tokens, pending residual in, no dropout), batch {res['batch']}, bf16 autocast "
-        "with fp32 parameters (single-GPU training); \"bf16 params\": parameters gathered in bf16 as FSDP2 does in "
-        "multi-GPU training (no autocast weight casts); \"dropout block\": one in the range where the preset trains "
+        "with fp32 parameters (one process without FSDP); \"bf16 params\": block parameters gathered in bf16 and an "
+        "fp32 root as FSDP2 trains (`--fsdp on`, any GPU count; no autocast weight casts); \"dropout block\": one in "
+        "the range where the preset trains "
         "with dropout (not fused in either path). "
         "Non-GEMM bytes exclude GEMMs and attention (identical in both paths); GB = 1e9 bytes.",
         _table(["model", "path", "launches fwd", "launches bwd", "non-GEMM GB fwd", "non-GEMM GB bwd",

@@ -57,8 +57,8 @@ def _git_commit() -> str:
 def block_section(models: list[tuple[str, int]], batch: int) -> dict:
     """Counted eager/fused block traffic per model, their ratios and the modeled block times.
 
-    Keys: "model" (standard block, fp32 parameters under bf16 autocast: single-GPU training),
-    "model (bf16 params)" (parameters gathered in bf16 by FSDP2: multi-GPU training) and, for presets
+    Keys: "model" (standard block, fp32 parameters under bf16 autocast: one process without FSDP),
+    "model (bf16 params)" (block parameters gathered in bf16 by FSDP2, fp32 root) and, for presets
     that train with dropout, "model (dropout block)".
     """
     out = {}
