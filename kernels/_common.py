@@ -86,16 +86,15 @@ def launch_options(config: triton.Config) -> dict[str, int]:
 
 
 @triton.jit
-def _sum_store(IN, OUT, g, R, C, stride_g, stride_r, stride_o, cols, cmask, BLOCK_R: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """OUT[g * stride_o + c] = sum_r IN[g * stride_g + r * stride_r + c] over r in order, cast to OUT's dtype."""
+def _sum_store(IN, OUT, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[g * C + c] = sum_r IN[g * stride_g + r * stride_r + c] over r in order, cast to OUT's dtype."""
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask = (rows < R)[:, None] & cmask[None, :]
         tile = tl.load(IN + g * stride_g + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
-    tl.store(OUT + g * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+    tl.store(OUT + g * C + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -122,13 +121,13 @@ def sum_rows_kernel(
     g = tl.program_id(1).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    _sum_store(IN, OUT0, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+    _sum_store(IN, OUT0, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 1:
-        _sum_store(IN + C, OUT1, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + C, OUT1, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 2:
-        _sum_store(IN + 2 * C, OUT2, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + 2 * C, OUT2, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 3:
-        _sum_store(IN + 3 * C, OUT3, g, R, C, stride_g, stride_r, C, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + 3 * C, OUT3, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
 
 
 SUM_ROWS_CONFIG = triton.Config({"BLOCK_R": 8, "BLOCK_C": 512}, num_warps=4, num_stages=1)

@@ -351,9 +351,10 @@ def rmsnorm_modulate_bwd(
         )
     # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and an fp32
     # per-sample dweight; stage 3 sums those over the batch into dweight
-    new = lambda dtype: torch.empty(b, d, device=x_norm.device, dtype=dtype)  # noqa: E731
-    dshift, dscale, dweight_b = new(shift_dtype), new(scale.dtype), new(torch.float32)
-    dgate = new(gate.dtype) if residual else None
+    dshift, dscale, dweight_b, dgate = (
+        torch.empty(b, d, device=x_norm.device, dtype=dt) if dt is not None else None
+        for dt in (shift_dtype, scale.dtype, torch.float32, gate.dtype if residual else None)
+    )
     sum_rows(partials, [dshift, dscale, dweight_b] + ([dgate] if residual else []), num_p, num_p * 4 * d, 4 * d)
     dweight = torch.empty(d, device=x_norm.device, dtype=weight.dtype)
     sum_rows(dweight_b, [dweight], b, 0, d)
