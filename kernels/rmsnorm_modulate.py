@@ -10,6 +10,7 @@ All arithmetic is fp32; results are rounded once, to the dtype of the tensor the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -351,10 +352,10 @@ def rmsnorm_modulate_bwd(
         )
     # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and an fp32
     # per-sample dweight; stage 3 sums those over the batch into dweight
-    dshift, dscale, dweight_b, dgate = (
-        torch.empty(b, d, device=x_norm.device, dtype=dt) if dt is not None else None
-        for dt in (shift_dtype, scale.dtype, torch.float32, gate.dtype if residual else None)
-    )
+    per_sample = functools.partial(torch.empty, b, d, device=x_norm.device)
+    dshift, dscale = per_sample(dtype=shift_dtype), per_sample(dtype=scale.dtype)
+    dweight_b = per_sample(dtype=torch.float32)
+    dgate = per_sample(dtype=gate.dtype) if residual else None
     sum_rows(partials, [dshift, dscale, dweight_b] + ([dgate] if residual else []), num_p, num_p * 4 * d, 4 * d)
     dweight = torch.empty(d, device=x_norm.device, dtype=weight.dtype)
     sum_rows(dweight_b, [dweight], b, 0, d)

@@ -140,7 +140,7 @@ def swiglu_fwd(
 
 
 def swiglu_bwd(
-    x12: torch.Tensor, dout: torch.Tensor, bias: torch.Tensor | None = None, config: triton.Config | None = None
+    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor, config: triton.Config | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton backward launch: (dx12 (..., 2h), dbias (2h,) in the bias dtype or None) from dout (..., h)."""
     _check_inputs(x12, bias)
@@ -169,7 +169,7 @@ def swiglu_bwd(
 
 
 def swiglu_bwd_reference(
-    x12: torch.Tensor, dout: torch.Tensor, bias: torch.Tensor | None = None
+    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager backward with the contract of `swiglu_bwd` (fp32 math): the CPU implementation."""
     acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
@@ -199,12 +199,12 @@ def _swiglu_fake(x12, bias):
 
 @torch.library.custom_op("jit_fast::swiglu_bwd", mutates_args=())
 def _bwd_op(x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor) -> list[torch.Tensor]:
-    return [g for g in swiglu_bwd_reference(x12, dout, bias) if g is not None]
+    return [g for g in swiglu_bwd_reference(x12, bias, dout) if g is not None]
 
 
 @_bwd_op.register_kernel("cuda")
 def _bwd_cuda(x12, bias, dout):
-    return [g for g in swiglu_bwd(x12.contiguous(), dout.contiguous(), bias) if g is not None]
+    return [g for g in swiglu_bwd(x12.contiguous(), bias, dout.contiguous()) if g is not None]
 
 
 @_bwd_op.register_fake
@@ -238,7 +238,7 @@ class _LauncherFn(torch.autograd.Function):
         return swiglu_fwd(x12, bias)
 
     setup_context = staticmethod(_setup)
-    backward = staticmethod(_backward_with(lambda x12, bias, dout: swiglu_bwd(x12, dout, bias)))
+    backward = staticmethod(_backward_with(swiglu_bwd))
 
 
 def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

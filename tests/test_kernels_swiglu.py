@@ -69,7 +69,7 @@ def test_every_candidate_config():
         for cfg in sw.FWD_CONFIGS:
             assert_within_rule("h", sw.swiglu_fwd(x12, b, config=cfg), r_out, e_out)
         for cfg in sw.BWD_CONFIGS:
-            dx12, dbias = sw.swiglu_bwd(x12, dout, b, config=cfg)
+            dx12, dbias = sw.swiglu_bwd(x12, b, dout, config=cfg)
             assert_within_rule("dx12", dx12, r_grad, e_grad)
             if b is None:
                 assert dbias is None
@@ -79,7 +79,7 @@ def test_every_candidate_config():
 
 def test_bias_gradient_is_deterministic():
     x12, bias, dout = torch.randn(3, 50, 2 * 96).bfloat16(), torch.randn(192), torch.randn(3, 50, 96).bfloat16()
-    first, second = sw.swiglu_bwd(x12, dout, bias), sw.swiglu_bwd(x12, dout, bias)
+    first, second = sw.swiglu_bwd(x12, bias, dout), sw.swiglu_bwd(x12, bias, dout)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert first[1].dtype == torch.float32  # written in the bias dtype, no cast launch behind it
 
@@ -90,7 +90,7 @@ def test_zero_padding_stays_zero():
     x12[..., 100:128] = 0
     x12[..., 128 + 100 :] = 0
     out = sw.swiglu_fwd(x12)
-    dx12, dbias = sw.swiglu_bwd(x12, torch.randn(2, 5, 128), torch.zeros(256))
+    dx12, dbias = sw.swiglu_bwd(x12, torch.zeros(256), torch.randn(2, 5, 128))
     assert torch.all(out[..., 100:] == 0)
     assert torch.all(dx12[..., 100:128] == 0) and torch.all(dx12[..., 228:] == 0)
     assert torch.all(dbias[100:128] == 0) and torch.all(dbias[228:] == 0)
@@ -146,7 +146,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="x12 has unsupported dtype torch.int64"):
         sw.swiglu(torch.ones(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 4\)"):
-        sw.swiglu_bwd(torch.randn(2, 8), torch.randn(2, 8))
+        sw.swiglu_bwd(torch.randn(2, 8), None, torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\), got \(4,\)"):
         sw.swiglu(torch.randn(2, 8), torch.randn(4))
     nc = torch.randn(8, 2).t()
