@@ -25,6 +25,7 @@ from benchmarks.traffic import (
     block_index,
     block_leaves,
     capture_block_inputs,
+    computed_outputs,
     count_block,
     flash_attention_standin,
 )
@@ -75,7 +76,7 @@ def _compile_block(model: str, img_size: int, batch: int) -> list[list[tuple[str
         args = block_leaves(args)
         block = torch.compile(net.blocks[idx], fullgraph=True, dynamic=False)
         with amp:
-            outs = [o for o in block(*args, **kwargs) if o.requires_grad]
+            outs = computed_outputs(block(*args, **kwargs))
         torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
     torch._dynamo.reset()
     if len(graphs) != 2:

@@ -231,19 +231,19 @@ FusedInternals = Callable[[tuple, list[torch.Tensor]], tuple[int, int, int]]
 
 
 def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (B, P, 4, D) -> one row sum into dshift/dscale/dgate and an fp32 per-sample dweight
-    (B, D) -> one row sum into dweight."""
+    """fp32 partials (B, P, 4 or 5, D) -> one row sum into dshift/dscale/dgate and fp32 per-sample dweight
+    (and dbias) rows (B, D) -> one row sum into dweight (and dbias)."""
     import triton
 
     from kernels._common import select_config
     from kernels.rmsnorm_modulate import BWD_CONFIGS
 
-    x_norm = args[1]
+    x_norm, has_bias = args[1], len(args) > 10 and args[10] is not None
     b, n, d = x_norm.shape
     cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
-    partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * 4 * d * 4
-    per_sample_dweight = b * d * 4
-    return 2, partials + per_sample_dweight, partials + per_sample_dweight
+    partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * (4 + has_bias) * d * 4
+    per_sample = (1 + has_bias) * b * d * 4
+    return 2, partials + per_sample, partials + per_sample
 
 
 def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
@@ -590,6 +590,12 @@ def _leaf(x):
     return None if x is None else torch.randn_like(x).requires_grad_(True)
 
 
+def computed_outputs(out) -> list[torch.Tensor]:
+    """Outputs backward starts from: tensors with a grad_fn (a fused block hands on its MLP bias, a parameter)."""
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+
+
 def block_leaves(args: tuple) -> tuple:
     """Block arguments (x, c, rope, pending, ...) with x, c and the pending residual as fresh grad-requiring leaves."""
     return (_leaf(args[0]), _leaf(args[1]), args[2], _leaf(args[3]), *args[4:])
@@ -639,7 +645,7 @@ def count_block(
             ):
                 outs = block(*args, **kwargs)
             if backward:
-                outs = [o for o in outs if o.requires_grad]
+                outs = computed_outputs(outs)
                 grads = [torch.randn_like(o) for o in outs]
                 counter.phase = "bwd"
                 with counter:

@@ -4,7 +4,9 @@ Parameter names and shapes equal the official release. The op boundaries that th
 kernels replace (RMSNorm+modulate with the gated residual folded in, q/k RMSNorm+RoPE,
 SwiGLU, attention) go through the op table `kernels.get_ops(cfg.kernels)`. Each block
 returns its MLP branch and gate un-added, and the next norm (or the final layer) adds them
-in its fused residual, so no gated residual ever makes its own pass over the tokens.
+in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMM
+closing a branch goes through `ops.branch_linear`: the fused table leaves its bias for that
+residual op to add (the reference table adds it in the GEMM, as the official model does).
 """
 
 from __future__ import annotations
@@ -77,13 +79,18 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (branch, bias the residual still has to add, or None)."""
         b, n, d = x.shape
         q, k, v = self.ops.qk_norm_rope(
             self.qkv(x), self.q_norm.weight, self.k_norm.weight, rope[0], rope[1], self.num_heads, self.q_norm.eps
         )
-        o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(o.reshape(b, n, d)))
+        o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0).reshape(b, n, d)
+        if self.proj_drop.p > 0:  # dropout sits between the GEMM and the residual: the bias stays in the GEMM
+            return self.proj_drop(self.proj(o)), None
+        return self.ops.branch_linear(o, self.proj.weight, self.proj.bias)
 
 
 class SwiGLUFFN(nn.Module):
@@ -113,9 +120,10 @@ class SwiGLUFFN(nn.Module):
             self.register_state_dict_post_hook(SwiGLUFFN._export_official)
             self.register_load_state_dict_pre_hook(SwiGLUFFN._import_official)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (branch, bias the residual still has to add, or None)."""
         h = self.ops.linear_swiglu(x, self.w12.weight, self.w12.bias)
-        return self.w3(self.ffn_dropout(h))
+        return self.ops.branch_linear(self.ffn_dropout(h), self.w3.weight, self.w3.bias)
 
     def reset_parameters(self) -> None:
         """Official init (xavier at the official shapes, zero biases; same draws as unpadded), zero padding."""
@@ -154,7 +162,7 @@ class SwiGLUFFN(nn.Module):
                 state_dict[prefix + key] = pad(t)
 
 
-Pending = tuple[torch.Tensor, torch.Tensor] | None
+Pending = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # (branch, gate, branch bias)
 
 
 class JiTBlock(nn.Module):
@@ -173,20 +181,22 @@ class JiTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pending: Pending = None,
         out_dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (x, mlp_branch, gate_mlp, mlp_bias); the block output is x + gate_mlp * (mlp_branch + mlp_bias)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         eps = self.norm1.eps
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, self.norm1.weight, shift_msa, scale_msa, eps, out_dtype)
         else:
             x, h = self.ops.residual_rmsnorm_modulate(
-                x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype
+                x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype, pending[2]
             )
+        attn_out, attn_bias = self.attn(h, rope)
         x, h = self.ops.residual_rmsnorm_modulate(
-            x, self.attn(h, rope), gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype
+            x, attn_out, gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype, attn_bias
         )
-        return x, self.mlp(h), gate_mlp
+        mlp_out, mlp_bias = self.mlp(h)
+        return x, mlp_out, gate_mlp, mlp_bias
 
 
 class FinalLayer(nn.Module):
@@ -286,23 +296,23 @@ class JiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if cfg.in_context_len > 0 and i == cfg.in_context_start:
                 if pending is not None:
-                    x = gated_residual(x, pending[0], pending[1])
+                    x = gated_residual(x, *pending)
                     pending = None
                 ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) + self.in_context_posemb
                 x = torch.cat([ctx, x], dim=1)
                 rope = (self.rope_incontext_cos, self.rope_incontext_sin)
-            x, branch, gate = block(x, c, rope, pending, out_dtype)
-            pending = (branch, gate)
+            x, branch, gate, bias = block(x, c, rope, pending, out_dtype)
+            pending = (branch, gate, bias)
         if cfg.in_context_len > 0 and cfg.in_context_start < cfg.depth:
             x, branch = x[:, cfg.in_context_len :], branch[:, cfg.in_context_len :]
-            pending = (branch, pending[1])
+            pending = (branch, gate, bias)
         fl = self.final_layer
         shift, scale = fl.adaLN_modulation(c).chunk(2, dim=-1)
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype)
         else:
             _, h = self.ops.residual_rmsnorm_modulate(
-                x, pending[0], pending[1], fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype
+                x, *pending[:2], fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype, pending[2]
             )
         return self.unpatchify(fl.linear(h))
 

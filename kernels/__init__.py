@@ -22,6 +22,7 @@ def get_ops(name: str) -> SimpleNamespace:
             qk_norm_rope=reference.qk_norm_rope,
             swiglu=reference.swiglu,
             linear_swiglu=reference.linear_swiglu,
+            branch_linear=reference.branch_linear,
         )
     if name == "triton":
         from kernels.ops import triton_ops

@@ -81,8 +81,9 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def launch_options(config: triton.Config) -> dict[str, int]:
-    """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages."""
-    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages (and maxnreg if set)."""
+    extra = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
 
 
 @triton.jit
@@ -104,15 +105,17 @@ def sum_rows_kernel(
     OUT1,
     OUT2,
     OUT3,
+    OUT4,
     R,
     C,
     stride_g,
     stride_r,
+    stride_j,
     NUM_OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """OUTj[g, c] = sum_r IN[g * stride_g + r * stride_r + j * C + c] for j < NUM_OUT, each in its own dtype.
+    """OUTj[g, c] = sum_r IN[g * stride_g + r * stride_r + j * stride_j + c] for j < NUM_OUT, each in its own dtype.
 
     One launch finishes a fused backward's reductions: every gradient it produces is written
     straight in its final dtype, with no fp32 intermediate or cast launch behind it.
@@ -123,22 +126,31 @@ def sum_rows_kernel(
     cmask = cols < C
     _sum_store(IN, OUT0, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 1:
-        _sum_store(IN + C, OUT1, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + stride_j, OUT1, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 2:
-        _sum_store(IN + 2 * C, OUT2, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + 2 * stride_j, OUT2, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
     if NUM_OUT > 3:
-        _sum_store(IN + 3 * C, OUT3, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
+        _sum_store(IN + 3 * stride_j, OUT3, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
+    if NUM_OUT > 4:
+        _sum_store(IN + 4 * stride_j, OUT4, g, R, C, stride_g, stride_r, cols, cmask, BLOCK_R, BLOCK_C)
 
 
 SUM_ROWS_CONFIG = triton.Config({"BLOCK_R": 8, "BLOCK_C": 512}, num_warps=4, num_stages=1)
-MAX_SUM_OUTPUTS = 4
+MAX_SUM_OUTPUTS = 5
 
 
-def sum_rows(partials: torch.Tensor, outs: Sequence[torch.Tensor], rows: int, stride_g: int, stride_r: int) -> None:
-    """Second reduction stage into `outs` (1 to 4 contiguous tensors of one shape (..., C), any dtypes).
+def sum_rows(
+    partials: torch.Tensor,
+    outs: Sequence[torch.Tensor],
+    rows: int,
+    stride_g: int,
+    stride_r: int,
+    stride_j: int | None = None,
+) -> None:
+    """Second reduction stage into `outs` (1 to 5 contiguous tensors of one shape (..., C), any dtypes).
 
-    outs[j].view(G, C)[g] = sum over r < rows of partials[g * stride_g + r * stride_r + j * C : ... + C],
-    summed in fp32 in a fixed order (G = outs[j].numel() // C).
+    outs[j].view(G, C)[g] = sum over r < rows of partials[g * stride_g + r * stride_r + j * stride_j : ... + C],
+    summed in fp32 in a fixed order (G = outs[j].numel() // C; stride_j defaults to C: adjacent partials).
     """
     if not 1 <= len(outs) <= MAX_SUM_OUTPUTS or any(o.shape != outs[0].shape for o in outs):
         raise ValueError(f"sum_rows takes 1 to {MAX_SUM_OUTPUTS} outputs of one shape, got "
@@ -151,20 +163,25 @@ def sum_rows(partials: torch.Tensor, outs: Sequence[torch.Tensor], rows: int, st
     block_c = SUM_ROWS_CONFIG.kwargs["BLOCK_C"]
     with device_guard(partials):
         sum_rows_kernel[(triton.cdiv(cols, block_c), groups)](
-            partials, *padded, rows, cols, stride_g, stride_r, NUM_OUT=len(outs), **launch_options(SUM_ROWS_CONFIG)
+            partials, *padded, rows, cols, stride_g, stride_r, cols if stride_j is None else stride_j,
+            NUM_OUT=len(outs), **launch_options(SUM_ROWS_CONFIG),
         )
 
 
 def sum_rows_specs() -> Iterator[KernelSpec]:
-    """Compile jobs for the row-sum kernel: fp32 partials into 1 (dweight), 2 (q/k weights) or 4 (adaLN) outputs."""
-    for outs in (("bf16",), ("fp32", "fp32"), ("bf16", "bf16", "fp32", "bf16")):
+    """Compile jobs for the row-sum kernel: fp32 partials into 1 (dweight), 2 (q/k or norm weight and branch
+    bias), 4 (adaLN) or 5 (adaLN and the branch bias) outputs."""
+    adaln = ("bf16", "bf16", "fp32", "bf16")
+    for outs in (("bf16",), ("fp32", "fp32"), adaln, adaln + ("fp32",)):
         ptrs = {f"OUT{j}": f"*{outs[min(j, len(outs) - 1)]}" for j in range(MAX_SUM_OUTPUTS)}
         yield KernelSpec(
             name="sum_rows",
             fn=sum_rows_kernel,
-            signature={"IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32"},
+            signature={
+                "IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32", "stride_j": "i32",
+            },
             constexprs={"NUM_OUT": len(outs)},
             config=SUM_ROWS_CONFIG,
-            int_args={"C": 1664, "stride_g": 8 * 4 * 1664, "stride_r": 4 * 1664},
+            int_args={"C": 1664, "stride_g": 8 * 5 * 1664, "stride_r": 5 * 1664, "stride_j": 1664},
             label="outputs " + ",".join(outs),
         )

@@ -112,6 +112,14 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
 
 
+def _compile_options(cfg) -> dict[str, int]:
+    """triton.compile options of a launch config (maxnreg becomes the PTX .maxnreg directive)."""
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg is not None:
+        options["maxnreg"] = cfg.maxnreg
+    return options
+
+
 def compile_one(spec, arch: int) -> Result:
     """Compile one spec for one arch and measure it."""
     import triton
@@ -120,6 +128,7 @@ def compile_one(spec, arch: int) -> Result:
 
     cfg = spec.config
     config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
+    config += "" if cfg.maxnreg is None else f" r<={cfg.maxnreg}"
     res = Result(spec.name, spec.label, config, f"sm_{arch}{'a' if arch >= 90 else ''}")
     constexprs = {**spec.constexprs, **cfg.kwargs}
     signature = dict(spec.signature)
@@ -129,7 +138,7 @@ def compile_one(spec, arch: int) -> Result:
     try:
         src = ASTSource(spec.fn, signature, constexprs=constexprs, attrs=_attrs(spec))
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            src, target=GPUTarget("cuda", arch, 32), options=_compile_options(cfg)
         )
         res.regs, res.spill_stores, res.spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
         res.shared = compiled.metadata.shared

@@ -22,6 +22,7 @@ def triton_ops() -> SimpleNamespace:
         qk_norm_rope=qk_norm_rope.qk_norm_rope,
         swiglu=swiglu.swiglu,
         linear_swiglu=swiglu.linear_swiglu,
+        branch_linear=rmsnorm_modulate.branch_linear,
     )
 
 
@@ -33,4 +34,5 @@ def launcher_ops() -> SimpleNamespace:
         qk_norm_rope=qk_norm_rope.qk_norm_rope_launcher,
         swiglu=swiglu.swiglu_launcher,
         linear_swiglu=swiglu.linear_swiglu_launcher,
+        branch_linear=rmsnorm_modulate.branch_linear,
     )

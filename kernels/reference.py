@@ -50,9 +50,10 @@ def residual_rmsnorm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated residual then norm+modulate: x_out = x + gate * branch, y = modulate(RMSNorm(x_out))."""
-    x_out = x + gate.unsqueeze(1) * branch
+    """Gated residual then norm+modulate: x_out = x + gate * (branch + branch_bias), y = modulate(RMSNorm(x_out))."""
+    x_out = gated_residual(x, branch, gate, branch_bias)
     return x_out, rmsnorm_modulate(x_out, weight, shift, scale, eps, out_dtype)
 
 
@@ -109,6 +110,27 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return swiglu(F.linear(x, weight, bias))
 
 
-def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + gate * branch with a per-sample (B, D) gate."""
-    return x + gate.unsqueeze(1) * branch
+def gated_residual(
+    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x + gate * branch with a per-sample (B, D) gate, as the official block adds it.
+
+    With `bias` (the branch GEMM's bias, left out of that GEMM) the whole expression is formed in fp32
+    (float64 for float64 x) and rounded once to the dtype x + gate * branch would have: the fused contract.
+    """
+    if bias is None:
+        return x + gate.unsqueeze(1) * branch
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = x.to(acc) + gate.to(acc).unsqueeze(1) * (branch.to(acc) + bias.to(acc))
+    return out.to(torch.promote_types(torch.promote_types(x.dtype, gate.dtype), branch.dtype))
+
+
+def branch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GEMM closing a residual branch, bias in its epilogue as the official model has it.
+
+    Returns (output, bias still to add): None here; the fused table returns the bias instead, for
+    the next residual op to add (see `kernels.ops.branch_linear`).
+    """
+    return F.linear(x, weight, bias), None

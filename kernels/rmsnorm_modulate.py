@@ -1,10 +1,12 @@
 """Fused RMSNorm + adaLN modulation, optionally preceded by the gated residual of the previous branch.
 
 Forward (one read of x and branch, one write of x_out and y):
-    x_out = x + gate[b] * branch                      (residual variant only)
+    x_out = x + gate[b] * (branch + bias)             (residual variant only; bias optional)
     y     = x_out * rstd * weight * (1 + scale[b]) + shift[b],  rstd = 1 / sqrt(mean(x_out^2) + eps)
+The bias is that of the GEMM which produced the branch, run without it: adding it here saves the
+GEMM's bias cast under autocast and, in backward, the separate sum of dbranch over tokens.
 Backward recomputes rstd from x_out (no saved statistics) and produces dx, dbranch, dgate, dweight,
-dshift, dscale; the per-sample and per-column sums over tokens are two-stage (see `_common`).
+dshift, dscale (and dbias); the sums over tokens are two-stage (see `_common`).
 All arithmetic is fp32; results are rounded once, to the dtype of the tensor they are stored in.
 """
 
@@ -14,6 +16,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -48,7 +51,8 @@ FWD_CONFIGS: dict[int, list[triton.Config]] = {
 }
 BWD_CONFIGS: dict[int, list[triton.Config]] = {
     1024: [
-        triton.Config({"BLOCK_M": 1, "ROWS_PER_PROG": 32}, num_warps=16, num_stages=1),
+        # ptxas targets 32 registers for some variants at 512 threads and then spills; 40 is spill-free
+        triton.Config({"BLOCK_M": 1, "ROWS_PER_PROG": 32}, num_warps=16, num_stages=1, maxnreg=40),
         triton.Config({"BLOCK_M": 2, "ROWS_PER_PROG": 32}, num_warps=16, num_stages=1),
     ],
     2048: [
@@ -64,6 +68,7 @@ def rmsnorm_modulate_fwd_kernel(
     X,
     BRANCH,
     GATE,
+    BIAS,
     W,
     SHIFT,
     SCALE,
@@ -76,6 +81,7 @@ def rmsnorm_modulate_fwd_kernel(
     stride_scale,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -92,6 +98,8 @@ def rmsnorm_modulate_fwd_kernel(
     if HAS_RESIDUAL:
         gate = tl.load(GATE + b * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
         branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            branch += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         x_out = (x + gate[None, :] * branch).to(XOUT.dtype.element_ty)
         tl.store(XOUT + offs, x_out, mask=mask)
         x = x_out.to(tl.float32)
@@ -111,6 +119,7 @@ def rmsnorm_modulate_bwd_kernel(
     DXO,
     BRANCH,
     GATE,
+    BIAS,
     W,
     SCALE,
     DX,
@@ -123,6 +132,7 @@ def rmsnorm_modulate_bwd_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DXO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr,
@@ -130,8 +140,11 @@ def rmsnorm_modulate_bwd_kernel(
     """Program (p, b) walks rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of sample b.
 
     It writes dx (and dbranch) for its rows and one fp32 partial row each for dshift, dscale,
-    dweight and dgate into PART[b, p, 0:4, :] (reduced later by `sum_rows`).
+    dweight, dgate (and dbias) into PART[b, p, 0:NUM_PART, :] (reduced later by `sum_rows`).
+    With a bias, dgate = sum dx * (branch + bias) and dbias = gate * sum dx come from the column
+    sums of dx, so the bias is never added per element in backward.
     """
+    NUM_PART: tl.constexpr = 5 if HAS_BIAS else 4
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     num_p = tl.num_programs(0)
@@ -147,6 +160,7 @@ def rmsnorm_modulate_bwd_kernel(
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row0 = pid * ROWS_PER_PROG
     n_rows = tl.minimum(N - row0, ROWS_PER_PROG)
     for start in range(0, n_rows, BLOCK_M):
@@ -170,13 +184,20 @@ def rmsnorm_modulate_bwd_kernel(
         if HAS_RESIDUAL:
             branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
             acc_gate += tl.sum(dx * branch, axis=0)
+            if HAS_BIAS:
+                acc_dx += tl.sum(dx, axis=0)
             tl.store(DBRANCH + offs, (dx * gate[None, :]).to(DBRANCH.dtype.element_ty), mask=mask)
 
-    part = PART + ((b * num_p + pid) * 4) * D + cols
+    part = PART + ((b * num_p + pid) * NUM_PART) * D + cols
     tl.store(part, acc_shift, mask=cmask)
     tl.store(part + D, acc_s * w, mask=cmask)
     tl.store(part + 2 * D, acc_s * scale1, mask=cmask)
-    tl.store(part + 3 * D, acc_gate, mask=cmask)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(part + 3 * D, acc_gate + bias * acc_dx, mask=cmask)
+        tl.store(part + 4 * D, acc_dx * gate, mask=cmask)
+    else:
+        tl.store(part + 3 * D, acc_gate, mask=cmask)
 
 
 def _check_inputs(
@@ -186,18 +207,24 @@ def _check_inputs(
     scale: torch.Tensor,
     branch: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    branch_bias: torch.Tensor | None = None,
 ) -> None:
     """Shape/dtype/device validation shared by the public ops and the launch helpers (shift None: backward)."""
     if x.dim() != 3 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty (B, N, D) tensor, got shape {tuple(x.shape)}")
     if (branch is None) != (gate is None):
         raise ValueError("branch and gate must be given together (gated residual) or both omitted")
+    if branch_bias is not None and branch is None:
+        raise ValueError("branch_bias needs the gated residual (branch and gate)")
     b, _, d = x.shape
     if d > MAX_D:
         raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {MAX_D}")
-    named = {"x": x, "weight": weight, "shift": shift, "scale": scale, "branch": branch, "gate": gate}
+    named = {"x": x, "weight": weight, "shift": shift, "scale": scale, "branch": branch, "gate": gate,
+             "branch_bias": branch_bias}
     named = {k: v for k, v in named.items() if v is not None}
     check_shape("weight", weight, (d,))
+    if branch_bias is not None:
+        check_shape("branch_bias", branch_bias, (d,))
     for name in ("shift", "scale", "gate"):
         if name in named:
             check_shape(name, named[name], (b, d))
@@ -223,12 +250,13 @@ def _launch_fwd(
     scale: torch.Tensor,
     branch: torch.Tensor | None,
     gate: torch.Tensor | None,
+    branch_bias: torch.Tensor | None,
     eps: float,
     out_dtype: torch.dtype | None,
     config: triton.Config | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_inputs(x, weight, shift, scale, branch, gate)
-    for name, t in (("x", x), ("weight", weight), ("branch", branch)):
+    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
+    for name, t in (("x", x), ("weight", weight), ("branch", branch), ("branch_bias", branch_bias)):
         if t is not None:
             check_contiguous(name, t)
     for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
@@ -246,6 +274,7 @@ def _launch_fwd(
             x,
             branch if residual else x,
             gate if residual else shift,
+            weight if branch_bias is None else branch_bias,
             weight,
             shift,
             scale,
@@ -258,6 +287,7 @@ def _launch_fwd(
             scale.stride(0),
             eps,
             HAS_RESIDUAL=residual,
+            HAS_BIAS=branch_bias is not None,
             BLOCK_D=triton.next_power_of_2(d),
             **launch_options(cfg),
         )
@@ -274,7 +304,7 @@ def rmsnorm_modulate_fwd(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Triton launch: y = modulate(RMSNorm(x)) on any device Triton runs on (CUDA, or CPU when interpreted)."""
-    return _launch_fwd(x, weight, shift, scale, None, None, eps, out_dtype, config)[1]
+    return _launch_fwd(x, weight, shift, scale, None, None, None, eps, out_dtype, config)[1]
 
 
 def residual_rmsnorm_modulate_fwd(
@@ -286,10 +316,11 @@ def residual_rmsnorm_modulate_fwd(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launch: x_out = x + gate * branch and y = modulate(RMSNorm(x_out)) in one pass."""
-    return _launch_fwd(x, weight, shift, scale, branch, gate, eps, out_dtype, config)
+    """Triton launch: x_out = x + gate * (branch + branch_bias) and y = modulate(RMSNorm(x_out)) in one pass."""
+    return _launch_fwd(x, weight, shift, scale, branch, gate, branch_bias, eps, out_dtype, config)
 
 
 def rmsnorm_modulate_bwd(
@@ -303,22 +334,26 @@ def rmsnorm_modulate_bwd(
     eps: float,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    branch_bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Triton backward launch: returns (dx, dbranch, dgate, dweight, dshift, dscale).
+    """Triton backward launch: returns (dx, dbranch, dgate, dweight, dshift, dscale, dbias).
 
     `x_norm` is the tensor that was normalized (x_out for the residual variant); `dx_out` is the
-    gradient arriving at x_out from later layers. dbranch and dgate are None without a residual.
+    gradient arriving at x_out from later layers. dbranch and dgate are None without a residual,
+    dbias without a branch bias.
     """
-    _check_inputs(x_norm, weight, None, scale, branch, gate)
-    for name, t in (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight)):
+    _check_inputs(x_norm, weight, None, scale, branch, gate, branch_bias)
+    named = (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight),
+             ("branch_bias", branch_bias))
+    for name, t in named:
         if t is not None:
             check_contiguous(name, t)
     check_shape("dy", dy, tuple(x_norm.shape))
     if dx_out is not None:
         check_shape("dx_out", dx_out, tuple(x_norm.shape))
     check_rows("scale", scale)
-    residual = branch is not None
+    residual, has_bias = branch is not None, branch_bias is not None
     if residual:
         check_rows("gate", gate)
     b, n, d = x_norm.shape
@@ -327,7 +362,8 @@ def rmsnorm_modulate_bwd(
     num_p = triton.cdiv(n, rows_per_prog)
     dx = torch.empty(x_norm.shape, device=x_norm.device, dtype=x_dtype)
     dbranch = torch.empty_like(branch) if residual else None
-    partials = torch.empty(b, num_p, 4, d, device=x_norm.device, dtype=torch.float32)
+    num_part = 5 if has_bias else 4
+    partials = torch.empty(b, num_p, num_part, d, device=x_norm.device, dtype=torch.float32)
     with device_guard(x_norm):
         rmsnorm_modulate_bwd_kernel[(num_p, b)](
             x_norm,
@@ -335,6 +371,7 @@ def rmsnorm_modulate_bwd(
             dx_out if dx_out is not None else dy,
             branch if residual else dy,
             gate if residual else scale,
+            branch_bias if has_bias else weight,
             weight,
             scale,
             dx,
@@ -347,19 +384,22 @@ def rmsnorm_modulate_bwd(
             eps,
             HAS_RESIDUAL=residual,
             HAS_DXO=dx_out is not None,
+            HAS_BIAS=has_bias,
             BLOCK_D=triton.next_power_of_2(d),
             **launch_options(cfg),
         )
-    # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and an fp32
-    # per-sample dweight; stage 3 sums those over the batch into dweight
+    # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and fp32
+    # per-sample dweight (and dbias) rows; stage 3 sums those over the batch into dweight (and dbias)
     per_sample = functools.partial(torch.empty, b, d, device=x_norm.device)
     dshift, dscale = per_sample(dtype=shift_dtype), per_sample(dtype=scale.dtype)
-    dweight_b = per_sample(dtype=torch.float32)
     dgate = per_sample(dtype=gate.dtype) if residual else None
-    sum_rows(partials, [dshift, dscale, dweight_b] + ([dgate] if residual else []), num_p, num_p * 4 * d, 4 * d)
+    per_batch = torch.empty(1 + has_bias, b, d, device=x_norm.device, dtype=torch.float32)
+    stage2 = [dshift, dscale, per_batch[0]] + ([dgate] if residual else []) + ([per_batch[1]] if has_bias else [])
+    sum_rows(partials, stage2, num_p, num_p * num_part * d, num_part * d)
     dweight = torch.empty(d, device=x_norm.device, dtype=weight.dtype)
-    sum_rows(dweight_b, [dweight], b, 0, d)
-    return dx, dbranch, dgate, dweight, dshift, dscale
+    dbias = torch.empty_like(branch_bias) if has_bias else None
+    sum_rows(per_batch, [dweight] + ([dbias] if has_bias else []), b, 0, d, b * d)
+    return dx, dbranch, dgate, dweight, dshift, dscale, dbias
 
 
 def rmsnorm_modulate_bwd_reference(
@@ -373,6 +413,7 @@ def rmsnorm_modulate_bwd_reference(
     eps: float,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Eager backward with the same contract as `rmsnorm_modulate_bwd` (fp32 math): the CPU implementation."""
     acc = torch.float64 if x_norm.dtype == torch.float64 else torch.float32
@@ -391,10 +432,12 @@ def rmsnorm_modulate_bwd_reference(
     dshift = g.sum(1).to(shift_dtype)
     dscale = (s * w).to(scale.dtype)
     if branch is None:
-        return dx.to(x_dtype), None, None, dweight, dshift, dscale
-    dbranch = (dx * gate.to(acc).unsqueeze(1)).to(branch.dtype)
-    dgate = (dx * branch.to(acc)).sum(1).to(gate.dtype)
-    return dx.to(x_dtype), dbranch, dgate, dweight, dshift, dscale
+        return dx.to(x_dtype), None, None, dweight, dshift, dscale, None
+    dbranch = dx * gate.to(acc).unsqueeze(1)
+    full_branch = branch.to(acc) if branch_bias is None else branch.to(acc) + branch_bias.to(acc)
+    dgate = (dx * full_branch).sum(1).to(gate.dtype)
+    dbias = None if branch_bias is None else dbranch.sum((0, 1)).to(branch_bias.dtype)
+    return dx.to(x_dtype), dbranch.to(branch.dtype), dgate, dweight, dshift, dscale, dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,12 +476,13 @@ def _residual_op(
     scale: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype)
+    return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
 
 
 @_residual_op.register_kernel("cuda")
-def _residual_cuda(x, branch, gate, weight, shift, scale, eps, out_dtype):
+def _residual_cuda(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
     return residual_rmsnorm_modulate_fwd(
         x.contiguous(),
         branch.contiguous(),
@@ -448,11 +492,12 @@ def _residual_cuda(x, branch, gate, weight, shift, scale, eps, out_dtype):
         rowwise(scale),
         eps,
         out_dtype,
+        None if branch_bias is None else branch_bias.contiguous(),
     )
 
 
 @_residual_op.register_fake
-def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype):
+def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
     x_out = x.new_empty(x.shape, dtype=_out_dtype(x, gate, branch))
     return x_out, x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x_out, shift, scale))
 
@@ -469,15 +514,16 @@ def _bwd_op(
     eps: float,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    branch_bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     grads = rmsnorm_modulate_bwd_reference(
-        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype
+        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias
     )
     return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_kernel("cuda")
-def _bwd_cuda(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype):
+def _bwd_cuda(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
     grads = rmsnorm_modulate_bwd(
         dy.contiguous(),
         x_norm.contiguous(),
@@ -489,17 +535,19 @@ def _bwd_cuda(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shi
         eps,
         x_dtype,
         shift_dtype,
+        None if branch_bias is None else branch_bias.contiguous(),
     )
     return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype):
+def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
     b, _, d = x_norm.shape
     grads = [x_norm.new_empty(x_norm.shape, dtype=x_dtype)]
     if branch is not None:
         grads += [torch.empty_like(branch), gate.new_empty((b, d))]
-    return grads + [torch.empty_like(weight), scale.new_empty((b, d), dtype=shift_dtype), scale.new_empty((b, d))]
+    grads += [torch.empty_like(weight), scale.new_empty((b, d), dtype=shift_dtype), scale.new_empty((b, d))]
+    return grads + ([] if branch_bias is None else [torch.empty_like(branch_bias)])
 
 
 def _setup_plain(ctx, inputs, output) -> None:
@@ -513,8 +561,8 @@ def _backward_plain(bwd):
 
     def backward(ctx, dy):
         x, weight, scale = ctx.saved_tensors
-        dx, _, _, dweight, dshift, dscale = _unpack(
-            bwd(dy.contiguous(), x, None, None, None, weight, scale, ctx.eps, x.dtype, ctx.shift_dtype), False
+        dx, _, _, dweight, dshift, dscale, _ = _unpack(
+            bwd(dy.contiguous(), x, None, None, None, weight, scale, ctx.eps, x.dtype, ctx.shift_dtype), False, False
         )
         return dx, dweight, dshift, dscale, None, None
 
@@ -522,8 +570,8 @@ def _backward_plain(bwd):
 
 
 def _setup_residual(ctx, inputs, output) -> None:
-    x, branch, gate, weight, shift, scale, eps, _ = inputs
-    ctx.save_for_backward(output[0], branch, gate, weight, scale)
+    x, branch, gate, weight, shift, scale, eps, _, *bias = inputs
+    ctx.save_for_backward(output[0], branch, gate, weight, scale, *bias)
     ctx.set_materialize_grads(False)  # an unused x_out (final layer) then skips reading a zero gradient
     ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
 
@@ -532,24 +580,26 @@ def _backward_residual(bwd):
     """Autograd backward of the residual op; `dx_out` is the gradient reaching x_out from later blocks."""
 
     def backward(ctx, dx_out, dy):
-        x_out, branch, gate, weight, scale = ctx.saved_tensors
+        x_out, branch, gate, weight, scale, *bias = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x_out)
         dx_out = None if dx_out is None else dx_out.contiguous()
-        grads = bwd(dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype)
-        dx, dbranch, dgate, dweight, dshift, dscale = _unpack(grads, True)
-        return dx, dbranch, dgate, dweight, dshift, dscale, None, None
+        branch_bias = bias[0] if bias else None
+        grads = bwd(dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype,
+                    ctx.shift_dtype, branch_bias)
+        dx, dbranch, dgate, dweight, dshift, dscale, dbias = _unpack(grads, True, branch_bias is not None)
+        return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias
 
     return backward
 
 
-def _unpack(grads, residual: bool) -> tuple[torch.Tensor | None, ...]:
-    """Normalize (custom-op list without Nones | launcher tuple) to the 6-tuple of the launcher."""
+def _unpack(grads, residual: bool, has_bias: bool) -> tuple[torch.Tensor | None, ...]:
+    """Normalize (custom-op list without Nones | launcher tuple) to the 7-tuple of the launcher."""
     grads = [g for g in grads if g is not None]
     if residual:
-        return tuple(grads)
+        return tuple(grads) + (() if has_bias else (None,))
     dx, dweight, dshift, dscale = grads
-    return dx, None, None, dweight, dshift, dscale
+    return dx, None, None, dweight, dshift, dscale, None
 
 
 _BWD_OP = torch.ops.jit_fast.rmsnorm_modulate_bwd
@@ -572,8 +622,8 @@ class _ResidualLauncherFn(torch.autograd.Function):
     """Autograd over the residual launch helpers directly (no custom op)."""
 
     @staticmethod
-    def forward(x, branch, gate, weight, shift, scale, eps, out_dtype):
-        return residual_rmsnorm_modulate_fwd(x, branch, gate, weight, shift, scale, eps, out_dtype)
+    def forward(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias):
+        return residual_rmsnorm_modulate_fwd(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
 
     setup_context = staticmethod(_setup_residual)
     backward = staticmethod(_backward_residual(rmsnorm_modulate_bwd))
@@ -601,10 +651,21 @@ def residual_rmsnorm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused op (same contract as reference.residual_rmsnorm_modulate) via the custom op."""
-    _check_inputs(x, weight, shift, scale, branch, gate)
-    return torch.ops.jit_fast.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype)
+    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
+    return torch.ops.jit_fast.residual_rmsnorm_modulate(
+        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
+    )
+
+
+def branch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GEMM closing a residual branch, run without its bias; returns (output, bias) for the next
+    residual op to add (contract of reference.branch_linear, which adds the bias in the GEMM)."""
+    return F.linear(x, weight), bias
 
 
 def rmsnorm_modulate_launcher(
@@ -629,11 +690,13 @@ def residual_rmsnorm_modulate_launcher(
     scale: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual variant through the launch helpers with autograd."""
-    _check_inputs(x, weight, shift, scale, branch, gate)
+    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
     return _ResidualLauncherFn.apply(
-        x.contiguous(), branch.contiguous(), rowwise(gate), weight, rowwise(shift), rowwise(scale), eps, out_dtype
+        x.contiguous(), branch.contiguous(), rowwise(gate), weight, rowwise(shift), rowwise(scale), eps, out_dtype,
+        branch_bias,
     )
 
 
@@ -643,27 +706,29 @@ def compile_specs() -> Iterator[KernelSpec]:
         block_d = triton.next_power_of_2(d)
         ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
         size = min(s for s in FWD_CONFIGS if s >= block_d)
-        for residual in (False, True):
+        for residual, bias in ((False, False), (True, False), (True, True)):
             fwd_sig = {
-                "X": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "W": "*fp32", "SHIFT": "*bf16",
+                "X": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "BIAS": "*fp32", "W": "*fp32", "SHIFT": "*bf16",
                 "SCALE": "*bf16", "XOUT": "*fp32", "Y": "*bf16", "N": "i32", "D": "i32",
                 "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
             }
             for cfg in FWD_CONFIGS[size]:
                 yield KernelSpec(
                     "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, fwd_sig,
-                    {"HAS_RESIDUAL": residual, "BLOCK_D": block_d}, cfg, ints,
-                    f"D={d} residual={residual}",
+                    {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
+                    f"D={d} residual={residual} bias={bias}",
                 )
         bwd_sig = {
-            "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16",
+            "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "BIAS": "*fp32",
             "W": "*fp32", "SCALE": "*bf16", "DX": "*fp32", "DBRANCH": "*bf16", "PART": "*fp32",
             "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32", "eps": "fp32",
         }
-        for residual, has_dxo in ((False, False), (True, True), (True, False)):
+        variants = ((False, False, False), (True, True, False), (True, False, False), (True, True, True),
+                    (True, False, True))
+        for residual, has_dxo, bias in variants:
             for cfg in BWD_CONFIGS[size]:
                 yield KernelSpec(
                     "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, bwd_sig,
-                    {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "BLOCK_D": block_d}, cfg, ints,
-                    f"D={d} residual={residual} dx_out={has_dxo}",
+                    {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
+                    ints, f"D={d} residual={residual} dx_out={has_dxo} bias={bias}",
                 )

@@ -13,19 +13,22 @@ from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
 use_gpu_bf16_rounding()
 
 NAMES = ("rmsnorm_modulate", "residual_rmsnorm_modulate", "qk_norm_rope", "swiglu")  # the custom ops
-TABLE = NAMES + ("linear_swiglu",)  # + the w12 GEMM with SwiGLU, the boundary the model calls
+TABLE = NAMES + ("linear_swiglu", "branch_linear")  # + the GEMM boundaries the model calls
 B, N, D, H = 2, 6, 48, 4
 
 
-def block(ops, x, branch, ada, w1, w2, qkv_w, qw, kw, cos, sin, w12, w3, b12):
-    """A JiT-block-shaped function touching every fused op once, in the model's order."""
+def block(ops, x, branch, ada, w1, w2, qkv_w, qw, kw, cos, sin, w12, w3, b12, b_in, proj_w, proj_b, b3):
+    """A JiT-block-shaped function touching every fused op once, in the model's order (branch biases folded
+    into the residual ops by the fused table, added in the GEMMs by the reference one)."""
     shift1, scale1, gate1, shift2, scale2, gate2 = ada.chunk(6, dim=-1)
-    x, h = ops.residual_rmsnorm_modulate(x, branch, gate1, w1, shift1, scale1, 1e-6, None)
+    x, h = ops.residual_rmsnorm_modulate(x, branch, gate1, w1, shift1, scale1, 1e-6, None, b_in)
     q, k, v = ops.qk_norm_rope(F.linear(h, qkv_w), qw, kw, cos, sin, H, 1e-6)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    x, h = ops.residual_rmsnorm_modulate(x, o.transpose(1, 2).reshape(B, N, D), gate2, w2, shift2, scale2, 1e-6, None)
-    y = F.linear(ops.linear_swiglu(h, w12, b12), w3)
-    return (x + ops.rmsnorm_modulate(y, w1, shift1, scale1, 1e-6, None)).square().mean()
+    a, a_bias = ops.branch_linear(o.transpose(1, 2).reshape(B, N, D), proj_w, proj_b)
+    x, h = ops.residual_rmsnorm_modulate(x, a, gate2, w2, shift2, scale2, 1e-6, None, a_bias)
+    y, y_bias = ops.branch_linear(ops.linear_swiglu(h, w12, b12), w3, b3)
+    x, h = ops.residual_rmsnorm_modulate(x, y, gate1, w2, shift2, scale2, 1e-6, None, y_bias)
+    return (x + ops.rmsnorm_modulate(h, w1, shift1, scale1, 1e-6, None)).square().mean()
 
 
 def block_inputs() -> list[torch.Tensor]:
@@ -35,7 +38,8 @@ def block_inputs() -> list[torch.Tensor]:
         torch.randn(B, N, D), torch.randn(B, N, D), 0.3 * torch.randn(B, 6 * D), 1 + 0.1 * torch.randn(D),
         1 + 0.1 * torch.randn(D), torch.randn(3 * D, D) / D**0.5, 1 + 0.1 * torch.randn(dh),
         1 + 0.1 * torch.randn(dh), ang.cos(), ang.sin(), torch.randn(2 * 64, D) / D**0.5, torch.randn(D, 64) / 8,
-        0.1 * torch.randn(2 * 64),
+        0.1 * torch.randn(2 * 64), 0.1 * torch.randn(D), torch.randn(D, D) / D**0.5, 0.1 * torch.randn(D),
+        0.1 * torch.randn(D),
     ]
 
 
@@ -100,13 +104,14 @@ def test_compiled_graph_keeps_custom_ops_opaque():
 
 
 def test_sum_rows_writes_each_output_in_its_dtype() -> None:
-    """The second reduction stage: sums of strided partial rows into up to four outputs of mixed dtypes."""
+    """The second reduction stage: sums of strided partial rows into up to five outputs of mixed dtypes."""
     from kernels._common import sum_rows
 
     g, r, c = 3, 5, 700  # C spans two column blocks, the second one masked
-    part = torch.randn(g, r, 4, c, dtype=torch.float64).float()
-    outs = [torch.empty(g, c, dtype=dt) for dt in (torch.bfloat16, torch.float32, torch.float32, torch.float16)]
-    sum_rows(part, outs, r, r * 4 * c, 4 * c)
+    part = torch.randn(g, r, 5, c, dtype=torch.float64).float()
+    dtypes = (torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32)
+    outs = [torch.empty(g, c, dtype=dt) for dt in dtypes]
+    sum_rows(part, outs, r, r * 5 * c, 5 * c)
     want = part.double().sum(1)
     for j, out in enumerate(outs):
         torch.testing.assert_close(out.double(), want[:, j], rtol=1e-6 if out.dtype == torch.float32 else 1e-2,
@@ -114,5 +119,12 @@ def test_sum_rows_writes_each_output_in_its_dtype() -> None:
     total = torch.empty(c, dtype=torch.bfloat16)
     sum_rows(outs[1], [total], g, 0, c)  # stride_g 0: one group summing the rows of a (G, C) buffer
     torch.testing.assert_close(total.double(), outs[1].double().sum(0), rtol=1e-2, atol=1e-2)
+    stacked = torch.stack((outs[1], outs[4]))  # (2, G, C): stride_j = G * C between the two inputs
+    pair = [torch.empty(c), torch.empty(c)]
+    sum_rows(stacked, pair, g, 0, c, g * c)
+    for j, out in zip((1, 4), pair, strict=True):
+        torch.testing.assert_close(out, outs[j].sum(0), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="one shape"):
-        sum_rows(part, [outs[0], torch.empty(c)], r, r * 4 * c, 4 * c)
+        sum_rows(part, [outs[0], torch.empty(c)], r, r * 5 * c, 5 * c)
+    with pytest.raises(ValueError, match="1 to 5 outputs"):
+        sum_rows(part, outs + outs[:1], r, r * 5 * c, 5 * c)

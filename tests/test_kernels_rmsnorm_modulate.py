@@ -24,8 +24,12 @@ NAMES_RES = ("x", "branch", "gate", "weight", "shift", "scale")
 NAMES_PLAIN = ("x", "weight", "shift", "scale")
 
 
-def make_inputs(b: int, n: int, d: int, mode: str, residual: bool) -> tuple[dict, torch.dtype | None]:
-    """Random inputs; mode "fp32", "bf16" (autocast dtypes: fp32 stream, bf16 vectors, bf16 y) or "bf16-all"."""
+def make_inputs(
+    b: int, n: int, d: int, mode: str, residual: bool, bias: bool = False
+) -> tuple[dict, torch.dtype | None]:
+    """Random inputs; mode "fp32", "bf16" (autocast dtypes: fp32 stream, bf16 vectors, bf16 y) or "bf16-all".
+
+    `bias` adds a branch bias in the parameter dtype (fp32, bf16 for "bf16-all" as FSDP2 gathers it)."""
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     stream = torch.bfloat16 if mode == "bf16-all" else torch.float32
     t = {
@@ -37,6 +41,8 @@ def make_inputs(b: int, n: int, d: int, mode: str, residual: bool) -> tuple[dict
     if residual:
         t["branch"] = torch.randn(b, n, d).to(act)
         t["gate"] = (0.5 * torch.randn(b, d)).to(act)
+    if bias:
+        t["branch_bias"] = (0.5 * torch.randn(d)).to(stream)
     return t, (None if mode == "fp32" else torch.bfloat16)
 
 
@@ -44,7 +50,8 @@ def run(fn, inputs: dict, out_dtype, upstream: list[torch.Tensor], residual: boo
     """Forward + backward of `fn`; returns ({output name: tensor}, {input name: grad})."""
     leaves = {k: (v if cast is None else v.to(cast)).detach().clone().requires_grad_() for k, v in inputs.items()}
     if residual:
-        outs = fn(*(leaves[k] for k in NAMES_RES), EPS, out_dtype)
+        bias = {"branch_bias": leaves["branch_bias"]} if "branch_bias" in leaves else {}
+        outs = fn(*(leaves[k] for k in NAMES_RES), EPS, out_dtype, **bias)
         named = {"x_out": outs[0], "y": outs[1]}
     else:
         named = {"y": fn(*(leaves[k] for k in NAMES_PLAIN), EPS, out_dtype)}
@@ -58,9 +65,9 @@ def upstream_grads(b: int, n: int, d: int, residual: bool) -> list[torch.Tensor]
     return [torch.randn(b, n, d) for _ in range(2 if residual else 1)]
 
 
-def check_case(b: int, n: int, d: int, mode: str, residual: bool, fn=None) -> dict[str, float]:
+def check_case(b: int, n: int, d: int, mode: str, residual: bool, fn=None, bias: bool = False) -> dict[str, float]:
     """Run the kernel path, float64 reference and eager path; assert the rule on every output and gradient."""
-    inputs, out_dtype = make_inputs(b, n, d, mode, residual)
+    inputs, out_dtype = make_inputs(b, n, d, mode, residual, bias)
     up = upstream_grads(b, n, d, residual)
     ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
     kern_fn = fn or (rm.residual_rmsnorm_modulate_launcher if residual else rm.rmsnorm_modulate_launcher)
@@ -79,34 +86,36 @@ def check_case(b: int, n: int, d: int, mode: str, residual: bool, fn=None) -> di
 
 
 FAST = [
-    (3, 9, 97, "fp32", False),
-    (3, 9, 97, "fp32", True),
-    (3, 9, 97, "bf16", False),
-    (3, 40, 97, "bf16", True),
-    (1, 8, 97, "bf16-all", True),
-    (1, 8, 768, "bf16", True),
-    (1, 8, 1664, "fp32", True),
+    (3, 9, 97, "fp32", False, False),
+    (3, 9, 97, "fp32", True, False),
+    (3, 9, 97, "fp32", True, True),
+    (3, 9, 97, "bf16", False, False),
+    (3, 40, 97, "bf16", True, False),
+    (3, 40, 97, "bf16", True, True),
+    (1, 8, 97, "bf16-all", True, True),
+    (1, 8, 768, "bf16", True, False),
+    (1, 8, 1664, "fp32", True, True),
 ]
 
 
-@pytest.mark.parametrize("b,n,d,mode,residual", FAST)
-def test_numerics_fast(b, n, d, mode, residual):
-    check_case(b, n, d, mode, residual)
+@pytest.mark.parametrize("b,n,d,mode,residual,bias", FAST)
+def test_numerics_fast(b, n, d, mode, residual, bias):
+    check_case(b, n, d, mode, residual, bias=bias)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "residual", "residual+bias"])
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16-all"])
 @pytest.mark.parametrize("d", [97, 768, 1280, 1664])
 @pytest.mark.parametrize("b", [1, 3])
-def test_numerics_full(b, d, mode, residual):
-    check_case(b, 40 if b == 1 else 17, d, mode, residual)
+def test_numerics_full(b, d, mode, variant):
+    check_case(b, 40 if b == 1 else 17, d, mode, variant != "plain", bias=variant.endswith("bias"))
 
 
 @pytest.mark.parametrize("d", [97, 1280])
 def test_every_candidate_config(d):
     """Non-default configs of the size class are numerically valid too (compile_check builds them all)."""
-    inputs, out_dtype = make_inputs(2, 9, d, "bf16", True)
+    inputs, out_dtype = make_inputs(2, 9, d, "bf16", True, bias=True)
     up = upstream_grads(2, 9, d, True)
     size = min(s for s in rm.FWD_CONFIGS if s >= triton.next_power_of_2(d))
     base_out, base_grad = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
@@ -114,22 +123,23 @@ def test_every_candidate_config(d):
     e_out, e_grad = run(reference.residual_rmsnorm_modulate, inputs, out_dtype, up, True)
     for fcfg in rm.FWD_CONFIGS[size]:
         x_out, y = rm.residual_rmsnorm_modulate_fwd(
-            *(inputs[k] for k in NAMES_RES), EPS, out_dtype, config=fcfg
+            *(inputs[k] for k in NAMES_RES), EPS, out_dtype, inputs["branch_bias"], config=fcfg
         )
         assert_within_rule("y", y, r_out["y"], e_out["y"])
         assert_within_rule("x_out", x_out, r_out["x_out"], e_out["x_out"])
     for bcfg in rm.BWD_CONFIGS[size]:
         grads = rm.rmsnorm_modulate_bwd(
             up[1].to(torch.bfloat16), base_out["x_out"], up[0], inputs["branch"], inputs["gate"],
-            inputs["weight"], inputs["scale"], EPS, inputs["x"].dtype, inputs["shift"].dtype, config=bcfg,
+            inputs["weight"], inputs["scale"], EPS, inputs["x"].dtype, inputs["shift"].dtype, inputs["branch_bias"],
+            config=bcfg,
         )
-        for name, g in zip(NAMES_RES, grads, strict=True):
+        for name, g in zip(NAMES_RES + ("branch_bias",), grads, strict=True):
             assert_within_rule("d" + name, g, r_grad[name], e_grad[name])
 
 
 @pytest.mark.parametrize("d", [97, 1280])
 def test_backward_bitwise_deterministic(d):
-    inputs, out_dtype = make_inputs(2, 33, d, "bf16", True)
+    inputs, out_dtype = make_inputs(2, 33, d, "bf16", True, bias=True)
     up = upstream_grads(2, 33, d, True)
     _, g1 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
     _, g2 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
@@ -157,10 +167,10 @@ def test_strided_adaln_chunks_match_contiguous():
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_custom_op_cpu_is_reference(residual):
+@pytest.mark.parametrize(("residual", "bias"), [(False, False), (True, False), (True, True)])
+def test_custom_op_cpu_is_reference(residual, bias):
     """On CPU the custom op's forward is the eager reference (bitwise); its backward meets the rule."""
-    inputs, out_dtype = make_inputs(2, 7, 40, "bf16", residual)
+    inputs, out_dtype = make_inputs(2, 7, 40, "bf16", residual, bias)
     fn = rm.residual_rmsnorm_modulate if residual else rm.rmsnorm_modulate
     ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
     up = upstream_grads(2, 7, 40, residual)
@@ -168,8 +178,8 @@ def test_custom_op_cpu_is_reference(residual):
     e_out, _ = run(ref_fn, inputs, out_dtype, up, residual)
     for name in o_out:
         assert torch.equal(o_out[name], e_out[name])
-    check_case(2, 7, 40, "bf16", residual, fn=fn)
-    check_case(2, 7, 40, "fp32", residual, fn=fn)
+    check_case(2, 7, 40, "bf16", residual, fn=fn, bias=bias)
+    check_case(2, 7, 40, "fp32", residual, fn=fn, bias=bias)
 
 
 def test_cuda_dispatch_runs_triton(monkeypatch):
@@ -181,24 +191,25 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     for op in ("rmsnorm_modulate", "residual_rmsnorm_modulate", "rmsnorm_modulate_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_fast::{op}", "CUDA")
-    inputs, out_dtype = make_inputs(2, 5, 40, "bf16", True)
-    args = [inputs[k] for k in NAMES_RES]
-    ref = reference.residual_rmsnorm_modulate(*args, EPS, out_dtype)
-    rm.residual_rmsnorm_modulate(*args, EPS, out_dtype)
+    inputs, out_dtype = make_inputs(2, 5, 40, "bf16", True, bias=True)
+    args, bias = [inputs[k] for k in NAMES_RES], inputs["branch_bias"]
+    ref = reference.residual_rmsnorm_modulate(*args, EPS, out_dtype, bias)
+    rm.residual_rmsnorm_modulate(*args, EPS, out_dtype, bias)
     assert calls == []
     # Redispatching to the CUDA key with CPU tensors runs the registered CUDA kernel in the interpreter.
-    x_out, y = torch.ops.jit_fast.residual_rmsnorm_modulate.default.redispatch(cuda, *args, EPS, out_dtype)
+    x_out, y = torch.ops.jit_fast.residual_rmsnorm_modulate.default.redispatch(cuda, *args, EPS, out_dtype, bias)
     assert calls == ["residual_rmsnorm_modulate_fwd"]
     assert_within_rule("y", y, reference.residual_rmsnorm_modulate(
-        *(a.double() for a in args), EPS, None)[1], ref[1])
+        *(a.double() for a in args), EPS, None, bias.double())[1], ref[1])
     torch.ops.jit_fast.rmsnorm_modulate.default.redispatch(cuda, *(inputs[k] for k in NAMES_PLAIN), EPS, None)
     assert calls[-1] == "rmsnorm_modulate_fwd"
     dy = torch.randn_like(y)
-    torch.ops.jit_fast.rmsnorm_modulate_bwd.default.redispatch(
+    grads = torch.ops.jit_fast.rmsnorm_modulate_bwd.default.redispatch(
         cuda, dy, x_out, None, inputs["branch"], inputs["gate"], inputs["weight"], inputs["scale"], EPS,
-        torch.float32, torch.bfloat16,
+        torch.float32, torch.bfloat16, bias,
     )
     assert calls[-1] == "rmsnorm_modulate_bwd"
+    assert len(grads) == 7 and grads[-1].shape == bias.shape and grads[-1].dtype == bias.dtype
     # fp32 gradients must not alias one another (custom ops forbid aliased outputs).
     f32 = [t.float() for t in (dy, x_out, inputs["branch"], inputs["gate"], inputs["weight"], inputs["scale"])]
     grads = torch.ops.jit_fast.rmsnorm_modulate_bwd.default.redispatch(
@@ -229,6 +240,13 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"branch must have shape \(2, 4, 8\)"):
             rm.residual_rmsnorm_modulate(self.x, torch.randn(2, 5, 8), self.v, self.w, self.v, self.v)
 
+    def test_branch_bias(self):
+        with pytest.raises(ValueError, match="branch_bias needs the gated residual"):
+            rm.rmsnorm_modulate_bwd(self.x, self.x, None, None, None, self.w, self.v, EPS, torch.float32,
+                                    torch.float32, self.w)
+        with pytest.raises(ValueError, match=r"branch_bias must have shape \(8,\), got \(2, 8\)"):
+            rm.residual_rmsnorm_modulate(self.x, self.x, self.v, self.w, self.v, self.v, branch_bias=self.v)
+
     def test_unsupported_dtype_and_width(self):
         with pytest.raises(ValueError, match="x has unsupported dtype torch.float64"):
             rm.rmsnorm_modulate(self.x.double(), self.w, self.v, self.v)
@@ -249,13 +267,14 @@ class TestBadInput:
 
 @pytest.mark.parametrize("fn", [rm.residual_rmsnorm_modulate_launcher, rm.residual_rmsnorm_modulate])
 def test_unused_x_out(fn):
-    """Final layer: x_out is discarded, so no gradient arrives for it (the HAS_DXO=False kernel variant)."""
-    inputs, out_dtype = make_inputs(2, 9, 97, "bf16", True)
+    """Final layer: x_out is discarded, so no gradient arrives for it (the HAS_DXO=False kernel variant);
+    it adds the last block's MLP bias."""
+    inputs, out_dtype = make_inputs(2, 9, 97, "bf16", True, bias=True)
     gy = torch.randn(2, 9, 97)
 
     def grads(f, cast=None):
         leaves = {k: (v if cast is None else v.to(cast)).detach().clone().requires_grad_() for k, v in inputs.items()}
-        _, y = f(*(leaves[k] for k in NAMES_RES), EPS, None if cast else out_dtype)
+        _, y = f(*(leaves[k] for k in NAMES_RES), EPS, None if cast else out_dtype, leaves["branch_bias"])
         y.backward(gy.to(y.dtype))
         return {k: v.grad for k, v in leaves.items()}
 
