@@ -24,7 +24,6 @@ from benchmarks.traffic import (
     block_index,
     block_leaves,
     capture_block_inputs,
-    computed_outputs,
     count_block,
     count_call,
     count_train_step,
@@ -67,12 +66,13 @@ def _fwd_bwd(fn: Callable, args: tuple, params: list[torch.Tensor] = ()) -> Call
     (nested too) and `params`: the whole backward, weight gradients included, without accumulation kernels."""
     wrt = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.requires_grad] + list(params)
     out = fn(*args)
-    outs = computed_outputs(out)
+    outs = [o for o in (out if isinstance(out, tuple | list) else (out,)) if o.requires_grad]
     grads = [torch.randn_like(o) for o in outs]
 
     def run() -> object:
         o = fn(*args)
-        return torch.autograd.grad(computed_outputs(o), wrt, grads)
+        o = [t for t in (o if isinstance(o, tuple | list) else (o,)) if t.requires_grad]
+        return torch.autograd.grad(o, wrt, grads)
 
     return run
 

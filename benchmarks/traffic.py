@@ -247,17 +247,17 @@ def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) ->
 
 
 def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (P, 2, Dh) -> one row sum into dq_weight and dk_weight."""
+    """fp32 partials (P, H, 2 or 5, Dh) -> one launch summing them into dq_weight, dk_weight (and the bias)."""
     import triton
 
     from kernels._common import select_config
     from kernels.qk_norm_rope import BWD_CONFIGS
 
-    qkv, num_heads = args[3], args[8]
+    qkv, num_heads, has_bias = args[3], args[8], len(args) > 10 and args[10] is not None
     b, n, _ = qkv.shape
     dh = args[4].shape[0]
     cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(dh), "qk_norm_rope backward")
-    partials = triton.cdiv(b * n * num_heads, cfg.kwargs["ROWS_PER_PROG"]) * 2 * dh * 4
+    partials = triton.cdiv(b * n, cfg.kwargs["ROWS_PER_PROG"]) * num_heads * (5 if has_bias else 2) * dh * 4
     return 1, partials, partials
 
 
@@ -590,12 +590,6 @@ def _leaf(x):
     return None if x is None else torch.randn_like(x).requires_grad_(True)
 
 
-def computed_outputs(out) -> list[torch.Tensor]:
-    """Outputs backward starts from: tensors with a grad_fn (a fused block hands on its MLP bias, a parameter)."""
-    outs = out if isinstance(out, tuple | list) else (out,)
-    return [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-
-
 def block_leaves(args: tuple) -> tuple:
     """Block arguments (x, c, rope, pending, ...) with x, c and the pending residual as fresh grad-requiring leaves."""
     return (_leaf(args[0]), _leaf(args[1]), args[2], _leaf(args[3]), *args[4:])
@@ -645,7 +639,7 @@ def count_block(
             ):
                 outs = block(*args, **kwargs)
             if backward:
-                outs = computed_outputs(outs)
+                outs = [o for o in outs if o.requires_grad]
                 grads = [torch.randn_like(o) for o in outs]
                 counter.phase = "bwd"
                 with counter:

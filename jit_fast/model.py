@@ -4,9 +4,10 @@ Parameter names and shapes equal the official release. The op boundaries that th
 kernels replace (RMSNorm+modulate with the gated residual folded in, q/k RMSNorm+RoPE,
 SwiGLU, attention) go through the op table `kernels.get_ops(cfg.kernels)`. Each block
 returns its MLP branch and gate un-added, and the next norm (or the final layer) adds them
-in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMM
-closing a branch goes through `ops.branch_linear`: the fused table leaves its bias for that
-residual op to add (the reference table adds it in the GEMM, as the official model does).
+in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMMs
+feeding a fused op (qkv, w12, attention proj) go through the op table too: the fused table runs
+them without their bias and the op it feeds adds it (qk_norm_rope, SwiGLU, norm2's residual); the
+reference table adds it in the GEMM, as the official model does.
 """
 
 from __future__ import annotations
@@ -82,10 +83,11 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (branch, bias the residual still has to add, or None)."""
+        """Return (branch, proj bias the residual still has to add, or None)."""
         b, n, d = x.shape
-        q, k, v = self.ops.qk_norm_rope(
-            self.qkv(x), self.q_norm.weight, self.k_norm.weight, rope[0], rope[1], self.num_heads, self.q_norm.eps
+        q, k, v = self.ops.linear_qk_norm_rope(
+            x, self.qkv.weight, self.qkv.bias, self.q_norm.weight, self.k_norm.weight, rope[0], rope[1],
+            self.num_heads, self.q_norm.eps,
         )
         o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0).reshape(b, n, d)
         if self.proj_drop.p > 0:  # dropout sits between the GEMM and the residual: the bias stays in the GEMM
@@ -120,10 +122,9 @@ class SwiGLUFFN(nn.Module):
             self.register_state_dict_post_hook(SwiGLUFFN._export_official)
             self.register_load_state_dict_pre_hook(SwiGLUFFN._import_official)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (branch, bias the residual still has to add, or None)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ops.linear_swiglu(x, self.w12.weight, self.w12.bias)
-        return self.ops.branch_linear(self.ffn_dropout(h), self.w3.weight, self.w3.bias)
+        return self.w3(self.ffn_dropout(h))
 
     def reset_parameters(self) -> None:
         """Official init (xavier at the official shapes, zero biases; same draws as unpadded), zero padding."""
@@ -162,7 +163,7 @@ class SwiGLUFFN(nn.Module):
                 state_dict[prefix + key] = pad(t)
 
 
-Pending = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # (branch, gate, branch bias)
+Pending = tuple[torch.Tensor, torch.Tensor] | None
 
 
 class JiTBlock(nn.Module):
@@ -181,22 +182,21 @@ class JiTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pending: Pending = None,
         out_dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return (x, mlp_branch, gate_mlp, mlp_bias); the block output is x + gate_mlp * (mlp_branch + mlp_bias)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         eps = self.norm1.eps
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, self.norm1.weight, shift_msa, scale_msa, eps, out_dtype)
         else:
             x, h = self.ops.residual_rmsnorm_modulate(
-                x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype, pending[2]
+                x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype
             )
         attn_out, attn_bias = self.attn(h, rope)
         x, h = self.ops.residual_rmsnorm_modulate(
             x, attn_out, gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype, attn_bias
         )
-        mlp_out, mlp_bias = self.mlp(h)
-        return x, mlp_out, gate_mlp, mlp_bias
+        return x, self.mlp(h), gate_mlp
 
 
 class FinalLayer(nn.Module):
@@ -296,23 +296,23 @@ class JiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if cfg.in_context_len > 0 and i == cfg.in_context_start:
                 if pending is not None:
-                    x = gated_residual(x, *pending)
+                    x = gated_residual(x, pending[0], pending[1])
                     pending = None
                 ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) + self.in_context_posemb
                 x = torch.cat([ctx, x], dim=1)
                 rope = (self.rope_incontext_cos, self.rope_incontext_sin)
-            x, branch, gate, bias = block(x, c, rope, pending, out_dtype)
-            pending = (branch, gate, bias)
+            x, branch, gate = block(x, c, rope, pending, out_dtype)
+            pending = (branch, gate)
         if cfg.in_context_len > 0 and cfg.in_context_start < cfg.depth:
             x, branch = x[:, cfg.in_context_len :], branch[:, cfg.in_context_len :]
-            pending = (branch, gate, bias)
+            pending = (branch, pending[1])
         fl = self.final_layer
         shift, scale = fl.adaLN_modulation(c).chunk(2, dim=-1)
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype)
         else:
             _, h = self.ops.residual_rmsnorm_modulate(
-                x, *pending[:2], fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype, pending[2]
+                x, pending[0], pending[1], fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype
             )
         return self.unpatchify(fl.linear(h))
 

@@ -20,6 +20,7 @@ def get_ops(name: str) -> SimpleNamespace:
             rmsnorm_modulate=reference.rmsnorm_modulate,
             residual_rmsnorm_modulate=reference.residual_rmsnorm_modulate,
             qk_norm_rope=reference.qk_norm_rope,
+            linear_qk_norm_rope=reference.linear_qk_norm_rope,
             swiglu=reference.swiglu,
             linear_swiglu=reference.linear_swiglu,
             branch_linear=reference.branch_linear,

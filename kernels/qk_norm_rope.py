@@ -1,10 +1,13 @@
 """Fused q/k RMSNorm + 2D RoPE reading the qkv GEMM output once and writing q, k, v as (B, N, H, Dh).
 
-Forward, for q and k of every (token, head) row: n = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps),
-out[d] = n[d] * cos[d] + s(d) * n[d ^ 1] * sin[d] with s(d) = -1 for even d, +1 for odd d (interleaved
-pair rotation; in-context rows carry cos = 1, sin = 0 in the table). v is copied into its own
-contiguous buffer. Backward applies the transposed rotation and the RMSNorm backward in one pass and
-writes dqkv; dq_weight and dk_weight are two-stage sums over rows (see `_common`).
+Forward, for q and k of every (token, head) row: x = qkv (+ bias), n = x * rstd * weight,
+rstd = 1 / sqrt(mean(x^2) + eps), out[d] = n[d] * cos[d] + s(d) * n[d ^ 1] * sin[d] with s(d) = -1 for
+even d, +1 for odd d (interleaved pair rotation; in-context rows carry cos = 1, sin = 0 in the table).
+v (+ bias) is copied into its own contiguous buffer. The bias is the qkv GEMM's, left out of that GEMM:
+adding it here (in fp32) saves its cast under autocast and, in backward, the separate sum over dqkv.
+Backward applies the transposed rotation and the RMSNorm backward in one pass and writes dqkv; each
+program owns one head, so dq_weight, dk_weight and the per-head bias gradient are two-stage sums over
+rows (see `_common`), finished together by one `qk_sum_kernel` launch.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
     KernelSpec,
+    _sum_store,
     check_contiguous,
     check_dtype,
     check_same_device,
@@ -25,14 +30,14 @@ from kernels._common import (
     device_guard,
     launch_options,
     select_config,
-    sum_rows,
 )
 
 MAX_HEAD_DIM = 128
 
 # Size classes keyed by BLOCK_DH = next_pow2(head_dim): Dh 64 -> 64, Dh 80/104/128 -> 128.
-# A "row" is one (token, head) pair; first config of each class is launched (fixed, so reductions are
-# reproducible), the rest are candidates compile_check also builds. Defaults: no spills, then the
+# A "row" is one (token, head) pair; a backward program walks ROWS_PER_PROG tokens of one head. The
+# first config of each class is launched (fixed, so reductions are reproducible), the rest are
+# candidates compile_check also builds. Defaults: no spills, then the
 # best occupancy estimate in compile_check's report (no GPU here to time them).
 FWD_CONFIGS: dict[int, list[triton.Config]] = {
     64: [
@@ -68,6 +73,7 @@ def _norm_rope(x, x_pair, w, w_pair, cos, sin, sign, DH, eps):
 @triton.jit
 def qk_norm_rope_fwd_kernel(
     QKV,
+    BIAS,
     QW,
     KW,
     COS,
@@ -80,6 +86,7 @@ def qk_norm_rope_fwd_kernel(
     H,
     DH,
     eps,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_DH: tl.constexpr,
 ):
@@ -102,11 +109,16 @@ def qk_norm_rope_fwd_kernel(
     sin = tl.load(SIN + tab, mask=mask, other=0.0)
     sign = tl.where(cols % 2 == 0, -1.0, 1.0)
     c = H * DH
+    bias_at = head[:, None] * DH + cols[None, :]
+    bias_pair = head[:, None] * DH + pair[None, :]
 
     qw = tl.load(QW + cols, mask=cmask, other=0.0).to(tl.float32)
     qw_pair = tl.load(QW + pair, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)
     x_pair = tl.load(QKV + src_pair, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(BIAS + bias_at, mask=mask, other=0.0).to(tl.float32)
+        x_pair += tl.load(BIAS + bias_pair, mask=mask, other=0.0).to(tl.float32)
     q = _norm_rope(x, x_pair, qw, qw_pair, cos, sin, sign, DH, eps)
     tl.store(Q + dst, q.to(Q.dtype.element_ty), mask=mask)
 
@@ -114,11 +126,16 @@ def qk_norm_rope_fwd_kernel(
     kw_pair = tl.load(KW + pair, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(QKV + c + src, mask=mask, other=0.0).to(tl.float32)
     x_pair = tl.load(QKV + c + src_pair, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(BIAS + c + bias_at, mask=mask, other=0.0).to(tl.float32)
+        x_pair += tl.load(BIAS + c + bias_pair, mask=mask, other=0.0).to(tl.float32)
     k = _norm_rope(x, x_pair, kw, kw_pair, cos, sin, sign, DH, eps)
     tl.store(K + dst, k.to(K.dtype.element_ty), mask=mask)
 
     v = tl.load(QKV + 2 * c + src, mask=mask, other=0.0)
-    tl.store(V + dst, v, mask=mask)
+    if HAS_BIAS:
+        v = (v.to(tl.float32) + tl.load(BIAS + 2 * c + bias_at, mask=mask, other=0.0).to(tl.float32))
+    tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -136,6 +153,7 @@ def _norm_rope_bwd(x, dy, dy_pair, w, cos, sin_pair, sign, DH, eps):
 @triton.jit
 def qk_norm_rope_bwd_kernel(
     QKV,
+    BIAS,
     QW,
     KW,
     COS,
@@ -145,18 +163,22 @@ def qk_norm_rope_bwd_kernel(
     DV,
     DQKV,
     PART,
-    R,
+    T,
     N,
     H,
     DH,
     eps,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr,
 ):
-    """Program p walks rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG), writes dqkv for them and one fp32
-    partial row each for dq_weight and dk_weight into PART[p, 0:2, :]."""
+    """Program (p, h) walks tokens [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of head h (T = B*N tokens),
+    writes dqkv for them and fp32 partial rows for dq_weight, dk_weight (and the q, k, v bias of head h)
+    into PART[p, h, 0:NUM_PART, :]."""
+    NUM_PART: tl.constexpr = 5 if HAS_BIAS else 2
     pid = tl.program_id(0)
+    head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_DH)
     pair = cols ^ 1
     cmask = cols < DH
@@ -166,42 +188,91 @@ def qk_norm_rope_bwd_kernel(
     kw = tl.load(KW + cols, mask=cmask, other=0.0).to(tl.float32)
     acc_q = tl.zeros((BLOCK_DH,), dtype=tl.float32)
     acc_k = tl.zeros((BLOCK_DH,), dtype=tl.float32)
-    row0 = pid * ROWS_PER_PROG
-    n_rows = tl.minimum(R - row0, ROWS_PER_PROG)
-    for start in range(0, n_rows, BLOCK_R):
-        rows = row0 + start + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        token = rows // H
-        head = rows % H
+    acc_bq = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    acc_bk = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    acc_bv = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    if HAS_BIAS:
+        bq = tl.load(BIAS + head * DH + cols, mask=cmask, other=0.0).to(tl.float32)
+        bk = tl.load(BIAS + c + head * DH + cols, mask=cmask, other=0.0).to(tl.float32)
+    t0 = pid * ROWS_PER_PROG
+    n_tok = tl.minimum(T - t0, ROWS_PER_PROG)
+    for start in range(0, n_tok, BLOCK_R):
+        token = t0 + start + tl.arange(0, BLOCK_R)
+        mask = (token < T)[:, None] & cmask[None, :]
         pos = token % N
-        in_base = (token.to(tl.int64) * 3 * H + head) * DH
-        rows = rows.to(tl.int64)
-        src = in_base[:, None] + cols[None, :]
-        dst = rows[:, None] * DH + cols[None, :]
-        dst_pair = rows[:, None] * DH + pair[None, :]
+        token = token.to(tl.int64)
+        src = ((token * 3 * H + head) * DH)[:, None] + cols[None, :]
+        row = (token * H + head) * DH
+        dst = row[:, None] + cols[None, :]
+        dst_pair = row[:, None] + pair[None, :]
         cos = tl.load(COS + pos[:, None] * DH + cols[None, :], mask=mask, other=0.0)
         sin_pair = tl.load(SIN + pos[:, None] * DH + pair[None, :], mask=mask, other=0.0)
 
         x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = tl.where(mask, x + bq[None, :], 0.0)
         dy = tl.load(DQ + dst, mask=mask, other=0.0).to(tl.float32)
         dy_pair = tl.load(DQ + dst_pair, mask=mask, other=0.0).to(tl.float32)
         dx, dw = _norm_rope_bwd(x, dy, dy_pair, qw, cos, sin_pair, sign, DH, eps)
         acc_q += dw
+        if HAS_BIAS:
+            acc_bq += tl.sum(dx, axis=0)
         tl.store(DQKV + src, dx.to(DQKV.dtype.element_ty), mask=mask)
 
         x = tl.load(QKV + c + src, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = tl.where(mask, x + bk[None, :], 0.0)
         dy = tl.load(DK + dst, mask=mask, other=0.0).to(tl.float32)
         dy_pair = tl.load(DK + dst_pair, mask=mask, other=0.0).to(tl.float32)
         dx, dw = _norm_rope_bwd(x, dy, dy_pair, kw, cos, sin_pair, sign, DH, eps)
         acc_k += dw
+        if HAS_BIAS:
+            acc_bk += tl.sum(dx, axis=0)
         tl.store(DQKV + c + src, dx.to(DQKV.dtype.element_ty), mask=mask)
 
         dv = tl.load(DV + dst, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc_bv += tl.sum(dv.to(tl.float32), axis=0)
         tl.store(DQKV + 2 * c + src, dv.to(DQKV.dtype.element_ty), mask=mask)
 
-    part = PART + pid.to(tl.int64) * 2 * DH + cols
+    part = PART + ((pid.to(tl.int64) * H + head) * NUM_PART) * DH + cols
     tl.store(part, acc_q, mask=cmask)
     tl.store(part + DH, acc_k, mask=cmask)
+    if HAS_BIAS:
+        tl.store(part + 2 * DH, acc_bq, mask=cmask)
+        tl.store(part + 3 * DH, acc_bk, mask=cmask)
+        tl.store(part + 4 * DH, acc_bv, mask=cmask)
+
+
+@triton.jit
+def qk_sum_kernel(
+    PART,
+    DQW,
+    DKW,
+    DBIAS,
+    P,
+    H,
+    DH,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+):
+    """Second stage of the backward, one launch: program H sums all P*H partial rows into dq_weight and
+    dk_weight; with a bias, program h < H sums head h's P rows into its q, k and v bias gradients."""
+    NUM_PART: tl.constexpr = 5 if HAS_BIAS else 2
+    g = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_DH)
+    cmask = cols < DH
+    if g == tl.num_programs(0) - 1:
+        _sum_store(PART, DQW, 0, P * H, DH, 0, NUM_PART * DH, cols, cmask, BLOCK_R, BLOCK_DH)
+        _sum_store(PART + DH, DKW, 0, P * H, DH, 0, NUM_PART * DH, cols, cmask, BLOCK_R, BLOCK_DH)
+    elif HAS_BIAS:
+        for j in tl.static_range(3):
+            _sum_store(PART + (2 + j) * DH, DBIAS + j * H * DH, g, P, DH, NUM_PART * DH, H * NUM_PART * DH,
+                       cols, cmask, BLOCK_R, BLOCK_DH)
+
+
+SUM_CONFIG = triton.Config({"BLOCK_R": 32}, num_warps=4, num_stages=1)
 
 
 def _check_inputs(
@@ -211,6 +282,7 @@ def _check_inputs(
     cos: torch.Tensor,
     sin: torch.Tensor,
     num_heads: int,
+    bias: torch.Tensor | None = None,
 ) -> int:
     """Validate shapes, dtypes and head dim; return the head dim."""
     if qkv.dim() != 3 or qkv.numel() == 0:
@@ -228,9 +300,13 @@ def _check_inputs(
     check_shape("k_weight", k_weight, (head_dim,))
     check_shape("cos", cos, (n, head_dim))
     check_shape("sin", sin, (n, head_dim))
-    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
+    named = {"qkv": qkv, "q_weight": q_weight, "k_weight": k_weight, "cos": cos, "sin": sin}
+    if bias is not None:
+        check_shape("bias", bias, (qkv.shape[-1],))
+        named["bias"] = bias
+    for name, t in named.items():
         check_dtype(name, t)
-    check_same_device(qkv=qkv, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
+    check_same_device(**named)
     return head_dim
 
 
@@ -255,12 +331,14 @@ def qk_norm_rope_fwd(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launch: q, k (normed + rotated) and v, each (B, N, H, Dh) contiguous in qkv's dtype."""
-    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
-    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight)):
-        check_contiguous(name, t)
+    """Triton launch: q, k (normed + rotated) and v of qkv (+ bias), each (B, N, H, Dh) contiguous in qkv's dtype."""
+    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
+    for name, t in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight), ("bias", bias)):
+        if t is not None:
+            check_contiguous(name, t)
     _check_launch_tables(cos, sin)
     b, n, _ = qkv.shape
     shape = (b, n, num_heads, head_dim)
@@ -270,8 +348,8 @@ def qk_norm_rope_fwd(
     cfg = config or select_config(FWD_CONFIGS, block_dh, "qk_norm_rope")
     with device_guard(qkv):
         qk_norm_rope_fwd_kernel[(triton.cdiv(rows, cfg.kwargs["BLOCK_R"]),)](
-            qkv, q_weight, k_weight, cos, sin, q, k, v, rows, n, num_heads, head_dim, eps,
-            BLOCK_DH=block_dh, **launch_options(cfg),
+            qkv, q_weight if bias is None else bias, q_weight, k_weight, cos, sin, q, k, v, rows, n, num_heads,
+            head_dim, eps, HAS_BIAS=bias is not None, BLOCK_DH=block_dh, **launch_options(cfg),
         )
     return q, k, v
 
@@ -287,30 +365,41 @@ def qk_norm_rope_bwd(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward launch: (dqkv, dq_weight, dk_weight) from the gradients of q, k, v."""
-    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton backward launch: (dqkv, dq_weight, dk_weight, dbias or None) from the gradients of q, k, v.
+
+    `qkv` is the GEMM output the forward read (without the bias, which is passed as `bias`).
+    """
+    head_dim = _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
     b, n, _ = qkv.shape
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         check_shape(name, t, (b, n, num_heads, head_dim))
         check_contiguous(name, t)
-    check_contiguous("qkv", qkv)
+    for name, t in (("qkv", qkv), ("bias", bias)):
+        if t is not None:
+            check_contiguous(name, t)
     _check_launch_tables(cos, sin)
-    rows = b * n * num_heads
+    tokens = b * n
     block_dh = triton.next_power_of_2(head_dim)
     cfg = config or select_config(BWD_CONFIGS, block_dh, "qk_norm_rope backward")
-    num_p = triton.cdiv(rows, cfg.kwargs["ROWS_PER_PROG"])
+    num_p = triton.cdiv(tokens, cfg.kwargs["ROWS_PER_PROG"])
+    has_bias = bias is not None
     dqkv = torch.empty_like(qkv)
-    partials = torch.empty(num_p, 2, head_dim, device=qkv.device, dtype=torch.float32)
-    with device_guard(qkv):
-        qk_norm_rope_bwd_kernel[(num_p,)](
-            qkv, q_weight, k_weight, cos, sin, dq, dk, dv, dqkv, partials, rows, n, num_heads, head_dim, eps,
-            BLOCK_DH=block_dh, **launch_options(cfg),
-        )
+    partials = torch.empty(num_p, num_heads, 5 if has_bias else 2, head_dim, device=qkv.device, dtype=torch.float32)
     dq_weight, dk_weight = torch.empty_like(q_weight), torch.empty_like(k_weight)
-    sum_rows(partials, [dq_weight, dk_weight], num_p, 0, 2 * head_dim)
-    return dqkv, dq_weight, dk_weight
+    dbias = torch.empty_like(bias) if has_bias else None
+    with device_guard(qkv):
+        qk_norm_rope_bwd_kernel[(num_p, num_heads)](
+            qkv, q_weight if bias is None else bias, q_weight, k_weight, cos, sin, dq, dk, dv, dqkv, partials,
+            tokens, n, num_heads, head_dim, eps, HAS_BIAS=has_bias, BLOCK_DH=block_dh, **launch_options(cfg),
+        )
+        qk_sum_kernel[(num_heads + 1 if has_bias else 1,)](
+            partials, dq_weight, dk_weight, dq_weight if dbias is None else dbias, num_p, num_heads, head_dim,
+            HAS_BIAS=has_bias, BLOCK_DH=block_dh, **launch_options(SUM_CONFIG),
+        )
+    return dqkv, dq_weight, dk_weight, dbias
 
 
 def _rotate_half_t(g: torch.Tensor) -> torch.Tensor:
@@ -330,11 +419,13 @@ def qk_norm_rope_bwd_reference(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Eager backward with the contract of `qk_norm_rope_bwd` (fp32 math): the CPU implementation."""
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     b, n, _ = qkv.shape
-    x = qkv.to(acc).view(b, n, 3, num_heads, -1)
+    x = qkv.to(acc) if bias is None else qkv.to(acc) + bias.to(acc)
+    x = x.view(b, n, 3, num_heads, -1)
     cos_, sin_ = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
     grads = []
     for i, (dy, w) in enumerate(((dq, q_weight), (dk, k_weight))):
@@ -346,8 +437,9 @@ def qk_norm_rope_bwd_reference(
         gw = dn * w.to(acc)
         dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
         grads.append((dx, (dn * xhat).sum((0, 1, 2)).to(w.dtype)))
-    dqkv = torch.stack((grads[0][0], grads[1][0], dv.to(acc)), dim=2).flatten(2).to(qkv.dtype)
-    return dqkv, grads[0][1], grads[1][1]
+    dqkv = torch.stack((grads[0][0], grads[1][0], dv.to(acc)), dim=2).flatten(2)
+    dbias = None if bias is None else dqkv.sum((0, 1)).to(bias.dtype)
+    return dqkv.to(qkv.dtype), grads[0][1], grads[1][1], dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,21 +455,22 @@ def _qk_norm_rope_op(
     sin: torch.Tensor,
     num_heads: int,
     eps: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = reference.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+    q, k, v = reference.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
     return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)
 
 
 @_qk_norm_rope_op.register_kernel("cuda")
-def _qk_norm_rope_cuda(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+def _qk_norm_rope_cuda(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     return qk_norm_rope_fwd(
         qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
-        num_heads, eps,
+        num_heads, eps, None if bias is None else bias.contiguous(),
     )
 
 
 @_qk_norm_rope_op.register_fake
-def _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+def _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     b, n, c3 = qkv.shape
     shape = (b, n, num_heads, c3 // (3 * num_heads))
     return tuple(qkv.new_empty(shape) for _ in range(3))
@@ -395,26 +488,30 @@ def _bwd_op(
     sin: torch.Tensor,
     num_heads: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return qk_norm_rope_bwd_reference(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+    bias: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    grads = qk_norm_rope_bwd_reference(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
+    return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_kernel("cuda")
-def _bwd_cuda(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
-    return qk_norm_rope_bwd(
+def _bwd_cuda(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+    grads = qk_norm_rope_bwd(
         dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
-        *_tables(cos, sin), num_heads, eps,
+        *_tables(cos, sin), num_heads, eps, None if bias is None else bias.contiguous(),
     )
+    return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
-    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+def _bwd_fake(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+    grads = [torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)]
+    return grads + ([] if bias is None else [torch.empty_like(bias)])
 
 
 def _setup(ctx, inputs, output) -> None:
-    qkv, q_weight, k_weight, cos, sin, num_heads, eps = inputs
-    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+    qkv, q_weight, k_weight, cos, sin, num_heads, eps, *bias = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, *(b for b in bias if b is not None))
     ctx.num_heads, ctx.eps = num_heads, eps
 
 
@@ -422,11 +519,12 @@ def _backward_with(bwd):
     """Autograd backward computing gradients with `bwd` (custom op or launch helper); tables get no grad."""
 
     def backward(ctx, dq, dk, dv):
-        qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        qkv, q_weight, k_weight, cos, sin, *bias = ctx.saved_tensors
+        bias = bias[0] if bias else None
         grads = [torch.zeros(qkv.shape[:2] + (ctx.num_heads, q_weight.shape[0]), device=qkv.device,
                              dtype=qkv.dtype) if g is None else g.contiguous() for g in (dq, dk, dv)]
-        dqkv, dqw, dkw = bwd(*grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps)
-        return dqkv, dqw, dkw, None, None, None, None
+        dqkv, dqw, dkw, *dbias = bwd(*grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias)
+        return dqkv, dqw, dkw, None, None, None, None, dbias[0] if dbias else None
 
     return backward
 
@@ -438,8 +536,8 @@ class _LauncherFn(torch.autograd.Function):
     """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
 
     @staticmethod
-    def forward(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
-        return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+    def forward(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias):
+        return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_backward_with(qk_norm_rope_bwd))
@@ -453,10 +551,11 @@ def qk_norm_rope(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused op (contract of reference.qk_norm_rope, outputs contiguous): validates, dispatches the custom op."""
-    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
-    return torch.ops.jit_fast.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps)
+    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
+    return torch.ops.jit_fast.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
 
 
 def qk_norm_rope_launcher(
@@ -467,32 +566,70 @@ def qk_norm_rope_launcher(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
-    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads)
+    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
     return _LauncherFn.apply(
         qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
-        num_heads, eps,
+        num_heads, eps, None if bias is None else bias.contiguous(),
     )
 
 
+def linear_qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The qkv GEMM without its bias, then the fused op adding it (contract of reference.linear_qk_norm_rope)."""
+    return qk_norm_rope(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
+
+
+def linear_qk_norm_rope_launcher(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear_qk_norm_rope` through the launch helpers."""
+    return qk_norm_rope_launcher(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
+
+
 def compile_specs() -> Iterator[KernelSpec]:
-    """Every (kernel, head dim, config) the launchers select for JiT head dims, bf16 activations."""
+    """Every (kernel, head dim, variant, config) the launchers select for JiT head dims, bf16 activations."""
     for head_dim, heads in ((64, 16), (80, 16), (104, 16), (128, 16)):
         block_dh = triton.next_power_of_2(head_dim)
-        ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
-        fwd_sig = {
-            "QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "Q": "*bf16",
-            "K": "*bf16", "V": "*bf16", "R": "i32", "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
-        }
-        for cfg in FWD_CONFIGS[block_dh]:
-            yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, {"BLOCK_DH": block_dh}, cfg,
-                             ints, f"Dh={head_dim}")
-        bwd_sig = {
-            "QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "DQ": "*bf16",
-            "DK": "*bf16", "DV": "*bf16", "DQKV": "*bf16", "PART": "*fp32", "R": "i32", "N": "i32",
-            "H": "i32", "DH": "i32", "eps": "fp32",
-        }
-        for cfg in BWD_CONFIGS[block_dh]:
-            yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, {"BLOCK_DH": block_dh}, cfg,
-                             ints, f"Dh={head_dim}")
+        for bias in (False, True):
+            variant = f"Dh={head_dim} bias={bias}"
+            ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
+            fwd_sig = {
+                "QKV": "*bf16", "BIAS": "*fp32", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32",
+                "Q": "*bf16", "K": "*bf16", "V": "*bf16", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
+                "eps": "fp32",
+            }
+            constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
+            for cfg in FWD_CONFIGS[block_dh]:
+                yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints, variant)
+            bwd_sig = {
+                "QKV": "*bf16", "BIAS": "*fp32", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32",
+                "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQKV": "*bf16", "PART": "*fp32", "T": "i32",
+                "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
+            }
+            for cfg in BWD_CONFIGS[block_dh]:
+                yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
+                                 dict(ints, T=256 * 288), variant)
+            sum_sig = {"PART": "*fp32", "DQW": "*fp32", "DKW": "*fp32", "DBIAS": "*fp32", "P": "i32", "H": "i32",
+                       "DH": "i32"}
+            yield KernelSpec("qk_sum", qk_sum_kernel, sum_sig, constexprs, SUM_CONFIG,
+                             {"P": 288, "H": heads, "DH": head_dim}, variant)

@@ -78,18 +78,40 @@ def qk_norm_rope(
     sin: torch.Tensor,
     num_heads: int,
     eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the qkv GEMM output (B, N, 3*H*Dh) into q, k, v of shape (B, N, H, Dh).
 
     q and k get RMSNorm over the head dim and 2D RoPE; they are returned in qkv's dtype,
-    which is what attention under autocast would cast them to anyway.
+    which is what attention under autocast would cast them to anyway. With `bias` (the qkv
+    GEMM's, left out of it) qkv + bias is formed in fp32 (float64 for float64 qkv) and q, k, v
+    come out of it, rounded once to qkv's dtype: the fused op's contract.
     """
+    if bias is not None:
+        acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        q, k, v = qk_norm_rope(qkv.to(acc) + bias.to(acc), q_weight, k_weight, cos, sin, num_heads, eps)
+        return q.to(qkv.dtype), k.to(qkv.dtype), v.to(qkv.dtype)
     b, n, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
     q, k, v = qkv.view(b, n, 3, num_heads, head_dim).unbind(2)
     q = apply_rope(rms_norm(q, q_weight, eps), cos, sin).to(qkv.dtype)
     k = apply_rope(rms_norm(k, k_weight, eps), cos, sin).to(qkv.dtype)
     return q, k, v
+
+
+def linear_qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qk_norm_rope(x @ weight.T + bias): the qkv GEMM (bias in its epilogue) as the official attention runs it."""
+    return qk_norm_rope(F.linear(x, weight, bias), q_weight, k_weight, cos, sin, num_heads, eps)
 
 
 def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -223,3 +223,38 @@ def test_fsdp_grad_accumulation_matches(data: Path, cache: Path, ref2: Path, tmp
     la, lr = read_losses(out), read_losses(ref2)
     for s in lr:
         assert la[s] == pytest.approx(lr[s], rel=1e-5, abs=0), s
+
+
+FUSED_TABLE_UNDER_FSDP = """
+import torch
+from jit_fast.distributed import init_distributed, prepare_model
+from jit_fast.model import build_model
+
+env = init_distributed("cpu", force_group=True)
+torch.manual_seed(0)
+ref = build_model("JiT-T/4", img_size=16, num_classes=10, kernels="triton")
+with torch.no_grad():
+    for p in ref.parameters():
+        p.add_(0.05 * torch.randn_like(p))  # non-zero biases and gates, so every folded term matters
+net = build_model("JiT-T/4", img_size=16, num_classes=10, kernels="triton")
+net.load_state_dict(ref.state_dict())
+net = prepare_model(net, env, fsdp=True, param_dtype=None)
+x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randint(0, 10, (2,))
+for _ in range(2):  # the second pass runs on re-gathered parameters
+    out, want = net(x, t, y), ref(x, t, y)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.square().mean().backward()
+    want.square().mean().backward()
+for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+    if q.grad is not None:
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=name)
+print("ok")
+"""
+
+
+def test_fused_table_under_fsdp2_matches_unsharded() -> None:
+    """Every parameter a fused op reads (e.g. the proj bias folded into norm2's residual) must be one of the
+    running block's own: FSDP2 frees a block's gathered parameters after its forward."""
+    p = subprocess.run([sys.executable, "-c", FUSED_TABLE_UNDER_FSDP], cwd=REPO, env=subprocess_env(None),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]

@@ -13,16 +13,18 @@ from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
 use_gpu_bf16_rounding()
 
 NAMES = ("rmsnorm_modulate", "residual_rmsnorm_modulate", "qk_norm_rope", "swiglu")  # the custom ops
-TABLE = NAMES + ("linear_swiglu", "branch_linear")  # + the GEMM boundaries the model calls
+TABLE = NAMES + ("linear_qk_norm_rope", "linear_swiglu", "branch_linear")  # + the GEMM boundaries the model calls
 B, N, D, H = 2, 6, 48, 4
 
 
-def block(ops, x, branch, ada, w1, w2, qkv_w, qw, kw, cos, sin, w12, w3, b12, b_in, proj_w, proj_b, b3):
+def block(ops, x, branch, ada, w1, w2, qkv_w, qw, kw, cos, sin, w12, w3, b12, b_in, proj_w, proj_b, b3, qkv_b):
     """A JiT-block-shaped function touching every fused op once, in the model's order (branch biases folded
     into the residual ops by the fused table, added in the GEMMs by the reference one)."""
     shift1, scale1, gate1, shift2, scale2, gate2 = ada.chunk(6, dim=-1)
     x, h = ops.residual_rmsnorm_modulate(x, branch, gate1, w1, shift1, scale1, 1e-6, None, b_in)
-    q, k, v = ops.qk_norm_rope(F.linear(h, qkv_w), qw, kw, cos, sin, H, 1e-6)
+    q, k, v = ops.linear_qk_norm_rope(h, qkv_w, qkv_b, qw, kw, cos, sin, H, 1e-6)
+    q2, _, _ = ops.qk_norm_rope(F.linear(h, qkv_w), qw, kw, cos, sin, H, 1e-6)  # the op without a bias too
+    q = q + 0.5 * q2
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     a, a_bias = ops.branch_linear(o.transpose(1, 2).reshape(B, N, D), proj_w, proj_b)
     x, h = ops.residual_rmsnorm_modulate(x, a, gate2, w2, shift2, scale2, 1e-6, None, a_bias)
@@ -39,7 +41,7 @@ def block_inputs() -> list[torch.Tensor]:
         1 + 0.1 * torch.randn(D), torch.randn(3 * D, D) / D**0.5, 1 + 0.1 * torch.randn(dh),
         1 + 0.1 * torch.randn(dh), ang.cos(), ang.sin(), torch.randn(2 * 64, D) / D**0.5, torch.randn(D, 64) / 8,
         0.1 * torch.randn(2 * 64), 0.1 * torch.randn(D), torch.randn(D, D) / D**0.5, 0.1 * torch.randn(D),
-        0.1 * torch.randn(D),
+        0.1 * torch.randn(D), 0.3 * torch.randn(3 * D),
     ]
 
 

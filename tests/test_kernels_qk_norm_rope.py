@@ -28,34 +28,39 @@ def tables(n_img: int, n_ctx: int, head_dim: int) -> tuple[torch.Tensor, torch.T
     return cos, sin
 
 
-def make_inputs(b: int, n_img: int, n_ctx: int, head_dim: int, mode: str) -> dict:
+def make_inputs(b: int, n_img: int, n_ctx: int, head_dim: int, mode: str, bias: bool = False) -> dict:
+    """qkv in the activation dtype, fp32 weights and tables; `bias`: an fp32 qkv bias (last entry)."""
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     cos, sin = tables(n_img, n_ctx, head_dim)
     n = n_img + n_ctx
-    return {
+    inputs = {
         "qkv": (2 * torch.randn(b, n, 3 * HEADS * head_dim)).to(dtype),
         "q_weight": 1 + 0.2 * torch.randn(head_dim),
         "k_weight": 1 + 0.2 * torch.randn(head_dim),
         "cos": cos,
         "sin": sin,
     }
+    if bias:
+        inputs["bias"] = torch.randn(3 * HEADS * head_dim)
+    return inputs
 
 
 def run(fn, inputs: dict, upstream: list[torch.Tensor], cast=None):
-    """Forward + backward; returns ({q, k, v}, {qkv, q_weight, k_weight grads})."""
+    """Forward + backward; returns ({q, k, v}, {qkv, q_weight, k_weight (, bias) grads})."""
     leaves = {}
     for k, v in inputs.items():
         v = v if cast is None else v.to(cast)
         leaves[k] = v.detach().clone().requires_grad_(k not in ("cos", "sin"))
-    outs = fn(leaves["qkv"], leaves["q_weight"], leaves["k_weight"], leaves["cos"], leaves["sin"], HEADS, EPS)
+    bias = [leaves["bias"]] if "bias" in leaves else []
+    outs = fn(leaves["qkv"], leaves["q_weight"], leaves["k_weight"], leaves["cos"], leaves["sin"], HEADS, EPS, *bias)
     named = dict(zip("qkv", outs, strict=True))
     torch.autograd.backward(list(outs), [g.to(o.dtype) for g, o in zip(upstream, outs, strict=True)])
-    grads = {k: leaves[k].grad for k in ("qkv", "q_weight", "k_weight")}
+    grads = {k: t.grad for k, t in leaves.items() if t.requires_grad}
     return {k: v.detach() for k, v in named.items()}, grads
 
 
-def check_case(b: int, n_ctx: int, head_dim: int, mode: str, fn=qk.qk_norm_rope_launcher) -> None:
-    inputs = make_inputs(b, 4, n_ctx, head_dim, mode)
+def check_case(b: int, n_ctx: int, head_dim: int, mode: str, fn=qk.qk_norm_rope_launcher, bias: bool = False) -> None:
+    inputs = make_inputs(b, 4, n_ctx, head_dim, mode, bias)
     n = 4 + n_ctx
     up = [torch.randn(b, n, HEADS, head_dim) for _ in range(3)]
     k_out, k_grad = run(fn, inputs, up)
@@ -71,25 +76,27 @@ def check_case(b: int, n_ctx: int, head_dim: int, mode: str, fn=qk.qk_norm_rope_
 
 
 FAST = [
-    (3, 32, 104, "bf16"),
-    (1, 0, 64, "fp32"),
-    (1, 0, 80, "bf16"),
-    (1, 32, 128, "fp32"),
+    (3, 32, 104, "bf16", True),
+    (1, 0, 64, "fp32", False),
+    (1, 0, 64, "fp32", True),
+    (1, 0, 80, "bf16", False),
+    (1, 32, 128, "fp32", True),
 ]
 
 
-@pytest.mark.parametrize("b,n_ctx,head_dim,mode", FAST)
-def test_numerics_fast(b, n_ctx, head_dim, mode):
-    check_case(b, n_ctx, head_dim, mode)
+@pytest.mark.parametrize("b,n_ctx,head_dim,mode,bias", FAST)
+def test_numerics_fast(b, n_ctx, head_dim, mode, bias):
+    check_case(b, n_ctx, head_dim, mode, bias=bias)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 @pytest.mark.parametrize("n_ctx", [0, 32])
 @pytest.mark.parametrize("head_dim", [64, 80, 104, 128])
 @pytest.mark.parametrize("b", [1, 3])
-def test_numerics_full(b, head_dim, n_ctx, mode):
-    check_case(b, n_ctx, head_dim, mode)
+def test_numerics_full(b, head_dim, n_ctx, mode, bias):
+    check_case(b, n_ctx, head_dim, mode, bias=bias)
 
 
 def test_in_context_rows_are_not_rotated():
@@ -104,26 +111,26 @@ def test_in_context_rows_are_not_rotated():
 
 @pytest.mark.parametrize("head_dim", [64, 104])
 def test_every_candidate_config(head_dim):
-    inputs = make_inputs(2, 4, 32, head_dim, "bf16")
+    inputs = make_inputs(2, 4, 32, head_dim, "bf16", bias=True)
     up = [torch.randn(2, 36, HEADS, head_dim).bfloat16() for _ in range(3)]
     r_out, r_grad = run(reference.qk_norm_rope, inputs, up, cast=torch.float64)
     e_out, e_grad = run(reference.qk_norm_rope, inputs, up)
     size = min(s for s in qk.FWD_CONFIGS if s >= head_dim)
-    args = list(inputs.values())
+    args = [inputs[k] for k in ("qkv", "q_weight", "k_weight", "cos", "sin")]
     for cfg in qk.FWD_CONFIGS[size]:
-        for name, t in zip("qkv", qk.qk_norm_rope_fwd(*args, HEADS, EPS, config=cfg), strict=True):
+        for name, t in zip("qkv", qk.qk_norm_rope_fwd(*args, HEADS, EPS, inputs["bias"], config=cfg), strict=True):
             assert_within_rule(name, t, r_out[name], e_out[name])
     for cfg in qk.BWD_CONFIGS[size]:
-        grads = qk.qk_norm_rope_bwd(*up, *args, HEADS, EPS, config=cfg)
-        for name, g in zip(("qkv", "q_weight", "k_weight"), grads, strict=True):
+        grads = qk.qk_norm_rope_bwd(*up, *args, HEADS, EPS, inputs["bias"], config=cfg)
+        for name, g in zip(("qkv", "q_weight", "k_weight", "bias"), grads, strict=True):
             assert_within_rule("d" + name, g, r_grad[name], e_grad[name])
 
 
 def test_backward_bitwise_deterministic():
-    """Rows span several programs (ROWS_PER_PROG) so the two-stage weight reduction is exercised."""
-    inputs = make_inputs(3, 4, 32, 104, "bf16")
-    up = [torch.randn(3, 36, HEADS, 104) for _ in range(3)]
-    assert 3 * 36 * HEADS > qk.BWD_CONFIGS[128][0].kwargs["ROWS_PER_PROG"]
+    """Tokens span several programs per head (ROWS_PER_PROG) so the two-stage reductions are exercised."""
+    inputs = make_inputs(8, 4, 32, 104, "bf16", bias=True)
+    up = [torch.randn(8, 36, HEADS, 104) for _ in range(3)]
+    assert 8 * 36 > qk.BWD_CONFIGS[128][0].kwargs["ROWS_PER_PROG"]
     _, g1 = run(qk.qk_norm_rope_launcher, inputs, up)
     _, g2 = run(qk.qk_norm_rope_launcher, inputs, up)
     for name in g1:
@@ -142,6 +149,7 @@ def test_custom_op_cpu_is_reference():
         assert torch.equal(a, b) and a.is_contiguous()
     check_case(2, 3, 64, "bf16", fn=qk.qk_norm_rope)
     check_case(2, 3, 80, "fp32", fn=qk.qk_norm_rope)
+    check_case(2, 3, 64, "bf16", fn=qk.qk_norm_rope, bias=True)
 
 
 def test_cuda_dispatch_runs_triton(monkeypatch):
@@ -152,14 +160,15 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
     for op in ("qk_norm_rope", "qk_norm_rope_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_fast::{op}", "CUDA")
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    inputs = make_inputs(1, 4, 2, 64, "bf16")
-    args = list(inputs.values())
-    qk.qk_norm_rope(*args, HEADS, EPS)
+    inputs = make_inputs(1, 4, 2, 64, "bf16", bias=True)
+    args, bias = [inputs[k] for k in ("qkv", "q_weight", "k_weight", "cos", "sin")], inputs["bias"]
+    qk.qk_norm_rope(*args, HEADS, EPS, bias)
     assert calls == []
-    q, k, v = torch.ops.jit_fast.qk_norm_rope.default.redispatch(cuda, *args, HEADS, EPS)
+    q, k, v = torch.ops.jit_fast.qk_norm_rope.default.redispatch(cuda, *args, HEADS, EPS, bias)
     assert calls == ["qk_norm_rope_fwd"]
-    torch.ops.jit_fast.qk_norm_rope_bwd.default.redispatch(cuda, q, k, v, *args, HEADS, EPS)
+    grads = torch.ops.jit_fast.qk_norm_rope_bwd.default.redispatch(cuda, q, k, v, *args, HEADS, EPS, bias)
     assert calls == ["qk_norm_rope_fwd", "qk_norm_rope_bwd"]
+    assert len(grads) == 4 and grads[-1].shape == bias.shape and grads[-1].dtype == bias.dtype
 
 
 class TestBadInput:
@@ -172,6 +181,10 @@ class TestBadInput:
             qk.qk_norm_rope(*self.args(head_dim=7), HEADS)
         with pytest.raises(ValueError, match=r"head_dim=136 .*<= 128"):
             qk.qk_norm_rope_fwd(*self.args(head_dim=136), HEADS)
+
+    def test_bias_shape(self):
+        with pytest.raises(ValueError, match=r"bias must have shape \(576,\), got \(192,\)"):
+            qk.qk_norm_rope(*self.args(), HEADS, EPS, torch.zeros(192))
 
     def test_heads_do_not_divide(self):
         with pytest.raises(ValueError, match=r"qkv last dim 576 is not divisible by 3\*num_heads \(num_heads=5\)"):
