@@ -143,12 +143,12 @@ def _ratios(model: str, params: str = "fp32") -> dict:
 
 # Issue 7 acceptance on the standard block (in-context tokens, pending residual, no dropout) at batch 128.
 # bf16 block params with an fp32 root (FSDP2, the multi-GPU training path): launches 38 / 194 = 19.6%,
-# non-GEMM bytes 13.7%, saved activations 56.5% (B/16 and H/16). fp32 params under bf16 autocast (one
-# process without FSDP): launches 52 / 210 = 24.8%, non-GEMM bytes 14.1% (B/16) / 14.3% (H/16), saved
+# non-GEMM bytes 13.3%, saved activations 56.5% (B/16 and H/16). fp32 params under bf16 autocast (one
+# process without FSDP): launches 52 / 210 = 24.8%, non-GEMM bytes 13.7% (B/16) / 13.9% (H/16), saved
 # 56.5%. Those 52: 15 GEMMs, 2 attention, 8 fused-op kernels + 6 second-stage reductions inside their
-# backwards, 16 autocast casts of weights/biases and of their gradients, 2 bias-gradient sums (qkv,
-# adaLN; the w12, proj and w3 bias gradients come out of the fused backwards), adaLN SiLU, SiLU-backward
-# and cat.
+# backwards, 16 autocast casts of weights/biases and of their gradients, 2 bias-gradient sums (w3,
+# adaLN; the qkv, w12 and proj bias gradients come out of the fused backwards), adaLN SiLU,
+# SiLU-backward and cat.
 CASES = [(m, p) for m in ("JiT-B/16", "JiT-H/16") for p in PARAMS]
 
 
