@@ -152,7 +152,7 @@ def branch_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The GEMM closing a residual branch, bias in its epilogue as the official model has it.
 
-    Returns (output, bias still to add): None here; the fused table returns the bias instead, for
-    the next residual op to add (see `kernels.ops.branch_linear`).
+    Returns (output, bias still to add): None here; the fused table's version
+    (`kernels.rmsnorm_modulate.branch_linear`) returns the bias instead, for the residual op it feeds.
     """
     return F.linear(x, weight, bias), None
