@@ -200,9 +200,8 @@ def qk_norm_rope_bwd_kernel(
         token = t0 + start + tl.arange(0, BLOCK_R)
         mask = (token < T)[:, None] & cmask[None, :]
         pos = token % N
-        token = token.to(tl.int64)
-        src = ((token * 3 * H + head) * DH)[:, None] + cols[None, :]
-        row = (token * H + head) * DH
+        src = ((token * 3 * H + head).to(tl.int64) * DH)[:, None] + cols[None, :]
+        row = (token * H + head).to(tl.int64) * DH
         dst = row[:, None] + cols[None, :]
         dst_pair = row[:, None] + pair[None, :]
         cos = tl.load(COS + pos[:, None] * DH + cols[None, :], mask=mask, other=0.0)
@@ -382,6 +381,8 @@ def qk_norm_rope_bwd(
             check_contiguous(name, t)
     _check_launch_tables(cos, sin)
     tokens = b * n
+    if tokens * 3 * num_heads >= 2**31:  # the kernel's (token, head) row index is int32 (offsets are int64)
+        raise ValueError(f"qkv of shape {tuple(qkv.shape)} has too many rows for one launch; split the batch")
     block_dh = triton.next_power_of_2(head_dim)
     cfg = config or select_config(BWD_CONFIGS, block_dh, "qk_norm_rope backward")
     num_p = triton.cdiv(tokens, cfg.kwargs["ROWS_PER_PROG"])
