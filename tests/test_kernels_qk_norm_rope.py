@@ -186,6 +186,15 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"bias must have shape \(576,\), got \(192,\)"):
             qk.qk_norm_rope(*self.args(), HEADS, EPS, torch.zeros(192))
 
+    def test_row_index_limit(self):
+        """The backward's (token, head) row index is int32: larger inputs are refused before any launch."""
+        n = 2**31 // 3 + 1
+        meta = {"device": "meta"}
+        qkv, dy = torch.empty(1, n, 6, **meta), torch.empty(1, n, 1, 2, **meta)
+        w, tab = torch.ones(2, **meta), torch.empty(n, 2, **meta)
+        with pytest.raises(ValueError, match="too many rows for one launch"):
+            qk.qk_norm_rope_bwd(dy, dy, dy, qkv, w, w, tab, tab, 1)
+
     def test_heads_do_not_divide(self):
         with pytest.raises(ValueError, match=r"qkv last dim 576 is not divisible by 3\*num_heads \(num_heads=5\)"):
             qk.qk_norm_rope(*self.args(), 5)
