@@ -256,8 +256,8 @@ def qk_sum_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_DH: tl.constexpr,
 ):
-    """Second stage of the backward, one launch: program H sums all P*H partial rows into dq_weight and
-    dk_weight; with a bias, program h < H sums head h's P rows into its q, k and v bias gradients."""
+    """Second stage of the backward, one launch: the last program sums all P*H partial rows into dq_weight
+    and dk_weight; with a bias (grid H + 1), program h < H sums head h's P rows into its q, k, v bias grads."""
     NUM_PART: tl.constexpr = 5 if HAS_BIAS else 2
     g = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_DH)
