@@ -511,8 +511,8 @@ def _bwd_fake(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bia
 
 
 def _setup(ctx, inputs, output) -> None:
-    qkv, q_weight, k_weight, cos, sin, num_heads, eps, *bias = inputs
-    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, *(b for b in bias if b is not None))
+    qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, bias)
     ctx.num_heads, ctx.eps = num_heads, eps
 
 
@@ -520,8 +520,7 @@ def _backward_with(bwd):
     """Autograd backward computing gradients with `bwd` (custom op or launch helper); tables get no grad."""
 
     def backward(ctx, dq, dk, dv):
-        qkv, q_weight, k_weight, cos, sin, *bias = ctx.saved_tensors
-        bias = bias[0] if bias else None
+        qkv, q_weight, k_weight, cos, sin, bias = ctx.saved_tensors
         grads = [torch.zeros(qkv.shape[:2] + (ctx.num_heads, q_weight.shape[0]), device=qkv.device,
                              dtype=qkv.dtype) if g is None else g.contiguous() for g in (dq, dk, dv)]
         dqkv, dqw, dkw, *dbias = bwd(*grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias)

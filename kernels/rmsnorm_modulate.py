@@ -570,8 +570,8 @@ def _backward_plain(bwd):
 
 
 def _setup_residual(ctx, inputs, output) -> None:
-    x, branch, gate, weight, shift, scale, eps, _, *bias = inputs
-    ctx.save_for_backward(output[0], branch, gate, weight, scale, *bias)
+    x, branch, gate, weight, shift, scale, eps, _, branch_bias = inputs
+    ctx.save_for_backward(output[0], branch, gate, weight, scale, branch_bias)
     ctx.set_materialize_grads(False)  # an unused x_out (final layer) then skips reading a zero gradient
     ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
 
@@ -580,11 +580,10 @@ def _backward_residual(bwd):
     """Autograd backward of the residual op; `dx_out` is the gradient reaching x_out from later blocks."""
 
     def backward(ctx, dx_out, dy):
-        x_out, branch, gate, weight, scale, *bias = ctx.saved_tensors
+        x_out, branch, gate, weight, scale, branch_bias = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x_out)
         dx_out = None if dx_out is None else dx_out.contiguous()
-        branch_bias = bias[0] if bias else None
         grads = bwd(dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype,
                     ctx.shift_dtype, branch_bias)
         dx, dbranch, dgate, dweight, dshift, dscale, dbias = _unpack(grads, True, branch_bias is not None)
