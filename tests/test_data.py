@@ -447,14 +447,14 @@ def test_index_cache_skips_revalidation(small_root: Path, tmp_path: Path, monkey
     shutil.copytree(small_root, root)
     first = build_index(root)
     probed: list[str] = []
-    real_probe = idx.probe_image
-    monkeypatch.setattr(idx, "probe_image", lambda path: probed.append(path) or real_probe(path))
+    real_probe = idx._probe
+    monkeypatch.setattr(idx, "_probe", lambda path, limit: probed.append(path) or real_probe(path, limit))
     second = build_index(root, num_workers=1)
     assert not probed and second.paths == first.paths and second.sizes == first.sizes and not second.bad
     with open(first.paths[3], "ab") as f:
-        f.write(b"\0")  # a changed file invalidates the cached index
+        f.write(b"\0")  # only the changed file is validated again
     third = build_index(root, num_workers=1)
-    assert len(probed) == 23 and third.paths == first.paths
+    assert probed == [first.paths[3]] and third.paths == first.paths
 
 
 # ---------------------------------------------------------------- output format, demo, prepare tool

@@ -43,6 +43,6 @@ def prepare_demo(root: str | Path | None = None, size: int = 32) -> Path:
 
 def demo_arrays(size: int = 32, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All demo digits exactly as the loader yields them unflipped: float [-1,1] (N,3,S,S) and labels (N,)."""
-    index = build_index(prepare_demo(root, size))
+    index = build_index(prepare_demo(root, size), img_size=size)
     images = to_float(decode_all(index, size))
     return images, torch.tensor(index.labels, dtype=torch.int64)

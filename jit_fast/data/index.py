@@ -1,23 +1,30 @@
-"""ImageFolder scan (torchvision order and labels) and a one-time validation pass cached on disk."""
+"""ImageFolder scan (torchvision order and labels, safe on hostile trees) and a validation pass cached on disk."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_INDEX_VERSION = "jit_fast-index-v1"
+_INDEX_VERSION = "jit_fast-index-v2"
 _UNSUPPORTED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+MIN_PIXEL_LIMIT = 1 << 26  # 67.1 Mpx (8192 x 8192): above any camera photo a training set at <= 1024 px holds
+PIXELS_PER_TARGET = 64  # larger targets allow 64 x S^2 pixels (8x the target's side)
+NAMED = 10  # skipped files named in one warning; the rest are counted
 
 
 def cache_dir() -> Path:
@@ -26,51 +33,222 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "jit_fast"
 
 
+def max_pixels(img_size: int | None = None) -> int:
+    """Largest header pixel count decoded for crops of `img_size`: bigger headers are decompression bombs."""
+    return max(MIN_PIXEL_LIMIT, PIXELS_PER_TARGET * img_size * img_size) if img_size else MIN_PIXEL_LIMIT
+
+
+def show_path(path: str) -> str:
+    """Printable path: the text when it is valid UTF-8, else the repr of its raw bytes."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return repr(os.fsencode(path))
+    return path
+
+
+def listing(items: list[str], named: int = NAMED) -> str:
+    """The first `named` items joined by '; ', then a count of the rest (keeps warnings one line long)."""
+    text = "; ".join(items[:named])
+    return text + (f"; and {len(items) - named} more" if len(items) > named else "")
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_classes(root: str | Path) -> list[str]:
-    """Sorted class-folder names, as torchvision's ImageFolder."""
+    """Sorted class-folder names, as torchvision's ImageFolder; a name that is not UTF-8 is refused, named."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
+    for name in classes:
+        if not _valid_name(name):
+            raise ValueError(f"class folder name is not valid UTF-8: {show_path(os.path.join(os.fspath(root), name))}")
     return classes
 
 
-def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label)]) in torchvision ImageFolder order; empty classes keep their label and warn."""
+class Stamp(NamedTuple):
+    """What identifies a file's content for the index cache: byte size, mtime and ctime in ns."""
+
+    size: int
+    mtime: int
+    ctime: int
+
+
+@dataclass
+class FolderScan:
+    """Image files of an ImageFolder in torchvision order with their stamps, and the entries skipped on the way."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    stamps: list[Stamp]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(target: str, here: str, root_real: str, class_real: str, visited: set[str]) -> str | None:
+    """Why the folder `target` (a real path) reached from real folder `here` must not be walked, or None."""
+    if _within(root_real, target):
+        return f"directory link to {target}, which holds the dataset root: not followed"
+    if _within(target, root_real) and not _within(target, class_real):
+        return f"directory link to {target}, outside its class folder: not followed (would relabel images)"
+    if target in visited:
+        if _within(here, target):
+            return f"directory link loop back to {target}: not followed"
+        return f"directory {target} already included through another path: not followed"
+    return None
+
+
+def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) -> list[tuple[str, list]]:
+    """(folder, [(file name, Stamp)]) of one class folder, sorted by folder path as sorted(os.walk(...)).
+
+    Real sub-folders are walked before directory links, so a link never displaces the folder it duplicates.
+    """
+    class_real = os.path.realpath(class_dir)
+    why = _link_problem(class_real, root_real, root_real, class_real, set())
+    if why is not None:
+        skipped.append((class_dir, why))
+        return []
+    visited = {class_real}
+    folders, links, found = [(class_dir, class_real)], [], []
+    while folders or links:
+        if folders:
+            d, d_real = folders.pop()
+        else:
+            d, d_real, target = links.pop(0)
+            why = _link_problem(target, d_real, root_real, class_real, visited)
+            if why is not None:
+                skipped.append((d, why))
+                continue
+            visited.add(target)
+            d_real = target
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((d, f"cannot list folder: {exc.strerror}"))
+            continue
+        files = []
+        for e in entries:
+            is_dir = e.is_dir()
+            if not is_dir and not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if not _valid_name(e.name):
+                skipped.append((e.path, "name is not valid UTF-8"))
+            elif is_dir and e.is_symlink():
+                links.append((e.path, d_real, os.path.realpath(e.path)))
+            elif is_dir:
+                sub_real = os.path.join(d_real, e.name)
+                if sub_real in visited:  # reached earlier through a link of another folder
+                    skipped.append((e.path, f"directory {sub_real} already included through another path"))
+                else:
+                    visited.add(sub_real)
+                    folders.append((e.path, sub_real))
+            else:
+                try:
+                    st = e.stat()
+                except OSError as exc:
+                    skipped.append((e.path, f"cannot stat: {exc.strerror}"))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append((e.path, f"not a regular file ({_file_kind(st.st_mode)}): never opened"))
+                    continue
+                files.append((e.name, Stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+        found.append((d, files))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"))
+    return next((name for test, name in kinds if test(mode)), "block device" if stat.S_ISBLK(mode) else "special")
+
+
+def scan_folder(root: str | Path) -> FolderScan:
+    """Image files of ImageFolder `root` in torchvision order, labels as torchvision; hostile entries skipped.
+
+    Only regular files are kept (a FIFO is never opened); names that are not UTF-8 are skipped; directory
+    links are followed unless they loop, duplicate a folder or lead into another class folder or above the root.
+    Empty classes keep their label (torchvision allow_empty numbering) and are warned about in one line.
+    """
     root = os.fspath(root)
     classes = find_classes(root)
-    samples: list[tuple[str, int]] = []
+    root_real = os.path.realpath(root)
+    scan = FolderScan(classes, [], [])
     for label, name in enumerate(classes):
-        before = len(samples)
-        for dirpath, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            for fname in sorted(fnames):
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, fname), label))
-        if len(samples) == before:
-            warnings.warn(f"empty class folder {os.path.join(root, name)!r} (label {label} kept)", stacklevel=2)
-    return classes, samples
+        before = len(scan.samples)
+        for dirpath, files in _walk_class(os.path.join(root, name), root_real, scan.skipped):
+            for fname, st in files:
+                scan.samples.append((os.path.join(dirpath, fname), label))
+                scan.stamps.append(st)
+        if len(scan.samples) == before:
+            scan.empty.append(name)
+    if scan.empty:
+        names = listing([f"{n!r} (label {classes.index(n)})" for n in scan.empty])
+        warnings.warn(f"{len(scan.empty)} empty class folders under {root!r}, labels kept: {names}", stacklevel=2)
+    return scan
 
 
-def probe_image(path: str) -> tuple[int, int] | str:
-    """Decode a file fully (reduced-scale JPEG DCT for speed) and return (width, height), or an error text.
+def _too_big(w: int, h: int, limit: int) -> str:
+    return f"header claims {w}x{h} = {w * h / 1e6:.0f} Mpx, over the {limit / 1e6:.0f} Mpx limit (decompression bomb?)"
 
-    High-bit-depth images are rejected: PIL's RGB conversion clips them where DALI rescales.
-    """
+
+def header_problem(img: Image.Image, limit: int) -> str | None:
+    """Why an opened (not yet decoded) image must be skipped: too many pixels claimed, or deep pixels; else None."""
+    w, h = img.size
+    if w * h > limit:
+        return _too_big(w, h, limit)
+    if img.mode in _UNSUPPORTED_MODES:
+        return f"unsupported {img.mode} pixels (16/32-bit: PIL's RGB conversion clips where DALI rescales)"
+    return None
+
+
+def open_image(path: str) -> Image.Image:
+    """PIL's lazy open (header only) without PIL's own decompression-bomb warning: header_problem() decides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+class _Probe(NamedTuple):
+    status: str  # "ok": decodes; "big": header over the limit probed with, not decoded; "bad": see why
+    width: int
+    height: int
+    why: str
+
+
+def _probe(path: str, limit: int) -> _Probe:
+    """Header check, then a full decode (reduced-scale JPEG DCT, which still reads every coded byte)."""
     try:
-        with Image.open(path) as img:
-            size = img.size
-            if img.mode in _UNSUPPORTED_MODES:
-                return f"unsupported {img.mode} pixels (backends would disagree)"
+        with open_image(path) as img:
+            w, h = img.size
+            why = header_problem(img, limit)
+            if why is not None:
+                return _Probe("big" if w * h > limit else "bad", w, h, why)
             if img.format == "JPEG":
-                img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
             img.convert("RGB").load()
-        return size
+        return _Probe("ok", w, h, "")
     except Exception as exc:  # any decoder failure means: skip this file
-        return f"{type(exc).__name__}: {exc}"
+        return _Probe("bad", -1, -1, f"{type(exc).__name__}: {exc}")
+
+
+def probe_image(path: str, limit: int = MIN_PIXEL_LIMIT) -> tuple[int, int] | str:
+    """(width, height) when the file decodes and its header is within `limit` pixels, else why it is skipped."""
+    res = _probe(path, limit)
+    return (res.width, res.height) if res.status == "ok" else res.why
 
 
 @dataclass
 class FolderIndex:
-    """Validated dataset: classes, sample paths, labels and header sizes; `bad` lists skipped files."""
+    """Validated dataset: classes, sample paths, labels and header sizes; `bad` lists every skipped file."""
 
     root: str
     classes: list[str]
@@ -82,93 +260,115 @@ class FolderIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def summary(self) -> str:
-        """One-line count of kept and skipped files, naming the skipped ones."""
+    def summary(self, named: int = 20) -> str:
+        """One-line count of kept and skipped files, naming the first `named` skipped ones."""
         text = f"{len(self.paths)} images in {len(self.classes)} classes, {len(self.bad)} skipped"
         if self.bad:
-            text += ": " + "; ".join(f"{p} ({why})" for p, why in self.bad)
+            text += ": " + listing([f"{show_path(p)} ({why})" for p, why in self.bad], named)
         return text
 
 
-def _listing_key(root: str, samples: list[tuple[str, int]]) -> str:
-    h = hashlib.sha1(os.path.abspath(root).encode())
-    for path, label in samples:
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{os.path.getsize(path)}\n".encode())
-    return h.hexdigest()[:20]
+class _Record(NamedTuple):
+    stamp: Stamp
+    probe: _Probe
 
 
-def _read_cache(path: Path, root: str, classes: list[str], key: str) -> FolderIndex | None:
+def _cache_file(root: str, cache: bool | str | Path) -> Path:
+    if not isinstance(cache, bool):
+        return Path(cache)
+    return cache_dir() / "index" / f"{hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:20]}.tsv"
+
+
+def _header(root: str) -> str:
+    return f"{_INDEX_VERSION}\t{os.path.abspath(root)}"
+
+
+def _read_cache(path: Path, root: str) -> dict[str, _Record]:
+    """Cached probe results by path relative to root; empty when missing, of another version or another root."""
     try:
         lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    if not lines or lines[0] != f"{_INDEX_VERSION}\t{key}":
-        return None
-    index = FolderIndex(root, classes, [], [], [], [])
+    except (OSError, UnicodeError):
+        return {}
+    if not lines or lines[0] != _header(root):
+        return {}
+    records = {}
     for line in lines[1:]:
-        kind, rel, *rest = line.split("\t")
-        full = os.path.join(root, rel)
-        if kind == "ok":
-            index.paths.append(full)
-            index.labels.append(int(rest[0]))
-            index.sizes.append((int(rest[1]), int(rest[2])))
-        else:
-            index.bad.append((full, rest[0]))
-    return index
+        status, rel, size, mtime, ctime, w, h, why = line.split("\t")
+        records[rel] = _Record(Stamp(int(size), int(mtime), int(ctime)), _Probe(status, int(w), int(h), why))
+    return records
 
 
-def _write_cache(path: Path, index: FolderIndex, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [f"{_INDEX_VERSION}\t{key}"]
-    for p, lab, (w, h) in zip(index.paths, index.labels, index.sizes, strict=True):
-        rows.append(f"ok\t{os.path.relpath(p, index.root)}\t{lab}\t{w}\t{h}")
-    rows += [f"bad\t{os.path.relpath(p, index.root)}\t{why.replace(chr(9), ' ')}" for p, why in index.bad]
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(rows) + "\n")
-    os.replace(tmp, path)
+def _write_cache(path: Path, root: str, records: dict[str, _Record]) -> None:
+    """Atomic rewrite (unique temporary name: ranks of several nodes may share the cache folder)."""
+    rows = [_header(root)]
+    for rel, (st, pr) in records.items():
+        if "\t" not in rel and "\n" not in rel:  # such names are simply re-probed every run
+            rows.append(f"{pr.status}\t{rel}\t{st.size}\t{st.mtime}\t{st.ctime}\t{pr.width}\t{pr.height}\t"
+                        + pr.why.replace("\t", " ").replace("\n", " "))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(rows) + "\n")
+        os.replace(tmp, path)
+    except (OSError, UnicodeError) as exc:  # a read-only cache only costs the next run a re-validation
+        log.warning("could not write the data index cache %s: %s", path, exc)
 
 
 def build_index(
     root: str | Path,
     *,
+    img_size: int | None = None,
     num_workers: int | None = None,
     cache: bool | str | Path = True,
     progress: bool | None = None,
 ) -> FolderIndex:
-    """Scan and validate `root` once (cached by listing); bad files are skipped with a warning naming them.
+    """Scan and validate `root`; files unchanged since the cached pass (size, mtime, ctime) are not re-decoded.
 
-    `cache` True keeps the index under cache_dir()/index, a path puts it there, False disables it;
-    `progress` None shows a tqdm bar for more than 10k files.
+    Headers over max_pixels(img_size) are skipped before decoding. `cache` True keeps the index under
+    cache_dir()/index (one file per root), a path puts it there, False disables it; `progress` None shows a
+    tqdm bar for more than 10k files to validate. Skipped files are summarized in one warning.
     """
     root = os.fspath(root)
-    classes, samples = scan_folder(root)
-    cache_file: Path | None = None
-    key = ""
-    if cache and not any("\t" in p or "\n" in p for p, _ in samples):  # the TSV cannot hold those names
-        key = _listing_key(root, samples)
-        cache_file = Path(cache) if not isinstance(cache, bool) else cache_dir() / "index" / f"{key}.tsv"
-        index = _read_cache(cache_file, root, classes, key)
-        if index is not None and len(index.paths) + len(index.bad) == len(samples):
-            _report(index)
-            return index
-    progress = len(samples) > 10_000 if progress is None else progress
-    paths = [p for p, _ in samples]
+    limit = max_pixels(img_size)
+    scan = scan_folder(root)
+    cache_file = _cache_file(root, cache) if cache else None
+    cached = _read_cache(cache_file, root) if cache_file is not None else {}
+    rels = [os.path.relpath(p, root) for p, _ in scan.samples]
+    records: dict[str, _Record] = {}
+    todo: list[int] = []
+    for i, (rel, st) in enumerate(zip(rels, scan.stamps, strict=True)):
+        rec = cached.get(rel)
+        big_now_allowed = rec is not None and rec.probe.status == "big" and rec.probe.width * rec.probe.height <= limit
+        if rec is None or rec.stamp != st or big_now_allowed:
+            todo.append(i)
+        else:
+            records[rel] = rec
+    paths = [scan.samples[i][0] for i in todo]
+    progress = len(paths) > 10_000 if progress is None else progress
+    probe = functools.partial(_probe, limit=limit)
     workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(paths) > 256:
         with get_context("fork").Pool(workers) as pool:
-            results = list(_progress(pool.imap(probe_image, paths, chunksize=64), len(paths), progress))
+            results = list(_progress(pool.imap(probe, paths, chunksize=64), len(paths), progress))
     else:
-        results = list(_progress(map(probe_image, paths), len(paths), progress))
-    index = FolderIndex(root, classes, [], [], [], [])
-    for (path, label), res in zip(samples, results, strict=True):
-        if isinstance(res, str):
-            index.bad.append((path, res))
+        results = list(_progress(map(probe, paths), len(paths), progress))
+    for i, res in zip(todo, results, strict=True):
+        records[rels[i]] = _Record(scan.stamps[i], res)
+    index = FolderIndex(root, scan.classes, [], [], [], [])
+    for (path, label), rel in zip(scan.samples, rels, strict=True):
+        pr = records[rel].probe
+        if pr.status == "bad":
+            index.bad.append((path, pr.why))
+        elif pr.width * pr.height > limit:  # the text names this run's limit, whatever the cached probe used
+            index.bad.append((path, _too_big(pr.width, pr.height, limit)))
         else:
             index.paths.append(path)
             index.labels.append(label)
-            index.sizes.append(res)
-    if cache_file is not None:
-        _write_cache(cache_file, index, key)
+            index.sizes.append((pr.width, pr.height))
+    index.bad += scan.skipped
+    if cache_file is not None and (todo or set(cached) != set(records)):
+        _write_cache(cache_file, root, records)
     _report(index)
     return index
 
@@ -182,8 +382,9 @@ def _progress(it: Iterable, total: int, enabled: bool) -> Iterable:
 
 
 def _report(index: FolderIndex) -> None:
-    for path, why in index.bad:
-        warnings.warn(f"skipping unreadable image {path!r}: {why}", stacklevel=3)
+    if index.bad:
+        n, named = len(index.bad), listing([f"{show_path(p)} ({why})" for p, why in index.bad])
+        warnings.warn(f"skipping {n} file{'s' * (n != 1)} under {index.root!r}: {named}", stacklevel=3)
     if not index.paths:
         raise RuntimeError(f"no readable images under {index.root}: {index.summary()}")
     log.info("data index: %s", index.summary())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,15 +159,18 @@ class ImageLoader:
         return x if self.output == "uint8" else to_float(x)
 
 
-def _shared_index(root: str | Path, num_workers: int | None, index_cache: bool | str | Path) -> FolderIndex:
+def _shared_index(
+    root: str | Path, img_size: int, num_workers: int | None, index_cache: bool | str | Path
+) -> FolderIndex:
     """Validate once per node under torch.distributed: local rank 0 first, the others then read its cache."""
+    build = functools.partial(build_index, root, img_size=img_size, num_workers=num_workers, cache=index_cache)
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return build_index(root, num_workers=num_workers, cache=index_cache)
+        return build()
     first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    index = build_index(root, num_workers=num_workers, cache=index_cache) if first else None
+    index = build() if first else None
     dist.barrier()
-    return index if index is not None else build_index(root, num_workers=num_workers, cache=index_cache)
+    return index if index is not None else build()
 
 
 def build_loader(
@@ -199,7 +203,7 @@ def build_loader(
     """
     if dali_filter not in ("cubic", "linear"):  # checked before the (possibly long) validation pass
         raise ValueError(f"dali_filter must be 'cubic' or 'linear', got {dali_filter!r}")
-    index = _shared_index(root, num_workers, index_cache)
+    index = _shared_index(root, img_size, num_workers, index_cache)
     return ImageLoader(
         index,
         img_size=img_size,

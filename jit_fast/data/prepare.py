@@ -1,7 +1,9 @@
 """Pre-crop an ImageFolder once: `python -m jit_fast.data.prepare SRC DST --size 256 [--format png|jpeg]`.
 
 Each image is ADM-cropped to SIZE and written under the same class folder (PNG lossless or JPEG q95
-4:4:4); finished outputs are skipped, so an interrupted run resumes. Unreadable inputs are skipped.
+4:4:4); finished outputs are skipped, so an interrupted run resumes. Inputs training would skip (unreadable,
+not regular files, names that are not UTF-8, decompression-bomb headers, 16/32-bit pixels) are skipped and
+listed; two inputs that would write the same output are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from pathlib import Path
 from PIL import Image
 
 from .crop import center_crop
-from .index import scan_folder
+from .index import header_problem, listing, max_pixels, open_image, scan_folder, show_path
 
 _EXT = {"png": ".png", "jpeg": ".jpg"}
+
+
+SHOWN = 50  # skipped inputs listed at the end; the rest are counted
+
+
+class PrepareError(ValueError):
+    """A user error of the prepare tool, reported as one line naming the file or option."""
 
 
 def output_path(src_root: str, dst_root: str, path: str, fmt: str) -> str:
@@ -31,9 +40,13 @@ def _crop_one(job: tuple[str, str, int, str, int]) -> str | None:
     if os.path.exists(dst):
         return None
     try:
-        arr = center_crop(src, size)
+        with open_image(src) as img:  # the same header rules as training's index
+            why = header_problem(img, max_pixels(size))
+            if why is not None:
+                return f"{show_path(src)}: {why}"
+            arr = center_crop(img, size)
     except Exception as exc:  # unreadable input: report, keep going
-        return f"{src}: {type(exc).__name__}: {exc}"
+        return f"{show_path(src)}: {type(exc).__name__}: {exc}"
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = f"{dst}.tmp{os.getpid()}"
     if fmt == "png":
@@ -47,16 +60,25 @@ def _crop_one(job: tuple[str, str, int, str, int]) -> str | None:
 def prepare(
     src: str | Path, dst: str | Path, size: int = 256, fmt: str = "png", quality: int = 95, workers: int = 1
 ) -> list[str]:
-    """Write the ADM-cropped copy of ImageFolder `src` into `dst`; returns the messages of skipped files."""
+    """Write the ADM-cropped copy of ImageFolder `src` into `dst`; returns the messages of skipped files.
+
+    Raises PrepareError (nothing written) when two inputs map to one output, e.g. one.jpg and one.png.
+    """
     from tqdm import tqdm
 
     src, dst = os.fspath(src), os.fspath(dst)
-    classes, samples = scan_folder(src)
-    for name in classes:
+    scan = scan_folder(src)
+    jobs = [(p, output_path(src, dst, p, fmt), size, fmt, quality) for p, _ in scan.samples]
+    first: dict[str, str] = {}
+    clashes = []
+    for p, out, *_ in jobs:
+        if out in first:
+            clashes.append(f"{first[out]} and {p} both become {out}")
+        first.setdefault(out, p)
+    if clashes:
+        raise PrepareError(listing(clashes, 3) + " (same stem, different extension: rename one)")
+    for name in scan.classes:
         os.makedirs(os.path.join(dst, name), exist_ok=True)
-    jobs = [(p, output_path(src, dst, p, fmt), size, fmt, quality) for p, _ in samples]
-    if len({j[1] for j in jobs}) != len(jobs):
-        raise ValueError("two inputs map to the same output name (same stem, different extension)")
     todo = [j for j in jobs if not os.path.exists(j[1])]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="img", desc=f"cropping to {size}")
     failures: list[str] = []
@@ -74,7 +96,7 @@ def prepare(
             if res:
                 failures.append(res)
     bar.close()
-    return failures
+    return [f"{show_path(p)}: {why}" for p, why in scan.skipped] + sorted(failures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
-    for msg in failures:
+    try:
+        for flag, value, low, high in (("--size", args.size, 1, None), ("--quality", args.quality, 1, 100),
+                                       ("--workers", args.workers, 1, None)):
+            if value < low or (high is not None and value > high):
+                raise PrepareError(f"{flag} must be in [{low}, {high or 'inf'}], got {value}")
+        if not os.path.isdir(args.src):
+            raise PrepareError(f"source folder {args.src} does not exist or is not a folder")
+        failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
+    except (PrepareError, FileNotFoundError, ValueError) as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    for msg in failures[:SHOWN]:
         print(f"skipped {msg}", file=sys.stderr)
-    print(f"done: {len(failures)} skipped", file=sys.stderr)
+    more = f" ({len(failures) - SHOWN} not listed)" if len(failures) > SHOWN else ""
+    print(f"done: {len(failures)} skipped{more}", file=sys.stderr)
     return 0
 
 

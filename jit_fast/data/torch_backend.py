@@ -10,16 +10,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .crop import center_crop
-from .index import FolderIndex
+from .index import FolderIndex, show_path
 from .order import EpochPlan
+
+MAX_LOAD_WARNINGS = 10
 
 
 def decode_all(index: FolderIndex, size: int) -> torch.Tensor:
     """Every image of the index ADM-cropped into one uint8 (N, 3, S, S) tensor (small datasets only)."""
+    return decode_with_labels(index, size)[0]
+
+
+def decode_with_labels(index: FolderIndex, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """decode_all() and the labels that go with it: a file that no longer decodes gets CropDataset's stand-in."""
+    dataset = CropDataset(index, size)
     out = np.empty((len(index), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(index.paths):
-        out[i] = center_crop(path, size).transpose(2, 0, 1)
-    return torch.from_numpy(out)
+    labels = np.empty(len(index), dtype=np.int64)
+    for i in range(len(index)):
+        x, labels[i] = dataset[(i, False)]
+        out[i] = x.numpy()
+    return torch.from_numpy(out), labels
 
 
 class PathTable:
@@ -44,6 +54,7 @@ class CropDataset(Dataset):
         self.paths = PathTable(index.paths)
         self.labels = np.asarray(index.labels, dtype=np.int64)
         self.size = size
+        self.failures = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,12 +67,22 @@ class CropDataset(Dataset):
                 arr = center_crop(self.paths[j], self.size)
                 break
             except Exception as exc:  # a file broken after validation must not stop a long run
-                warnings.warn(f"skipping unreadable image {self.paths[j]!r} at load time: {exc}", stacklevel=2)
+                self._warn(self.paths[j], exc)
         else:
             raise RuntimeError("no readable image left")
         if flip:
             arr = arr[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(self.labels[j])
+
+    def _warn(self, path: str, exc: Exception) -> None:
+        """Name the first MAX_LOAD_WARNINGS load-time failures of this process, then say that the rest are silent."""
+        self.failures += 1
+        if self.failures <= MAX_LOAD_WARNINGS:
+            last = " (further failures in this process are not reported)" if self.failures == MAX_LOAD_WARNINGS else ""
+            warnings.warn(
+                f"skipping unreadable image {show_path(path)!r} at load time, the next file stands in: {exc}{last}",
+                stacklevel=3,
+            )
 
 
 class _PlanSampler:
@@ -84,7 +105,10 @@ class TorchBackend:
 
     def __init__(self, index: FolderIndex, size: int, *, num_workers: int, cache: bool, prefetch: int = 2) -> None:
         self.labels = np.asarray(index.labels, dtype=np.int64)
-        self.images = decode_all(index, size).numpy() if cache else None
+        self.images = None
+        if cache:
+            images, self.labels = decode_with_labels(index, size)
+            self.images = images.numpy()
         self.loader: DataLoader | None = None
         if self.images is None:
             self.sampler = _PlanSampler()
