@@ -3,9 +3,11 @@
 Training checkpoints are torch.distributed.checkpoint (DCP) directories
 ``<run>/checkpoints/step_<N>/`` holding the sharded model, optimizer and both EMAs (resharding
 on load: any world size can resume any other), ``meta.json`` (step, epoch, data position,
-model metadata, recipe) and ``rank<R>.pt`` (per-rank RNG and loader state). A checkpoint is
-written into ``.tmp-step_<N>`` and renamed into place only when complete, so the newest
-``step_*`` directory is always whole.
+model metadata, recipe), ``rank<R>.pt`` (per-rank RNG and loader state) and ``checksums.json``
+(sha256 of every file, `jit_fast.integrity`). A checkpoint is written into ``.tmp-step_<N>`` and
+renamed into place only when complete, so the newest ``step_*`` directory is always whole.
+Every DCP read goes through `jit_fast.safe_dcp.SafeFileSystemReader` (no code from the files,
+checksums verified unless `verify=False`).
 
 An official JiT checkpoint (`checkpoint-last.pth`) is a pickle holding `model`,
 `model_ema1`, `model_ema2` (keys prefixed "net."), `optimizer`, `epoch` and the argparse
@@ -26,11 +28,14 @@ import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from jit_fast import integrity
 
 OFFICIAL_MODEL_KEYS = ("model", "model_ema1", "model_ema2")
 # Non-persistent RoPE tables that some releases stored; they are rebuilt from the config.
@@ -374,16 +379,31 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     return meta
 
 
-def load_dcp_keys(ckpt_dir: str | Path, keys: set[str]) -> dict:
-    """Load top-level entries (e.g. {"ema1"}) of a DCP checkpoint as full CPU tensors, in one process."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _safe_reader(ckpt_dir: str | Path, verify: bool, what: str = "read"):
+    """A SafeFileSystemReader whose metadata is already parsed (a refusal is a CheckpointError here, not in DCP)."""
+    from jit_fast.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
+
+    reader = SafeFileSystemReader(ckpt_dir, verify=verify)
+    try:
+        reader.read_metadata()
+    except (UnsafeCheckpointError, integrity.ChecksumError) as e:
+        raise CheckpointError(f"cannot {what} checkpoint {ckpt_dir}: {e}") from None
+    return reader
+
+
+def load_dcp_keys(ckpt_dir: str | Path, keys: set[str], verify: bool = True) -> dict:
+    """Load top-level entries (e.g. {"ema1"}) of a DCP checkpoint as full CPU tensors, in one process.
+
+    `verify=False` skips the checksums (never the allow-lists) of `jit_fast.safe_dcp`.
+    """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    reader = _safe_reader(ckpt_dir, verify)
     try:
         with _quiet_dcp():
-            return _load_state_dict_from_keys(keys=set(keys), storage_reader=FileSystemReader(str(ckpt_dir)))
+            return _load_state_dict_from_keys(keys=set(keys), storage_reader=reader)
     except _dcp_errors() as e:  # DCP wraps reader failures in its own exception type
-        raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {_short(e)}") from None
+        raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {reader.error or _short(e)}") from None
 
 
 def _short(e: BaseException) -> str:
@@ -401,41 +421,55 @@ def _short(e: BaseException) -> str:
 
 
 def read_rank_state(ckpt_dir: str | Path, rank: int) -> dict | None:
-    """Per-rank RNG/loader state saved with a checkpoint (None if absent)."""
+    """Per-rank RNG/loader state saved with a checkpoint (None if absent); weights-only, one-line errors."""
     p = Path(ckpt_dir) / f"rank{rank:05d}.pt"
     if not p.is_file():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
-
-
-def dcp_keys(ckpt_dir: str | Path) -> set[str]:
-    """Flattened keys stored in a DCP checkpoint (e.g. "optim.state.<fqn>.exp_avg")."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {ckpt_dir}: {_short(e)}") from None
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint file {p}: {_short(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p} holds a {type(state).__name__}, expected a dict")
+    return state
 
 
-def dcp_load(state: dict, ckpt_dir: str | Path, distributed: bool) -> None:
-    """dcp.load in place (resharding DTensors as needed), with a clear error for unreadable files."""
+def dcp_keys(ckpt_dir: str | Path, verify: bool = True) -> set[str]:
+    """Flattened keys stored in a DCP checkpoint (e.g. "optim.state.<fqn>.exp_avg")."""
+    return set(_safe_reader(ckpt_dir, verify).read_metadata().state_dict_metadata)
+
+
+def dcp_load(state: dict, ckpt_dir: str | Path, distributed: bool, verify: bool = True) -> None:
+    """dcp.load in place (resharding DTensors as needed) through the safe reader; one-line errors."""
     import torch.distributed.checkpoint as dcp
 
+    reader = _safe_reader(ckpt_dir, verify, "load")
     try:
         with _quiet_dcp():
-            dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not distributed)
+            dcp.load(state, storage_reader=reader, no_dist=not distributed)
     except _dcp_errors() as e:
-        raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {_short(e)}") from None
+        raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {reader.error or _checksum_cause(e) or _short(e)}") \
+            from None
+
+
+def _checksum_cause(e: BaseException) -> str | None:
+    """The refusal another rank (the coordinator that verifies checksums) reported, if that is what failed."""
+    from jit_fast.safe_dcp import UnsafeCheckpointError
+
+    for pair in (getattr(e, "failures", None) or {}).values():
+        cause = pair[0] if isinstance(pair, tuple) else pair
+        if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError):
+            return str(cause)
+    return None
 
 
 class CheckpointManager:
     """Atomic, optionally asynchronous DCP saves of a run, keeping the newest `keep_last`.
 
     Every rank calls `save` (a collective). Data goes to `.tmp-step_<N>`; rank 0 writes
-    meta.json and renames the directory to `step_<N>` once every rank's data is on disk.
-    With `async_save` the write continues in a background thread and is finalized by `poll()`
-    at a later step boundary (or `wait()`).
+    meta.json and `checksums.json` and renames the directory to `step_<N>` once every rank's data
+    is on disk. With `async_save` the write, and rank 0's hashing of the written files, continue in
+    background threads and are finalized by `poll()` at a later step boundary (or `wait()`).
     """
 
     def __init__(self, run_dir: str | Path, env, keep_last: int = 3, async_save: bool = False) -> None:
@@ -446,6 +480,7 @@ class CheckpointManager:
         self.pending: tuple[Any, Path, Path, dict] | None = None
         self.last_saved: Path | None = None
         self.last_error: str | None = None
+        self._hasher = ThreadPoolExecutor(max_workers=1) if async_save and env.is_main else None
         if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for d in self.dir.glob(f"{TMP_PREFIX}*"):  # leftovers of crashed saves
@@ -481,6 +516,8 @@ class CheckpointManager:
                     if self.env.distributed:
                         dist_kw["process_group"] = self.env.checkpoint_group
                     fut = dcp.async_save(state, storage_writer=writer, **dist_kw)
+                    if self._hasher is not None:  # rank 0 hashes the files once every rank has written them
+                        fut = self._hasher.submit(_digest_when_written, fut, tmp)
                     self.pending = (fut, tmp, final, meta)
                     return
                 dcp.save(state, storage_writer=writer, **dist_kw)
@@ -514,7 +551,7 @@ class CheckpointManager:
             self._complete(fut)
         self._barrier()
 
-    def _complete(self, fut) -> None:
+    def _complete(self, fut: Future) -> None:
         err = fut.exception()
         if err is not None:
             _fut, tmp, final, _meta = self.pending
@@ -524,9 +561,10 @@ class CheckpointManager:
                 print(f"warning: {self.last_error}; the previous checkpoint stays the latest", file=sys.stderr)
                 shutil.rmtree(tmp, ignore_errors=True)
             return
-        self._finalize()
+        self._finalize(fut.result() if self._hasher is not None else None)
 
-    def _finalize(self) -> None:
+    def _finalize(self, digests: dict[str, dict] | None = None) -> None:
+        """Rank 0: meta.json, then checksums.json (`digests` of the data files if hashed already), then rename."""
         _fut, tmp, final, meta = self.pending
         self.pending = None
         self.last_saved = final
@@ -538,6 +576,9 @@ class CheckpointManager:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        digests = dict(digests or {})
+        digests.update(integrity.digest_files(tmp, set(integrity.checkpoint_files(tmp)) - set(digests)))
+        integrity.write_manifest(tmp, digests)
         if final.exists():  # re-saving a step (e.g. after a resume): replace it atomically enough
             old = self.dir / f"{TMP_PREFIX}old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -561,6 +602,12 @@ def _future(obj):
     return getattr(obj, "upload_completion", obj)
 
 
+def _digest_when_written(save_result, tmp: Path) -> dict[str, dict]:
+    """Background job of rank 0: wait for the asynchronous DCP write, then hash the files it left in `tmp`."""
+    _future(save_result).result()
+    return integrity.digest_files(tmp, integrity.checkpoint_files(tmp))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -578,20 +625,21 @@ def _fsync_dir(path: Path) -> None:
 # weights for sampling / export
 
 
-def load_weights(path: str | Path, which: str = "ema1") -> tuple[dict[str, torch.Tensor], dict]:
+def load_weights(path: str | Path, which: str = "ema1", verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights `which` ("ema1", "ema2" or "model") and model metadata from any checkpoint kind.
 
     `path` may be a DCP checkpoint dir, a run output dir (newest checkpoint), an official `.pth`
     (or a folder with checkpoint-last.pth) or a `.safetensors` file. Returns (state_dict with JiT
     key names, meta) where meta has "model", "img_size", "num_classes", "overrides" when known
     (build the net with `build_model_from_meta`), plus "source", "kind" and "step"/"epoch".
+    `verify=False` skips the checksums of a DCP checkpoint (`--skip-checksum`).
     """
     if which not in WEIGHT_SETS:
         raise ValueError(f"unknown weight set {which!r}; choose one of {WEIGHT_SETS}")
     r = resolve_checkpoint(path)
     if r.kind == "dcp":
         meta = read_meta(r.path)
-        sd = load_dcp_keys(r.path, {which})[which]
+        sd = load_dcp_keys(r.path, {which}, verify)[which]
         info = dict(meta.get("model_meta", {}))
         info.update(step=meta.get("step"), epoch=meta.get("epoch"))
         info.update({k: meta.get("config", {})[k] for k in _RECIPE_KEYS if k in meta.get("config", {})})
@@ -627,9 +675,9 @@ def build_model_from_meta(meta: dict, kernels: str = "torch", **overrides):
                        kernels=kernels, **ov)
 
 
-def load_model(path: str | Path, which: str = "ema1", kernels: str = "torch", device="cpu"):
+def load_model(path: str | Path, which: str = "ema1", kernels: str = "torch", device="cpu", verify: bool = True):
     """(net in eval mode with weights `which`, meta) from any checkpoint kind."""
-    sd, meta = load_weights(path, which)
+    sd, meta = load_weights(path, which, verify)
     net = build_model_from_meta(meta, kernels=kernels)
     check_state_dict(net, sd, str(meta.get("source")))
     net.load_state_dict(sd, strict=True)
@@ -652,11 +700,11 @@ def check_state_dict(net: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
                                   f"the model needs {tuple(v.shape)}")
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, which: str = "ema1") -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, which: str = "ema1", verify: bool = True) -> Path:
     """Convert any checkpoint to `.safetensors` (one weight set) or official `.pth` (all three + optimizer)."""
     dst = Path(dst)
     if dst.suffix == ".safetensors":
-        sd, meta = load_weights(src, which)
+        sd, meta = load_weights(src, which, verify)
         export_safetensors(dst, sd, {**_model_meta(meta), "step": meta.get("step"), "epoch": meta.get("epoch")}, which)
         return dst
     if dst.suffix not in (".pth", ".pt"):
@@ -664,7 +712,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, which: str = "ema1") -> 
     r = resolve_checkpoint(src)
     if r.kind == "dcp":
         meta = read_meta(r.path)
-        full = load_dcp_keys(r.path, {"model", "ema1", "ema2", "optim"})
+        full = load_dcp_keys(r.path, {"model", "ema1", "ema2", "optim"}, verify)
         mm = meta.get("model_meta", {})
         net = build_model_from_meta({**mm, "source": str(r.path)})
         named = [(n, p.shape, p.requires_grad) for n, p in net.named_parameters()]
@@ -678,7 +726,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, which: str = "ema1") -> 
                              **{k: conf[k] for k in _RECIPE_KEYS if k in conf})
         export_official_checkpoint(dst, full["model"], full["ema1"], full["ema2"], epoch, args, optim)
         return dst
-    sds = {w: load_weights(src, w) for w in WEIGHT_SETS}
+    sds = {w: load_weights(src, w, verify) for w in WEIGHT_SETS}
     mm = _model_meta(sds["ema1"][1])
     epoch = sds["ema1"][1].get("epoch") or 0
     extra = {k: mm.pop(k) for k in _RECIPE_KEYS if k in mm}

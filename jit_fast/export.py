@@ -22,9 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="run dir, checkpoint dir, official .pth or .safetensors")
     p.add_argument("dst", help="output file: *.safetensors or *.pth")
     p.add_argument("--which", "--ema", default="ema1", choices=WEIGHT_SETS, help="weight set for .safetensors")
+    p.add_argument("--skip-checksum", action="store_true",
+                   help="load a DCP checkpoint even if its files differ from checksums.json (corrupt)")
     a = p.parse_args(argv)
     try:
-        out = export_checkpoint(a.src, a.dst, a.which)
+        out = export_checkpoint(a.src, a.dst, a.which, verify=not a.skip_checksum)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
