@@ -15,9 +15,11 @@ folder; the last two are reduced to statistics once and cached by content finger
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import pickle
 import sys
 import tempfile
 import urllib.error
@@ -69,15 +71,10 @@ def build_inception(weights: str | Path | None = None, device: torch.device | st
     """
     cls = _inception_cls()
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise InceptionWeightsError(f"Inception weights file not found: {path}")
-        try:
-            net = cls(EXTRACTOR_NAME, [POOL, LOGITS], feature_extractor_weights_path=str(path))
-        except Exception as e:  # unpickling errors, missing/unexpected keys, shape mismatches
-            raise InceptionWeightsError(
-                f"cannot load Inception weights from {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            ) from None
+        sd = load_inception_state_dict(weights)
+        # torch-fidelity would torch.load(path, weights_only=False) a weights path: hand it the checked dict instead
+        with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: sd):
+            net = cls(EXTRACTOR_NAME, [POOL, LOGITS], feature_extractor_weights_path=None, verbose=False)
     else:
         try:
             net = cls(EXTRACTOR_NAME, [POOL, LOGITS], feature_extractor_weights_path=None, verbose=False)
@@ -88,6 +85,58 @@ def build_inception(weights: str | Path | None = None, device: torch.device | st
                 "--inception-weights PATH with a copy of that file."
             ) from None
     return net.to(device).eval()
+
+
+def _skeleton_inception():
+    """torch-fidelity's InceptionV3 with untouched initial weights (nothing downloaded or loaded)."""
+    cls = _inception_cls()
+    with mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        return cls(EXTRACTOR_NAME, [POOL])
+
+
+@functools.lru_cache(maxsize=1)
+def expected_inception_shapes() -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{key: (shape, is_floating_point)} of the state dict torch-fidelity's InceptionV3 loads."""
+    with torch.random.fork_rng(devices=[]):
+        sd = _skeleton_inception().state_dict()
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in sd.items()}
+
+
+def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Inception weights read weights-only (a crafted pickle cannot run code) and checked key by key.
+
+    The file must hold a state dict with exactly torch-fidelity's keys, shapes and kinds (float /
+    integer) and finite values; anything else raises InceptionWeightsError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InceptionWeightsError(f"Inception weights file not found: {path}")
+    try:
+        sd = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        why = next((x for x in lines if "GLOBAL" in x or "global" in x), lines[0] if lines else "")
+        raise InceptionWeightsError(f"refused to load Inception weights {path}: not a plain state dict ({why})") \
+            from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InceptionWeightsError(f"cannot read Inception weights {path}: {type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise InceptionWeightsError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__})")
+    want = expected_inception_shapes()
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or extra:
+        raise InceptionWeightsError(f"{path} is not torch-fidelity's InceptionV3: {len(missing)} missing keys "
+                                    f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    for k, (shape, is_float) in want.items():
+        v = sd[k]
+        if tuple(v.shape) != shape or v.is_floating_point() != is_float:
+            raise InceptionWeightsError(f"{path}: {k} is {v.dtype} {tuple(v.shape)}, expected "
+                                        f"{'a float' if is_float else 'an integer'} tensor of shape {shape}")
+        if is_float and not bool(torch.isfinite(v).all()):
+            raise InceptionWeightsError(f"{path}: {k} holds NaN or Inf values")
+    return dict(sd)
 
 
 def weights_tag(weights: str | Path | None) -> str:
@@ -111,11 +160,9 @@ def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     Kaiming-normal convolutions with identity batch norms keep the activation scale through the
     ~90 layers, so the random features still tell images apart (FID > 0, IS > 1).
     """
-    cls = _inception_cls()
-    with torch.random.fork_rng(devices=[]), mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = cls(EXTRACTOR_NAME, [POOL])
+        net = _skeleton_inception()
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
