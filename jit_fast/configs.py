@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass, field, fields
 
 # Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
@@ -118,14 +120,14 @@ class TrainConfig:
     output_dir: str = "output"
     resume: str = ""
     auto_resume: bool = False  # continue from output_dir's newest checkpoint if there is one
-    overwrite: bool = False  # a fresh run may delete output_dir's old checkpoints
+    overwrite: bool = False  # a fresh run may replace output_dir's old run (moved aside, never deleted)
     # recipe
     epochs: int = 600
     max_steps: int = 0
     batch_size: int = 128
     grad_accum: int = 1
     blr: float = 5e-5
-    lr: float = 0.0
+    lr: float | None = None  # absolute lr; None: blr x global_batch / 256 (official)
     min_lr: float = 0.0
     lr_schedule: str = "constant"
     warmup_epochs: float = 5.0
@@ -186,7 +188,7 @@ RUN_PRESETS: dict[str, dict] = {
         data_backend="torch",
         flip=False,
         output_dir="output/demo",
-        overwrite=True,
+        auto_resume=True,  # a second `make demo` continues (or re-scores) output/demo; --overwrite starts over
         batch_size=64,
         lr=1e-3,
         warmup_epochs=1.0,
@@ -204,4 +206,75 @@ RUN_PRESETS: dict[str, dict] = {
         interval_min=0.0,
         interval_max=1.0,
     ),
+}
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    """Allowed values of a numeric setting; also an argparse `type=` so bad flags fail at parse time."""
+
+    kind: type = float  # int or float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        """Human-readable range, e.g. 'a finite number in (0, 1]' or 'an integer >= 1'."""
+        what = "an integer" if self.kind is int else "a finite number"
+        fmt = "{:d}" if self.kind is int else "{:g}"
+        lo, hi = (None if b is None else fmt.format(int(b) if self.kind is int else b) for b in (self.lo, self.hi))
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {hi}"
+        return what
+
+    def contains(self, v: float) -> bool:
+        """True if `v` has the right kind, is finite and lies within the bounds."""
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+    def __call__(self, text: str) -> int | float:
+        """Parse and check a command-line value; ArgumentTypeError gives argparse's 'argument --x: ...' line."""
+        try:
+            v = self.kind(text)
+        except ValueError:
+            v = None
+        if v is None or not self.contains(v):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return v
+
+
+INT_POSITIVE = NumberRange(int, lo=1)
+INT_NONNEGATIVE = NumberRange(int, lo=0)
+SEED = NumberRange(int, lo=0, hi=2**63 - 1)
+PROBABILITY = NumberRange(float, lo=0.0, hi=1.0)
+UNIT_OPEN = NumberRange(float, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+DECAY = NumberRange(float, lo=0.0, hi=1.0, hi_open=True)
+POSITIVE = NumberRange(float, lo=0.0, lo_open=True)
+NONNEGATIVE = NumberRange(float, lo=0.0)
+LEARNING_RATE = NumberRange(float, lo=0.0, hi=1.0, lo_open=True)  # AdamW lr > 1 is nonsense, 1e300 overflows
+
+# Allowed values of every numeric TrainConfig field (flags are checked at parse time, presets and
+# API configs by `train.validate_config`).
+TRAIN_RANGES: dict[str, NumberRange] = {
+    "img_size": INT_POSITIVE, "num_classes": INT_NONNEGATIVE, "num_workers": INT_NONNEGATIVE,
+    "epochs": INT_POSITIVE, "max_steps": INT_NONNEGATIVE, "batch_size": INT_POSITIVE, "grad_accum": INT_POSITIVE,
+    "blr": LEARNING_RATE, "lr": LEARNING_RATE, "min_lr": NumberRange(float, lo=0.0, hi=1.0),
+    "warmup_epochs": NONNEGATIVE, "weight_decay": NONNEGATIVE, "beta1": DECAY, "beta2": DECAY,
+    "grad_clip": NONNEGATIVE, "ema_decay1": DECAY, "ema_decay2": DECAY, "P_mean": NumberRange(float),
+    "P_std": POSITIVE, "noise_scale": POSITIVE, "t_eps": UNIT_OPEN, "label_drop_prob": PROBABILITY,
+    "attn_dropout": DECAY, "proj_dropout": DECAY, "seed": SEED, "log_freq": INT_POSITIVE,
+    "save_freq_steps": INT_NONNEGATIVE, "save_last_freq": INT_NONNEGATIVE, "keep_last": INT_NONNEGATIVE,
+    "signal_check_freq": INT_POSITIVE, "peak_tflops": NONNEGATIVE, "cfg": NONNEGATIVE,
+    "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
+    "eval_num_images": INT_NONNEGATIVE,
 }

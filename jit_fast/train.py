@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -44,7 +43,15 @@ from jit_fast.checkpoint import (
     read_rank_state,
     resolve_checkpoint,
 )
-from jit_fast.configs import MODEL_PRESETS, RUN_PRESETS, ModelConfig, TrainConfig, model_config
+from jit_fast.configs import (
+    LEARNING_RATE,
+    MODEL_PRESETS,
+    RUN_PRESETS,
+    TRAIN_RANGES,
+    ModelConfig,
+    TrainConfig,
+    model_config,
+)
 from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.denoiser import flow_matching_loss, sample_t
@@ -54,6 +61,7 @@ from jit_fast.model import JiT
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "demo_eval")  # what --overwrite moves aside
 _FAULT_STEP_ENV = "JIT_FAST_FAULT_SIGNAL_STEP"  # tests: "STEP" or "STEP:RANK" sends SIGTERM to itself
 # fields that fix the network's parameter shapes (dropout rates and kernels may change on resume)
 _ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("attn_drop", "proj_drop",
@@ -154,7 +162,7 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--activation-checkpointing",), "activation_checkpointing", "recompute block activations in backward"),
     (("--async-save",), "async_save", "write checkpoints in a background thread"),
     (("--auto-resume",), "auto_resume", "continue from output-dir's newest checkpoint if any"),
-    (("--overwrite",), "overwrite", "a fresh run may delete output-dir's old checkpoints"),
+    (("--overwrite",), "overwrite", "start over: move output-dir's previous run into output-dir/replaced-TIME/"),
     (("--demo-eval",), "demo_eval", "run the demo evaluation (sample grid + accuracy) after training"),
     (("--tensorboard",), "tensorboard", "TensorBoard scalars in OUTPUT/tb"),
     (("--reshard-after-forward",), "reshard_after_forward", "FSDP2: free gathered params after forward"),
@@ -183,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for names, dest, typ, help_ in _OPTIONS:
-        kw: dict[str, Any] = dict(dest=dest, type=typ, help=help_)
+        kw: dict[str, Any] = dict(dest=dest, type=TRAIN_RANGES.get(dest, typ), help=help_)
         if dest == "extra_model_args":
             kw["action"] = "append"
         p.add_argument(*_spellings(names), **kw)
@@ -219,6 +227,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
         if name not in RUN_PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(RUN_PRESETS)}")
         cfg = dataclasses.replace(cfg, **RUN_PRESETS[name])
+        if "blr" in ns and "lr" not in ns:  # an explicit --blr beats a preset's absolute lr
+            cfg = dataclasses.replace(cfg, lr=None)
     if "extra_model_args" in ns:  # explicit overrides extend the preset's
         ns["extra_model_args"] = {**cfg.extra_model_args, **ns["extra_model_args"]}
     cfg = dataclasses.replace(cfg, **ns)
@@ -226,7 +236,16 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     return cfg, set(ns)
 
 
+def _flag(field: str) -> str:
+    """The command-line spelling of a TrainConfig field (the field name for settings without a flag)."""
+    for names, dest, _, _ in _OPTIONS:
+        if dest == field:
+            return names[0]
+    return field
+
+
 def validate_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the flag for a choice, range or combination that cannot work."""
     choices = dict(lr_schedule=("constant", "cosine"), precision=("auto", "bf16", "fp32"),
                    fsdp=("auto", "on", "off"), data_backend=("auto", "dali", "torch"), kernels=("torch", "triton"),
                    dali_filter=("cubic", "linear"),
@@ -236,14 +255,13 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
     if cfg.model not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_PRESETS)}")
-    for k in ("batch_size", "grad_accum", "epochs", "log_freq", "signal_check_freq", "img_size"):
-        if getattr(cfg, k) < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("max_steps", "save_freq_steps", "save_last_freq", "keep_last", "num_classes", "warmup_epochs"):
-        if getattr(cfg, k) < 0:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
-    if not 0 <= cfg.label_drop_prob <= 1:
-        raise ConfigError(f"--label-drop-prob must be in [0, 1], got {cfg.label_drop_prob}")
+    for k, allowed in TRAIN_RANGES.items():
+        v = getattr(cfg, k)
+        unset = (k == "lr" and v is None) or (k in ("attn_dropout", "proj_dropout") and v == -1.0)
+        if not unset and not allowed.contains(v):
+            raise ConfigError(f"{_flag(k)} must be {allowed.describe()}, got {v!r}")
+    if cfg.interval_min >= cfg.interval_max:
+        raise ConfigError(f"--interval-min {cfg.interval_min} must be < --interval-max {cfg.interval_max}")
     if not cfg.data_path and not cfg.demo_data:
         raise ConfigError("no training data: pass --data-path DIR (an ImageFolder) or --preset demo")
 
@@ -356,38 +374,55 @@ class Trainer:
             print(msg, flush=True)
 
     def _resolve_resume(self) -> ResolvedCheckpoint | None:
+        """The checkpoint to start from; never clobbers a previous run unless --overwrite was given explicitly."""
         cfg = self.cfg
         existing = list_checkpoints(self.out)
+        metrics = self.out / "metrics.jsonl"
+        held = "checkpoints" if existing else ("metrics.jsonl" if metrics.is_file() and metrics.stat().st_size else "")
+        newest = f" (newest: {existing[-1][1].name})" if existing else ""
+        overwrite = cfg.overwrite and "overwrite" in self.explicit  # a preset never replaces a run
+        if overwrite and cfg.auto_resume and "auto_resume" in self.explicit:
+            raise ConfigError("--overwrite (start over) and --auto-resume (continue) contradict each other")
+        aside = f"--overwrite to start over (the old run is moved to {self.out / 'replaced-TIME'})"
         if cfg.resume:
             r = resolve_checkpoint(cfg.resume)
             if r.kind == "safetensors":
                 raise ConfigError(f"--resume {r.path}: a .safetensors file holds weights only; resume needs a "
                                   "training checkpoint (run dir, checkpoint dir or official .pth)")
             inside = r.path.resolve().parent == (self.out / "checkpoints").resolve()
-            if existing and not inside and not cfg.overwrite:
-                raise ConfigError(f"{self.out} already holds checkpoints of another run (newest: "
-                                  f"{existing[-1][1].name}); choose another --output-dir or pass --overwrite")
-            if existing and not inside:
-                self._clear_output()
+            if held and not inside:
+                if not overwrite:
+                    raise ConfigError(f"{self.out} already holds {held} of another run{newest}; choose another "
+                                      f"--output-dir or pass {aside}")
+                self._move_aside()
             return r
-        if not existing:
+        if held and overwrite:
+            self._move_aside()
             return None
-        if cfg.auto_resume:
+        if existing and cfg.auto_resume:
             return ResolvedCheckpoint("dcp", existing[-1][1])
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{self.out} already holds checkpoints (newest: {existing[-1][1].name}); pass --resume {self.out} "
-                "or --auto-resume to continue, --overwrite to start over, or another --output-dir"
-            )
-        self._clear_output()
+        if held and cfg.auto_resume:  # a run that died before its first checkpoint: nothing to continue
+            self._move_aside()
+            return None
+        if held:
+            raise ConfigError(f"{self.out} already holds {held} of a run{newest}; pass --auto-resume to continue it, "
+                              f"{aside}, or another --output-dir")
         return None
 
-    def _clear_output(self) -> None:
-        """--overwrite: remove an older run's checkpoints and logs from the output directory."""
+    def _move_aside(self) -> None:
+        """Move the previous run's files into OUTPUT/replaced-<UTC time>/: replacing a run never deletes it."""
         if self.env.is_main:
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.out / "tb", ignore_errors=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            dest, n = self.out / f"replaced-{stamp}", 1
+            while dest.exists():
+                dest, n = self.out / f"replaced-{stamp}-{n}", n + 1
+            dest.mkdir()
+            moved = []
+            for name in RUN_ARTIFACTS:
+                if (self.out / name).exists():
+                    os.replace(self.out / name, dest / name)
+                    moved.append(name)
+            self.log(f"moved the previous run ({', '.join(moved)}) to {dest}; delete it when no longer needed")
         D.barrier(self.env)
 
     def _read_resume_meta(self) -> tuple[dict | None, dict | None]:
@@ -472,7 +507,10 @@ class Trainer:
         if self.spe == 0:
             raise ConfigError(f"{len(loader)} batches per epoch cannot fill one step of {cfg.grad_accum} micro-steps")
         self.global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
-        self.base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * self.global_batch / 256
+        self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.global_batch / 256
+        if not LEARNING_RATE.contains(self.base_lr):
+            raise ConfigError(f"--blr {cfg.blr:g} x global batch {self.global_batch} / 256 = {self.base_lr:g} is not "
+                              f"{LEARNING_RATE.describe()}; lower --blr or pass --lr")
         total = cfg.epochs * self.spe
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         # global-batch position of every local sample, per micro-step (loader deals round-robin)
@@ -789,6 +827,10 @@ class Trainer:
         self.last_save_step = self.step if own else -1
         self.last_loss = float("nan")
         self._announce()
+        if self.resume is not None and self.step >= self.total_steps:
+            self.log(f"{self.out} is already trained to step {self.step}: nothing to train"
+                     f"{', re-running the demo evaluation' if cfg.demo_eval else ''} (a larger --max-steps "
+                     "continues it, --overwrite starts over)")
         from tqdm import tqdm
 
         self.pbar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
@@ -833,7 +875,7 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         dt = time.perf_counter() - t_start
-        where = self.ckpt.last_saved
+        where = self.ckpt.last_saved or (self.resume.path if own else None)
         if preempted:
             self.log(f"preempted ({self.signal_received or 'signal on another rank'}) at step {self.step}: "
                      f"checkpoint {where}; continue with --resume {self.out}")
@@ -914,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, explicit = parse_config(argv)
         return run_training(cfg, explicit)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, OSError) as e:  # user errors: bad flags, files, permissions
         print(f"{prefix}error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as e:

@@ -177,8 +177,9 @@ def test_lr_schedule_matches_the_official_formula() -> None:
 
 
 def test_blr_scales_with_the_global_batch(data: Path, tmp_path: Path) -> None:
-    cfg, explicit = parse_config(tiny_argv(data, tmp_path, "--batch-size", "4", "--grad-accum", "2", "--blr", "1e-4")
-                                 + ["--lr", "0"])
+    argv = tiny_argv(data, tmp_path, "--batch-size", "4", "--grad-accum", "2", "--blr", "1e-4")
+    i = argv.index("--lr")
+    cfg, explicit = parse_config(argv[:i] + argv[i + 2:])  # no --lr: lr = blr x global batch / 256
     from jit_fast.distributed import DistEnv
 
     tr = Trainer(cfg, DistEnv(), explicit)
