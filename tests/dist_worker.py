@@ -1,13 +1,19 @@
-"""torchrun worker for the distributed tests: trains with the CLI flags given and checks the sharded EMAs.
+"""torchrun worker for the distributed tests: `ema ARGS` trains and checks the sharded EMAs; `grads OUT ARGS`
+records one training step's gradients.
 
-Besides a normal run (checkpoints, metrics.jsonl) it gathers the parameters after every step and, at the
-end, checks on rank 0 that both sharded EMAs equal the closed-form recurrence over the gathered
+`ema`: besides a normal run (checkpoints, metrics.jsonl) it gathers the parameters after every step and, at
+the end, checks on rank 0 that both sharded EMAs equal the closed-form recurrence over the gathered
 parameters, writing the verdict to OUTPUT_DIR/ema_check.json.
+
+`grads`: builds the Trainer the CLI flags describe, perturbs its initial weights (identically at any world
+size), runs one real `train_step` and saves, from rank 0, the loss and every full gradient as the optimizer
+sees it. `first_step_grads` does the same in-process (one rank, no process group).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +22,12 @@ import torch
 from jit_fast import distributed as D
 from jit_fast.train import Trainer, parse_config
 
+PERTURB_STD = 0.05
+PERTURB_SEED = 1234
 
-def main(argv: list[str]) -> int:
+
+def ema_check(argv: list[str]) -> int:
+    """Train with the CLI flags given; write OUTPUT_DIR/ema_check.json comparing both EMAs with the closed form."""
     cfg, explicit = parse_config(argv)
     env = D.init_distributed(cfg.device)
     try:
@@ -46,6 +56,52 @@ def main(argv: list[str]) -> int:
     finally:
         D.shutdown(env)
     return 0
+
+
+def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
+    """Loss (key "loss") and full float64 gradients of step 1 from perturbed initial weights, per parameter name.
+
+    The zero-initialised adaLN and final layers would leave most block gradients exactly zero at step 1;
+    the seeded perturbation (the same full tensors on every rank) makes every parameter matter.
+    """
+    cfg, explicit = parse_config(argv)
+    env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
+    try:
+        tr = Trainer(cfg, env, explicit)
+        g = torch.Generator().manual_seed(PERTURB_SEED)
+        with torch.no_grad():
+            for p in tr.trainable:
+                full = D.full_tensor(p.detach()).cpu()
+                new = full + PERTURB_STD * torch.randn(full.shape, generator=g)
+                D.local(p).copy_(D.shard_like(new, p))
+        grads: dict[str, torch.Tensor] = {}
+        step = tr.opt.step
+
+        def capture(*args, **kwargs):
+            for n, p in zip(tr.names, tr.params, strict=True):
+                if p.grad is not None:
+                    grads[n] = D.full_tensor(p.grad).detach().double().cpu()
+            return step(*args, **kwargs)
+
+        tr.opt.step = capture
+        tr._noise_gen = torch.Generator(device=tr.device)
+        tr.train_step(tr._epoch_batches())
+        grads["loss"] = D.all_reduce_mean(env, tr.loss_acc.detach()).double().cpu()
+    finally:
+        D.shutdown(env)
+    return grads
+
+
+def main(argv: list[str]) -> int:
+    mode, rest = argv[0], argv[1:]
+    if mode == "ema":
+        return ema_check(rest)
+    if mode == "grads":
+        grads = first_step_grads(rest[1:])
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(grads, rest[0])
+        return 0
+    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT)")
 
 
 if __name__ == "__main__":

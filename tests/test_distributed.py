@@ -1,4 +1,10 @@
-"""FSDP2 on gloo (2 CPU ranks under torchrun): trajectory vs 1 rank, sharded EMA, kill-and-resume, resharding."""
+"""FSDP2 on gloo (2 CPU ranks under torchrun): one step vs 1 rank (fp32 and bf16), sharded EMA, kill-and-resume,
+resharding.
+
+Multi-step loss trajectories are compared only where they are bitwise by construction (same world size,
+resumed from a bitwise-equal state); across world sizes or precisions summation order differs and training
+drifts chaotically, so those comparisons are of one step's loss and gradients from the same weights.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+from dist_worker import first_step_grads
 from train_helpers import (
     REPO,
     assert_bitwise_equal,
@@ -26,6 +34,7 @@ from train_helpers import (
 
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.train import main
+from kernels.testing import FP32_RTOL, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -59,27 +68,89 @@ def one_rank_args(data: Path, out: Path, *extra: str) -> list[str]:
 def ref2(data: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Uninterrupted 2-rank FSDP2 run (through the EMA-checking worker)."""
     out = tmp_path_factory.mktemp("ref2")
-    p = torchrun([WORKER, *two_rank_args(data, out)], env=subprocess_env(cache))
+    p = torchrun([WORKER, "ema", *two_rank_args(data, out)], env=subprocess_env(cache))
     assert p.returncode == 0, describe(p)
     return out
 
 
 @pytest.fixture(scope="module")
 def ref1(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Uninterrupted single-process run with the same global batch."""
+    """Single-process run with the same global batch, to its step-10 checkpoint."""
     out = tmp_path_factory.mktemp("ref1")
-    assert main(one_rank_args(data, out)) == 0
+    assert main(one_rank_args(data, out, "--max-steps", "10")) == 0
     return out
 
 
-def test_two_ranks_match_one_rank_fp32(ref1: Path, ref2: Path) -> None:
-    """Same global batch and seed: the 2-rank FSDP2 loss trajectory equals the 1-rank one (rtol 1e-5)."""
-    l1, l2 = read_losses(ref1), read_losses(ref2)
-    assert sorted(l1) == sorted(l2) == list(range(1, STEPS + 1))
-    for s in l1:
-        assert l2[s] == pytest.approx(l1[s], rel=1e-5, abs=0), s
+def first_step(data: Path, cache: Path, out: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
+    """Loss and full gradients of step 1 (global batch 8 over `nproc` ranks, perturbed initial weights; see
+    dist_worker.first_step_grads); one rank runs in this process without a process group."""
+    if nproc == 1:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("JIT_FAST_CACHE", str(cache))
+            return first_step_grads(tiny_argv(data, out, "--batch-size", "8", "--max-steps", "1", *extra))
+    p = torchrun([WORKER, "grads", str(out / "grads.pt"),
+                  *tiny_argv(data, out, "--batch-size", str(8 // nproc), "--max-steps", "1", *extra)],
+                 nproc=nproc, env=subprocess_env(cache))
+    assert p.returncode == 0, describe(p)
+    return torch.load(out / "grads.pt")
+
+
+@pytest.fixture(scope="module")
+def fp32_one(data: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The fp32 reference: step 1 in one process, no FSDP."""
+    return first_step(data, cache, tmp_path_factory.mktemp("g32"), 1, "--precision", "fp32")
+
+
+def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
+    """Same parameters; every gradient within `rtol` norm-wise (`rel_err`) of the reference, and the loss too."""
+    assert got.keys() == want.keys()
+    bad = {k: rel_err(got[k], want[k]) for k in want if rel_err(got[k], want[k]) > rtol}
+    assert not bad, bad
+
+
+def test_two_ranks_match_one_rank_fp32(data: Path, cache: Path, fp32_one: dict[str, torch.Tensor], ref2: Path,
+                                       tmp_path: Path) -> None:
+    """Same weights and global batch: 2 FSDP2 ranks give the 1-rank loss and gradients up to fp32 summation
+    order (measured 2e-7; 1e-5 is the kernel tests' fp32 bound). A wrong gradient reduction (sum for mean), a
+    shard assembled from the wrong rank or a rank drawing other samples or noise misses it by orders."""
+    assert_grads_close(first_step(data, cache, tmp_path, 2, "--precision", "fp32"), fp32_one, FP32_RTOL)
     meta = json.loads(next((ref2 / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["world_size"] == 2 and meta["fsdp"] and meta["global_batch"] == 8
+
+
+# bf16 ratio rule (as in the kernel tests): both bf16 paths round activations to bf16 (unit roundoff 2^-9);
+# FSDP2 also gathers block parameters in bf16 and forms their gradients in bf16, a second rounding source of
+# the same size, so independent errors give at most sqrt(2) ~ 1.41x the plain autocast error: k = 1.5 over
+# all gradients together. A single small tensor (the 16-element q/k norm weights) estimates its error from
+# few elements and scatters (measured up to 1.8x): k = 3 per tensor, still far below the ~100x of a tensor
+# whose gradient is wrong. The loss, one scalar, may sit by chance on the fp32 value: its bound is floored
+# at one bf16 ulp of the loss (2^-8 relative).
+BF16_GLOBAL_RATIO = 1.5
+BF16_TENSOR_RATIO = 3.0
+
+
+def test_bf16_fsdp_gradients_within_ratio_of_plain_autocast(data: Path, cache: Path,
+                                                            fp32_one: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """One step from the same weights and batch: the FSDP2 bf16 path (bf16 block parameters, fp32 reduction)
+    errs against fp32 by at most k x the plain bf16 autocast path's own error (fp32 weights, one process)."""
+    fsdp = first_step(data, cache, tmp_path / "fsdp", 2, "--precision", "bf16")
+    plain = first_step(data, cache, tmp_path / "plain", 1, "--precision", "bf16")
+    names = [k for k in fp32_one if k != "loss"]
+    assert fsdp.keys() == plain.keys() == fp32_one.keys()
+
+    def flat(g: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([g[k].flatten() for k in names])
+
+    e_fsdp, e_plain = rel_err(flat(fsdp), flat(fp32_one)), rel_err(flat(plain), flat(fp32_one))
+    print(f"gradient error vs fp32: FSDP2 bf16 {e_fsdp:.3e}, plain autocast {e_plain:.3e}, "
+          f"ratio {e_fsdp / e_plain:.3f}")
+    assert 0 < e_plain and e_fsdp <= BF16_GLOBAL_RATIO * e_plain, (e_fsdp, e_plain)
+    ratios = {k: rel_err(fsdp[k], fp32_one[k]) / rel_err(plain[k], fp32_one[k]) for k in names}
+    bad = {k: r for k, r in ratios.items() if not r <= BF16_TENSOR_RATIO}
+    assert not bad, bad
+    loss = fp32_one["loss"].item()
+    bound = max(BF16_GLOBAL_RATIO * abs(plain["loss"].item() - loss), 2.0**-8 * abs(loss))
+    assert abs(fsdp["loss"].item() - loss) <= bound, (fsdp["loss"].item(), plain["loss"].item(), loss)
 
 
 def test_sharded_dual_ema_matches_the_closed_form(ref2: Path) -> None:
@@ -107,16 +178,17 @@ def test_sigterm_kill_and_resume_is_bitwise(data: Path, cache: Path, ref2: Path,
 
 
 def test_reshard_two_ranks_to_one(data: Path, ref2: Path, tmp_path: Path) -> None:
-    """A 2-rank checkpoint resumes on 1 rank with identical state, then follows the 2-rank trajectory."""
+    """A 2-rank checkpoint resumes on 1 rank with identical state; its next step's loss, computed from that
+    bitwise-equal state on the same batch, equals the 2-rank run's up to fp32 summation order (later steps
+    drift and are not compared)."""
     src = ref2 / "checkpoints" / "step_000000010"
     out = tmp_path / "one"
     assert main(one_rank_args(data, out, "--max-steps", "10", "--resume", str(src))) == 0
     assert_bitwise_equal(checkpoint_tensors(src), checkpoint_tensors(out))  # loaded on 1 rank, saved again
-    assert main(one_rank_args(data, out, "--resume", str(out))) == 0
+    assert main(one_rank_args(data, out, "--max-steps", "11", "--resume", str(out))) == 0
     l2, l1 = read_losses(ref2), read_losses(out)
-    assert sorted(l1) == list(range(11, STEPS + 1))
-    for s in l1:
-        assert l1[s] == pytest.approx(l2[s], rel=1e-5, abs=0), s
+    assert sorted(l1) == [11]
+    assert l1[11] == pytest.approx(l2[11], rel=FP32_RTOL, abs=0)
 
 
 def test_reshard_one_rank_to_two(data: Path, cache: Path, ref1: Path, tmp_path: Path) -> None:
@@ -175,30 +247,9 @@ def test_sigterm_to_torchrun_checkpoints_and_exits(data: Path, cache: Path, tmp_
 
 
 @pytest.mark.slow
-def test_bf16_fsdp_tolerance(data: Path, cache: Path, tmp_path: Path) -> None:
-    """bf16 block parameters (MixedPrecisionPolicy bf16 / reduce fp32) under CPU autocast: 2 ranks vs 1 rank.
-
-    Measured on CPU gloo over 20 steps: max relative loss difference 3.9e-5 (2 ranks vs a 1-rank FSDP2
-    world) and 3.4e-5 (vs 1-rank plain autocast with fp32 weights); docs/TRAINING.md states rtol 2e-4.
-    """
-    out2, out1, out1p = tmp_path / "b2", tmp_path / "b1", tmp_path / "b1p"
-    p = torchrun(["train.py", *two_rank_args(data, out2, "--precision", "bf16")], env=subprocess_env(cache))
-    assert p.returncode == 0, describe(p)
-    p = torchrun(["train.py", *one_rank_args(data, out1, "--precision", "bf16", "--fsdp", "on")], nproc=1,
-                 env=subprocess_env(cache))
-    assert p.returncode == 0, describe(p)
-    assert main(one_rank_args(data, out1p, "--precision", "bf16")) == 0
-    l2, l1, l1p = read_losses(out2), read_losses(out1), read_losses(out1p)
-    for s in l2:
-        assert l2[s] == pytest.approx(l1[s], rel=2e-4), s
-        assert l2[s] == pytest.approx(l1p[s], rel=2e-4), s
-
-
-@pytest.mark.slow
 def test_official_import_on_two_ranks_is_bitwise(data: Path, cache: Path, tmp_path: Path) -> None:
     """An official checkpoint imported by 2 FSDP2 ranks (weights, EMAs and AdamW state sharded on the fly)
     exports back bitwise."""
-    import torch
     from test_checkpoint import TINY_MODEL, _assert_official_equal, official_dict
 
     from jit_fast.checkpoint import export_checkpoint, safe_load
@@ -214,15 +265,12 @@ def test_official_import_on_two_ranks_is_bitwise(data: Path, cache: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp_grad_accumulation_matches(data: Path, cache: Path, ref2: Path, tmp_path: Path) -> None:
-    """2 ranks x 2 per micro-step x 2 accumulation steps (reduce-scatter only on the last) == 2 ranks x 4."""
-    out = tmp_path / "acc"
-    p = torchrun(["train.py", *two_rank_args(data, out, "--batch-size", "2", "--grad-accum", "2")],
-                 env=subprocess_env(cache))
-    assert p.returncode == 0, describe(p)
-    la, lr = read_losses(out), read_losses(ref2)
-    for s in lr:
-        assert la[s] == pytest.approx(lr[s], rel=1e-5, abs=0), s
+def test_fsdp_grad_accumulation_matches(data: Path, cache: Path, fp32_one: dict[str, torch.Tensor],
+                                       tmp_path: Path) -> None:
+    """2 ranks x 2 per micro-step x 2 accumulation steps (reduce-scatter only on the last): step 1's loss and
+    gradients equal one process's global batch of 8 up to fp32 summation order."""
+    acc = first_step(data, cache, tmp_path, 2, "--precision", "fp32", "--batch-size", "2", "--grad-accum", "2")
+    assert_grads_close(acc, fp32_one, FP32_RTOL)
 
 
 FUSED_TABLE_UNDER_FSDP = """
