@@ -29,6 +29,36 @@ class KernelSpec:
     config: triton.Config
     int_args: dict[str, int] = field(default_factory=dict)
     label: str = ""
+    dtype_class: str = ""
+    bias: bool | None = None
+
+
+@dataclass(frozen=True)
+class DtypeClass:
+    """Tensor dtypes (Triton names) the model hands the fused ops in one way of running it.
+
+    stream: the residual stream x; act: GEMM outputs and adaLN chunks (the autocast dtype); param: block
+    parameters (norm weights, folded biases); root_param: the final layer's norm weight (FSDP2 gathers the
+    root's parameters in fp32); backward: whether backward kernels run (training) or only forward (sampling).
+    """
+
+    name: str
+    stream: str
+    act: str
+    param: str
+    root_param: str
+    backward: bool = True
+
+
+# Every way the model runs the kernels: fp32; bf16 autocast over fp32 parameters; FSDP2's bf16-gathered block
+# parameters under bf16 autocast (stream and root stay fp32, `distributed.prepare_model`); fp16 autocast
+# sampling (`generate --precision fp16`: forward only).
+DTYPE_CLASSES = (
+    DtypeClass("fp32", "fp32", "fp32", "fp32", "fp32"),
+    DtypeClass("bf16-act+fp32-param", "fp32", "bf16", "fp32", "fp32"),
+    DtypeClass("bf16-param", "fp32", "bf16", "bf16", "fp32"),
+    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32", backward=False),
+)
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -168,20 +198,47 @@ def sum_rows(
         )
 
 
-def sum_rows_specs() -> Iterator[KernelSpec]:
-    """Compile jobs for the row-sum kernel: fp32 partials into 1 (dweight), 2 (q/k or norm weight and branch
-    bias), 4 (adaLN) or 5 (adaLN and the branch bias) outputs."""
-    adaln = ("bf16", "bf16", "fp32", "bf16")
-    for outs in (("bf16",), ("fp32", "fp32"), adaln, adaln + ("fp32",)):
-        ptrs = {f"OUT{j}": f"*{outs[min(j, len(outs) - 1)]}" for j in range(MAX_SUM_OUTPUTS)}
-        yield KernelSpec(
-            name="sum_rows",
-            fn=sum_rows_kernel,
-            signature={
-                "IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32", "stride_j": "i32",
-            },
-            constexprs={"NUM_OUT": len(outs)},
-            config=SUM_ROWS_CONFIG,
-            int_args={"C": 1664, "stride_g": 8 * 5 * 1664, "stride_r": 5 * 1664, "stride_j": 1664},
-            label="outputs " + ",".join(outs),
-        )
+def _sum_ints(c: int, stride_g: int, stride_r: int, stride_j: int) -> dict[str, int]:
+    """Integer arguments of one `sum_rows` launch (their divisibility by 16 selects the compiled variant)."""
+    return {"C": c, "stride_g": stride_g, "stride_r": stride_r, "stride_j": stride_j}
+
+
+def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Compile jobs for every row-sum launch of the backward passes, per dtype class, as `sum_rows` pads them.
+
+    rmsnorm_modulate stage 2 (dshift, dscale in the act dtype, fp32 dweight rows, dgate, fp32 dbias rows: 3, 4
+    or 5 outputs), stage 3 (dweight, dbias in the parameter dtype; the final layer's root weight), SwiGLU's
+    dbias (C = 2h: divisible by 16 for JiT-B and padded widths, not for unpadded L/H/G). Unused output slots
+    are padded with output 0, so their pointer types are output 0's.
+    """
+    for cls in classes:
+        if not cls.backward:
+            continue
+        a, p = cls.act, cls.param
+        d, h2 = 768, 2 * 2730  # stage 2/3 widths are D (all JiT widths are multiples of 16), SwiGLU's 2h may not be
+        jobs = [
+            ("stage 2 plain", False, (a, a, "fp32"), _sum_ints(d, 9 * 3 * d, 3 * d, d)),
+            ("stage 2 residual", False, (a, a, "fp32", a), _sum_ints(d, 9 * 4 * d, 4 * d, d)),
+            ("stage 2 residual", True, (a, a, "fp32", a, "fp32"), _sum_ints(d, 9 * 5 * d, 5 * d, d)),
+            ("stage 3", False, (p,), _sum_ints(d, 0, d, 2 * d)),
+            ("stage 3", True, (p, p), _sum_ints(d, 0, d, 2 * d)),
+            ("stage 3 final layer", False, (cls.root_param,), _sum_ints(d, 0, d, 2 * d)),
+            ("swiglu dbias", True, (p,), _sum_ints(4096, 0, 4096, 4096)),
+            ("swiglu dbias", True, (p,), _sum_ints(h2, 0, h2, h2)),
+        ]
+        for what, bias, outs, ints in jobs:
+            ptrs = {f"OUT{j}": f"*{outs[j] if j < len(outs) else outs[0]}" for j in range(MAX_SUM_OUTPUTS)}
+            yield KernelSpec(
+                name="sum_rows",
+                fn=sum_rows_kernel,
+                signature={
+                    "IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32",
+                    "stride_j": "i32",
+                },
+                constexprs={"NUM_OUT": len(outs)},
+                config=SUM_ROWS_CONFIG,
+                int_args=ints,
+                label=f"{what} C={ints['C']} outputs " + ",".join(outs),
+                dtype_class=cls.name,
+                bias=bias,
+            )

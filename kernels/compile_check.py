@@ -1,6 +1,12 @@
-"""Ahead-of-time compile of every fused kernel x every config for sm_90a and sm_80, on a machine without a GPU.
+"""Ahead-of-time compile of every fused kernel signature the launchers select x every config, for sm_90a and sm_80.
 
-    python -m kernels.compile_check [--arch 90 80] [--kernel NAME]
+    python -m kernels.compile_check [--arch 90 80] [--kernel NAME] [--dtype-class NAME] [--sample]
+
+Signatures: every dtype class of `kernels._common.DTYPE_CLASSES` (fp32; bf16 autocast over fp32 parameters;
+FSDP2 bf16 block parameters; fp16 autocast sampling, forward only) x every bias variant x every size class
+of the JiT widths, head dims and head counts, as each op's `compile_specs()` derives them from its launch
+helper. Jobs that compile to the same binary (same kernel, argument types, divisibility hints, constexprs
+and options, e.g. D=768 and D=1024) are compiled once; the summary counts them per signature class.
 
 Each job goes through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` (Triton's
 own pipeline down to cubin with the bundled ptxas), then the PTX is re-assembled with `ptxas -v` to
@@ -19,7 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 # Per-SM limits (CUDA occupancy calculator data for compute capability 8.0 and 9.0).
@@ -33,6 +39,12 @@ SMEM_RESERVED = 1024  # per-block shared memory the driver reserves
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _CVT_BF16 = re.compile(r"cvt\.(r\w+)\.bf16(?:x2)?\.f32")
+
+# Integer arguments that scale with the batch or the token count (any value at run time): their divisibility
+# is not part of a signature class. Widths, head dims, head counts and strides are (they are fixed per model).
+BATCH_ARGS = frozenset({"N", "M", "R", "T", "P"})
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+TRITON_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
 @dataclass
@@ -50,6 +62,9 @@ class Result:
     occupancy: float = 0.0
     cvt: str = "-"
     error: str = ""
+    classes: tuple[str, ...] = ()
+    biases: tuple[bool | None, ...] = ()
+    shared_by: int = 1
 
     @property
     def ok(self) -> bool:
@@ -71,14 +86,94 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> float:
     return blocks * num_warps / lim["warps"]
 
 
-def all_specs() -> Iterator:
-    """Every compile job of every fused op (imported lazily: kernels must not be built interpreted)."""
+def all_specs(dtype_classes: Iterable[str] | None = None) -> Iterator:
+    """Every compile job of every fused op, optionally of some dtype classes only (kernel modules are imported
+    lazily: kernels must not be built interpreted)."""
     from kernels import _common, qk_norm_rope, rmsnorm_modulate, swiglu
 
-    yield from rmsnorm_modulate.compile_specs()
-    yield from qk_norm_rope.compile_specs()
-    yield from swiglu.compile_specs()
-    yield from _common.sum_rows_specs()
+    wanted = None if dtype_classes is None else set(dtype_classes)
+    classes = [c for c in _common.DTYPE_CLASSES if wanted is None or c.name in wanted]
+    yield from rmsnorm_modulate.compile_specs(classes)
+    yield from qk_norm_rope.compile_specs(classes)
+    yield from swiglu.compile_specs(classes)
+    yield from _common.sum_rows_specs(classes)
+
+
+def _kernel_name(fn) -> str:
+    """Python name of a @triton.jit function (compiled or interpreted)."""
+    return getattr(fn, "fn", fn).__name__
+
+
+def _int_flag(name: str, value: int) -> str:
+    """Triton's specialization of an integer argument: "1", "D" (divisible by 16) or "" ("*" for batch-sized args)."""
+    if name in BATCH_ARGS:
+        return "*"
+    return "1" if value == 1 else ("D" if value % 16 == 0 else "")
+
+
+def _key(kernel: str, args: dict[str, tuple[str, str]], constexprs: dict, options: dict) -> tuple:
+    return (kernel, tuple(sorted(args.items())), tuple(sorted(constexprs.items())),
+            tuple((k, options.get(k)) for k in LAUNCH_OPTIONS))
+
+
+def spec_key(spec) -> tuple:
+    """Signature of a compile job: kernel, argument types and specializations, constexprs, launch options."""
+    args = {}
+    for name, ty in spec.signature.items():
+        if ty.startswith("*"):
+            args[name] = (ty, "D")
+        elif ty.startswith("i"):
+            args[name] = (ty, _int_flag(name, spec.int_args.get(name, 1)))
+        else:
+            args[name] = (ty, "")
+    return _key(_kernel_name(spec.fn), args, {**spec.constexprs, **spec.config.kwargs}, _compile_options(spec.config))
+
+
+def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """Signature of one `kernel[grid](*args, **kwargs)` launch, comparable with `spec_key` (tensors may be fake:
+    pointers are taken to be 16-byte aligned, as every buffer the launch helpers allocate or accept is)."""
+    import inspect
+
+    import torch
+
+    fn = getattr(kernel, "fn", kernel)
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(kernel.arg_names[: len(args)], args, strict=True))
+    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    constexprs, types = {}, {}
+    for name, value in bound.items():
+        if "constexpr" in str(params[name].annotation):
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            types[name] = ("*" + TRITON_DTYPES[str(value.dtype)], "D")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{fn.__name__}: unexpected argument {name}={value!r}")
+        elif isinstance(value, int):
+            types[name] = ("i32" if -(2**31) <= value < 2**31 else "i64", _int_flag(name, value))
+        else:
+            types[name] = ("fp32", "")
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    return _key(fn.__name__, types, constexprs, options)
+
+
+def unique_jobs(specs: Iterable) -> list[list]:
+    """Group specs that compile to one binary (equal `spec_key`); each group is compiled once."""
+    groups: dict[tuple, list] = {}
+    for spec in specs:
+        groups.setdefault(spec_key(spec), []).append(spec)
+    return list(groups.values())
+
+
+def sample_jobs(groups: list[list]) -> list[list]:
+    """A representative subset: per kernel and dtype class, the first job (a launched default config)."""
+    seen, out = set(), []
+    for group in groups:
+        spec = group[0]
+        tag = (spec.name, spec.dtype_class)
+        if tag not in seen:
+            seen.add(tag)
+            out.append(group)
+    return out
 
 
 def _attrs(spec) -> dict:
@@ -120,8 +215,8 @@ def _compile_options(cfg) -> dict[str, int]:
     return options
 
 
-def compile_one(spec, arch: int) -> Result:
-    """Compile one spec for one arch and measure it."""
+def compile_one(spec, arch: int, group: list | None = None) -> Result:
+    """Compile one spec for one arch and measure it (`group`: all specs sharing its binary, for the report)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,7 +224,11 @@ def compile_one(spec, arch: int) -> Result:
     cfg = spec.config
     config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
     config += "" if cfg.maxnreg is None else f" r<={cfg.maxnreg}"
-    res = Result(spec.name, spec.label, config, f"sm_{arch}{'a' if arch >= 90 else ''}")
+    group = group or [spec]
+    variant = spec.label + (f" (+{len(group) - 1} same binary)" if len(group) > 1 else "")
+    res = Result(spec.name, variant, config, f"sm_{arch}{'a' if arch >= 90 else ''}",
+                 classes=tuple(dict.fromkeys(s.dtype_class for s in group)),
+                 biases=tuple(dict.fromkeys(s.bias for s in group)), shared_by=len(group))
     constexprs = {**spec.constexprs, **cfg.kwargs}
     signature = dict(spec.signature)
     for name in constexprs:
@@ -154,17 +253,48 @@ def compile_one(spec, arch: int) -> Result:
 
 def format_table(results: list[Result]) -> str:
     """Plain-text table of all results."""
-    head = ("kernel", "variant", "config", "arch", "regs", "spill st/ld", "smem B", "occupancy", "cvt", "status")
+    head = ("kernel", "class", "variant", "config", "arch", "regs", "spill st/ld", "smem B", "occupancy", "cvt",
+            "status")
     rows = [head]
     for r in results:
         status = "ok" if r.ok else r.error or ("SPILL" if r.spill_stores or r.spill_loads else "NON-RN CVT")
         rows.append((
-            r.kernel, r.variant, r.config, r.arch, str(r.regs), f"{r.spill_stores}/{r.spill_loads}",
-            str(r.shared), f"{r.occupancy:.0%}", r.cvt, status,
+            r.kernel, ",".join(r.classes), r.variant, r.config, r.arch, str(r.regs),
+            f"{r.spill_stores}/{r.spill_loads}", str(r.shared), f"{r.occupancy:.0%}", r.cvt, status,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def class_summary(results: list[Result]) -> str:
+    """Compiles per kernel and signature class (dtype class; bias / no-bias), with spills and shared memory.
+
+    A binary shared by several classes counts once in each of them; "compiles" counts it once.
+    """
+    from kernels._common import DTYPE_CLASSES
+
+    names = [c.name for c in DTYPE_CLASSES]
+    head = ("kernel", *names, "bias", "no-bias", "compiles", "max regs", "spilled B", "max smem B")
+    rows = [head]
+    kernels = list(dict.fromkeys(r.kernel for r in results))
+    for kernel in [*kernels, "total"]:
+        rs = [r for r in results if kernel in (r.kernel, "total")]
+        rows.append((
+            kernel,
+            *(str(sum(name in r.classes for r in rs)) for name in names),
+            str(sum(True in r.biases for r in rs)),
+            str(sum(False in r.biases for r in rs)),
+            str(len(rs)),
+            str(max((r.regs for r in rs), default=0)),
+            str(sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in rs)),
+            str(max((r.shared for r in rs), default=0)),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
@@ -177,16 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this string")
+    parser.add_argument("--dtype-class", nargs="+", default=None, help="only these dtype classes")
+    parser.add_argument("--sample", action="store_true",
+                        help="representative subset: one default-config job per kernel and dtype class")
     args = parser.parse_args(args_list)
-    results = []
-    for spec in all_specs():
-        if args.kernel and args.kernel not in spec.name:
-            continue
-        for arch in args.arch:
-            results.append(compile_one(spec, arch))
+    specs = [s for s in all_specs(args.dtype_class) if not args.kernel or args.kernel in s.name]
+    groups = unique_jobs(specs)
+    if args.sample:
+        groups = sample_jobs(groups)
+    results = [compile_one(group[0], arch, group) for group in groups for arch in args.arch]
     print(format_table(results))
+    print("\nsignature classes\n" + class_summary(results))
     bad = [r for r in results if not r.ok]
-    print(f"\n{len(results)} compiles, {len(results) - len(bad)} ok, {len(bad)} failed "
+    print(f"\n{len(specs)} launcher signatures x configs, {len(groups)} distinct binaries x {len(args.arch)} arch")
+    print(f"{len(results)} compiles, {len(results) - len(bad)} ok, {len(bad)} failed "
           f"(max regs {max((r.regs for r in results), default=0)}, "
           f"spilled bytes {sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in results)})")
     return 1 if bad or not results else 0

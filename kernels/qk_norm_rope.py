@@ -12,7 +12,7 @@ rows (see `_common`), finished together by one `qk_sum_kernel` launch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
+    DTYPE_CLASSES,
+    DtypeClass,
     KernelSpec,
     _sum_store,
     check_contiguous,
@@ -606,30 +608,40 @@ def linear_qk_norm_rope_launcher(
     return qk_norm_rope_launcher(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
 
 
-def compile_specs() -> Iterator[KernelSpec]:
-    """Every (kernel, head dim, variant, config) the launchers select for JiT head dims, bf16 activations."""
-    for head_dim, heads in ((64, 16), (80, 16), (104, 16), (128, 16)):
-        block_dh = triton.next_power_of_2(head_dim)
-        for bias in (False, True):
-            variant = f"Dh={head_dim} bias={bias}"
+def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Every (kernel, dtype class, head dim, heads, bias, config) the launchers select for the JiT presets.
+
+    qkv, q, k, v and their gradients are the act dtype (the qkv GEMM's output), the q/k norm weights and the
+    folded bias the parameter dtype (the q weight stands in for an absent bias), the RoPE tables fp32.
+    Head counts matter: H = 12 (JiT-B) and 16 compile differently (divisibility by 16), as do Dh 104 and 80.
+    """
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for head_dim, heads in ((64, 12), (64, 16), (80, 16), (104, 16), (128, 16)):
+            block_dh = triton.next_power_of_2(head_dim)
             ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
             fwd_sig = {
-                "QKV": "*bf16", "BIAS": "*fp32", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32",
-                "Q": "*bf16", "K": "*bf16", "V": "*bf16", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "Q": f"*{a}", "K": f"*{a}", "V": f"*{a}", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
                 "eps": "fp32",
             }
-            constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
-            for cfg in FWD_CONFIGS[block_dh]:
-                yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints, variant)
             bwd_sig = {
-                "QKV": "*bf16", "BIAS": "*fp32", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32",
-                "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQKV": "*bf16", "PART": "*fp32", "T": "i32",
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "DQ": f"*{a}", "DK": f"*{a}", "DV": f"*{a}", "DQKV": f"*{a}", "PART": "*fp32", "T": "i32",
                 "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
             }
-            for cfg in BWD_CONFIGS[block_dh]:
-                yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
-                                 dict(ints, T=256 * 288), variant)
-            sum_sig = {"PART": "*fp32", "DQW": "*fp32", "DKW": "*fp32", "DBIAS": "*fp32", "P": "i32", "H": "i32",
+            sum_sig = {"PART": "*fp32", "DQW": f"*{p}", "DKW": f"*{p}", "DBIAS": f"*{p}", "P": "i32", "H": "i32",
                        "DH": "i32"}
-            yield KernelSpec("qk_sum", qk_sum_kernel, sum_sig, constexprs, SUM_CONFIG,
-                             {"P": 288, "H": heads, "DH": head_dim}, variant)
+            for bias in (False, True):
+                variant = f"Dh={head_dim} H={heads} bias={bias}"
+                constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
+                for cfg in FWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints,
+                                     variant, cls.name, bias)
+                if not cls.backward:
+                    continue
+                for cfg in BWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
+                                     dict(ints, T=256 * 288), variant, cls.name, bias)
+                yield KernelSpec("qk_sum", qk_sum_kernel, sum_sig, constexprs, SUM_CONFIG,
+                                 {"P": 288, "H": heads, "DH": head_dim}, variant, cls.name, bias)

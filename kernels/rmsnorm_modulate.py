@@ -13,7 +13,7 @@ All arithmetic is fp32; results are rounded once, to the dtype of the tensor the
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
+    DTYPE_CLASSES,
+    DtypeClass,
     KernelSpec,
     check_contiguous,
     check_dtype,
@@ -699,35 +701,59 @@ def residual_rmsnorm_modulate_launcher(
     )
 
 
-def compile_specs() -> Iterator[KernelSpec]:
-    """Every (kernel, variant, D, config) the launchers can select for the JiT widths, bf16-autocast dtypes."""
-    for d in (768, 1024, 1280, 1664):
-        block_d = triton.next_power_of_2(d)
-        ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
-        size = min(s for s in FWD_CONFIGS if s >= block_d)
-        for residual, bias in ((False, False), (True, False), (True, True)):
-            fwd_sig = {
-                "X": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "BIAS": "*fp32", "W": "*fp32", "SHIFT": "*bf16",
-                "SCALE": "*bf16", "XOUT": "*fp32", "Y": "*bf16", "N": "i32", "D": "i32",
-                "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
-            }
-            for cfg in FWD_CONFIGS[size]:
-                yield KernelSpec(
-                    "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, fwd_sig,
-                    {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
-                    f"D={d} residual={residual} bias={bias}",
-                )
-        bwd_sig = {
-            "XN": "*fp32", "DY": "*bf16", "DXO": "*fp32", "BRANCH": "*bf16", "GATE": "*bf16", "BIAS": "*fp32",
-            "W": "*fp32", "SCALE": "*bf16", "DX": "*fp32", "DBRANCH": "*bf16", "PART": "*fp32",
-            "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32", "eps": "fp32",
-        }
-        variants = ((False, False, False), (True, True, False), (True, False, False), (True, True, True),
-                    (True, False, True))
-        for residual, has_dxo, bias in variants:
-            for cfg in BWD_CONFIGS[size]:
-                yield KernelSpec(
-                    "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, bwd_sig,
-                    {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
-                    ints, f"D={d} residual={residual} dx_out={has_dxo} bias={bias}",
-                )
+def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Every (kernel, dtype class, variant, D, config) the launchers select when the model runs them.
+
+    Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
+    are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
+    weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
+    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch).
+    """
+    for cls in classes:
+        s, a, p = cls.stream, cls.act, cls.param
+        for d in (768, 1024, 1280, 1664):
+            block_d = triton.next_power_of_2(d)
+            size = min(c for c in FWD_CONFIGS if c >= block_d)
+            ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
+            # (label, residual, bias, branch, gate, bias-or-weight, weight)
+            fwd_variants = (
+                ("plain", False, False, s, a, p, p),
+                ("residual", True, False, a, a, p, p),
+                ("residual", True, True, a, a, p, p),
+                ("residual final-layer", True, False, a, a, cls.root_param, cls.root_param),
+            )
+            for what, residual, bias, branch, gate, bias_t, w in fwd_variants:
+                sig = {
+                    "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
+                    "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
+                    "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
+                }
+                for cfg in FWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
+                        f"D={d} {what} bias={bias}", cls.name, bias,
+                    )
+            if not cls.backward:
+                continue
+            # (label, residual, dx_out, bias, dxo, branch, gate, bias-or-weight, weight, dbranch)
+            bwd_variants = (
+                ("plain", False, False, False, a, a, a, p, p, s),
+                ("residual", True, True, False, s, a, a, p, p, a),
+                ("residual", True, True, True, s, a, a, p, p, a),
+                ("residual final-layer", True, False, False, a, a, a, cls.root_param, cls.root_param, a),
+                ("residual no-dx_out", True, False, True, a, a, a, p, p, a),
+            )
+            for what, residual, has_dxo, bias, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
+                sig = {
+                    "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
+                    "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
+                    "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
+                    "eps": "fp32",
+                }
+                for cfg in BWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
+                        ints, f"D={d} {what} bias={bias}", cls.name, bias,
+                    )

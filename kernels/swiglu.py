@@ -9,7 +9,7 @@ writes dx12 anyway: two-stage, deterministic, written in the bias dtype (`linear
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
+    DTYPE_CLASSES,
+    DtypeClass,
     KernelSpec,
     check_contiguous,
     check_dtype,
@@ -264,16 +266,27 @@ def linear_swiglu_launcher(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return swiglu_launcher(F.linear(x, weight), bias)
 
 
-def compile_specs() -> Iterator[KernelSpec]:
-    """Both kernels x every config, bf16 activations (fp32 bias, as under autocast), JiT-G padded width."""
-    ints = {"M": 256 * 288, "H": 4480}
-    for has_bias in (False, True):
-        for cfg in FWD_CONFIGS:
-            yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel,
-                             {"X12": "*bf16", "BIAS": "*fp32", "OUT": "*bf16", "M": "i32", "H": "i32"},
-                             {"HAS_BIAS": has_bias}, cfg, ints, f"h=4480 bias={has_bias}")
-        for cfg in BWD_CONFIGS:
-            yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
-                             {"X12": "*bf16", "BIAS": "*fp32", "DOUT": "*bf16", "DX12": "*bf16", "PART": "*fp32",
-                              "M": "i32", "H": "i32"},
-                             {"HAS_BIAS": has_bias}, cfg, ints, f"h=4480 bias={has_bias}")
+def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Both kernels x every config x dtype class x bias variant, at a hidden width divisible by 16 (JiT-B, padded
+    widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437), which compile differently.
+
+    x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
+    stands in for it, and dx12 for the (unused) fp32 partials.
+    """
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for h in (2048, 4480, 2730, 3413, 4437):
+            ints = {"M": 256 * 288, "H": h}
+            for bias in (False, True):
+                bias_t = p if bias else a
+                for cfg in FWD_CONFIGS:
+                    yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel,
+                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32", "H": "i32"},
+                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
+                if not cls.backward:
+                    continue
+                for cfg in BWD_CONFIGS:
+                    yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
+                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
+                                      "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32"},
+                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)

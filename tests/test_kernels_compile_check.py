@@ -1,7 +1,9 @@
 """Ahead-of-time compilation of the kernels for sm_90a / sm_80 (`python -m kernels.compile_check`).
 
-Runs in subprocesses without TRITON_INTERPRET: with the interpreter on, @triton.jit builds
-interpreter objects that cannot be compiled.
+Compiles run in subprocesses without TRITON_INTERPRET: with the interpreter on, @triton.jit builds
+interpreter objects that cannot be compiled. The coverage tests need no compiler: they run the real model
+through the launch helpers on fake tensors in every dtype regime, record the signature of every Triton launch
+(`compile_check.launch_key`) and require each to be among the compile jobs of its dtype class.
 """
 
 from __future__ import annotations
@@ -9,11 +11,31 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.runtime.jit import KernelInterface
+
+import jit_fast
+from kernels.compile_check import all_specs, launch_key, spec_key
+from kernels.ops import launcher_ops
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# How the model can run the kernels (autocast dtype, block parameter dtype, backward), named as the dtype
+# classes of `kernels._common.DTYPE_CLASSES`. Written from the training / sampling code, not from the specs:
+# train.py autocasts bf16 (or runs fp32), FSDP2 gathers block parameters in bf16 (`distributed.prepare_model`,
+# root parameters stay fp32), generate --precision fp16 autocasts fp16 without gradients.
+REGIMES = {
+    "fp32": (None, None, True),
+    "bf16-act+fp32-param": (torch.bfloat16, None, True),
+    "bf16-param": (torch.bfloat16, torch.bfloat16, True),
+    "fp16-act+fp32-param": (torch.float16, None, False),
+}
 
 
 def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
@@ -23,20 +45,113 @@ def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
+class Recorder:
+    """Signatures of the Triton launches made while running each regime."""
+
+    def __init__(self) -> None:
+        self.regime = ""
+        self.keys: dict[str, set] = defaultdict(set)
+
+    def launch(self, kernel, args: tuple, kwargs: dict) -> None:
+        self.keys[self.regime].add(launch_key(kernel, args, kwargs))
+
+
+@pytest.fixture
+def record(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """Every `kernel[grid](...)` records its signature instead of launching."""
+    rec = Recorder()
+    monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: lambda *a, **kw: rec.launch(kernel, a, kw))
+    return rec
+
+
+def run_model(preset: str, regime: str, bias: bool) -> None:
+    """One forward (and backward) of a 4-block `preset` on fake tensors through the launch helpers: block 0 without
+    a pending residual, dropout blocks 1-2 (proj bias stays in its GEMM), in-context tokens at block 2, the final
+    layer; `bias=False` removes the qkv, proj and w12 biases (the fused ops then run without folded biases)."""
+    amp, param_dtype, backward = REGIMES[regime]
+    with FakeTensorMode():
+        net = jit_fast.build_model(preset, kernels="triton", depth=4, in_context_start=2, proj_drop=0.2).train()
+        vars(net.ops).update(vars(launcher_ops()))
+        if not bias:
+            for block in net.blocks:
+                block.attn.qkv.bias = block.attn.proj.bias = block.mlp.w12.bias = None
+        if param_dtype is not None:
+            for p in net.blocks.parameters():
+                p.data = p.data.to(param_dtype)
+        x, t, y = torch.randn(2, 3, 256, 256), torch.rand(2), torch.randint(0, 1000, (2,))
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None), torch.set_grad_enabled(backward):
+            out = net(x, t, y)
+        if backward:
+            out.float().sum().backward()
+
+
+def launched(record: Recorder, presets: tuple[str, ...]) -> Iterator[tuple[str, set]]:
+    """(regime, recorded launch signatures) for every regime, over `presets` with and without biases."""
+    for regime in REGIMES:
+        record.regime = regime
+        for preset in presets:
+            for bias in (True, False):
+                run_model(preset, regime, bias)
+        yield regime, record.keys[regime]
+
+
+def assert_covered(record: Recorder, presets: tuple[str, ...]) -> None:
+    specs = list(all_specs())
+    assert {s.dtype_class for s in specs} == set(REGIMES)
+    for regime, keys in launched(record, presets):
+        assert keys, regime
+        compiled = {spec_key(s) for s in specs if s.dtype_class == regime}
+        missing = sorted(keys - compiled, key=str)
+        assert not missing, f"{regime}: {len(missing)} launcher signatures have no compile job, e.g. {missing[:3]}"
+
+
+def test_launcher_signatures_are_compiled(record):
+    """JiT-B/16 (D 768, Dh 64 x 12 heads, h 2048) and JiT-G/16 (D 1664, Dh 104, h 4437): both rmsnorm size
+    classes, both qk size classes, both SwiGLU width divisibilities, in every dtype regime."""
+    assert_covered(record, ("JiT-B/16", "JiT-G/16"))
+
+
+@pytest.mark.slow
+def test_launcher_signatures_are_compiled_every_preset(record):
+    assert_covered(record, ("JiT-B/16", "JiT-L/16", "JiT-H/16", "JiT-G/16"))
+
+
+def test_coverage_check_can_fail(record):
+    """Without the FSDP2 class's jobs, its launches (bf16 norm weights and biases) are not covered."""
+    specs = list(all_specs(["fp32", "bf16-act+fp32-param"]))
+    record.regime = "bf16-param"
+    run_model("JiT-B/16", "bf16-param", True)
+    keys = record.keys["bf16-param"]
+    assert keys - {spec_key(s) for s in specs}
+    assert keys <= {spec_key(s) for s in all_specs(["bf16-param"])}
+
+
 def test_compile_check_small_subset():
-    res = run("--kernel", "sum_rows")
+    res = run("--kernel", "sum_rows", "--dtype-class", "bf16-act+fp32-param")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "sm_90a" in res.stdout and "sm_80" in res.stdout
-    assert "8 compiles, 8 ok, 0 failed" in res.stdout  # 4 output variants x 2 archs
+    assert "16 compiles, 16 ok, 0 failed" in res.stdout  # 8 output variants x 2 archs
+    assert "spilled bytes 0" in res.stdout
+
+
+def test_compile_check_representative_sample():
+    """One launched config per kernel and dtype class, sm_90a: every class compiles with 0 spills (all: slow test)."""
+    res = run("--sample", "--arch", "90")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = res.stdout.split("signature classes")[1]
+    total = next(line for line in summary.splitlines() if line.startswith("total")).split()
+    # total row: per class counts (fp32, bf16-act, bf16-param, fp16), bias, no-bias, compiles, regs, spills, smem
+    assert [int(v) for v in total[1:5]] == [8, 8, 8, 3], summary
+    assert total[8] == "0", summary
 
 
 def test_reexecs_without_interpreter():
     """Started with TRITON_INTERPRET=1 it re-runs itself compiled instead of failing or interpreting."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--kernel", "sum_rows", "--arch", "80"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--kernel", "sum_rows", "--arch", "80",
+                          "--dtype-class", "fp32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "4 compiles, 4 ok" in res.stdout
+    assert "8 compiles, 8 ok" in res.stdout
 
 
 def test_spilling_config_is_reported_as_failure():
@@ -45,9 +160,10 @@ def test_spilling_config_is_reported_as_failure():
         "import triton\n"
         "from kernels.compile_check import compile_one, format_table\n"
         "from kernels import swiglu\n"
+        "import dataclasses\n"
         "spec = next(s for s in swiglu.compile_specs() if s.name == 'swiglu_bwd')\n"
         "big = triton.Config({'BLOCK_M': 16, 'BLOCK_H': 512, 'ROWS_PER_PROG': 64}, num_warps=1, num_stages=1)\n"
-        "r = compile_one(type(spec)(spec.name, spec.fn, spec.signature, spec.constexprs, big, spec.int_args), 80)\n"
+        "r = compile_one(dataclasses.replace(spec, config=big), 80)\n"
         "print(format_table([r]))\n"
         "assert r.spill_stores > 0 and not r.ok, r\n"
     )
@@ -60,7 +176,9 @@ def test_spilling_config_is_reported_as_failure():
 def test_compile_check_every_kernel_and_config():
     res = run()
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert " 0 failed" in res.stdout
-    for kernel in ("rmsnorm_modulate_fwd", "rmsnorm_modulate_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd",
+    assert " 0 failed" in res.stdout and "spilled bytes 0" in res.stdout
+    summary = res.stdout.split("signature classes")[1]
+    for kernel in ("rmsnorm_modulate_fwd", "rmsnorm_modulate_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "qk_sum",
                    "swiglu_fwd", "swiglu_bwd", "sum_rows"):
-        assert kernel in res.stdout
+        row = next(line for line in summary.splitlines() if line.startswith(kernel + " ")).split()
+        assert all(int(v) > 0 for v in row[1:4]), row  # every training class compiled for every kernel
