@@ -121,6 +121,8 @@ class TrainConfig:
     resume: str = ""
     auto_resume: bool = False  # continue from output_dir's newest checkpoint if there is one
     overwrite: bool = False  # a fresh run may replace output_dir's old run (moved aside, never deleted)
+    discard_newer: bool = False  # resuming a non-latest checkpoint in place moves the newer ones aside
+    skip_checksum: bool = False  # load checkpoint files even if they differ from their checksums.json
     # recipe
     epochs: int = 600
     max_steps: int = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +75,41 @@ def peak_memory_gb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     except (ImportError, OSError):
         return 0.0
+
+
+DROPPED_METRICS_FILE = "metrics.dropped.jsonl"
+
+
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Move rows with step > `step` from metrics.jsonl to metrics.dropped.jsonl beside it; returns how many.
+
+    A resume redoes the steps after its checkpoint (or abandons them, --discard-newer): their old rows
+    would otherwise stay as duplicates. The file is rewritten atomically and the rows are kept aside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):  # e.g. a row cut short by a kill: not continued by new rows
+            row_step = math.inf
+        (drop if isinstance(row_step, int | float) and row_step > step else keep).append(line)
+    if not drop:
+        return 0
+    drop = [x if x.endswith("\n") else x + "\n" for x in drop]
+    with open(path.with_name(DROPPED_METRICS_FILE), "a") as f:
+        f.writelines(drop)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(drop)
 
 
 class MetricsLogger:

@@ -56,11 +56,20 @@ from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.denoiser import flow_matching_loss, sample_t
 from jit_fast.ema import EMA
-from jit_fast.metrics import MetricsLogger, peak_flops, peak_memory_gb, train_flops_per_image
+from jit_fast.metrics import (
+    DROPPED_METRICS_FILE,
+    MetricsLogger,
+    drop_rows_after,
+    peak_flops,
+    peak_memory_gb,
+    train_flops_per_image,
+)
 from jit_fast.model import JiT
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+# |x| beyond this in a parameter or EMA weight means the run has exploded even while the loss is finite
+MAX_WEIGHT_ABS = 1e6
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "demo_eval")  # what --overwrite moves aside
 _FAULT_STEP_ENV = "JIT_FAST_FAULT_SIGNAL_STEP"  # tests: "STEP" or "STEP:RANK" sends SIGTERM to itself
 # fields that fix the network's parameter shapes (dropout rates and kernels may change on resume)
@@ -163,6 +172,9 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--async-save",), "async_save", "write checkpoints in a background thread"),
     (("--auto-resume",), "auto_resume", "continue from output-dir's newest checkpoint if any"),
     (("--overwrite",), "overwrite", "start over: move output-dir's previous run into output-dir/replaced-TIME/"),
+    (("--discard-newer",), "discard_newer", "resume an older checkpoint in place: move the newer ones to "
+                                            "output-dir/discarded-TIME/"),
+    (("--skip-checksum",), "skip_checksum", "load checkpoint files even if they differ from checksums.json"),
     (("--demo-eval",), "demo_eval", "run the demo evaluation (sample grid + accuracy) after training"),
     (("--tensorboard",), "tensorboard", "TensorBoard scalars in OUTPUT/tb"),
     (("--reshard-after-forward",), "reshard_after_forward", "FSDP2: free gathered params after forward"),
@@ -359,6 +371,10 @@ class Trainer:
         self.step, self.epoch, self.sie = 0, 0, 0
         if self.resume is not None:
             self._load_resume()
+            if env.is_main:  # rows of steps this run will redo (or a discarded history) leave metrics.jsonl
+                n = drop_rows_after(self.out / "metrics.jsonl", self.step)
+                if n:
+                    self.log(f"moved {n} metrics.jsonl row(s) after step {self.step} to {DROPPED_METRICS_FILE}")
         self.metrics = MetricsLogger(self.out, env.is_main, cfg.tensorboard)
         self.ckpt = CheckpointManager(self.out, env, keep_last=cfg.keep_last, async_save=cfg.async_save)
         self._reset_meters()
@@ -390,6 +406,8 @@ class Trainer:
                 raise ConfigError(f"--resume {r.path}: a .safetensors file holds weights only; resume needs a "
                                   "training checkpoint (run dir, checkpoint dir or official .pth)")
             inside = r.path.resolve().parent == (self.out / "checkpoints").resolve()
+            if inside:
+                self._check_newer(r.path, existing)
             if held and not inside:
                 if not overwrite:
                     raise ConfigError(f"{self.out} already holds {held} of another run{newest}; choose another "
@@ -408,6 +426,27 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds {held} of a run{newest}; pass --auto-resume to continue it, "
                               f"{aside}, or another --output-dir")
         return None
+
+    def _check_newer(self, path: Path, existing: list[tuple[int, Path]]) -> None:
+        """Resuming a non-latest checkpoint in place: refuse, or with --discard-newer move the newer ones aside.
+
+        Otherwise a later --auto-resume would pick the abandoned history's newest checkpoint.
+        """
+        current = next((s for s, d in existing if d.resolve() == path.resolve()), None)
+        newer = [d for s, d in existing if current is not None and s > current]
+        if not newer:
+            return
+        if not self.cfg.discard_newer:
+            raise ConfigError(f"--resume {path.name} is older than {newer[-1].name} in {path.parent}; a later "
+                              "--auto-resume would continue the newer one. Pass --output-dir NEWDIR to branch, or "
+                              "--discard-newer to move the newer checkpoints to OUTPUT/discarded-TIME/")
+        if self.env.is_main:
+            dest = self.out / f"discarded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}" / "checkpoints"
+            dest.mkdir(parents=True, exist_ok=True)
+            for d in newer:
+                os.replace(d, dest / d.name)
+            self.log(f"moved {len(newer)} newer checkpoint(s) ({newer[0].name}..{newer[-1].name}) to {dest}")
+        D.barrier(self.env)
 
     def _move_aside(self) -> None:
         """Move the previous run's files into OUTPUT/replaced-<UTC time>/: replacing a run never deletes it."""
@@ -600,12 +639,12 @@ class Trainer:
             state = self.state_dict()
             # parameters that never received a gradient (e.g. unused in-context tokens) have no saved
             # optimizer state; they must not get one on resume either
-            saved = dcp_keys(r.path)
+            saved = dcp_keys(r.path, verify=not self.cfg.skip_checksum)
             state["optim"]["state"] = {
                 fqn: st for fqn, st in state["optim"]["state"].items()
                 if all(f"optim.state.{fqn}.{k}" in saved for k in st)
             }
-            dcp_load(state, r.path, self.env.distributed)
+            dcp_load(state, r.path, self.env.distributed, verify=not self.cfg.skip_checksum)
             set_model_state_dict(self.net, state["model"], options=StateDictOptions(strict=True))
             set_optimizer_state_dict(self.net, self.opt, state["optim"], options=StateDictOptions(strict=False))
             for ema, key in ((self.ema1, "ema1"), (self.ema2, "ema2")):
@@ -626,6 +665,9 @@ class Trainer:
                 if self.device.type == "cuda" and rs.get("torch_cuda_rng") is not None:
                     torch.cuda.set_rng_state(rs["torch_cuda_rng"], self.device)
                 random.setstate(rs["python_rng"])
+        if D.any_rank(self.env, bool(self._weights_exploded().item())):
+            raise CheckpointError(f"{r.path} holds exploded weights (|x| > {MAX_WEIGHT_ABS:g} or not finite); "
+                                  "resume from an earlier checkpoint")
         self.log(f"resumed from {r.path} at step {self.step} (epoch {self.epoch}, {self.sie}/{self.spe})")
 
     def _load_official(self) -> None:
@@ -739,19 +781,30 @@ class Trainer:
             torch._foreach_mul_(grads, coef)
         return norm
 
+    def _weights_exploded(self) -> torch.Tensor:
+        """1.0 (on the device, no sync) if a local parameter or EMA shard is non-finite or beyond MAX_WEIGHT_ABS."""
+        tensors = [t for t in (*self.local_params(), *self.ema1.shadow, *self.ema2.shadow) if t.numel()]
+        peak = torch.stack(torch._foreach_norm(tensors, math.inf)).max().float()
+        return (~(peak <= MAX_WEIGHT_ABS)).float()
+
     def flush_metrics(self) -> None:
-        """Host sync: pull the accumulated loss / grad norm, stop on NaN/Inf, log (every log_freq steps)."""
+        """Host sync: pull the accumulated loss / grad norm, stop on NaN/Inf or exploded weights, log.
+
+        Runs every log_freq steps and before every save, so a saved checkpoint always passed it.
+        """
         if self.n_acc == 0:
             return
-        vals = torch.stack([self.loss_acc, self.gnorm_acc]) / self.n_acc
+        vals = torch.stack([self.loss_acc / self.n_acc, self.gnorm_acc / self.n_acc, self._weights_exploded()])
         vals = D.all_reduce_mean(self.env, vals)
-        loss, gnorm = vals.tolist()
+        loss, gnorm, exploded = vals.tolist()
         now = time.perf_counter()
         steps = self.step - self.meter_step0
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        if not (math.isfinite(loss) and math.isfinite(gnorm)) or exploded > 0:
             good = self.ckpt.last_saved or (self.resume.path if self.resume else None)
+            what = f"loss {loss} / grad norm {gnorm} is not finite" if exploded == 0 else \
+                f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} or not finite; loss {loss:.4g})"
             raise TrainingDiverged(
-                f"loss {loss} / grad norm {gnorm} is not finite (steps {self.meter_step0 + 1}-{self.step}); "
+                f"{what} (steps {self.meter_step0 + 1}-{self.step}); "
                 f"stopping without saving. Last good checkpoint: {good or 'none'}"
             )
         img_s = steps * self.global_batch / max(now - self.meter_t0, 1e-9)
