@@ -94,9 +94,10 @@ def checkpoint_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None,
+                    verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) of weight set `which`; checked against `net` when given."""
-    sd, meta = load_weights(ckpt, which)
+    sd, meta = load_weights(ckpt, which, verify)
     if net is not None:
         check_state_dict(net, sd, f"{meta.get('source', ckpt)} [{which}]")
     return sd, meta
@@ -533,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-batch-size", type=int, default=64, help="Inception batch (64 = torch-fidelity's)")
     p.add_argument("--fid-workers", type=int, default=4, help="decoder processes for a reference folder")
     p.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity Inception .pth (offline)")
+    p.add_argument("--skip-checksum", action="store_true",
+                   help="load a DCP checkpoint even if its files differ from checksums.json (corrupt)")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="skip Inception (no FID/IS)")
     p.add_argument("--png", action="store_true", help="also write OUT/images/NNNNNN.png")
     p.add_argument("--no-npz", action="store_true", help="do not write samples.npz")
@@ -611,7 +614,7 @@ def run(a: argparse.Namespace) -> list[dict]:
 
 def _run(a: argparse.Namespace, env: D.DistEnv) -> list[dict]:
     rank, device = env.rank, env.device
-    sd, meta = load_weight_set(a.ckpt, a.ema[0])
+    sd, meta = load_weight_set(a.ckpt, a.ema[0], verify=not a.skip_checksum)
     net = build_net(meta, a, device)
     check_state_dict(net, sd, f"{meta.get('source', a.ckpt)} [{a.ema[0]}]")
     swap_weights(net, sd)
@@ -622,7 +625,7 @@ def _run(a: argparse.Namespace, env: D.DistEnv) -> list[dict]:
     if rank == 0:  # every further weight set of a sweep must load before hours of sampling start
         for e in a.ema[1:]:
             try:
-                load_weight_set(a.ckpt, e, net)
+                load_weight_set(a.ckpt, e, net, verify=not a.skip_checksum)
             except CheckpointError as x:
                 err = str(x)
                 break
@@ -640,7 +643,7 @@ def _run(a: argparse.Namespace, env: D.DistEnv) -> list[dict]:
     rows = []
     for i, e in enumerate(a.ema):
         if i > 0:  # the first set is already in the net
-            swap_weights(net, load_weight_set(a.ckpt, e, net)[0])
+            swap_weights(net, load_weight_set(a.ckpt, e, net, verify=not a.skip_checksum)[0])
         for c in a.cfg:
             s = Setting(e, c)
             row = ev.run_setting(s, a.out / s.tag if sweep else a.out)
