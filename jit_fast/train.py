@@ -801,8 +801,8 @@ class Trainer:
         steps = self.step - self.meter_step0
         if not (math.isfinite(loss) and math.isfinite(gnorm)) or exploded > 0:
             good = self.ckpt.last_saved or (self.resume.path if self.resume else None)
-            what = f"loss {loss} / grad norm {gnorm} is not finite" if exploded == 0 else \
-                f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} or not finite; loss {loss:.4g})"
+            what = f"loss {loss} / grad norm {gnorm} is not finite" if not (math.isfinite(loss) and math.isfinite(
+                gnorm)) else f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} in a parameter or EMA; loss {loss:.4g})"
             raise TrainingDiverged(
                 f"{what} (steps {self.meter_step0 + 1}-{self.step}); "
                 f"stopping without saving. Last good checkpoint: {good or 'none'}"
