@@ -43,6 +43,7 @@ from PIL import Image
 from jit_fast import distributed as D
 from jit_fast import fid
 from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
+from jit_fast.configs import INT_NONNEGATIVE, INT_POSITIVE, NONNEGATIVE, POSITIVE, PROBABILITY, SEED, UNIT_OPEN
 from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.model import JiT
@@ -166,14 +167,14 @@ class PartStore:
         mismatch = None
         if env.is_main:
             if run_file.is_file():
-                old = json.loads(run_file.read_text())
+                old = _read_run_file(run_file)
                 if old != fingerprint:
-                    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                    diff = "unreadable run.json" if old is None else "different " + ", ".join(
+                        sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)))
                     if overwrite:
                         shutil.rmtree(root)
                     else:
-                        mismatch = f"{root} holds chunks of another run (different {', '.join(diff)}); " \
-                                   "use another --out or pass --overwrite"
+                        mismatch = f"{root} holds chunks of another run ({diff}); use another --out or pass --overwrite"
             if mismatch is None:
                 root.mkdir(parents=True, exist_ok=True)
                 _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
@@ -203,6 +204,15 @@ class PartStore:
         tmp = self.root / f".chunk_{k:07d}.{os.getpid()}.tmp.npz"
         np.savez(tmp, images=images, labels=labels)
         os.replace(tmp, self.path(k))
+
+
+def _read_run_file(path: Path) -> dict | None:
+    """The fingerprint stored in parts/run.json, or None when the file is not one (garbage, torn, foreign)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return old if isinstance(old, dict) else None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -322,6 +332,8 @@ class Evaluator:
                 )
             except fid.StatsError as e:
                 err = str(e)
+            except (OSError, ValueError) as e:  # e.g. an .npz holding object arrays (allow_pickle=False)
+                err = f"--fid-ref {a.fid_ref}: cannot be read ({type(e).__name__}: {e})"
             self._all_ok(err, "the FID reference failed on another rank")
 
     def _all_ok(self, err: str | None, elsewhere: str) -> None:
@@ -489,10 +501,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 # CLI
 # --------------------------------------------------------------------------------------------
 def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    """Comma-separated guidance scales, each finite and >= 0 (NaN would give all-zero images)."""
+    vals = [NONNEGATIVE(v.strip()) for v in text.split(",") if v.strip()]
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one value")
     return vals
@@ -514,25 +524,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint: .pth (official or ours), .safetensors, DCP dir, run dir")
     p.add_argument("--preset", choices=["demo"], default=None, help="demo: sample grid + class accuracy (digits)")
     p.add_argument("--model", default=None, help="model preset when the checkpoint has no metadata")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=None, help="images to generate (default 50000)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per rank per batch (a fixed graph shape)")
+    p.add_argument("--img-size", type=INT_POSITIVE, default=None)
+    p.add_argument("--num-classes", type=INT_POSITIVE, default=None)
+    p.add_argument("--num-images", type=INT_POSITIVE, default=None, help="images to generate (default 50000)")
+    p.add_argument("--batch-size", type=INT_POSITIVE, default=64, help="images per rank per batch (fixed graph shape)")
     p.add_argument("--cfg", type=_float_list, default=None, help="guidance scale(s), e.g. 2.5,2.7,2.9 (default 2.9)")
-    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--interval", type=PROBABILITY, nargs=2, default=None, metavar=("LO", "HI"),
                    help="CFG interval (default 0.1 1.0)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    p.add_argument("--steps", type=INT_POSITIVE, default=None, help="sampling steps (default 50)")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="(default heun)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--ema", type=_ema_list, default=["ema1"], help="weights: ema1, ema2, model (comma list sweeps)")
-    p.add_argument("--noise-scale", type=float, default=None, help="default: checkpoint's, else 1 (2 at >= 512)")
-    p.add_argument("--t-eps", type=float, default=None, help="default: checkpoint's, else 0.05")
+    p.add_argument("--noise-scale", type=POSITIVE, default=None, help="default: checkpoint's, else 1 (2 at >= 512)")
+    p.add_argument("--t-eps", type=UNIT_OPEN, default=None, help="default: checkpoint's, else 0.05")
     p.add_argument("--out", type=Path, default=Path("samples_out"))
     p.add_argument("--fid-ref", type=Path, default=None, help="reference: stats .npz (mu, sigma), images .npz or dir")
-    p.add_argument("--fid-ref-crop", type=int, default=None, help="ADM center-crop reference folder images to S")
+    p.add_argument("--fid-ref-crop", type=INT_POSITIVE, default=None, help="ADM center-crop reference folder images")
     p.add_argument("--fid-cache", type=Path, default=None, help="cache of folder statistics (default ~/.cache)")
-    p.add_argument("--fid-batch-size", type=int, default=64, help="Inception batch (64 = torch-fidelity's)")
-    p.add_argument("--fid-workers", type=int, default=4, help="decoder processes for a reference folder")
+    p.add_argument("--fid-batch-size", type=INT_POSITIVE, default=64, help="Inception batch (64 = torch-fidelity's)")
+    p.add_argument("--fid-workers", type=INT_NONNEGATIVE, default=4, help="decoder processes for a reference folder")
     p.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity Inception .pth (offline)")
     p.add_argument("--skip-checksum", action="store_true",
                    help="load a DCP checkpoint even if its files differ from checksums.json (corrupt)")
@@ -572,19 +582,23 @@ def fill_defaults(a: argparse.Namespace) -> None:
 
 
 def check_args(a: argparse.Namespace) -> None:
-    if a.num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {a.num_images}")
-    if a.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {a.steps}")
+    """Combinations argparse cannot check (ranges are checked by the flags' types, also for `run(args)` callers)."""
+    checks = [("--num-images", a.num_images, INT_POSITIVE), ("--batch-size", a.batch_size, INT_POSITIVE),
+              ("--steps", a.steps, INT_POSITIVE), ("--seed", a.seed, SEED),
+              ("--fid-batch-size", a.fid_batch_size, INT_POSITIVE)]
+    for flag, value, allowed in checks:
+        if not allowed.contains(value):
+            raise UsageError(f"{flag} must be {allowed.describe()}, got {value!r}")
+    bad_cfg = [c for c in a.cfg if not NONNEGATIVE.contains(c)]
+    if bad_cfg:
+        raise UsageError(f"--cfg must be {NONNEGATIVE.describe()}, got {bad_cfg[0]!r}")
     lo, hi = a.interval
-    if not 0 <= lo < hi:
-        raise UsageError(f"--interval needs 0 <= LO < HI, got {lo} {hi}")
+    if not (PROBABILITY.contains(lo) and PROBABILITY.contains(hi) and lo < hi):
+        raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
     if a.fid_ref is not None and not a.metrics:
         raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
-    if a.fid_batch_size < 1:
-        raise UsageError(f"--fid-batch-size must be >= 1, got {a.fid_batch_size}")
+    if a.out.exists() and not a.out.is_dir():
+        raise UsageError(f"--out {a.out} exists and is not a directory")
 
 
 def print_nfe(a: argparse.Namespace, rank: int) -> None:
@@ -697,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         rows = run(a)
-    except (UsageError, CheckpointError, fid.StatsError, fid.InceptionWeightsError) as e:
+    except (UsageError, CheckpointError, fid.StatsError, fid.InceptionWeightsError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     return 1 if a.preset == "demo" and not rows[0]["passed"] else 0
