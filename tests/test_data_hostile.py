@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from jit_fast.data import build_index, build_loader
 from jit_fast.data.index import header_problem, max_pixels
@@ -123,7 +123,13 @@ def test_bomb_header_is_skipped_before_decoding(tmp_path: Path, monkeypatch: pyt
     bomb = root / "b" / "bomb.jpg"
     bomb.write_bytes(claim_size(jpeg_bytes(0, (16, 16)), 12000, 12000))  # ~800 bytes claiming 144 Mpx
     assert bomb.stat().st_size < 1000
+    decoded: list[str] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.filename) or real_load(im))
     index, text, _ = indexed(root, img_size=256)
+    assert len(set(decoded)) == 4 and str(bomb) not in decoded  # refused from the header, never decoded
+    monkeypatch.undo()
+    monkeypatch.setenv("JIT_FAST_CACHE", str(tmp_path / "cache"))
     why = "header claims 12000x12000 = 144 Mpx, over the 67 Mpx limit (decompression bomb?)"
     assert index.bad == [(str(bomb), why)]
     assert str(bomb) in text and len(index) == 4

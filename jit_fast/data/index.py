@@ -95,13 +95,13 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
 
 
-def _link_problem(target: str, here: str, root_real: str, class_real: str, visited: set[str]) -> str | None:
+def _link_problem(target: str, here: str, root_real: str, class_real: str, seen: bool) -> str | None:
     """Why the folder `target` (a real path) reached from real folder `here` must not be walked, or None."""
     if _within(root_real, target):
         return f"directory link to {target}, which holds the dataset root: not followed"
     if _within(target, root_real) and not _within(target, class_real):
         return f"directory link to {target}, outside its class folder: not followed (would relabel images)"
-    if target in visited:
+    if seen:
         if _within(here, target):
             return f"directory link loop back to {target}: not followed"
         return f"directory {target} already included through another path: not followed"
@@ -111,25 +111,36 @@ def _link_problem(target: str, here: str, root_real: str, class_real: str, visit
 def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) -> list[tuple[str, list]]:
     """(folder, [(file name, Stamp)]) of one class folder, sorted by folder path as sorted(os.walk(...)).
 
-    Real sub-folders are walked before directory links, so a link never displaces the folder it duplicates.
+    Folders are identified by (device, inode), so link and bind-mount loops end; real sub-folders are
+    walked before directory links, so a link never displaces the folder it duplicates.
     """
     class_real = os.path.realpath(class_dir)
-    why = _link_problem(class_real, root_real, root_real, class_real, set())
+    try:
+        st = os.stat(class_dir)
+    except OSError as exc:
+        skipped.append((class_dir, f"cannot stat: {exc.strerror}"))
+        return []
+    why = _link_problem(class_real, root_real, root_real, class_real, False)
     if why is not None:
         skipped.append((class_dir, why))
         return []
-    visited = {class_real}
+    visited = {(st.st_dev, st.st_ino)}
     folders, links, found = [(class_dir, class_real)], [], []
     while folders or links:
         if folders:
             d, d_real = folders.pop()
         else:
             d, d_real, target = links.pop(0)
-            why = _link_problem(target, d_real, root_real, class_real, visited)
+            try:
+                st = os.stat(d)
+            except OSError as exc:
+                skipped.append((d, f"cannot stat: {exc.strerror}"))
+                continue
+            why = _link_problem(target, d_real, root_real, class_real, (st.st_dev, st.st_ino) in visited)
             if why is not None:
                 skipped.append((d, why))
                 continue
-            visited.add(target)
+            visited.add((st.st_dev, st.st_ino))
             d_real = target
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
@@ -143,24 +154,24 @@ def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) 
                 continue
             if not _valid_name(e.name):
                 skipped.append((e.path, "name is not valid UTF-8"))
-            elif is_dir and e.is_symlink():
+                continue
+            if is_dir and e.is_symlink():
                 links.append((e.path, d_real, os.path.realpath(e.path)))
-            elif is_dir:
-                sub_real = os.path.join(d_real, e.name)
-                if sub_real in visited:  # reached earlier through a link of another folder
-                    skipped.append((e.path, f"directory {sub_real} already included through another path"))
+                continue
+            try:
+                st = e.stat()
+            except OSError as exc:
+                skipped.append((e.path, f"cannot stat: {exc.strerror}"))
+                continue
+            if is_dir:
+                if (st.st_dev, st.st_ino) in visited:  # a bind mount, or reached earlier through a link
+                    skipped.append((e.path, "folder already included through another path: not walked again"))
                 else:
-                    visited.add(sub_real)
-                    folders.append((e.path, sub_real))
+                    visited.add((st.st_dev, st.st_ino))
+                    folders.append((e.path, os.path.join(d_real, e.name)))
+            elif not stat.S_ISREG(st.st_mode):
+                skipped.append((e.path, f"not a regular file ({_file_kind(st.st_mode)}): never opened"))
             else:
-                try:
-                    st = e.stat()
-                except OSError as exc:
-                    skipped.append((e.path, f"cannot stat: {exc.strerror}"))
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    skipped.append((e.path, f"not a regular file ({_file_kind(st.st_mode)}): never opened"))
-                    continue
                 files.append((e.name, Stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
         found.append((d, files))
     return sorted(found, key=lambda item: item[0])
