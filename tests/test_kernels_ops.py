@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +133,13 @@ def test_sum_rows_writes_each_output_in_its_dtype() -> None:
         sum_rows(part, [outs[0], torch.empty(c)], r, r * 5 * c, 5 * c)
     with pytest.raises(ValueError, match="1 to 5 outputs"):
         sum_rows(part, outs + outs[:1], r, r * 5 * c, 5 * c)
+
+
+def test_no_atomics_in_any_kernel_source() -> None:
+    """Backward reductions are two-stage so runs are bitwise reproducible: no module of kernels/ names an atomic."""
+    sources = sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py"))
+    assert len(sources) >= 4
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+            assert not name.startswith("atomic"), f"{path.name}:{node.lineno} uses {name}"
