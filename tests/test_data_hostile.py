@@ -94,7 +94,7 @@ def test_directory_links_that_loop_or_leave_the_class_are_not_followed(tmp_path:
     assert list(zip(index.paths, index.labels, strict=True)) == tv.samples
 
 
-def test_fifo_and_dangling_link_are_skipped_without_opening(tmp_path: Path) -> None:
+def test_fifo_and_broken_links_are_skipped_without_opening(tmp_path: Path) -> None:
     from jit_fast.data.prepare import prepare
 
     root = tmp_path / "data"
@@ -102,10 +102,12 @@ def test_fifo_and_dangling_link_are_skipped_without_opening(tmp_path: Path) -> N
     fifo = root / "a" / "pipe.jpg"
     os.mkfifo(fifo)
     os.symlink("missing.jpg", root / "b" / "dangling.jpg")
+    os.symlink("self.jpg", root / "b" / "self.jpg")
     index, text, _ = run_with_timeout(lambda: indexed(root, cache=False), 60, fifo)
     assert {Path(p).name: why for p, why in index.bad} == {
         "pipe.jpg": "not a regular file (FIFO): never opened",
         "dangling.jpg": "cannot stat: No such file or directory",
+        "self.jpg": "cannot stat: Too many levels of symbolic links",
     }
     assert str(fifo) in text and len(index) == 4
     with warnings.catch_warnings():

@@ -61,9 +61,17 @@ def _valid_name(name: str) -> bool:
     return True
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), False where the stat itself fails (a link to itself raises ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def find_classes(root: str | Path) -> list[str]:
     """Sorted class-folder names, as torchvision's ImageFolder; a name that is not UTF-8 is refused, named."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if _is_dir(e))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
     for name in classes:
@@ -149,7 +157,7 @@ def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) 
             continue
         files = []
         for e in entries:
-            is_dir = e.is_dir()
+            is_dir = _is_dir(e)  # a link to itself is reported by the stat below when it is named like an image
             if not is_dir and not e.name.lower().endswith(IMG_EXTENSIONS):
                 continue
             if not _valid_name(e.name):
