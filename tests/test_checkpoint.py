@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,111 @@ def test_ema_matches_the_closed_form_recurrence(data: Path, tmp_path: Path) -> N
         for j, s in enumerate(ema.shadow):
             ref = d**k * history[0][j] + sum((1 - d) * d ** (k - i) * history[i][j] for i in range(1, k + 1))
             torch.testing.assert_close(s.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# integrity (checksums.json) and resume rules
+
+
+def flip_byte(path: Path, where: float = 0.5) -> None:
+    """Invert one byte in the middle of a file (silent corruption: same size, still parseable)."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_saved_file_is_in_the_manifest(data: Path, run4: Path, tmp_path: Path) -> None:
+    """Sync and async saves record every file of the checkpoint, and the digests verify."""
+    from jit_fast import integrity
+
+    out = tmp_path / "async"
+    assert main(tiny_argv(data, out, "--max-steps", "2", "--async-save")) == 0
+    for ckpt in (latest_checkpoint(run4), latest_checkpoint(out)):
+        manifest = integrity.read_manifest(ckpt)
+        assert sorted(manifest) == integrity.checkpoint_files(ckpt)
+        assert {".metadata", "meta.json", "rank00000.pt"} <= set(manifest)
+        assert integrity.verify_files(ckpt)
+
+
+def test_flipped_byte_is_detected_and_named(data: Path, run4: Path, tmp_path: Path, capsys) -> None:
+    from jit_fast.export import main as export_main
+
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    ckpt = latest_checkpoint(run)
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    flip_byte(shard)
+    with pytest.raises(CheckpointError, match=f"{shard.name} is corrupt: its sha256 differs"):
+        load_weights(run, "ema1")
+    assert export_main([str(run), str(tmp_path / "w.pth")]) == 2
+    assert main(tiny_argv(data, tmp_path / "o", "--max-steps", "6", "--resume", str(ckpt))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(str(shard) in e and "--skip-checksum" in e for e in err), err
+    # the brave load it anyway
+    assert export_main([str(run), str(tmp_path / "w.pth"), "--skip-checksum"]) == 0
+    load_weights(run, "ema1", verify=False)
+    # a truncated file is named by its size, before hashing
+    (ckpt / "rank00000.pt").write_bytes((ckpt / "rank00000.pt").read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"rank00000.pt is corrupt: \d+ bytes"):
+        load_weights(run, "ema1")
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(run4: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    (latest_checkpoint(run) / "checksums.json").unlink()
+    sd, _ = load_weights(run, "ema1")
+    assert sd and "has no checksums.json" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_in_place(data: Path, run4: Path, tmp_path: Path, capsys) -> None:
+    """Refused (auto-resume would later pick the old history); --discard-newer moves the newer ones aside."""
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    old = run / "checkpoints" / "step_000000002"
+    assert main(tiny_argv(data, run, "--max-steps", "3", "--resume", str(old))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older than step_000000004" in err[0] and "--discard-newer" in err[0], err
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    # branching into another directory needs no flag
+    assert main(tiny_argv(data, tmp_path / "branch", "--max-steps", "3", "--resume", str(old))) == 0
+    assert main(tiny_argv(data, run, "--max-steps", "3", "--resume", str(old), "--discard-newer")) == 0
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+    (moved,) = run.glob("discarded-*/checkpoints/step_000000004")
+    assert (moved / "meta.json").is_file()
+    capsys.readouterr()
+    assert main(tiny_argv(data, run, "--max-steps", "4", "--auto-resume")) == 0
+    assert "resumed from " + str(run / "checkpoints" / "step_000000003") in capsys.readouterr().out
+
+
+def test_metrics_rows_are_not_duplicated_after_a_resume(data: Path, tmp_path: Path) -> None:
+    """Steps logged after the last checkpoint (then lost to a kill) are redone once, the old rows kept aside."""
+    out = tmp_path / "run"
+    assert main(tiny_argv(data, out, "--max-steps", "6", "--save-freq-steps", "4", "--keep-last", "0")) == 0
+    shutil.rmtree(out / "checkpoints" / "step_000000006")  # killed after logging step 6, before saving it
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.')  # and mid-way through a row
+    assert main(tiny_argv(data, out, "--max-steps", "8", "--auto-resume")) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    dropped = (out / "metrics.dropped.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in dropped[:2]] == [5, 6] and dropped[2].startswith('{"step": 7')
+
+
+def test_finite_but_exploded_weights_stop_the_run(data: Path, tmp_path: Path) -> None:
+    """|x| = 1e30 in an embedding row the data never uses: loss and grad norm stay finite, the guard still stops."""
+    from jit_fast.train import TrainingDiverged, parse_config, run_training
+
+    out = tmp_path / "boom"
+    cfg, explicit = parse_config(tiny_argv(data, out, "--num-classes", "5", "--max-steps", "8",
+                                           "--save-freq-steps", "2"))
+
+    def explode(tr) -> None:
+        if tr.step == 3:
+            with torch.no_grad():
+                dict(zip(tr.names, tr.params, strict=True))["y_embedder.embedding_table.weight"][4].fill_(1e30)
+
+    with pytest.raises(TrainingDiverged, match=r"weights exploded .*loss \d.*Last good checkpoint: .*step_000000002"):
+        run_training(cfg, explicit, step_callback=explode)
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert all(v.abs().max() < 1e6 for v in checkpoint_tensors(out).values() if v.is_floating_point())
