@@ -455,6 +455,9 @@ def test_index_cache_skips_revalidation(small_root: Path, tmp_path: Path, monkey
         f.write(b"\0")  # only the changed file is validated again
     third = build_index(root, num_workers=1)
     assert probed == [first.paths[3]] and third.paths == first.paths
+    cache = idx._cache_file(str(root), True)
+    cache.write_text(cache.read_text()[:200])  # a damaged cache is ignored: everything is validated again
+    assert build_index(root, num_workers=1).paths == first.paths and len(probed) == 24
 
 
 # ---------------------------------------------------------------- output format, demo, prepare tool

@@ -311,9 +311,13 @@ def _read_cache(path: Path, root: str) -> dict[str, _Record]:
     if not lines or lines[0] != _header(root):
         return {}
     records = {}
-    for line in lines[1:]:
-        status, rel, size, mtime, ctime, w, h, why = line.split("\t")
-        records[rel] = _Record(Stamp(int(size), int(mtime), int(ctime)), _Probe(status, int(w), int(h), why))
+    try:
+        for line in lines[1:]:
+            status, rel, size, mtime, ctime, w, h, why = line.split("\t")
+            records[rel] = _Record(Stamp(int(size), int(mtime), int(ctime)), _Probe(status, int(w), int(h), why))
+    except ValueError:  # a damaged cache only costs a full validation
+        log.warning("ignoring the damaged data index cache %s", path)
+        return {}
     return records
 
 
