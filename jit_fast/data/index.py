@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _INDEX_VERSION = "jit_fast-index-v2"
 _UNSUPPORTED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
-MIN_PIXEL_LIMIT = 1 << 26  # 67.1 Mpx (8192 x 8192): above any camera photo a training set at <= 1024 px holds
+MIN_PIXEL_LIMIT = 1 << 26  # 67.1 Mpx (8192 x 8192): passes camera photos, refuses absurd headers (used up to S=1024)
 PIXELS_PER_TARGET = 64  # larger targets allow 64 x S^2 pixels (8x the target's side)
 NAMED = 10  # skipped files named in one warning; the rest are counted
 
