@@ -36,6 +36,69 @@ MODEL_PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
+@dataclass(frozen=True)
+class NumberRange:
+    """Allowed values of a numeric setting; also an argparse `type=` so bad flags fail at parse time."""
+
+    kind: type = float  # int or float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        """Human-readable range, e.g. 'a finite number in (0, 1]' or 'an integer >= 1'."""
+        what = "an integer" if self.kind is int else "a finite number"
+        fmt = "{:d}" if self.kind is int else "{:g}"
+        lo, hi = (None if b is None else fmt.format(int(b) if self.kind is int else b) for b in (self.lo, self.hi))
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {hi}"
+        return what
+
+    def contains(self, v: float) -> bool:
+        """True if `v` has the right kind, is finite and lies within the bounds."""
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+    def __call__(self, text: str) -> int | float:
+        """Parse and check a command-line value; ArgumentTypeError gives argparse's 'argument --x: ...' line."""
+        try:
+            v = self.kind(text)
+        except ValueError:
+            v = None
+        if v is None or not self.contains(v):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return v
+
+
+INT_POSITIVE = NumberRange(int, lo=1)
+INT_NONNEGATIVE = NumberRange(int, lo=0)
+SEED = NumberRange(int, lo=0, hi=2**63 - 1)
+PROBABILITY = NumberRange(float, lo=0.0, hi=1.0)
+UNIT_OPEN = NumberRange(float, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+DECAY = NumberRange(float, lo=0.0, hi=1.0, hi_open=True)
+POSITIVE = NumberRange(float, lo=0.0, lo_open=True)
+NONNEGATIVE = NumberRange(float, lo=0.0)
+LEARNING_RATE = NumberRange(float, lo=0.0, hi=1.0, lo_open=True)  # AdamW lr > 1 is nonsense, 1e300 overflows
+
+# Allowed values of the numeric ModelConfig fields (--model-arg KEY=VALUE reaches them unchecked by argparse).
+MODEL_RANGES: dict[str, NumberRange] = {
+    "input_size": INT_POSITIVE, "patch_size": INT_POSITIVE, "in_channels": INT_POSITIVE,
+    "num_classes": INT_POSITIVE, "hidden_size": INT_POSITIVE, "depth": INT_POSITIVE, "num_heads": INT_POSITIVE,
+    "mlp_ratio": POSITIVE, "attn_drop": DECAY, "proj_drop": DECAY, "bottleneck_dim": INT_POSITIVE,
+    "in_context_len": INT_NONNEGATIVE, "in_context_start": INT_NONNEGATIVE, "mlp_pad_to": INT_POSITIVE,
+}
+
+
 @dataclass
 class ModelConfig:
     """Constructor arguments of a JiT model; names follow the official constructor."""
@@ -70,7 +133,10 @@ class ModelConfig:
         return int(int(self.hidden_size * self.mlp_ratio) * 2 / 3)
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field for impossible shapes."""
+        """Raise ValueError naming the offending field for out-of-range values and impossible shapes."""
+        for name, allowed in MODEL_RANGES.items():
+            if not allowed.contains(getattr(self, name)):
+                raise ValueError(f"model setting {name} must be {allowed.describe()}, got {getattr(self, name)!r}")
         if self.input_size % self.patch_size:
             raise ValueError(f"img_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -210,60 +276,6 @@ RUN_PRESETS: dict[str, dict] = {
     ),
 }
 
-
-@dataclass(frozen=True)
-class NumberRange:
-    """Allowed values of a numeric setting; also an argparse `type=` so bad flags fail at parse time."""
-
-    kind: type = float  # int or float
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def describe(self) -> str:
-        """Human-readable range, e.g. 'a finite number in (0, 1]' or 'an integer >= 1'."""
-        what = "an integer" if self.kind is int else "a finite number"
-        fmt = "{:d}" if self.kind is int else "{:g}"
-        lo, hi = (None if b is None else fmt.format(int(b) if self.kind is int else b) for b in (self.lo, self.hi))
-        if self.lo is not None and self.hi is not None:
-            return f"{what} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {lo}"
-        if self.hi is not None:
-            return f"{what} {'<' if self.hi_open else '<='} {hi}"
-        return what
-
-    def contains(self, v: float) -> bool:
-        """True if `v` has the right kind, is finite and lies within the bounds."""
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
-            return False
-        if not math.isfinite(v):
-            return False
-        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-            return False
-        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
-
-    def __call__(self, text: str) -> int | float:
-        """Parse and check a command-line value; ArgumentTypeError gives argparse's 'argument --x: ...' line."""
-        try:
-            v = self.kind(text)
-        except ValueError:
-            v = None
-        if v is None or not self.contains(v):
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
-        return v
-
-
-INT_POSITIVE = NumberRange(int, lo=1)
-INT_NONNEGATIVE = NumberRange(int, lo=0)
-SEED = NumberRange(int, lo=0, hi=2**63 - 1)
-PROBABILITY = NumberRange(float, lo=0.0, hi=1.0)
-UNIT_OPEN = NumberRange(float, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-DECAY = NumberRange(float, lo=0.0, hi=1.0, hi_open=True)
-POSITIVE = NumberRange(float, lo=0.0, lo_open=True)
-NONNEGATIVE = NumberRange(float, lo=0.0)
-LEARNING_RATE = NumberRange(float, lo=0.0, hi=1.0, lo_open=True)  # AdamW lr > 1 is nonsense, 1e300 overflows
 
 # Allowed values of every numeric TrainConfig field (flags are checked at parse time, presets and
 # API configs by `train.validate_config`).
