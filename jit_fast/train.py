@@ -317,6 +317,11 @@ def lr_at(cfg: TrainConfig, base_lr: float, epoch: float) -> float:
     return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
+def base_learning_rate(cfg: TrainConfig, global_batch: int) -> float:
+    """The official rule: the absolute --lr when given, else blr x global_batch / 256."""
+    return cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Official AdamW groups: [no decay (1-D params and biases), decay], frozen parameters skipped."""
     no_decay, decay = [], []
@@ -546,7 +551,7 @@ class Trainer:
         if self.spe == 0:
             raise ConfigError(f"{len(loader)} batches per epoch cannot fill one step of {cfg.grad_accum} micro-steps")
         self.global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
-        self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.global_batch / 256
+        self.base_lr = base_learning_rate(cfg, self.global_batch)
         if not LEARNING_RATE.contains(self.base_lr):
             raise ConfigError(f"--blr {cfg.blr:g} x global batch {self.global_batch} / 256 = {self.base_lr:g} is not "
                               f"{LEARNING_RATE.describe()}; lower --blr or pass --lr")
