@@ -8,6 +8,10 @@ copies of the inputs. fp32 runs must be <= 1e-5; bf16 runs <= 1.25x the eager bf
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,21 @@ use_gpu_bf16_rounding()
 EPS = 1e-6
 NAMES_RES = ("x", "branch", "gate", "weight", "shift", "scale")
 NAMES_PLAIN = ("x", "weight", "shift", "scale")
+GRAD_NAMES = ("x", "branch", "gate", "weight", "shift", "scale", "branch_bias")  # order of BWD's results
+VARIANTS = ("plain", "residual", "residual+bias")
+ROOT = Path(__file__).resolve().parents[1]
+
+# The Triton entry points the numerics tests run: fwd + bwd with autograd (default configs), and the launch helpers.
+PLAIN = rm.rmsnorm_modulate_launcher
+RESIDUAL = rm.residual_rmsnorm_modulate_launcher
+FWD = rm.rmsnorm_modulate_fwd
+RESIDUAL_FWD = rm.residual_rmsnorm_modulate_fwd
+BWD = rm.rmsnorm_modulate_bwd
+
+# A backward config of 4 rows per program (the launched ones take 32): the same kernel code (ROWS_PER_PROG is a
+# constexpr), so many programs per sample and multi-step row sums cost 8x fewer interpreted rows.
+FEW_ROWS = triton.Config({"BLOCK_M": 2, "ROWS_PER_PROG": 4}, num_warps=4, num_stages=1)
+SUM_BLOCK_R = _common.SUM_ROWS_CONFIG.kwargs["BLOCK_R"]
 
 
 def make_inputs(
@@ -70,7 +89,7 @@ def check_case(b: int, n: int, d: int, mode: str, residual: bool, fn=None, bias:
     inputs, out_dtype = make_inputs(b, n, d, mode, residual, bias)
     up = upstream_grads(b, n, d, residual)
     ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
-    kern_fn = fn or (rm.residual_rmsnorm_modulate_launcher if residual else rm.rmsnorm_modulate_launcher)
+    kern_fn = fn or (RESIDUAL if residual else PLAIN)
     k_out, k_grad = run(kern_fn, inputs, out_dtype, up, residual)
     r_out, r_grad = run(ref_fn, inputs, None, up, residual, cast=torch.float64)
     e_out, e_grad = run(ref_fn, inputs, out_dtype, up, residual)
@@ -118,7 +137,7 @@ def test_every_candidate_config(d):
     inputs, out_dtype = make_inputs(2, 9, d, "bf16", True, bias=True)
     up = upstream_grads(2, 9, d, True)
     size = min(s for s in rm.FWD_CONFIGS if s >= triton.next_power_of_2(d))
-    base_out, base_grad = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
+    base_out, base_grad = run(RESIDUAL, inputs, out_dtype, up, True)
     r_out, r_grad = run(reference.residual_rmsnorm_modulate, inputs, None, up, True, cast=torch.float64)
     e_out, e_grad = run(reference.residual_rmsnorm_modulate, inputs, out_dtype, up, True)
     for fcfg in rm.FWD_CONFIGS[size]:
@@ -137,14 +156,120 @@ def test_every_candidate_config(d):
             assert_within_rule("d" + name, g, r_grad[name], e_grad[name])
 
 
-@pytest.mark.parametrize("d", [97, 1280])
-def test_backward_bitwise_deterministic(d):
-    inputs, out_dtype = make_inputs(2, 33, d, "bf16", True, bias=True)
-    up = upstream_grads(2, 33, d, True)
-    _, g1 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
-    _, g2 = run(rm.residual_rmsnorm_modulate_launcher, inputs, out_dtype, up, True)
-    for name in g1:
-        assert torch.equal(g1[name], g2[name]), name
+def stage_rows(b: int, n: int, config: triton.Config) -> tuple[int, int]:
+    """(stage-2 rows per sample, stage-3 rows) the backward's `sum_rows` launches reduce: programs per sample, b."""
+    return triton.cdiv(n, config.kwargs["ROWS_PER_PROG"]), b
+
+
+def check_bwd_config(b: int, n: int, d: int, mode: str, variant: str, config: triton.Config) -> None:
+    """Forward through the launch helpers, backward through `BWD` with `config`; every output and gradient
+    against float64 under the rule of `check_case` (x_norm and dx_out as the autograd backward passes them)."""
+    residual, bias = variant != "plain", variant == "residual+bias"
+    inputs, out_dtype = make_inputs(b, n, d, mode, residual, bias)
+    up = upstream_grads(b, n, d, residual)
+    ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
+    r_out, r_grad = run(ref_fn, inputs, None, up, residual, cast=torch.float64)
+    e_out, e_grad = run(ref_fn, inputs, out_dtype, up, residual)
+    if residual:
+        x_norm, y = RESIDUAL_FWD(*(inputs[k] for k in NAMES_RES), EPS, out_dtype, inputs.get("branch_bias"))
+        outs, dx_out = {"x_out": x_norm, "y": y}, up[0].to(x_norm.dtype)
+    else:
+        y = FWD(*(inputs[k] for k in NAMES_PLAIN), EPS, out_dtype)
+        outs, x_norm, dx_out = {"y": y}, inputs["x"], None
+    grads = BWD(up[-1].to(y.dtype), x_norm, dx_out, inputs.get("branch"), inputs.get("gate"), inputs["weight"],
+                inputs["scale"], EPS, inputs["x"].dtype, inputs["shift"].dtype, inputs.get("branch_bias"),
+                config=config)
+    for name, t in outs.items():
+        assert_within_rule(name, t, r_out[name], None if mode == "fp32" else e_out[name])
+    for name, g in zip(GRAD_NAMES, grads, strict=True):
+        assert (g is None) == (name not in inputs), f"d{name}"
+        if g is not None:
+            assert g.dtype == inputs[name].dtype, f"d{name}"
+            assert_within_rule("d" + name, g, r_grad[name], None if mode == "fp32" else e_grad[name])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_many_programs_per_sample(mode, variant):
+    """105 tokens = 27 programs of 4 rows per sample, the last 1 row: stage 2 sums 27 partial rows per sample
+    (4 loop steps, the last 3 rows) over 2 column programs (D = 555, odd, the last partial)."""
+    b, n, d = 2, 105, 555
+    rows2, _ = stage_rows(b, n, FEW_ROWS)
+    assert rows2 > 3 * SUM_BLOCK_R and n % FEW_ROWS.kwargs["ROWS_PER_PROG"] != 0
+    check_bwd_config(b, n, d, mode, variant, FEW_ROWS)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_many_samples(mode):
+    """27 samples x 5 tokens (2 programs of 4 rows each, the last 1 row): stage 3 sums 27 per-sample rows of
+    dweight and dbias (4 loop steps, the last 3 rows)."""
+    b, n, d = 27, 5, 555
+    _, rows3 = stage_rows(b, n, FEW_ROWS)
+    assert rows3 > 3 * SUM_BLOCK_R
+    check_bwd_config(b, n, d, mode, "residual+bias", FEW_ROWS)
+
+
+def test_launched_config_batch():
+    """The launched config: 9 samples x 33 tokens = 2 programs of 32 rows per sample (the last 1 row); stage 3
+    sums 9 rows (2 loop steps, the last 1 row)."""
+    b, n, d = 9, 33, 97
+    rows2, _ = stage_rows(b, n, rm.select_config(rm.BWD_CONFIGS, triton.next_power_of_2(d), "test"))
+    assert rows2 == 2
+    check_case(b, n, d, "bf16", True, bias=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["plain", "residual+bias"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("d", [768, 1280, 1664])
+def test_many_programs_wide(d, mode, variant):
+    """JiT widths (2 to 4 column programs in the row sums): 27 programs per sample, 4-step stage-2 sums."""
+    check_bwd_config(2, 105, d, mode, variant, FEW_ROWS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("d", [768, 1280, 1664])
+def test_launched_config_wide(d, mode):
+    """The launched config of each JiT width: 9 samples, 2 programs per sample (the last 1 row)."""
+    check_case(9, 33, d, mode, True, bias=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_launched_config_long(mode):
+    """The launched config at production token counts: 801 tokens = 26 programs of 32 rows per sample (the last
+    1 row), stage-2 sums of 26 rows in 4 loop steps."""
+    rows2, _ = stage_rows(2, 801, rm.select_config(rm.BWD_CONFIGS, 128, "test"))
+    assert rows2 > 3 * SUM_BLOCK_R
+    check_case(2, 801, 97, mode, True, bias=True)
+
+
+def backward_twice(device: str) -> None:
+    """Two backward runs on `device` at production row counts (26 programs per sample, stage-2 sums in 4 steps,
+    9 samples) give bitwise equal gradients."""
+    for d in (97, 1280):
+        torch.manual_seed(0)
+        inputs, out_dtype = make_inputs(9, 801, d, "bf16", True, bias=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        up = [u.to(device) for u in upstream_grads(9, 801, d, True)]
+        _, g1 = run(RESIDUAL, inputs, out_dtype, up, True)
+        _, g2 = run(RESIDUAL, inputs, out_dtype, up, True)
+        for name in g1:
+            assert torch.equal(g1[name], g2[name]), f"d{name} at D={d}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_backward_bitwise_deterministic():
+    """Compiled kernels on the GPU, in a subprocess without TRITON_INTERPRET: the interpreter runs programs one
+    after another in a fixed order, so there run-to-run reproducibility holds whatever the kernels do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")))
+    code = "import test_kernels_rmsnorm_modulate as t; t.backward_twice('cuda')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_no_atomics_in_kernels():
@@ -258,14 +383,14 @@ class TestBadInput:
         xt = torch.randn(2, 8, 4).transpose(1, 2)
         with pytest.raises(ValueError, match="x must be contiguous"):
             rm.rmsnorm_modulate_fwd(xt, self.w, self.v, self.v)
-        got = rm.rmsnorm_modulate_launcher(xt, self.w, self.v, self.v)
+        got = PLAIN(xt, self.w, self.v, self.v)
         assert torch.equal(got, rm.rmsnorm_modulate_fwd(xt.contiguous(), self.w, self.v, self.v))
         col = torch.zeros(8, 2).t()
         with pytest.raises(ValueError, match="scale must have unit stride"):
             rm.rmsnorm_modulate_fwd(self.x, self.w, self.v, col)
 
 
-@pytest.mark.parametrize("fn", [rm.residual_rmsnorm_modulate_launcher, rm.residual_rmsnorm_modulate])
+@pytest.mark.parametrize("fn", [RESIDUAL, rm.residual_rmsnorm_modulate])
 def test_unused_x_out(fn):
     """Final layer: x_out is discarded, so no gradient arrives for it (the HAS_DXO=False kernel variant);
     it adds the last block's MLP bias."""
