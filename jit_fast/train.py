@@ -547,14 +547,14 @@ class Trainer:
             self.cfg = cfg = dataclasses.replace(cfg, num_classes=n_data)
         elif n_data > cfg.num_classes:
             raise ConfigError(f"the data has {n_data} classes but the model has num_classes={cfg.num_classes}")
-        self.spe = len(loader) // cfg.grad_accum
-        if self.spe == 0:
-            raise ConfigError(f"{len(loader)} batches per epoch cannot fill one step of {cfg.grad_accum} micro-steps")
         self.global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
         self.base_lr = base_learning_rate(cfg, self.global_batch)
         if not LEARNING_RATE.contains(self.base_lr):
             raise ConfigError(f"--blr {cfg.blr:g} x global batch {self.global_batch} / 256 = {self.base_lr:g} is not "
                               f"{LEARNING_RATE.describe()}; lower --blr or pass --lr")
+        self.spe = len(loader) // cfg.grad_accum
+        if self.spe == 0:
+            raise ConfigError(f"{len(loader)} batches per epoch cannot fill one step of {cfg.grad_accum} micro-steps")
         total = cfg.epochs * self.spe
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         # global-batch position of every local sample, per micro-step (loader deals round-robin)
