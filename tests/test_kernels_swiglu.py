@@ -6,15 +6,30 @@ fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
-from kernels import reference
+from kernels import _common, reference
 from kernels import swiglu as sw
 from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
 
 use_gpu_bf16_rounding()
+
+ROOT = Path(__file__).resolve().parents[1]
+# The Triton entry points the numerics tests run: fwd + bwd with autograd (default configs), and the launch helpers.
+KERNEL = sw.swiglu_launcher
+FWD = sw.swiglu_fwd
+BWD = sw.swiglu_bwd
+# A backward config of 4 rows per program (the launched ones take 64): the same kernel code (ROWS_PER_PROG is a
+# constexpr), so many programs and a multi-step bias-gradient sum cost 16x fewer interpreted rows.
+FEW_ROWS = triton.Config({"BLOCK_M": 2, "BLOCK_H": 256, "ROWS_PER_PROG": 4}, num_warps=4, num_stages=1)
+SUM_BLOCK_R = _common.SUM_ROWS_CONFIG.kwargs["BLOCK_R"]
 
 
 def run(fn, x12: torch.Tensor, dout: torch.Tensor, bias=None, cast=None) -> tuple[torch.Tensor, ...]:
@@ -26,7 +41,7 @@ def run(fn, x12: torch.Tensor, dout: torch.Tensor, bias=None, cast=None) -> tupl
     return (out.detach(), leaf.grad) + (() if b is None else (b.grad,))
 
 
-def check_case(shape: tuple[int, ...], h: int, dtype: torch.dtype, fn=sw.swiglu_launcher, bias: bool = False) -> None:
+def check_case(shape: tuple[int, ...], h: int, dtype: torch.dtype, fn=KERNEL, bias: bool = False) -> None:
     """Kernel vs float64 reference (and the eager bf16 path's own error): h, dx12 and, with a bias, dbias.
 
     The bias is fp32, as the w12 bias under autocast; the eager path then is the op's reference contract.
@@ -37,9 +52,9 @@ def check_case(shape: tuple[int, ...], h: int, dtype: torch.dtype, fn=sw.swiglu_
     got = run(fn, x12, dout, b)
     want = run(reference.swiglu, x12, dout, b, cast=torch.float64)
     eager = run(reference.swiglu, x12, dout, b) if dtype != torch.float32 else (None,) * len(got)
+    assert len(got) == len(want) == (3 if bias else 2)
     for name, g, w, e in zip(("h", "dx12", "dbias"), got, want, eager, strict=False):
         assert_within_rule(name, g, w, e)
-    assert len(got) == 3 if bias else 2
 
 
 # Hidden widths: odd small, and the official h for D = 768 / 1280 / 1664 (2048 = B; 3413, 4437 unpadded).
@@ -77,11 +92,84 @@ def test_every_candidate_config():
                 assert_within_rule("dbias", dbias, r_db[0], e_db[0])
 
 
-def test_bias_gradient_is_deterministic():
-    x12, bias, dout = torch.randn(3, 50, 2 * 96).bfloat16(), torch.randn(192), torch.randn(3, 50, 96).bfloat16()
-    first, second = sw.swiglu_bwd(x12, bias, dout), sw.swiglu_bwd(x12, bias, dout)
+def check_bwd_config(shape: tuple[int, ...], h: int, dtype: torch.dtype, bias: bool, config: triton.Config) -> None:
+    """`check_case` with the backward launched through `BWD` with `config` (forward: the launched config)."""
+    x12 = (2 * torch.randn(*shape, 2 * h)).to(dtype)
+    b = torch.randn(2 * h) if bias else None
+    dout = torch.randn(*shape, h)
+    out = FWD(x12, b)
+    dx12, dbias = BWD(x12, b, dout.to(dtype), config=config)
+    want = run(reference.swiglu, x12, dout, b, cast=torch.float64)
+    eager = run(reference.swiglu, x12, dout, b) if dtype != torch.float32 else (None,) * len(want)
+    assert len(want) == (3 if bias else 2) and (dbias is None) == (not bias)
+    for name, g, w, e in zip(("h", "dx12", "dbias"), (out, dx12, dbias), want, eager, strict=False):
+        assert_within_rule(name, g, w, e)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_programs(dtype, bias):
+    """117 rows = 30 programs of 4 rows (the last 1 row) x 2 column programs (h = 277, odd, the last 21 wide):
+    the bias gradient sums 30 partial rows (4 loop steps, the last 6 rows) over 2 column programs of 2h = 554."""
+    shape, h = (9, 13), 277
+    rows = triton.cdiv(9 * 13, FEW_ROWS.kwargs["ROWS_PER_PROG"])
+    assert rows > 3 * SUM_BLOCK_R and (9 * 13) % FEW_ROWS.kwargs["ROWS_PER_PROG"] != 0
+    check_bwd_config(shape, h, dtype, bias, FEW_ROWS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launched_config_batch(dtype):
+    """The launched config: 9 samples x 15 tokens = 3 programs of 64 rows (the last 7 rows), 2 column programs."""
+    assert triton.cdiv(9 * 15, sw.BWD_CONFIGS[0].kwargs["ROWS_PER_PROG"]) == 3
+    check_case((9, 15), 277, dtype, bias=True)
+
+
+# Official hidden widths of JiT D = 768 / 1280 / 1664 (unpadded: 3413 and 4437 are odd).
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h", [2048, 3413, 4437])
+def test_many_programs_wide(h, dtype):
+    """30 programs of 4 rows at the JiT hidden widths: 8 to 18 column programs in the backward and its row sum."""
+    check_bwd_config((9, 13), h, dtype, True, FEW_ROWS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launched_config_long(dtype):
+    """The launched config at production row counts: 9 x 171 = 1539 rows = 25 programs of 64 (the last 3 rows),
+    a bias-gradient sum of 25 rows in 4 loop steps."""
+    assert triton.cdiv(9 * 171, sw.BWD_CONFIGS[0].kwargs["ROWS_PER_PROG"]) > 3 * SUM_BLOCK_R
+    check_case((9, 171), 97, dtype, bias=True)
+
+
+def test_bias_gradient_dtype():
+    """dbias is written in the bias dtype (fp32 under autocast, bf16 for FSDP2's bf16 parameters): no cast launch."""
+    x12, dout = torch.randn(3, 5, 2 * 96).bfloat16(), torch.randn(3, 5, 96).bfloat16()
+    for bias in (torch.randn(192), torch.randn(192).bfloat16()):
+        assert BWD(x12, bias, dout)[1].dtype == bias.dtype
+
+
+def backward_twice(device: str) -> None:
+    """Two backward runs on `device` (1539 rows: 25 programs, a 4-step bias-gradient sum) give bitwise equal
+    gradients."""
+    torch.manual_seed(0)
+    x12 = torch.randn(9, 171, 2 * 3413, device=device).bfloat16()
+    bias, dout = torch.randn(2 * 3413, device=device), torch.randn(9, 171, 3413, device=device).bfloat16()
+    first, second = BWD(x12, bias, dout), BWD(x12, bias, dout)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert first[1].dtype == torch.float32  # written in the bias dtype, no cast launch behind it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bias_gradient_is_deterministic():
+    """Compiled kernels on the GPU, in a subprocess without TRITON_INTERPRET: the interpreter runs programs one
+    after another in a fixed order, so there run-to-run reproducibility holds whatever the kernels do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")))
+    code = "import test_kernels_swiglu as t; t.backward_twice('cuda')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_zero_padding_stays_zero():
@@ -152,4 +240,4 @@ def test_bad_input():
     nc = torch.randn(8, 2).t()
     with pytest.raises(ValueError, match="x12 must be contiguous"):
         sw.swiglu_fwd(nc)
-    assert torch.equal(sw.swiglu_launcher(nc), sw.swiglu_fwd(nc.contiguous()))
+    assert torch.equal(KERNEL(nc), sw.swiglu_fwd(nc.contiguous()))
