@@ -368,10 +368,16 @@ class Trainer:
         self.pbar = None
 
         self.resume = self._resolve_resume()
-        self._resume_meta, self._official = self._read_resume_meta()
-        self._merge_checkpoint_model_meta()
-        self._build_data()
-        self._build_model()
+        try:
+            self._resume_meta, self._official = self._read_resume_meta()
+            self._merge_checkpoint_model_meta()
+            self._build_data()
+            self._build_model()
+        except ConfigError as e:  # say which run is being continued when the user did not name it
+            if self.resume is None or cfg.resume:
+                raise
+            raise ConfigError(f"{e} (continuing {self.resume.path} by --auto-resume; pass --overwrite to start "
+                              "over or choose another --output-dir)") from None
         self._build_optimizer()
         self.step, self.epoch, self.sie = 0, 0, 0
         if self.resume is not None:
