@@ -1,0 +1,484 @@
+"""On-device verification of the fused kernels: run this first on a new GPU, before any timing.
+
+    python -m kernels.selfcheck [--json PATH] [--only SUBSTRING]
+
+On CUDA it checks, at production shapes (JiT-B/H/G widths 768/1280/1664, head dims 64/80/104, SwiGLU widths
+2048/3413/4437, batches whose row sums take several loop steps and whose heads span several programs):
+every fused op forward and backward against float64 references computed on the device, in fp32 and in
+bf16-autocast dtypes, with the bounds of the CPU tests (`kernels.testing.assert_within_rule`: norm-wise
+and element-wise); two backward runs bitwise equal (no atomics: deterministic by construction); a whole
+JiT-B/16 block through `torch.compile(fullgraph=True)` against float64 within the same rule; and CUDA-graph
+capture + replay of the sampler's step bitwise equal to running that step eagerly. Prints one PASS/FAIL
+line per check and exits 1 on any failure. Without CUDA there is nothing to check: it says so, exits 0.
+
+`kernels/` does not import `jit_fast` at module level: the block and sampler checks import it lazily.
+The check functions take a device, sizes and an op table, so the tests run them on CPU tensors under
+TRITON_INTERPRET=1 at tiny shapes (tests/test_selfcheck.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import TextIO
+
+import torch
+
+from kernels import reference
+from kernels.testing import assert_within_rule, error_bound
+
+EPS = 1e-6
+MODES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Shapes of one selfcheck run (PRODUCTION on a GPU; tests pass tiny ones)."""
+
+    norm_batch: int = 32  # rmsnorm_modulate: the stage-3 row sum over the batch takes 4 loop steps
+    tokens: int = 288  # 256 patches + 32 in-context tokens (JiT at 256 px)
+    widths: tuple[int, ...] = (768, 1280, 1664)
+    qk_batch: int = 16  # 4608 tokens: 18 backward programs per head, the last one partial
+    heads: tuple[tuple[int, int], ...] = ((12, 64), (16, 80), (16, 104))  # (heads, head dim): B, H, G
+    swiglu_rows: int = 8 * 288  # 36 backward programs: the bias-gradient sum takes 5 loop steps
+    hidden: tuple[int, ...] = (2048, 3413, 4437)  # B, H, G (unpadded)
+    block_batch: int = 8
+    model: dict = field(default_factory=dict)  # build_model overrides of JiT-B/16 for the block / sampler checks
+    sampler_batch: int = 8
+    sampler_steps: int = 4
+
+
+PRODUCTION = Sizes()
+
+
+@dataclass
+class CheckResult:
+    """One line of the report: which fused ops it covers, PASS/FAIL and what was measured."""
+
+    name: str
+    ops: tuple[str, ...]
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named check covering some op-table entries; `run()` returns a detail string or raises on failure."""
+
+    name: str
+    ops: tuple[str, ...]
+    run: Callable[[], str]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared machinery: inputs, forward + backward, the rule.
+
+
+def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return shift + scale * torch.randn(*shape, generator=gen)
+
+
+def _run(call: Callable[[dict], tuple], inputs: dict, grad_names: Iterable[str], upstream: list[torch.Tensor],
+         cast: torch.dtype | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward `call(leaves)` then backward with `upstream` (cast to each output's dtype); (outputs, grads)."""
+    grad_names = set(grad_names)
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone() if cast is None or not v.is_floating_point() else v.detach().to(cast)
+            v.requires_grad_(k in grad_names)
+        leaves[k] = v
+    outs = [o for o in call(leaves)]
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(upstream, outs, strict=True)])
+    return [o.detach() for o in outs], {k: leaves[k].grad for k in grad_names}
+
+
+def _judge(items: Iterable[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> str:
+    """Apply the CPU tests' rule to every (name, actual, float64 expected, eager or None) and return the
+    tightest margin; raises AssertionError naming the first tensor out of bounds."""
+    worst = (0.0, "", 0.0, 0.0)
+    for name, actual, expected, eager in items:
+        err = assert_within_rule(name, actual, expected, eager)
+        bound = error_bound(eager, expected)
+        worst = max(worst, (err / bound, name, err, bound))
+    return f"worst {worst[1]}: rel err {worst[2]:.2e} <= bound {worst[3]:.2e}"
+
+
+def _compare_op(call_kernel, call_ref, inputs: dict, grad_names: tuple[str, ...], out_names: tuple[str, ...],
+                upstream: list[torch.Tensor], bf16: bool) -> str:
+    """Kernel vs float64 reference, bounded by the eager reference's own error in the run's dtypes (bf16)."""
+    k_out, k_grad = _run(call_kernel, inputs, grad_names, upstream)
+    r_out, r_grad = _run(lambda t: call_ref(t, None), inputs, grad_names, upstream, cast=torch.float64)
+    e_out, e_grad = _run(lambda t: call_ref(t, torch.bfloat16), inputs, grad_names, upstream) if bf16 else (
+        [None] * len(k_out), dict.fromkeys(grad_names))
+    items = [(n, k, r, e) for n, k, r, e in zip(out_names, k_out, r_out, e_out, strict=True)]
+    items += [("d" + n, k_grad[n], r_grad[n], e_grad[n]) for n in grad_names]
+    return _judge(items)
+
+
+def _bitwise_twice(call_kernel, inputs: dict, grad_names: tuple[str, ...], upstream: list[torch.Tensor]) -> str:
+    """Two forward + backward runs on the same inputs give bitwise equal outputs and gradients."""
+    a_out, a_grad = _run(call_kernel, inputs, grad_names, upstream)
+    b_out, b_grad = _run(call_kernel, inputs, grad_names, upstream)
+    pairs = list(zip(a_out, b_out, strict=True)) + [(a_grad[n], b_grad[n]) for n in grad_names]
+    differing = sum(not torch.equal(x, y) for x, y in pairs)
+    if differing:
+        raise AssertionError(f"{differing} of {len(pairs)} outputs/gradients differ between two identical runs")
+    return f"{len(pairs)} outputs and gradients bitwise equal"
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-op cases: (inputs, gradient names, output names, upstream gradients, kernel call, reference call).
+
+
+def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, d: int, mode: str, variant: str,
+                  seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    out_dtype = None if mode == "fp32" else torch.bfloat16
+    t = {"x": _randn(gen, b, n, d), "weight": _randn(gen, d, scale=0.2, shift=1.0),
+         "shift": _randn(gen, b, d, scale=0.3).to(act), "scale": _randn(gen, b, d, scale=0.3).to(act)}
+    residual = variant != "plain"
+    if residual:
+        t["branch"] = _randn(gen, b, n, d).to(act)
+        t["gate"] = _randn(gen, b, d, scale=0.5).to(act)
+    if variant == "residual+bias":
+        t["branch_bias"] = _randn(gen, d, scale=0.5)
+    up = [_randn(gen, b, n, d) for _ in range(2 if residual else 1)]
+    t, up = {k: v.to(device) for k, v in t.items()}, [u.to(device) for u in up]
+
+    def call(table, leaves, out):
+        if not residual:
+            return (table.rmsnorm_modulate(leaves["x"], leaves["weight"], leaves["shift"], leaves["scale"], EPS, out),)
+        return table.residual_rmsnorm_modulate(
+            leaves["x"], leaves["branch"], leaves["gate"], leaves["weight"], leaves["shift"], leaves["scale"], EPS,
+            out, leaves.get("branch_bias"))
+
+    names = ("x_out", "y") if residual else ("y",)
+    return (t, tuple(t), names, up, lambda leaves: call(ops, leaves, out_dtype),
+            lambda leaves, out: call(reference, leaves, out))
+
+
+def _rope(gen: torch.Generator, n: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of random angles, each repeated for an interleaved pair (as the model's tables)."""
+    ang = (3 * torch.rand(n, head_dim // 2, generator=gen)).repeat_interleave(2, dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, heads: int, head_dim: int, mode: str,
+             bias: bool, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    c = heads * head_dim
+    cos, sin = _rope(gen, n, head_dim)
+    t = {"qkv": _randn(gen, b, n, 3 * c).to(act), "q_weight": _randn(gen, head_dim, scale=0.2, shift=1.0),
+         "k_weight": _randn(gen, head_dim, scale=0.2, shift=1.0), "cos": cos, "sin": sin}
+    if bias:
+        t["bias"] = _randn(gen, 3 * c, scale=0.5)
+    up = [_randn(gen, b, n, heads, head_dim) for _ in range(3)]
+    t, up = {k: v.to(device) for k, v in t.items()}, [u.to(device) for u in up]
+
+    def call(table, leaves):
+        return table.qk_norm_rope(leaves["qkv"], leaves["q_weight"], leaves["k_weight"], leaves["cos"], leaves["sin"],
+                                  heads, EPS, leaves.get("bias"))
+
+    grads = tuple(k for k in t if k not in ("cos", "sin"))
+    # the reference keeps qkv's dtype: its bf16 run is the eager bf16 path, its float64 run the ground truth
+    return t, grads, ("q", "k", "v"), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
+
+
+def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h: int, mode: str, bias: bool,
+                 seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    t = {"x12": _randn(gen, rows, 2 * h).to(act)}
+    if bias:
+        t["bias"] = _randn(gen, 2 * h, scale=0.5)
+    up = [_randn(gen, rows, h).to(device)]
+    t = {k: v.to(device) for k, v in t.items()}
+
+    def call(table, leaves):
+        return (table.swiglu(leaves["x12"], leaves.get("bias")),)
+
+    return t, tuple(t), ("h",), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
+
+
+def _numerics(case: tuple, bf16: bool) -> Callable[[], str]:
+    inputs, grads, outs, up, kernel, ref = case
+    return lambda: _compare_op(kernel, ref, inputs, grads, outs, up, bf16)
+
+
+def _determinism(case: tuple) -> Callable[[], str]:
+    inputs, grads, _outs, up, kernel, _ref = case
+    return lambda: _bitwise_twice(kernel, inputs, grads, up)
+
+
+def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None) -> list[Check]:
+    """Numerics (fp32 and bf16, every width / head dim / bias variant) and determinism of every fused op.
+
+    Cases are built lazily (inside each check), so a failing allocation is one FAIL line, not a crash."""
+    if ops is None:
+        from kernels.ops import triton_ops
+
+        ops = triton_ops()
+    checks = []
+    n = sizes.tokens
+    for d in sizes.widths:
+        for variant in ("plain", "residual", "residual+bias"):
+            op = "rmsnorm_modulate" if variant == "plain" else "residual_rmsnorm_modulate"
+            for mode in MODES:
+                checks.append(Check(
+                    f"{op} {mode} B={sizes.norm_batch} N={n} D={d}{' bias' if variant.endswith('bias') else ''}",
+                    (op,), _lazy(lambda d=d, v=variant, m=mode: _numerics(
+                        _rmsnorm_case(ops, device, sizes.norm_batch, n, d, m, v), m == "bf16"))))
+    for heads, head_dim in sizes.heads:
+        for bias in (False, True):
+            for mode in MODES:
+                checks.append(Check(
+                    f"qk_norm_rope {mode} B={sizes.qk_batch} N={n} H={heads} Dh={head_dim}{' bias' if bias else ''}",
+                    ("qk_norm_rope",), _lazy(lambda h=heads, dh=head_dim, b=bias, m=mode: _numerics(
+                        _qk_case(ops, device, sizes.qk_batch, n, h, dh, m, b), m == "bf16"))))
+    for h in sizes.hidden:
+        for bias in (False, True):
+            for mode in MODES:
+                checks.append(Check(
+                    f"swiglu {mode} M={sizes.swiglu_rows} h={h}{' bias' if bias else ''}", ("swiglu",),
+                    _lazy(lambda h=h, b=bias, m=mode: _numerics(
+                        _swiglu_case(ops, device, sizes.swiglu_rows, h, m, b), m == "bf16"))))
+    d, (heads, head_dim), h = sizes.widths[-1], sizes.heads[-1], sizes.hidden[-1]
+    det = {
+        "rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16", "plain", seed=1),
+        "residual_rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16",
+                                                           "residual+bias", seed=1),
+        "qk_norm_rope": lambda: _qk_case(ops, device, sizes.qk_batch, n, heads, head_dim, "bf16", True, seed=1),
+        "swiglu": lambda: _swiglu_case(ops, device, sizes.swiglu_rows, h, "bf16", True, seed=1),
+    }
+    for op, make in det.items():
+        checks.append(Check(f"{op} bf16 backward twice: bitwise", (op,), _lazy(lambda make=make: _determinism(make()))))
+    return checks
+
+
+def _lazy(build: Callable[[], Callable[[], str]]) -> Callable[[], str]:
+    """Defer building a check's inputs to when it runs."""
+    return lambda: build()()
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole-block and sampler checks (import jit_fast lazily: kernels/ must stay importable on its own).
+
+
+def _perturbed_model(kernels: str, device: torch.device | str, overrides: dict, seed: int = 0) -> torch.nn.Module:
+    """JiT-B/16 (with `overrides`) whose parameters are all perturbed: the official init zeroes adaLN and the
+    output layer, which would make the gated branches vanish."""
+    import jit_fast
+
+    torch.manual_seed(seed)
+    net = jit_fast.build_model("JiT-B/16", kernels=kernels, **overrides)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return net.to(device)
+
+
+def _use_table(module: torch.nn.Module, table: SimpleNamespace) -> torch.nn.Module:
+    for m in module.modules():
+        if hasattr(m, "ops"):
+            m.ops = table
+    return module
+
+
+def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.device | str) -> tuple[tuple, dict]:
+    """The positional and keyword inputs block `idx` receives in a bf16-autocast forward of `net`."""
+    captured = {}
+
+    class _Stop(Exception):
+        pass
+
+    def hook(_m, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    cfg = net.cfg
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
+    t = torch.rand(batch, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+    handle = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            net(x, t, y)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["args"], captured["kwargs"]
+
+
+def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: str = "inductor") -> str:
+    """A JiT-B/16 block (after the in-context tokens, with a pending residual) with the fused custom ops through
+    torch.compile(fullgraph=True) under bf16 autocast: output and every input / parameter gradient against a
+    float64 eager block, bounded by the eager bf16 block's own error (the rule of the CPU tests)."""
+    from kernels import get_ops
+
+    net = _perturbed_model("triton", device, sizes.model).train()
+    idx = min(net.cfg.in_context_start + 1, net.cfg.depth - 1)
+    (x, c, rope, pending, out_dtype), _ = _block_inputs(net, idx, sizes.block_batch, device)
+    if pending is None:
+        raise ValueError(f"block {idx} gets no pending residual: use a model with depth > in_context_start + 1")
+    leaves = {"x": x, "c": c, "branch": pending[0], "gate": pending[1]}
+    block = net.blocks[idx]
+    eager = _use_table(copy.deepcopy(block), get_ops("torch"))
+    ref = _use_table(copy.deepcopy(block), get_ops("torch")).double()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    no_amp = torch.autocast(torch.device(device).type, enabled=False)
+    runs = {"fused": (compiled, block, None, amp, out_dtype), "eager": (eager, eager, None, amp, out_dtype),
+            "float64": (ref, ref, torch.float64, no_amp, None)}
+    gen = torch.Generator().manual_seed(3)
+    upstream = None
+    results = {}
+    for name, (call, params, cast, ctx, out) in runs.items():
+        ins = {k: v.detach().to(cast or v.dtype).requires_grad_() for k, v in leaves.items()}
+        with ctx:
+            outs = call(ins["x"], ins["c"], tuple(r.to(cast or r.dtype) for r in rope), (ins["branch"], ins["gate"]),
+                        out)
+        if upstream is None:
+            upstream = [torch.randn(o.shape, generator=gen).to(device) for o in outs]
+        torch.autograd.backward(list(outs), [u.to(o.dtype) for u, o in zip(upstream, outs, strict=True)])
+        named = {f"out{i}": o.detach() for i, o in enumerate(outs)}
+        named.update({f"d{k}": v.grad for k, v in ins.items()})
+        named.update({f"d{k}": p.grad for k, p in params.named_parameters() if p.requires_grad})
+        results[name] = named
+    fused, eager_t, ref_t = results["fused"], results["eager"], results["float64"]
+    missing = sorted(k for k in ref_t if fused.get(k) is None)
+    if missing:
+        raise AssertionError(f"compiled block produced no {missing}")
+    return f"{len(ref_t)} tensors; " + _judge((k, fused[k], ref_t[k], eager_t[k]) for k in ref_t)
+
+
+def check_sampler_graph(device: torch.device | str, sizes: Sizes = PRODUCTION, graph: bool | None = None) -> str:
+    """The sampler's static step captured in CUDA graphs and replayed (Heun with interval CFG, so guided and
+    unguided step kinds are both captured) gives bitwise the images of running that step eagerly."""
+    from jit_fast.sampler import StaticSampler
+
+    net = _perturbed_model("triton", device, sizes.model).eval()
+    cfg = net.cfg
+    graph = torch.device(device).type == "cuda" if graph is None else graph
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(sizes.sampler_batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (sizes.sampler_batch,), generator=gen)
+    images = []
+    for use_graph in (False, graph):
+        sampler = StaticSampler(net, sizes.sampler_batch, steps=sizes.sampler_steps, interval=(0.3, 1.0),
+                                num_classes=cfg.num_classes, device=device, autocast_dtype=torch.bfloat16,
+                                cuda_graph=use_graph)
+        images.append(sampler.run(noise, y.to(device), 2.9))
+        kinds = len(sampler.graphs)
+    if not torch.equal(images[0], images[1]):
+        diff = (images[0].double() - images[1].double()).abs().max().item()
+        raise AssertionError(f"graph replay differs from the eager step: max |diff| {diff:.3e}")
+    how = f"{kinds} step kinds captured + replayed" if graph else "graphs off (no CUDA): eager vs eager"
+    return f"{sizes.sampler_steps} Heun steps, batch {sizes.sampler_batch}: bitwise equal; {how}"
+
+
+def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None,
+               backend: str = "inductor", graph: bool | None = None) -> list[Check]:
+    """Every check of a selfcheck run, in report order."""
+    return [
+        *op_checks(device, sizes, ops),
+        Check("JiT-B/16 block, torch.compile(fullgraph=True), bf16 autocast, fwd+bwd vs float64", ("block",),
+              lambda: check_block(device, sizes, backend)),
+        Check("sampler step: CUDA graph capture + replay vs eager", ("sampler",),
+              lambda: check_sampler_graph(device, sizes, graph)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and reporting.
+
+
+def run_checks(checks: Iterable[Check], progress: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
+    """Run every check; an exception of any kind is that check's FAIL (with its message), never a crash."""
+    results = []
+    for check in checks:
+        try:
+            res = CheckResult(check.name, check.ops, True, check.run())
+        except Exception as exc:  # noqa: BLE001 - a failing check is reported, the others still run
+            msg = str(exc).strip().splitlines()
+            res = CheckResult(check.name, check.ops, False, f"{type(exc).__name__}: {msg[0] if msg else ''}")
+        results.append(res)
+        if progress is not None:
+            progress(res)
+    return results
+
+
+def format_line(r: CheckResult, width: int = 78) -> str:
+    """One table line: PASS/FAIL, the check's name, what it measured."""
+    return f"{'PASS' if r.passed else 'FAIL'}  {r.name.ljust(width)}  {r.detail}"
+
+
+def failed_ops(results: Iterable[CheckResult]) -> set[str]:
+    """Op-table entries (and "block", "sampler") covered by at least one failing check."""
+    return {op for r in results if not r.passed for op in r.ops}
+
+
+def summary(results: list[CheckResult]) -> str:
+    """Last line of the report."""
+    bad = [r for r in results if not r.passed]
+    verdict = "all checks passed" if not bad else f"FAILED: {', '.join(sorted(failed_ops(results)))}"
+    return f"{len(results)} checks, {len(results) - len(bad)} passed, {len(bad)} failed: {verdict}"
+
+
+def report(results: list[CheckResult], device_name: str, seconds: float) -> dict:
+    """JSON-serialisable record of a run (`--json`; `benchmarks.run` reads `failed_ops`)."""
+    return dict(device=device_name, torch=torch.__version__, seconds=seconds, passed=all(r.passed for r in results),
+                failed_ops=sorted(failed_ops(results)), checks=[asdict(r) for r in results])
+
+
+def selfcheck(device: torch.device | str = "cuda", sizes: Sizes = PRODUCTION, checks: list[Check] | None = None,
+              out: TextIO | None = None) -> dict:
+    """Run the checks (default: `all_checks(device, sizes)`), print the table as it goes, return the report dict."""
+    out = out or sys.stdout
+    checks = all_checks(device, sizes) if checks is None else checks
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
+    print(f"kernels.selfcheck on {name} (torch {torch.__version__}): {len(checks)} checks", file=out, flush=True)
+    start = time.perf_counter()
+    width = max((len(c.name) for c in checks), default=0)
+    results = run_checks(checks, lambda r: print(format_line(r, width), file=out, flush=True))
+    seconds = time.perf_counter() - start
+    print(summary(results) + f" ({seconds:.0f} s)", file=out, flush=True)
+    return report(results, name, seconds)
+
+
+def main(argv: list[str] | None = None, checks: list[Check] | None = None) -> int:
+    """CLI: exit 0 when every check passes (or there is no CUDA device: nothing to check), 1 otherwise.
+
+    `checks` replaces the device checks (tests inject failing ones to exercise the table and exit code)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--only", default=None, help="only checks whose name contains this string")
+    args = ap.parse_args(argv)
+    if checks is None:
+        if not torch.cuda.is_available():
+            print("kernels.selfcheck: CUDA is not available, nothing to check (the fused kernels run on GPUs; "
+                  "on CPU the test suite runs them under TRITON_INTERPRET=1).")
+            return 0
+        checks = all_checks("cuda")
+    if args.only:
+        checks = [c for c in checks if args.only in c.name]
+    result = selfcheck("cuda" if torch.cuda.is_available() else "cpu", checks=checks)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
