@@ -99,6 +99,13 @@ class SafeFileSystemReader(FileSystemReader):
         self.error: str | None = None
         self._metadata: Metadata | None = None
 
+    def reset(self, checkpoint_id: str | Path | None = None) -> None:
+        """DCP's reset (a new load, perhaps of another directory): forget the parsed metadata and refusal."""
+        super().reset(checkpoint_id)
+        if checkpoint_id:
+            self.dir = Path(checkpoint_id)
+        self._metadata, self.error = None, None
+
     def _refuse(self, msg: str) -> None:
         self.error = self.error or msg
 
