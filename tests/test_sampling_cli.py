@@ -165,7 +165,6 @@ def test_bad_fid_reference_fails_before_sampling(ckpt, tmp_path, fake_inception,
         (["--ckpt", "/nonexistent/ckpt.pth"], "checkpoint not found"),
         (["--inception-weights", "/nonexistent/inception.pth"], "Inception weights file not found"),
         (["--interval", "0.5", "0.2"], "--interval needs 0 <= LO < HI"),
-        (["--num-images", "0"], "--num-images must be >= 1"),
         (["--num-classes", "7"], "does not fit the model"),
     ],
 )
@@ -173,6 +172,34 @@ def test_bad_input_is_one_line_error(ckpt, tmp_path, extra, message, capsys):
     assert sample_mod.main(base_args(ckpt, tmp_path / "o") + extra) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_bad_files_are_one_line_errors(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
+    """--out on a file, a garbage parts/run.json, an --fid-ref .npz of object arrays, a text file as --ckpt."""
+    monkeypatch.setattr(StaticSampler, "run", lambda *a, **k: pytest.fail("sampled despite a bad input"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "o" / "parts").mkdir(parents=True)
+    (tmp_path / "o" / "parts" / "run.json").write_bytes(b"\xff\x00 not json")
+    np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    cases = [
+        (base_args(ckpt, tmp_path / "file"), f"--out {tmp_path / 'file'} exists and is not a directory"),
+        (base_args(ckpt, tmp_path / "o", "--no-metrics"), "unreadable run.json"),
+        (base_args(ckpt, tmp_path / "o2", "--fid-ref", str(tmp_path / "obj.npz")), f"--fid-ref {tmp_path}"),
+        (base_args(ckpt, tmp_path / "o3", "--ckpt", str(tmp_path / "notes.txt")), "cannot read checkpoint"),
+    ]
+    for argv, message in cases:
+        assert sample_mod.main(argv) == 2, message
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sample.py: error:") and message in lines[0], lines
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_replaces_a_garbage_run_file(ckpt, tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "run.json").write_text("[1, 2]")
+    assert sample_mod.main(base_args(ckpt, tmp_path, "--no-metrics", "--overwrite")) == 0
+    assert (tmp_path / "samples.npz").is_file()
 
 
 def test_cli_errors_without_traceback(ckpt, tmp_path):

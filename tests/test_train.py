@@ -92,6 +92,19 @@ def _write_corrupt_pth(p: Path) -> Path:
     return p
 
 
+def _write_text_file(p: Path) -> Path:
+    p.write_text("hello\n")  # torch.load of these bytes raised KeyError: 101
+    return p
+
+
+def _truncated_rank_state(trained: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(latest_checkpoint(trained), dst, dirs_exist_ok=True)
+    (dst / "rank00000.pt").write_bytes((dst / "rank00000.pt").read_bytes()[:50])
+    return dst
+
+
 BAD_INPUTS = {
     "unknown_preset": (lambda d, t, tr: ["--preset", "nope"], "unknown preset 'nope'"),
     "unknown_model": (lambda d, t, tr: tiny_argv(d, t / "o", "--model", "JiT-X/3"), "unknown model"),
@@ -112,6 +125,19 @@ BAD_INPUTS = {
         "cannot read checkpoint",
     ),
     "missing_data": (lambda d, t, tr: tiny_argv(t / "nodata", t / "o"), "is not a directory"),
+    "resume_text_file": (
+        lambda d, t, tr: tiny_argv(d, t / "o", "--resume", str(_write_text_file(t / "notes.txt"))),
+        "cannot read checkpoint",
+    ),
+    "truncated_rank_state": (
+        lambda d, t, tr: tiny_argv(d, t / "o", "--resume", str(_truncated_rank_state(tr, t / "cut"))),
+        "rank00000.pt",
+    ),
+    "truncated_rank_state_unchecked": (
+        lambda d, t, tr: tiny_argv(d, t / "o", "--skip-checksum", "--max-steps", "6", "--resume",
+                                   str(_truncated_rank_state(tr, t / "cut"))),
+        "rank00000.pt",
+    ),
     "no_data": (lambda d, t, tr: ["--model", "JiT-T/4"], "no training data"),
 }
 
