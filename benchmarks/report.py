@@ -9,12 +9,39 @@ figures sit in their own tables, labeled as such.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 PERFORMANCE_MD = ROOT / "docs" / "PERFORMANCE.md"
+
+
+def git_commit(short: bool = True) -> str:
+    """HEAD of the checkout (abbreviated unless `short=False`), or "unknown" outside git."""
+    try:
+        cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def source_files(root: Path = ROOT) -> list[Path]:
+    """The sources every number of a result depends on: the kernels (kernels/*.py) and the model definition."""
+    return sorted((root / "kernels").glob("*.py")) + [root / "jit_fast" / "model.py"]
+
+
+def source_fingerprint(root: Path = ROOT) -> dict:
+    """Git commit of the checkout and sha256 over the (relative path, contents) of `source_files`, so a result
+    can later tell whether the kernels or the model changed since it was produced (`benchmarks.report`)."""
+    digest = hashlib.sha256()
+    for path in source_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return dict(commit=git_commit(short=False), sources_sha256=digest.hexdigest(),
+                sources="kernels/*.py, jit_fast/model.py")
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -254,7 +281,9 @@ def render_result(res: dict) -> str:
     parts = [
         f"## {res['model']}, batch {res['batch']}, {res['img_size']}px",
         f"Command: `{res['command']}` on {res['host']}, {res['created']}, git {res['git']}, torch "
-        f"{res['versions']['torch']}, triton {res['versions']['triton']}.",
+        f"{res['versions']['torch']}, triton {res['versions']['triton']}"
+        + (f"; kernels/*.py + jit_fast/model.py sha256 {res['source']['sources_sha256'][:12]}." if "source" in res
+           else "."),
         "### Measured on GPU",
         *_measured_gpu(res),
         "### Measured on CPU",
@@ -282,6 +311,35 @@ tables and say so. No GPU timing appears here unless it was measured on that GPU
 """
 
 
+def staleness(res: dict, current: dict) -> str | None:
+    """Why a result no longer describes the checkout (`current` = `source_fingerprint()`), or None.
+
+    Stale when the sha256 of kernels/*.py and jit_fast/model.py differs from the one recorded (or none was
+    recorded). A different commit alone is no warning: committing the results themselves moves HEAD.
+    """
+    recorded = res.get("source")
+    if not recorded or "sources_sha256" not in recorded:
+        return f"records no source hash (git {res.get('git', 'unknown')}): cannot tell whether it matches the checkout"
+    if recorded["sources_sha256"] != current["sources_sha256"]:
+        return (f"was produced from other kernels/*.py or jit_fast/model.py (sha256 {recorded['sources_sha256'][:12]}, "
+                f"git {recorded.get('commit', 'unknown')[:12]}) than the checkout's (sha256 "
+                f"{current['sources_sha256'][:12]}, git {current['commit'][:12]})")
+    return None
+
+
+def warn_stale(paths: list[Path], current: dict, out=None) -> int:
+    """Print a clear warning to stderr for every stale result; return how many there were."""
+    out = out or sys.stderr
+    stale = 0
+    for path in paths:
+        why = staleness(json.loads(path.read_text()), current)
+        if why:
+            stale += 1
+            print(f"WARNING: STALE BENCHMARK RESULT {path.name} {why}; rerun its command "
+                  f"(`python -m benchmarks.run ...`) and `python -m benchmarks.report`.", file=out)
+    return stale
+
+
 def build_document(results_dir: Path = RESULTS_DIR) -> str:
     """docs/PERFORMANCE.md text from every result JSON (GPU results first, then by name)."""
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
@@ -296,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--out", type=Path, default=PERFORMANCE_MD)
     args = ap.parse_args(argv)
+    warn_stale(sorted(args.results.glob("*.json")), source_fingerprint())
     for path in sorted(args.results.glob("*.json")):  # keep each result's own Markdown in step with this renderer
         path.with_suffix(".md").write_text(render_result(json.loads(path.read_text())))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import git_commit, source_fingerprint
 from benchmarks.roofline import (
     DEFAULT_ASSUMPTIONS,
     GPUS,
@@ -43,15 +43,6 @@ SAMPLING = dict(steps=50, solver="heun", interval=(0.1, 1.0), cfg=2.9)
 def default_img_size(model: str) -> int:
     """Official resolution of a preset: 256 for /16 models, 512 for /32 models."""
     return 512 if model.endswith("/32") else 256
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def block_section(models: list[tuple[str, int]], batch: int) -> dict:
@@ -139,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         host=device_label(),
         versions=dict(python=platform.python_version(), torch=torch.__version__, triton=_triton_version()),
-        git=_git_commit(),
+        git=git_commit(),
+        source=source_fingerprint(),
         model=args.model,
         batch=args.batch,
         img_size=size,

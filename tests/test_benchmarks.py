@@ -117,3 +117,37 @@ def test_full_cpu_run_under_five_minutes(tmp_path) -> None:
     res = json.loads(js.read_text())
     assert res["seconds"] < 300 and res["gpu"] == {"skipped": gpu.SKIP_MESSAGE}
     assert "heun_step_null_net" in res["cpu_measured"]["sampler"]["seconds"]
+
+
+def test_source_fingerprint_tracks_kernels_and_model(tmp_path) -> None:
+    """The hash covers kernels/*.py and jit_fast/model.py, and any byte change of one of them changes it."""
+    for rel in ("kernels/a.py", "kernels/b.py", "jit_fast/model.py", "jit_fast/train.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in report.source_files(tmp_path)] == [
+        "kernels/a.py", "kernels/b.py", "jit_fast/model.py"]
+    before = report.source_fingerprint(tmp_path)["sources_sha256"]
+    (tmp_path / "jit_fast/train.py").write_text("# not a source of the numbers\n")
+    assert report.source_fingerprint(tmp_path)["sources_sha256"] == before
+    (tmp_path / "kernels/b.py").write_text("# b.py \n")
+    assert report.source_fingerprint(tmp_path)["sources_sha256"] != before
+    assert len(before) == 64 and report.source_fingerprint()["commit"] == run.git_commit(short=False)
+
+
+def test_report_warns_on_stale_results(tmp_path, capsys) -> None:
+    """benchmarks.report warns on stderr for a result whose kernels/model hash differs or is missing, not otherwise."""
+    res = json.loads((report.RESULTS_DIR / "JiT-B-16_b128_256_cpu.json").read_text())
+    current = report.source_fingerprint()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "fresh.json").write_text(json.dumps(dict(res, source=dict(current, commit="0" * 40))))
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "PERF.md")]) == 0
+    assert "STALE" not in capsys.readouterr().err  # another commit with identical sources is not stale
+    (results / "old.json").write_text(json.dumps(dict(res, source=dict(current, sources_sha256="f" * 64))))
+    (results / "unknown.json").write_text(json.dumps({k: v for k, v in res.items() if k != "source"}))
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "PERF.md")]) == 0
+    err = capsys.readouterr().err
+    stale = [line for line in err.splitlines() if line.startswith("WARNING: STALE BENCHMARK RESULT")]
+    assert len(stale) == 2 and "old.json" in stale[0] and "unknown.json" in stale[1]
+    assert "ffffffffffff" in stale[0] and current["sources_sha256"][:12] in stale[0]
+    assert "records no source hash" in stale[1]
