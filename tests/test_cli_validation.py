@@ -48,18 +48,23 @@ TRAIN_BAD = [
 ]
 
 
+def _no_run(tmp_path: Path) -> list[str]:
+    """Arguments that cannot start training if a bad value slipped through (missing data, scratch output)."""
+    return ["--model", "JiT-T/4", "--data-path", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]
+
+
 @pytest.mark.parametrize("flag,value", TRAIN_BAD)
-def test_train_refuses_a_bad_number_naming_the_flag(flag: str, value: str, capsys) -> None:
-    line = _refused_by_argparse(main, ["--preset", "demo", f"{flag}={value}"], capsys)
+def test_train_refuses_a_bad_number_naming_the_flag(flag: str, value: str, tmp_path: Path, capsys) -> None:
+    line = _refused_by_argparse(main, [*_no_run(tmp_path), f"{flag}={value}"], capsys)
     assert f"argument {flag}" in line and repr(value) in line, line
 
 
-def test_every_numeric_train_flag_refuses_nan(capsys) -> None:
+def test_every_numeric_train_flag_refuses_nan(tmp_path: Path, capsys) -> None:
     """No numeric flag escapes the range table: each one refuses 'nan' at parse time."""
     numeric = [(names[0], dest) for names, dest, _, _ in _OPTIONS if dest in TRAIN_RANGES]
     assert len(numeric) >= 30
     for flag, _ in numeric:
-        line = _refused_by_argparse(main, ["--preset", "demo", flag, "nan"], capsys)
+        line = _refused_by_argparse(main, [*_no_run(tmp_path), flag, "nan"], capsys)
         assert f"argument {flag}" in line, line
 
 
