@@ -4,6 +4,10 @@ Each section compares the eager official model (`kernels="torch"`), the official
 (its blocks wrapped in `torch.compile`) and the fused Triton path. Without CUDA nothing is timed and
 `run_gpu_suite` returns the skip message instead. Every bench function takes a `timer` (milliseconds
 per call of a closure) so the wiring can be exercised on CPU by tests; such runs are never reported.
+
+Before timing anything, `run_gpu_suite` runs `kernels.selfcheck` on the device and refuses to time the fused
+path of any op that failed it (and the fused block, train step and sampling if any check failed): a speed
+of wrong kernels is not reported.
 """
 
 from __future__ import annotations
@@ -85,19 +89,31 @@ def op_path_functions(name: str, paths: tuple[str, ...] = PATHS) -> dict[str, Ca
     return {p: table[p]() for p in paths}
 
 
+def refused_paths(failed: set[str] | frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """What selfcheck failures forbid timing: the fused path of each failed op (key = op name) and, if anything
+    failed, the fused path of the aggregate sections (key "aggregate": block, train step, sampling)."""
+    out: dict[str, tuple[str, ...]] = {op: ("fused",) for op in OP_NAMES if op in failed}
+    if failed:
+        out["aggregate"] = ("fused",)
+    return out
+
+
 def bench_ops(
     model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
-    peak_bw: float | None = None,
+    peak_bw: float | None = None, refused: dict[str, tuple[str, ...]] | None = None,
 ) -> list[dict]:
-    """Per op and path: fwd and fwd+bwd ms, and effective GB/s = fused-op I/O bytes (counted) / time."""
+    """Per op and path: fwd and fwd+bwd ms, and effective GB/s = fused-op I/O bytes (counted) / time
+    (paths in `refused[op]` are not timed)."""
     rows = []
+    refused = refused or {}
     inputs = op_inputs(model, batch, img_size, device=device, requires_grad=True)
     for name in OP_NAMES:
         args = inputs[name]
         fused_io = count_call(getattr(get_ops("triton"), name), args).summary()["phases"]
         io_fwd = fused_io["fwd"]["all"]["bytes"]
         io_fwd_bwd = io_fwd + fused_io["bwd"]["all"]["bytes"]
-        for path, fn in op_path_functions(name, paths).items():
+        allowed = tuple(p for p in paths if p not in refused.get(name, ()))
+        for path, fn in op_path_functions(name, allowed).items():
             fwd = timer(lambda fn=fn, args=args: fn(*args))
             fwd_bwd = timer(_fwd_bwd(fn, args))
             row = dict(op=name, path=path, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, io_bytes_fwd=io_fwd,
@@ -249,20 +265,41 @@ def bench_data(
     return dict(images=images, batch=batch, workers=workers, **out)
 
 
+def _selfcheck() -> dict:
+    """`kernels.selfcheck` on cuda:0 (prints its table), as a report dict."""
+    from kernels.selfcheck import selfcheck
+
+    return selfcheck("cuda")
+
+
+def selfcheck_summary(check: dict) -> dict:
+    """What a result records of the selfcheck run that gated its timings."""
+    return dict(passed=check["passed"], failed_ops=check["failed_ops"], checks=len(check["checks"]),
+                failed=[c["name"] for c in check["checks"] if not c["passed"]], seconds=check["seconds"])
+
+
 def run_gpu_suite(model: str, batch: int, img_size: int, sample_steps: int = 10) -> dict:
-    """All GPU sections on cuda:0 (each section's failure is recorded, not raised); the skip message without CUDA."""
+    """kernels.selfcheck, then all GPU sections on cuda:0 (each section's failure is recorded, not raised), fused
+    paths that failed the selfcheck left out (see `refused_paths`); the skip message without CUDA."""
     if not torch.cuda.is_available():
         return dict(skipped=SKIP_MESSAGE)
     name = torch.cuda.get_device_name()
     spec = gpu_spec(name)
     out: dict = dict(device=name, datasheet=spec.name if spec else None, torch=torch.__version__)
+    check = _selfcheck()
+    out["selfcheck"] = selfcheck_summary(check)
+    refused = refused_paths(set(check["failed_ops"]))
+    out["refused"] = {k: list(v) for k, v in refused.items()}
+    agg = tuple(p for p in PATHS if p not in refused.get("aggregate", ()))
+    sampling = tuple(c for c in (("eager", False), ("fused", False), ("fused", True)) if c[0] in agg)
     peak_flops = spec.peak_bf16_flops if spec else None
     sections = {
-        "ops": lambda: bench_ops(model, batch, img_size, "cuda", peak_bw=spec.hbm_bytes_per_s if spec else None),
-        "block": lambda: bench_block(model, batch, img_size, "cuda", peak_flops=peak_flops),
-        "train_step": lambda: bench_train_step(model, batch, img_size, "cuda", timer=_step_timer,
+        "ops": lambda: bench_ops(model, batch, img_size, "cuda", peak_bw=spec.hbm_bytes_per_s if spec else None,
+                                 refused=refused),
+        "block": lambda: bench_block(model, batch, img_size, "cuda", paths=agg, peak_flops=peak_flops),
+        "train_step": lambda: bench_train_step(model, batch, img_size, "cuda", timer=_step_timer, paths=agg,
                                                peak_flops=peak_flops),
-        "sampling": lambda: bench_sampling(model, batch, img_size, "cuda", steps=sample_steps),
+        "sampling": lambda: bench_sampling(model, batch, img_size, "cuda", steps=sample_steps, configs=sampling),
         "data": lambda: bench_data(img_size, min(batch, 128)),
     }
     for key, fn in sections.items():

@@ -64,6 +64,12 @@ def _measured_gpu(res: dict) -> list[str]:
         return [f"**GPU timings: not taken.** {gpu['skipped']}"]
     head = f"Measured on **{gpu['device']}** (torch {gpu['torch']}) with `{res['command']}`, {res['created']}."
     out = [head]
+    check = gpu.get("selfcheck")
+    if check:
+        out.append(f"`kernels.selfcheck` on this device before timing: {check['checks']} checks, "
+                   + ("all passed." if check["passed"] else
+                      f"FAILED {', '.join(check['failed'])}. Not timed (wrong kernels have no speed): "
+                      + ", ".join(f"{k} {'/'.join(v)}" for k, v in gpu.get("refused", {}).items()) + "."))
     if isinstance(gpu.get("ops"), list):
         out.append("Per-op times (`triton.testing.do_bench` median); GB/s = the fused op's I/O bytes / time.")
         out.append(_table(

@@ -151,3 +151,41 @@ def test_report_warns_on_stale_results(tmp_path, capsys) -> None:
     assert len(stale) == 2 and "old.json" in stale[0] and "unknown.json" in stale[1]
     assert "ffffffffffff" in stale[0] and current["sources_sha256"][:12] in stale[0]
     assert "records no source hash" in stale[1]
+
+
+def test_refused_paths_from_selfcheck_failures() -> None:
+    assert gpu.refused_paths(set()) == {}
+    assert gpu.refused_paths({"swiglu"}) == {"swiglu": ("fused",), "aggregate": ("fused",)}
+    assert gpu.refused_paths({"sampler"}) == {"aggregate": ("fused",)}
+
+
+def test_bench_ops_does_not_time_refused_paths() -> None:
+    rows = gpu.bench_ops("JiT-T/4", 2, 16, "cpu", timer=_once, paths=("eager", "fused"),
+                         refused={"swiglu": ("fused",)})
+    assert ("swiglu", "fused") not in {(r["op"], r["path"]) for r in rows}
+    assert {(r["op"], r["path"]) for r in rows} >= {("swiglu", "eager"), ("qk_norm_rope", "fused")}
+
+
+def test_gpu_suite_runs_selfcheck_first_and_refuses_failed_fused_paths(monkeypatch) -> None:
+    """With a (stubbed) CUDA device whose selfcheck fails swiglu: nothing fused is timed but the other ops'
+    fused rows; the result records the selfcheck and the refusal. Every bench function is a recording stub."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "STUB-NOT-A-GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    failing = dict(passed=False, failed_ops=["swiglu"], seconds=1.0,
+                   checks=[dict(name="swiglu bf16 M=2304 h=2048", ops=["swiglu"], passed=False, detail="x")])
+    monkeypatch.setattr(gpu, "_selfcheck", lambda: calls.append(("selfcheck",)) or failing)
+    for fn in ("bench_ops", "bench_block", "bench_train_step", "bench_sampling", "bench_data"):
+        monkeypatch.setattr(gpu, fn, lambda *a, _fn=fn, **kw: calls.append((_fn, kw)) or [])
+    out = gpu.run_gpu_suite("JiT-T/4", 2, 16)
+    assert calls[0] == ("selfcheck",)
+    kw = {c[0]: c[1] for c in calls[1:]}
+    assert kw["bench_ops"]["refused"] == {"swiglu": ("fused",), "aggregate": ("fused",)}
+    assert kw["bench_block"]["paths"] == kw["bench_train_step"]["paths"] == ("eager", "compiled")
+    assert kw["bench_sampling"]["configs"] == (("eager", False),)
+    assert out["selfcheck"]["passed"] is False and out["refused"]["swiglu"] == ["fused"]
+    out["ops"], out["block"] = [], []
+    md = report.render_result(dict(json.loads((report.RESULTS_DIR / "JiT-B-16_b128_256_cpu.json").read_text()),
+                                   gpu=out))
+    assert "FAILED swiglu bf16 M=2304 h=2048" in md and "swiglu fused" in md
