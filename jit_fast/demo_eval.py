@@ -1,9 +1,22 @@
-"""Demo evaluation: class-by-row sample grid, class-conditional accuracy and within-class diversity.
+"""Demo evaluation: class-by-row sample grid, class-conditional accuracy, within-class diversity, memorisation.
 
 A logistic-regression digit classifier is fit on the real demo digits (16x16 grayscale features)
 and labels images generated for each class; accuracy is the fraction it labels as the requested
-class. Diversity is the mean pairwise L2 distance between samples of one class divided by the
-same for the real digits of that class (copies of one image would give 0).
+class. The judge must itself be accurate: below `CLASSIFIER_TARGET` on held-out real digits it
+cannot tell good samples from bad, and the evaluation fails whatever the samples. Diversity is the
+mean pairwise L2 distance between samples of one class divided by the same for the real digits of
+that class (copies of one image would give 0).
+
+Memorisation: a generator that returns training digits scores perfectly on accuracy and diversity,
+so each sample's distance to its nearest training digit (grayscale pixels) is compared with what a
+fresh digit of the same distribution shows: each real digit's distance to its nearest *other*
+digit (leave-one-out: the digit is held out of the training set it is compared with). Two rules:
+- `NN_RATIO_TARGET`: the median sample distance must be at least half the median real one. A
+  generator of new digits sits near 1 (blurrier samples above it); one that copies more than half
+  of its samples has a median of ~0.
+- Near-copies: a sample closer to a training digit than half the 1st percentile of the real
+  distances (no real digit comes that close to another: the real rate is ~0) is a near-exact
+  copy; more than `MAX_COPY_FRACTION` of them fails, so partial copying is caught too.
 """
 
 from __future__ import annotations
@@ -22,7 +35,13 @@ from jit_fast.denoiser import Net
 from jit_fast.sampler import sample, to_uint8
 
 ACCURACY_TARGET = 0.95
+# a judge that misclassifies more real digits than samples may be misclassified cannot certify the target
+CLASSIFIER_TARGET = ACCURACY_TARGET
 DIVERSITY_TARGET = 0.5
+NN_RATIO_TARGET = 0.5
+COPY_QUANTILE = 0.01
+COPY_SCALE = 0.5
+MAX_COPY_FRACTION = 0.05
 GRID_COLUMNS = 10
 
 
@@ -62,6 +81,36 @@ def diversity_ratio(fake: torch.Tensor, fake_labels: torch.Tensor, real: torch.T
         for c in range(num_classes)
     ]
     return float(np.mean(ratios))
+
+
+def nearest_distances(queries: torch.Tensor, pool: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    """L2 distance (grayscale pixels, float64) of each query image to its nearest image of `pool`; with
+    `exclude_self` the queries are the pool and each image's own entry is skipped (leave-one-out)."""
+    q = queries.double().mean(1).flatten(1)
+    p = pool.double().mean(1).flatten(1)
+    d = torch.cdist(q, p)
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    return d.min(1).values
+
+
+def memorisation(fake: torch.Tensor, real: torch.Tensor) -> dict:
+    """Samples' nearest-training-digit distances against the real digits' leave-one-out ones (module docstring)."""
+    sample_nn = nearest_distances(fake, real)
+    real_nn = nearest_distances(real, real, exclude_self=True)
+    copy_distance = COPY_SCALE * float(real_nn.quantile(COPY_QUANTILE))
+    ratio = float(sample_nn.median() / real_nn.median())
+    copy_fraction = float((sample_nn < copy_distance).double().mean())
+    return {
+        "sample_nn_median": float(sample_nn.median()),
+        "real_nn_median": float(real_nn.median()),
+        "nn_ratio": ratio,
+        "nn_ratio_target": NN_RATIO_TARGET,
+        "copy_distance": copy_distance,
+        "copy_fraction": copy_fraction,
+        "copy_fraction_max": MAX_COPY_FRACTION,
+        "passed": ratio >= NN_RATIO_TARGET and copy_fraction <= MAX_COPY_FRACTION,
+    }
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -112,6 +161,13 @@ def evaluate_demo(
     accuracy = float((predicted == labels).float().mean())
     per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(num_classes)]
     diversity = diversity_ratio(fake, labels, real, real_labels, num_classes)
+    memo = memorisation(fake, real)
+    checks = {
+        "judge": real_accuracy >= CLASSIFIER_TARGET,
+        "accuracy": accuracy >= ACCURACY_TARGET,
+        "diversity": diversity >= DIVERSITY_TARGET,
+        "memorisation": memo["passed"],
+    }
 
     cols = min(GRID_COLUMNS, num_images // num_classes)
     order = torch.cat([torch.nonzero(labels == c).flatten()[:cols] for c in range(num_classes)])
@@ -121,9 +177,12 @@ def evaluate_demo(
         "accuracy_target": ACCURACY_TARGET,
         "per_class_accuracy": per_class,
         "classifier_accuracy_on_real_heldout": real_accuracy,
+        "classifier_accuracy_target": CLASSIFIER_TARGET,
         "diversity_ratio": diversity,
         "diversity_target": DIVERSITY_TARGET,
-        "passed": accuracy >= ACCURACY_TARGET and diversity >= DIVERSITY_TARGET,
+        "memorisation": memo,
+        "checks": checks,
+        "passed": all(checks.values()),
         "num_images": num_images,
         "sampling": {"cfg": cfg, "interval": list(interval), "steps": steps, "solver": solver, "seed": seed,
                      "noise_scale": noise_scale, "t_eps": t_eps},
@@ -134,10 +193,24 @@ def evaluate_demo(
 
 
 def summary(result: dict) -> str:
-    """One line for the console: accuracy and diversity against their targets, and where the grid is."""
+    """One line for the console: each check against its target, failed checks named, and where the grid is.
+
+    Results written before the memorisation check and the judge's own target existed lack those fields.
+    """
     verdict = "PASS" if result["passed"] else "FAIL"
-    return (f"{verdict}: class-conditional accuracy {100 * result['accuracy']:.1f}% "
+    failed = [k for k, ok in result.get("checks", {}).items() if not ok]
+    text = (f"{verdict}: class-conditional accuracy {100 * result['accuracy']:.1f}% "
             f"(target >= {100 * result['accuracy_target']:.0f}%; the classifier scores "
-            f"{100 * result['classifier_accuracy_on_real_heldout']:.1f}% on held-out real digits), "
-            f"within-class diversity {result['diversity_ratio']:.2f} of real (target >= "
-            f"{result['diversity_target']:.2f}); grid {result['grid']}")
+            f"{100 * result['classifier_accuracy_on_real_heldout']:.1f}% on held-out real digits")
+    if "classifier_accuracy_target" in result:
+        text += f", needs >= {100 * result['classifier_accuracy_target']:.0f}%"
+    text += (f"), within-class diversity {result['diversity_ratio']:.2f} of real (target >= "
+             f"{result['diversity_target']:.2f})")
+    memo = result.get("memorisation")
+    if memo is not None:
+        text += (f", nearest-training-digit distance {memo['nn_ratio']:.2f} of real (target >= "
+                 f"{memo['nn_ratio_target']:.2f}), near-copies {100 * memo['copy_fraction']:.1f}% (max "
+                 f"{100 * memo['copy_fraction_max']:.0f}%)")
+    if failed:
+        text += f"; failed: {', '.join(failed)}"
+    return text + f"; grid {result['grid']}"
