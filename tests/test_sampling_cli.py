@@ -74,14 +74,9 @@ def test_outputs_match_library_and_nfe_is_printed(ckpt, tmp_path, fake_inception
     assert m["config"]["cfg"] == 2.9 and m["config"]["interval"] == [0.1, 1.0] and m["config"]["steps"] == 3
     assert m["config"]["labels"] == "i % num_classes" and m["config"]["model"]["depth"] == 4
     assert m["nfe_per_image"] == 5 and m["timing"]["generated"] == 10
-    assert "fid" not in m["metrics"]
-    # IS of the saved images, recomputed by torch-fidelity from a fresh extractor's logits (IS >= 1 always holds)
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
-    _, logits = FakeInception()(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).contiguous())
-    theirs = isc_features_to_metric(logits, 10, True, 2020)
-    assert m["metrics"]["inception_score_mean"] == pytest.approx(theirs["inception_score_mean"], abs=1e-6, rel=0)
-    assert m["metrics"]["inception_score_std"] == pytest.approx(theirs["inception_score_std"], abs=1e-6, rel=0)
+    # IS is reported; 10 images in 10 splits make it 1 by definition, so its value is checked where it can
+    # differ: against torch-fidelity in test_sampling_dist, and distinct per setting in the sweep test below
+    assert "inception_score_mean" in m["metrics"] and "fid" not in m["metrics"]
 
 
 def test_sweep_loads_model_once_and_names_best(ckpt, tmp_path, fake_inception, capsys, monkeypatch):
