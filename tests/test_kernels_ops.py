@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kernels import get_ops
 from kernels.ops import launcher_ops, triton_ops
-from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+from kernels.testing import assert_within_rule, max_abs_err, use_gpu_bf16_rounding
 
 use_gpu_bf16_rounding()
 
@@ -143,3 +143,18 @@ def test_no_atomics_in_any_kernel_source() -> None:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
             assert not name.startswith("atomic"), f"{path.name}:{node.lineno} uses {name}"
+
+
+def test_rule_catches_one_wrong_element() -> None:
+    """One element off by more than the element-wise bound fails the rule though the norm-wise ratio passes."""
+    expected = torch.randn(100_000, dtype=torch.float64)
+    eager = expected.bfloat16()
+    bad_bf16 = eager.clone()
+    bad_bf16[123] += 12 * max_abs_err(eager, expected)
+    bad_fp32 = expected.float()
+    bad_fp32[123] += 1e-4 * expected.abs().max().item()
+    assert_within_rule("bf16", eager, expected, eager)
+    assert_within_rule("fp32", expected.float(), expected, None)
+    for bad, ref in ((bad_bf16, eager), (bad_fp32, None)):
+        with pytest.raises(AssertionError, match="element-wise bound"):
+            assert_within_rule("bad", bad, expected, ref)

@@ -143,8 +143,9 @@ def test_numerics_several_programs_per_head(b, n_img, n_ctx, head_dim, heads, mo
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 80, 104])
 def test_numerics_production_scale(head_dim, mode, bias):
-    """JiT-B/16 tokens (256 + 32 in-context) at batch 9: 2592 tokens per head, 11 programs, the last with 32."""
-    check_scale_case(9, 256, 32, head_dim, 2, mode, bias)
+    """JiT-B/16 tokens (256 + 32 in-context) at batch 9: 2592 tokens per head, 11 programs, the last with 32
+    (one head: several heads per program grid are covered by the fast 288-token case)."""
+    check_scale_case(9, 256, 32, head_dim, 1, mode, bias)
 
 
 def test_in_context_rows_are_not_rotated():
