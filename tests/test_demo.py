@@ -35,3 +35,18 @@ def test_demo_trains_and_passes(tmp_path: Path) -> None:
     again = json.loads((tmp_path / "rescore" / "demo_eval.json").read_text())
     assert again["accuracy"] == result["accuracy"] and again["diversity_ratio"] == result["diversity_ratio"]
     assert again["memorisation"] == result["memorisation"]
+
+
+@pytest.mark.parametrize(("flags", "code"), [(("--max-steps", "30"), 0), (("--epochs", "1"), 1)])
+def test_quality_gate_applies_to_the_full_schedule_only(flags: tuple[str, ...], code: int, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """About 30 steps miss the targets either way: cut short by --max-steps the run is scored and reported but
+    exits 0; as its full schedule (--epochs 1, 28 steps) the same miss exits 1."""
+    from jit_fast.train import main
+
+    out = tmp_path / "demo"
+    assert main(["--preset", "demo", "--num-images", "60", "--output-dir", str(out), *flags]) == code
+    printed = capsys.readouterr().out
+    result = json.loads((out / "demo_eval" / "demo_eval.json").read_text())
+    assert not result["passed"] and "demo evaluation: FAIL" in printed, printed[-2000:]
+    assert ("the quality gate applies to the full schedule" in printed) == (code == 0)
