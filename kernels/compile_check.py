@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print("\nsignature classes\n" + class_summary(results))
     bad = [r for r in results if not r.ok]
-    print(f"\n{len(specs)} launcher signatures x configs, {len(groups)} distinct binaries x {len(args.arch)} arch")
+    what = "binaries sampled (one per kernel and class)" if args.sample else "distinct binaries"
+    print(f"\n{len(specs)} launcher signatures x configs, {len(groups)} {what} x {len(args.arch)} arch")
     print(f"{len(results)} compiles, {len(results) - len(bad)} ok, {len(bad)} failed "
           f"(max regs {max((r.regs for r in results), default=0)}, "
           f"spilled bytes {sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in results)})")
