@@ -112,6 +112,7 @@ def _int_flag(name: str, value: int) -> str:
 
 
 def _key(kernel: str, args: dict[str, tuple[str, str]], constexprs: dict, options: dict) -> tuple:
+    """Hashable signature shared by `spec_key` and `launch_key`."""
     return (kernel, tuple(sorted(args.items())), tuple(sorted(constexprs.items())),
             tuple((k, options.get(k)) for k in LAUNCH_OPTIONS))
 

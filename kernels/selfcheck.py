@@ -81,6 +81,7 @@ class Check:
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """shift + scale * N(0, 1) drawn on the CPU generator (same draws on every device)."""
     return shift + scale * torch.randn(*shape, generator=gen)
 
 
@@ -139,6 +140,7 @@ def _bitwise_twice(call_kernel, inputs: dict, grad_names: tuple[str, ...], upstr
 
 def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, d: int, mode: str, variant: str,
                   seed: int = 0) -> tuple:
+    """rmsnorm_modulate / residual_rmsnorm_modulate case in the autocast dtypes of `mode` (fp32 stream)."""
     gen = torch.Generator().manual_seed(seed)
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     out_dtype = None if mode == "fp32" else torch.bfloat16
@@ -173,6 +175,7 @@ def _rope(gen: torch.Generator, n: int, head_dim: int) -> tuple[torch.Tensor, to
 
 def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, heads: int, head_dim: int, mode: str,
              bias: bool, seed: int = 0) -> tuple:
+    """qk_norm_rope case: qkv in the act dtype, fp32 norm weights, bias and RoPE tables."""
     gen = torch.Generator().manual_seed(seed)
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     c = heads * head_dim
@@ -195,6 +198,7 @@ def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, h
 
 def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h: int, mode: str, bias: bool,
                  seed: int = 0) -> tuple:
+    """swiglu case: x12 in the act dtype, fp32 bias."""
     gen = torch.Generator().manual_seed(seed)
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     t = {"x12": _randn(gen, rows, 2 * h).to(act)}
@@ -210,11 +214,13 @@ def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h:
 
 
 def _numerics(case: tuple, bf16: bool) -> Callable[[], str]:
+    """Check function comparing a case's kernel with its float64 reference."""
     inputs, grads, outs, up, kernel, ref = case
     return lambda: _compare_op(kernel, ref, inputs, grads, outs, up, bf16)
 
 
 def _determinism(case: tuple) -> Callable[[], str]:
+    """Check function running a case's kernel forward + backward twice."""
     inputs, grads, _outs, up, kernel, _ref = case
     return lambda: _bitwise_twice(kernel, inputs, grads, up)
 
@@ -288,6 +294,7 @@ def _perturbed_model(kernels: str, device: torch.device | str, overrides: dict, 
 
 
 def _use_table(module: torch.nn.Module, table: SimpleNamespace) -> torch.nn.Module:
+    """Point every submodule's op table at `table` (e.g. the eager reference for the float64 block)."""
     for m in module.modules():
         if hasattr(m, "ops"):
             m.ops = table
