@@ -135,6 +135,7 @@ SCALE_FAST = [
 
 @pytest.mark.parametrize("b,n_img,n_ctx,head_dim,heads,mode,bias", SCALE_FAST)
 def test_numerics_several_programs_per_head(b, n_img, n_ctx, head_dim, heads, mode, bias):
+    """Per-head partial sums of several backward programs (the last partial) add up to dweight and dbias."""
     check_scale_case(b, n_img, n_ctx, head_dim, heads, mode, bias)
 
 
