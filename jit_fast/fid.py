@@ -120,22 +120,24 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InceptionWeightsError(f"refused to load Inception weights {path}: not a plain state dict ({why})") \
             from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InceptionWeightsError(f"cannot read Inception weights {path}: {type(e).__name__}: "
-                                    f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+        text = str(e).strip().splitlines()
+        raise InceptionWeightsError(f"cannot load Inception weights from {path}: {type(e).__name__}: "
+                                    f"{text[0][:200] if text else ''}") from None
+    cannot = f"cannot load Inception weights from {path}:"
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise InceptionWeightsError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__})")
+        raise InceptionWeightsError(f"{cannot} it does not hold a state dict of tensors (got {type(sd).__name__})")
     want = expected_inception_shapes()
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or extra:
-        raise InceptionWeightsError(f"{path} is not torch-fidelity's InceptionV3: {len(missing)} missing keys "
+        raise InceptionWeightsError(f"{cannot} not torch-fidelity's InceptionV3: {len(missing)} missing keys "
                                     f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
     for k, (shape, is_float) in want.items():
         v = sd[k]
         if tuple(v.shape) != shape or v.is_floating_point() != is_float:
-            raise InceptionWeightsError(f"{path}: {k} is {v.dtype} {tuple(v.shape)}, expected "
+            raise InceptionWeightsError(f"{cannot} {k} is {v.dtype} {tuple(v.shape)}, expected "
                                         f"{'a float' if is_float else 'an integer'} tensor of shape {shape}")
         if is_float and not bool(torch.isfinite(v).all()):
-            raise InceptionWeightsError(f"{path}: {k} holds NaN or Inf values")
+            raise InceptionWeightsError(f"{cannot} {k} holds NaN or Inf values")
     return dict(sd)
 
 
