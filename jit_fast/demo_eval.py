@@ -12,11 +12,11 @@ so each sample's distance to its nearest training digit (grayscale pixels) is co
 fresh digit of the same distribution shows: each real digit's distance to its nearest *other*
 digit (leave-one-out: the digit is held out of the training set it is compared with). Two rules:
 - `NN_RATIO_TARGET`: the median sample distance must be at least half the median real one. A
-  generator of new digits sits near 1 (blurrier samples above it); one that copies more than half
-  of its samples has a median of ~0.
+  generator of new digits sits near 1 (the trained demo: 0.99; blends of two real digits: ~1);
+  one that copies more than half of its samples has a median of ~0.
 - Near-copies: a sample closer to a training digit than half the 1st percentile of the real
-  distances (no real digit comes that close to another: the real rate is ~0) is a near-exact
-  copy; more than `MAX_COPY_FRACTION` of them fails, so partial copying is caught too.
+  distances is a near-exact copy (on the digits no real digit comes that close to another: the
+  real rate is 0); more than `MAX_COPY_FRACTION` of them fails, so partial copying is caught too.
 """
 
 from __future__ import annotations
