@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import run_with_timeout
 
 from jit_fast.data import build_index, build_loader, center_crop, crop_geometry, plan_epoch
 from jit_fast.data.order import batches_per_epoch, epoch_order, flip_flags
@@ -340,24 +340,6 @@ def test_resume_mid_epoch(small_root: Path, backend: str, cache: bool | None) ->
 # ---------------------------------------------------------------- bad input
 
 
-def _run_with_timeout(fn, seconds: float):
-    result: dict = {}
-
-    def target() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # re-raised in the test thread
-            result["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), "loader hung"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def test_bad_input_both_backends(tmp_path: Path) -> None:
     root = tmp_path / "bad"
     for c in ("empty", "good", "odd"):
@@ -396,8 +378,8 @@ def test_bad_input_both_backends(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         ld = build_loader(root, backend="dali", num_workers=1, **kw)
         lt = build_loader(root, backend="torch", num_workers=0, cache=False, **kw)
-    xd, yd = _run_with_timeout(lambda: collect(ld), 120)
-    xt, yt = _run_with_timeout(lambda: collect(lt), 120)
+    xd, yd = run_with_timeout(lambda: collect(ld), 120)
+    xt, yt = run_with_timeout(lambda: collect(lt), 120)
     assert len(xd) == len(xt) == 4 and ld.summary() == summary
     for a, b, la, lb in zip(xd, xt, yd, yt, strict=True):
         assert torch.equal(la, lb) and psnr(a, b) > 35
@@ -416,7 +398,7 @@ def test_file_broken_after_validation_is_skipped(small_root: Path, tmp_path: Pat
     victim = loader.index.paths[6]
     Path(victim).write_bytes(b"broken")
     with pytest.warns(UserWarning, match=os.path.basename(victim)):
-        xs, ys = _run_with_timeout(lambda: collect(loader), 120)
+        xs, ys = run_with_timeout(lambda: collect(loader), 120)
     assert len(xs) == 4 and all(x.shape == (5, 3, 32, 32) for x in xs)
     assert psnr(xs[0], reference[0]) > 45 and psnr(xs[2], reference[2]) > 45
     assert torch.equal(xs[1][1], reference[1][2])  # stand-in: the next file, decoded by the PIL reference
@@ -435,7 +417,7 @@ def test_dali_raises_on_systematic_failure(small_root: Path, tmp_path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="consecutive batches"):
-            _run_with_timeout(lambda: collect(loader), 120)
+            run_with_timeout(lambda: collect(loader), 120)
 
 
 def test_index_cache_skips_revalidation(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from train_helpers import run_with_timeout
 
 from jit_fast.data import build_index, build_loader
 from jit_fast.data.index import header_problem, max_pixels
@@ -45,30 +45,6 @@ def indexed(root: Path, **kw) -> tuple:
         warnings.simplefilter("always")
         index = build_index(root, **kw)
     return index, " ".join(str(w.message) for w in caught), len(caught)
-
-
-def run_with_timeout(fn, seconds: float, fifo: Path | None = None):
-    """fn() in a thread; fails if it has not returned in time (then unblocks a reader stuck on `fifo`)."""
-    result: dict = {}
-
-    def target() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # re-raised in the test thread
-            result["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive() and fifo is not None:
-        try:  # lets the stuck open() return so the thread can end
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-    assert not t.is_alive(), "hung (a FIFO was opened?)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def test_directory_links_that_loop_or_leave_the_class_are_not_followed(tmp_path: Path) -> None:

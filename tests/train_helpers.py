@@ -1,4 +1,4 @@
-"""Shared helpers of the training, checkpoint and distributed tests: tiny data, tiny runs, torchrun."""
+"""Shared test helpers: tiny data, tiny runs, torchrun, calls that must not hang."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,27 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def describe(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+
+
+def run_with_timeout(fn, seconds: float, fifo: Path | None = None):
+    """fn() in a thread; fails if it has not returned in time (then unblocks a reader stuck on `fifo`)."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # re-raised in the test thread
+            result["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive() and fifo is not None:
+        try:  # lets the stuck open() return so the thread can end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    assert not t.is_alive(), f"did not return within {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
