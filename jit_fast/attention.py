@@ -23,7 +23,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
     return out.transpose(1, 2)
 
-
-def attention_backend(device: torch.device | str) -> str:
-    """Name of the backend `attention` uses on `device` for bf16 inputs."""
-    return "flash-attn" if flash_attn_func is not None and torch.device(device).type == "cuda" else "sdpa"

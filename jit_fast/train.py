@@ -89,14 +89,6 @@ class TrainingDiverged(RuntimeError):
 # command line
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
-
-
 def _value(v: str):
     for conv in (int, float):
         try:
