@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from jit_fast import integrity
+from jit_fast.errors import UserError
+from jit_fast.files import TMP_PREFIX, atomic_write
 
 OFFICIAL_MODEL_KEYS = ("model", "model_ema1", "model_ema2")
 # Non-persistent RoPE tables that some releases stored; they are rebuilt from the config.
@@ -43,7 +45,6 @@ _DERIVED_PREFIXES = ("feat_rope.", "feat_rope_incontext.")
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
 META_FILE = "meta.json"
 FORMAT = "jit_fast-dcp-v1"
 WEIGHT_SETS = ("ema1", "ema2", "model")
@@ -62,7 +63,7 @@ def _quiet_dcp():
         yield
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model."""
 
 
@@ -247,9 +248,7 @@ def export_official_checkpoint(
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,9 +263,7 @@ def export_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], me
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     header = {"format": "jit_fast", "weights": which, "jit_fast_meta": json.dumps(meta, sort_keys=True)}
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: save_file(tensors, f.name, metadata=header))  # safetensors writes by file name
 
 
 def load_safetensors(path: str | Path, which: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:

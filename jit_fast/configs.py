@@ -1,10 +1,13 @@
-"""Model presets and run configuration dataclasses."""
+"""Model presets and run configuration dataclasses (training: TrainConfig; sampling: SampleConfig)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from jit_fast.errors import UsageError
 
 # Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
 MODEL_PRESETS: dict[str, dict[str, int | float]] = {
@@ -292,3 +295,87 @@ TRAIN_RANGES: dict[str, NumberRange] = {
     "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
     "eval_num_images": INT_NONNEGATIVE,
 }
+
+
+# Sampling defaults of `sample.py` (the official evaluation); `--preset demo` takes those of the demo run.
+SAMPLING_DEFAULTS: dict = {"cfg": [2.9], "interval": [0.1, 1.0], "steps": 50, "solver": "heun"}
+DEFAULT_NUM_IMAGES = 50000
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Settings of one `sample.py` launch, built once from the parsed flags by `SampleConfig.from_args`."""
+
+    ckpt: str | Path
+    preset: str | None = None
+    model: str | None = None  # None: the checkpoint's metadata decides (as img_size, num_classes)
+    img_size: int | None = None
+    num_classes: int | None = None
+    num_images: int = DEFAULT_NUM_IMAGES
+    num_images_given: bool = False
+    batch_size: int = 64
+    cfg: tuple[float, ...] = (2.9,)
+    interval: tuple[float, float] = (0.1, 1.0)
+    steps: int = 50
+    solver: str = "heun"
+    seed: int = 0
+    ema: tuple[str, ...] = ("ema1",)
+    noise_scale: float | None = None  # None: the checkpoint's, else 1 (2 at >= 512 px)
+    t_eps: float | None = None  # None: the checkpoint's, else 0.05
+    out: Path = Path("samples_out")
+    fid_ref: Path | None = None
+    fid_ref_crop: int | None = None
+    fid_cache: Path | None = None
+    fid_batch_size: int = 64
+    fid_workers: int = 4
+    inception_weights: Path | None = None
+    skip_checksum: bool = False
+    metrics: bool = True
+    png: bool = False
+    no_npz: bool = False
+    npz_keys: str = "both"
+    compile: bool = False
+    no_cuda_graph: bool = False
+    precision: str = "auto"
+    kernels: str = "torch"
+    device: str = "auto"
+    overwrite: bool = False
+    keep_parts: bool = False
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> SampleConfig:
+        """The config of parsed `sample.py` flags: unset sampling flags get the official (or demo) defaults."""
+        defaults = dict(SAMPLING_DEFAULTS)
+        if a.preset == "demo":
+            demo = RUN_PRESETS["demo"]
+            defaults.update(cfg=[demo["cfg"]], interval=[demo["interval_min"], demo["interval_max"]],
+                            steps=demo["eval_steps"])
+        given = {f.name: getattr(a, f.name) for f in fields(cls) if f.name != "num_images_given"}
+        for k, v in defaults.items():
+            if given[k] is None:
+                given[k] = v
+        given["num_images_given"] = a.num_images is not None
+        if a.num_images is None:
+            given["num_images"] = DEFAULT_NUM_IMAGES
+        given.update(cfg=tuple(given["cfg"]), interval=tuple(given["interval"]), ema=tuple(given["ema"]),
+                     out=Path(given["out"]))
+        return cls(**given)
+
+    def validate(self) -> None:
+        """Raise UsageError naming the flag for a value or combination that cannot work (also for API callers)."""
+        checks = [("--num-images", self.num_images, INT_POSITIVE), ("--batch-size", self.batch_size, INT_POSITIVE),
+                  ("--steps", self.steps, INT_POSITIVE), ("--seed", self.seed, SEED),
+                  ("--fid-batch-size", self.fid_batch_size, INT_POSITIVE)]
+        for flag, value, allowed in checks:
+            if not allowed.contains(value):
+                raise UsageError(f"{flag} must be {allowed.describe()}, got {value!r}")
+        bad_cfg = [c for c in self.cfg if not NONNEGATIVE.contains(c)]
+        if bad_cfg:
+            raise UsageError(f"--cfg must be {NONNEGATIVE.describe()}, got {bad_cfg[0]!r}")
+        lo, hi = self.interval
+        if not (PROBABILITY.contains(lo) and PROBABILITY.contains(hi) and lo < hi):
+            raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
+        if self.fid_ref is not None and not self.metrics:
+            raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a directory")

@@ -22,7 +22,6 @@ digit (leave-one-out: the digit is held out of the training set it is compared w
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from torchvision.utils import save_image
 
 from jit_fast.data.demo import demo_arrays
 from jit_fast.denoiser import Net
+from jit_fast.files import atomic_write
 from jit_fast.sampler import sample, to_uint8
 
 ACCURACY_TARGET = 0.95
@@ -113,12 +113,6 @@ def memorisation(fake: torch.Tensor, real: torch.Tensor) -> dict:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def evaluate_demo(
     net: Net,
@@ -188,7 +182,7 @@ def evaluate_demo(
                      "noise_scale": noise_scale, "t_eps": t_eps},
         "grid": str(out / "grid.png"),
     }
-    _atomic_write(out / "demo_eval.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "demo_eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -12,7 +12,9 @@ import datetime
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,9 @@ import torch.nn as nn
 # FSDP2 warns whenever a wrapped module returns a view (our blocks return chunks of the adaLN
 # projection). The model never modifies those outputs in place, so the warning is noise here.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+T = TypeVar("T")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -63,6 +68,12 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device != "cpu":
         raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
     return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(name, autocast dtype or None for fp32) of a --precision choice: auto = bf16 on CUDA, fp32 elsewhere."""
+    name = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    return name, PRECISIONS[name]
 
 
 def init_distributed(device: str = "auto", force_group: bool = False, timeout_s: float = 1800.0) -> DistEnv:
@@ -127,13 +138,38 @@ def any_rank(env: DistEnv, flag: bool) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(env: DistEnv, obj, src: int = 0):
-    """Broadcast a picklable object from `src` to every rank (control group)."""
-    if not env.distributed or env.world_size == 1:
+def _group(env: DistEnv | None) -> tuple[bool, object]:
+    """(more than one rank?, group): the env's control group, or the default group when env is None."""
+    if env is not None:
+        return env.distributed and env.world_size > 1, env.control_group
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1, None
+
+
+def broadcast_object(env: DistEnv | None, obj: T, src: int = 0) -> T:
+    """Broadcast a picklable object from `src` to every rank (env's control group; env None: default group)."""
+    several, group = _group(env)
+    if not several:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=env.control_group)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def leader_first(fn: Callable[[], T], leader: bool, env: DistEnv | None = None) -> T:
+    """fn() on the leader, then on the other ranks after a barrier, so a download or cache is made once.
+
+    The leader reaches the barrier even when fn() raises, so the others are never left waiting.
+    """
+    several, group = _group(env)
+    if not several:
+        return fn()
+    if leader:
+        try:
+            return fn()
+        finally:
+            dist.barrier(group=group)
+    dist.barrier(group=group)
+    return fn()
 
 
 def all_reduce_mean(env: DistEnv, t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jit_fast.checkpoint import WEIGHT_SETS, CheckpointError, export_checkpoint
+from jit_fast.checkpoint import WEIGHT_SETS, export_checkpoint
+from jit_fast.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = export_checkpoint(a.src, a.dst, a.which, verify=not a.skip_checksum)
-    except (CheckpointError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import urllib.error
 import zipfile
 from collections.abc import Callable, Iterable
@@ -33,6 +32,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from jit_fast.distributed import broadcast_object
+from jit_fast.errors import UserError
+from jit_fast.files import atomic_write
+
 EXTRACTOR_NAME = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"
 FEATURE_DIM = 2048
@@ -40,11 +43,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 STATS_CACHE_VERSION = 1
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     """The Inception weights can be neither downloaded nor read from the given file."""
 
 
-class StatsError(ValueError):
+class StatsError(UserError, ValueError):
     """A reference statistics file or folder cannot be used for FID."""
 
 
@@ -209,15 +212,6 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:c].cpu() for o, c in zip(out, counts, strict=True)])
 
 
-def _from_rank0(obj):
-    """Rank 0's object on every rank (default group; fid needs no DistEnv)."""
-    if dist_info()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------
@@ -365,14 +359,8 @@ def save_stats(path: str | Path, stats: dict, **meta) -> None:
     """Atomically write {mu, sigma} plus JSON metadata as an .npz."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    meta_json = np.array(json.dumps(meta, sort_keys=True))
+    atomic_write(path, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], meta=meta_json))
 
 
 def default_cache_dir() -> Path:
@@ -524,7 +512,7 @@ def reference_stats(
     ).hexdigest()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"{ref.name or 'ref'}-{key[:16]}.npz"
-    if _from_rank0(cached.is_file()):  # rank 0 decides, so all ranks take the same path
+    if broadcast_object(None, cached.is_file()):  # rank 0 decides, so all ranks take the same path
         log(f"FID reference: cached statistics {cached}")
         return load_stats_npz(cached) if dist_info()[0] == 0 else None
     log(f"FID reference: computing statistics of {ref} (cached afterwards as {cached})")

@@ -24,29 +24,35 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
-import os
-import queue
 import shutil
 import sys
-import threading
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from jit_fast import distributed as D
 from jit_fast import fid
 from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
-from jit_fast.configs import INT_NONNEGATIVE, INT_POSITIVE, NONNEGATIVE, POSITIVE, PROBABILITY, SEED, UNIT_OPEN
+from jit_fast.configs import (
+    INT_NONNEGATIVE,
+    INT_POSITIVE,
+    NONNEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    UNIT_OPEN,
+    ModelConfig,
+    SampleConfig,
+)
 from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
+from jit_fast.errors import UsageError, UserError
+from jit_fast.files import atomic_write
 from jit_fast.model import JiT
+from jit_fast.outputs import BackgroundWriter, PartStore, write_pngs, write_samples
 from jit_fast.sampler import (
     SOLVERS,
     StaticSampler,
@@ -58,10 +64,6 @@ from jit_fast.sampler import (
 
 EMA_NAMES = ("ema1", "ema2", "model")
 LABEL_RULE = "i % num_classes"
-
-
-class UsageError(ValueError):
-    """A command-line setting that cannot work (reported as one line, exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None,
     return sd, meta
 
 
-def build_net(meta: dict, a: argparse.Namespace, device: torch.device) -> JiT:
+def build_net(meta: dict, a: SampleConfig, device: torch.device) -> JiT:
     """The checkpoint's network (command-line --model/--img-size/--num-classes override its metadata)."""
     given = {"model": a.model, "img_size": a.img_size, "num_classes": a.num_classes}
     meta = {**meta, **{k: v for k, v in given.items() if v is not None}}
@@ -120,136 +122,6 @@ def swap_weights(net: JiT, sd: dict[str, torch.Tensor]) -> None:
     net.load_state_dict(sd, strict=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
-def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
-    """Save uint8 NHWC images as one PNG grid with 2-pixel gaps."""
-    n, h, w, c = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    gap = 2
-    canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        canvas[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = img
-    Image.fromarray(canvas).save(path)
-
-
-def write_npz_streaming(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, callable]]) -> None:
-    """Write an uncompressed .npz whose arrays come in chunks: {key: (shape, dtype, chunk iterator factory)}.
-
-    np.load reads it like np.savez output; nothing is held in memory beyond one chunk.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, (shape, dtype, chunks) in arrays.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                          "shape": tuple(shape)}
-                np.lib.format.write_array_header_1_0(f, header)
-                written = 0
-                for block in chunks():
-                    block = np.ascontiguousarray(block, dtype=dtype)
-                    f.write(block.tobytes())
-                    written += block.shape[0]
-                if written != shape[0]:
-                    raise RuntimeError(f"{key}: wrote {written} rows, expected {shape[0]}")
-    os.replace(tmp, path)
-
-
-class PartStore:
-    """Finished chunks on disk (`parts/chunk_K.npz`) for resuming, tied to one run fingerprint."""
-
-    def __init__(self, env: D.DistEnv, root: Path, fingerprint: dict, overwrite: bool = False) -> None:
-        self.root = root
-        run_file = root / "run.json"
-        mismatch = None
-        if env.is_main:
-            if run_file.is_file():
-                old = _read_run_file(run_file)
-                if old != fingerprint:
-                    diff = "unreadable run.json" if old is None else "different " + ", ".join(
-                        sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)))
-                    if overwrite:
-                        shutil.rmtree(root)
-                    else:
-                        mismatch = f"{root} holds chunks of another run ({diff}); use another --out or pass --overwrite"
-            if mismatch is None:
-                root.mkdir(parents=True, exist_ok=True)
-                _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
-        mismatch = D.broadcast_object(env, mismatch)
-        if mismatch:
-            raise UsageError(mismatch)
-        D.barrier(env)
-
-    def path(self, k: int) -> Path:
-        return self.root / f"chunk_{k:07d}.npz"
-
-    def has(self, k: int) -> bool:
-        return self.path(k).is_file()
-
-    def load(self, k: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-        p = self.path(k)
-        if not p.is_file():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as data:
-                images, labels = data["images"], data["labels"]
-        except Exception:
-            return None  # a torn or foreign file: regenerate the chunk
-        return (images, labels) if images.shape[0] == n == labels.shape[0] else None
-
-    def save(self, k: int, images: np.ndarray, labels: np.ndarray) -> None:
-        tmp = self.root / f".chunk_{k:07d}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, self.path(k))
-
-
-def _read_run_file(path: Path) -> dict | None:
-    """The fingerprint stored in parts/run.json, or None when the file is not one (garbage, torn, foreign)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _Writer:
-    """One background thread for disk writes (chunk parts, PNGs) so they overlap the sampling."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    job()
-                except BaseException as e:  # re-raised in the main thread
-                    self.error = e
-
-    def put(self, job) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(job)
-
-    def close(self, raise_error: bool = True) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None and raise_error:
-            raise self.error
-
-
 def _prefetch(fn, items: list):
     """Generator of fn(item) for items in order, computing the next one in a thread meanwhile."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -262,13 +134,6 @@ def _prefetch(fn, items: list):
                 if fut is not None:
                     fut.cancel()
                 raise
-
-
-def _write_pngs(folder: Path, images: np.ndarray, start: int) -> None:
-    for j, img in enumerate(images):
-        p = folder / f"{start + j:06d}.png"
-        if not p.exists():
-            Image.fromarray(img).save(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,24 +152,24 @@ class Setting:
 class Evaluator:
     """Sampler, Inception and reference statistics shared by every setting of a launch."""
 
-    def __init__(self, args: argparse.Namespace, net: JiT, env: D.DistEnv, meta: dict, ckpt_info: dict) -> None:
-        self.args, self.env = args, env
+    def __init__(self, conf: SampleConfig, net: JiT, env: D.DistEnv, meta: dict, ckpt_info: dict) -> None:
+        self.conf, self.env = conf, env
         self.rank, self.world, device = env.rank, env.world_size, env.device
         self.device = device
         self.ckpt_info = ckpt_info
         self.mcfg = net.cfg
-        self.noise_scale, self.t_eps = recipe(args, meta, self.mcfg)
-        self.amp_dtype = resolve_precision(args.precision, device)
-        runner = torch.compile(net, dynamic=False) if args.compile else net
+        self.noise_scale, self.t_eps = recipe(conf, meta, self.mcfg)
+        _, self.amp_dtype = D.resolve_precision(conf.precision, device)
+        runner = torch.compile(net, dynamic=False) if conf.compile else net
         self.sampler = StaticSampler(
-            runner, args.batch_size, steps=args.steps, solver=args.solver, interval=tuple(args.interval),
+            runner, conf.batch_size, steps=conf.steps, solver=conf.solver, interval=conf.interval,
             noise_scale=self.noise_scale, num_classes=self.mcfg.num_classes, t_eps=self.t_eps,
             img_size=self.mcfg.input_size, in_channels=self.mcfg.in_channels, device=device,
-            autocast_dtype=self.amp_dtype, cuda_graph=(device.type == "cuda" and not args.no_cuda_graph),
+            autocast_dtype=self.amp_dtype, cuda_graph=(device.type == "cuda" and not conf.no_cuda_graph),
         )
         self.extractor = self.ref_stats = None
         self.weights_id = None
-        if args.metrics:
+        if conf.metrics:
             self._setup_inception()
 
     def log(self, msg: str) -> None:
@@ -312,15 +177,16 @@ class Evaluator:
             print(msg, file=sys.stderr, flush=True)
 
     def _setup_inception(self) -> None:
-        a = self.args
-        err = None
-        for turn in (0, 1):  # rank 0 first (a download lands in the hub cache once), then the others
-            if (self.rank == 0) == (turn == 0):
-                try:
-                    self.extractor = fid.build_inception(a.inception_weights, self.device)
-                except fid.InceptionWeightsError as e:
-                    err = str(e)
-            D.barrier(self.env)
+        a = self.conf
+
+        def load() -> tuple[torch.nn.Module | None, str | None]:
+            try:
+                return fid.build_inception(a.inception_weights, self.device), None
+            except fid.InceptionWeightsError as e:
+                return None, str(e)
+
+        # rank 0 first: a download lands in the hub cache once
+        self.extractor, err = D.leader_first(load, self.rank == 0, self.env)
         self._all_ok(err, "Inception weights failed to load on another rank")
         self.weights_id = D.broadcast_object(self.env, fid.weights_tag(a.inception_weights) if self.rank == 0 else None)
         if a.fid_ref:
@@ -342,11 +208,11 @@ class Evaluator:
             raise UsageError(err or elsewhere)
 
     def accumulator(self) -> fid.FeatureAccumulator:
-        return fid.FeatureAccumulator(self.extractor, self.args.fid_batch_size, self.device)
+        return fid.FeatureAccumulator(self.extractor, self.conf.fid_batch_size, self.device)
 
     # ---------------------------------------------------------------------------------------
     def sampling_config(self, s: Setting) -> dict:
-        a = self.args
+        a = self.conf
         return {
             "ema": s.ema, "cfg": s.cfg, "interval": list(a.interval), "steps": a.steps, "solver": a.solver,
             "seed": a.seed, "num_images": a.num_images, "batch_size": a.batch_size,
@@ -358,7 +224,7 @@ class Evaluator:
         }
 
     def run_setting(self, s: Setting, out: Path) -> dict:
-        a, rank, world = self.args, self.rank, self.world
+        a, rank, world = self.conf, self.rank, self.world
         out.mkdir(parents=True, exist_ok=True)
         config = self.sampling_config(s)
         store = PartStore(self.env, out / "parts", config, overwrite=a.overwrite)
@@ -372,7 +238,7 @@ class Evaluator:
         todo = [(k, st, en, store.has(k)) for k, st, en in mine]
         noises = _prefetch(lambda c: image_noise(a.seed, range(c[1], c[2]), shape), [c for c in todo if not c[3]])
         bar = _progress(a.num_images, rank, s.tag)
-        writer = _Writer()
+        writer = BackgroundWriter()
         t0 = time.perf_counter()
         try:
             for k, st, en, done in todo:
@@ -391,7 +257,7 @@ class Evaluator:
                 if acc is not None:
                     acc.add(u8, st)
                 if a.png:
-                    writer.put(lambda im=images, st=st: _write_pngs(png_dir, im, st))
+                    writer.put(lambda im=images, st=st: write_pngs(png_dir, im, st))
                 bar.update(min((en - st) * world, bar.total - bar.n))
         finally:
             noises.close()
@@ -415,28 +281,10 @@ class Evaluator:
 
     def _finish(self, s: Setting, out: Path, store: PartStore, config: dict, feats, generated: int,
                 resumed: int, seconds: float) -> dict:
-        a = self.args
-        chunks = chunk_ranges(a.num_images, a.batch_size)
-        S, C = self.mcfg.input_size, self.mcfg.in_channels
-
-        def parts(key: str):
-            def it():
-                for k, _, _ in chunks:
-                    with np.load(store.path(k), allow_pickle=False) as data:
-                        yield data[key]
-            return it
-
-        if not a.no_npz:
-            arrays = {}
-            img = ((a.num_images, S, S, C), np.uint8, parts("images"))
-            lab = ((a.num_images,), np.int64, parts("labels"))
-            if a.npz_keys in ("both", "named"):
-                arrays |= {"images": img, "labels": lab}
-            if a.npz_keys in ("both", "adm"):
-                arrays |= {"arr_0": img, "arr_1": lab}
-            write_npz_streaming(out / "samples.npz", arrays)
-        first = itertools.islice(parts("images")(), -(-64 // a.batch_size))  # chunks holding images 0..63
-        save_grid(np.concatenate(list(first))[:64], out / "grid.png")
+        a = self.conf
+        ks = [k for k, _, _ in chunk_ranges(a.num_images, a.batch_size)]
+        image_shape = (self.mcfg.input_size, self.mcfg.input_size, self.mcfg.in_channels)
+        write_samples(out, store, ks, image_shape, a.num_images, None if a.no_npz else a.npz_keys, a.batch_size)
         metrics: dict = {"num_images": a.num_images}
         if feats is not None:
             if feats[fid.POOL].shape[0] != a.num_images:
@@ -451,7 +299,7 @@ class Evaluator:
             "config": config,
             "checkpoint": self.ckpt_info,
             "nfe_per_image": nfe_per_image(a.steps, a.solver),
-            "forward_images_per_image": forward_rows_per_image(a.steps, a.solver, tuple(a.interval), s.cfg),
+            "forward_images_per_image": forward_rows_per_image(a.steps, a.solver, a.interval, s.cfg),
             "inception": {"weights": self.weights_id, "fid_ref": str(a.fid_ref) if a.fid_ref else None,
                           "batch_size": a.fid_batch_size} if self.extractor is not None else None,
             "timing": {"seconds": round(seconds, 3), "generated": generated, "resumed": resumed,
@@ -462,7 +310,7 @@ class Evaluator:
                         "grid": str(out / "grid.png"), "png_dir": str(out / "images") if a.png else None},
             "versions": _versions(),
         }
-        _atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
+        atomic_write(out / "metrics.json", json.dumps(row, indent=2) + "\n")
         return row
 
 
@@ -482,19 +330,12 @@ def _progress(total: int, rank: int, desc: str):
                 file=sys.stderr)
 
 
-def recipe(a: argparse.Namespace, meta: dict, mcfg) -> tuple[float, float]:
+def recipe(a: SampleConfig, meta: dict, mcfg: ModelConfig) -> tuple[float, float]:
     """(noise_scale, t_eps): the flag, else the checkpoint's recipe, else 1.0 (2.0 at >= 512 px) and 0.05."""
     noise_scale = a.noise_scale if a.noise_scale is not None else meta.get("noise_scale")
     t_eps = a.t_eps if a.t_eps is not None else meta.get("t_eps")
     return (float(noise_scale if noise_scale is not None else (2.0 if mcfg.input_size >= 512 else 1.0)),
             float(t_eps if t_eps is not None else 0.05))
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: auto = bf16 on CUDA (the official evaluation), fp32 (None) on CPU."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,61 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SAMPLING_DEFAULTS = {"cfg": [2.9], "interval": [0.1, 1.0], "steps": 50, "solver": "heun"}
-
-
-def fill_defaults(a: argparse.Namespace) -> None:
-    """Fill unset sampling flags: the official defaults, or under --preset demo those of the demo run."""
-    a.num_images_given = a.num_images is not None
-    if a.num_images is None:
-        a.num_images = 50000
-    defaults = dict(SAMPLING_DEFAULTS)
-    if a.preset == "demo":
-        from jit_fast.configs import RUN_PRESETS
-
-        demo = RUN_PRESETS["demo"]
-        defaults.update(cfg=[demo["cfg"]], interval=[demo["interval_min"], demo["interval_max"]],
-                        steps=demo["eval_steps"])
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-
-
-def check_args(a: argparse.Namespace) -> None:
-    """Combinations argparse cannot check (ranges are checked by the flags' types, also for `run(args)` callers)."""
-    checks = [("--num-images", a.num_images, INT_POSITIVE), ("--batch-size", a.batch_size, INT_POSITIVE),
-              ("--steps", a.steps, INT_POSITIVE), ("--seed", a.seed, SEED),
-              ("--fid-batch-size", a.fid_batch_size, INT_POSITIVE)]
-    for flag, value, allowed in checks:
-        if not allowed.contains(value):
-            raise UsageError(f"{flag} must be {allowed.describe()}, got {value!r}")
-    bad_cfg = [c for c in a.cfg if not NONNEGATIVE.contains(c)]
-    if bad_cfg:
-        raise UsageError(f"--cfg must be {NONNEGATIVE.describe()}, got {bad_cfg[0]!r}")
-    lo, hi = a.interval
-    if not (PROBABILITY.contains(lo) and PROBABILITY.contains(hi) and lo < hi):
-        raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
-    if a.fid_ref is not None and not a.metrics:
-        raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
-    if a.out.exists() and not a.out.is_dir():
-        raise UsageError(f"--out {a.out} exists and is not a directory")
-
-
-def print_nfe(a: argparse.Namespace, rank: int) -> None:
+def print_nfe(a: SampleConfig, rank: int) -> None:
+    """Print, on rank 0, the network evaluations per image of every guidance scale of the launch."""
     if rank != 0:
         return
     nfe = nfe_per_image(a.steps, a.solver)
     formula = f"2*({a.steps}-1)+1" if a.solver == "heun" else f"{a.steps}"
     for cfg in a.cfg:
-        rows = forward_rows_per_image(a.steps, a.solver, tuple(a.interval), cfg)
+        rows = forward_rows_per_image(a.steps, a.solver, a.interval, cfg)
         print(f"NFE per image: {nfe} = {formula} ({a.solver}, {a.steps} steps; cfg {cfg:g} in "
               f"({a.interval[0]:g}, {a.interval[1]:g}): guided evaluations batched as one 2B forward, "
               f"{rows} images through the net per image)", flush=True)
 
 
-def run(a: argparse.Namespace) -> list[dict]:
-    fill_defaults(a)
-    check_args(a)
+def run(args: argparse.Namespace | SampleConfig) -> list[dict]:
+    """Sample (and evaluate) every setting of a launch; parsed flags are turned into a SampleConfig once."""
+    a = args if isinstance(args, SampleConfig) else SampleConfig.from_args(args)
+    a.validate()
     try:
         env = D.init_distributed(a.device)
     except ValueError as e:  # unknown device, CUDA asked for but absent
@@ -626,7 +429,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         D.shutdown(env)
 
 
-def _run(a: argparse.Namespace, env: D.DistEnv) -> list[dict]:
+def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     rank, device = env.rank, env.device
     sd, meta = load_weight_set(a.ckpt, a.ema[0], verify=not a.skip_checksum)
     net = build_net(meta, a, device)
@@ -682,20 +485,20 @@ def best_row(rows: list[dict]) -> dict | None:
 def write_sweep(out: Path, rows: list[dict]) -> None:
     best = best_row(rows)
     lines = [json.dumps({"setting": r["setting"], "metrics": r["metrics"], "dir": r["outputs"]["dir"]}) for r in rows]
-    _atomic_write_text(out / "sweep.jsonl", "\n".join(lines) + "\n")
+    atomic_write(out / "sweep.jsonl", "\n".join(lines) + "\n")
     summary = {"rows": rows, "best": None if best is None else {"setting": best["setting"], "metrics": best["metrics"],
                                                                 "dir": best["outputs"]["dir"]}}
-    _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     if best is not None:
         key = "fid" if "fid" in best["metrics"] else "inception_score_mean"
         print(f"best: ema {best['setting']['ema']} cfg {best['setting']['cfg']:g} "
               f"({key} {best['metrics'][key]:.4f})", flush=True)
 
 
-def run_demo(a: argparse.Namespace, net: JiT, env: D.DistEnv, meta: dict) -> dict | None:
+def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: dict) -> dict | None:
     """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
     noise_scale, t_eps = recipe(a, meta, net.cfg)
-    kwargs = dict(cfg=a.cfg[0], interval=tuple(a.interval), steps=a.steps, solver=a.solver, seed=a.seed,
+    kwargs = dict(cfg=a.cfg[0], interval=a.interval, steps=a.steps, solver=a.solver, seed=a.seed,
                   num_classes=net.cfg.num_classes, img_size=net.cfg.input_size, device=env.device,
                   noise_scale=noise_scale, t_eps=t_eps)
     if a.num_images_given:
@@ -711,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         rows = run(a)
-    except (UsageError, CheckpointError, fid.StatsError, fid.InceptionWeightsError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     return 1 if a.preset == "demo" and not rows[0]["passed"] else 0

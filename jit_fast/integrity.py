@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from jit_fast.errors import UserError
+from jit_fast.files import atomic_write
 
 MANIFEST_FILE = "checksums.json"
 ALGORITHM = "sha256"
@@ -24,7 +26,7 @@ HASH_THREADS = 2  # hashlib releases the GIL: files hash in parallel, off the tr
 _verified: dict[Path, tuple[int, int, str]] = {}
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated or differs from the checksum recorded when it was saved."""
 
 
@@ -50,15 +52,8 @@ def checkpoint_files(directory: str | Path) -> list[str]:
 
 def write_manifest(directory: str | Path, entries: dict[str, dict]) -> Path:
     """Write `checksums.json` atomically (temp file, fsync, rename) and return its path."""
-    d = Path(directory)
-    path = d / MANIFEST_FILE
-    tmp = d / f".{MANIFEST_FILE}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": entries}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    manifest = {"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": entries}
+    return atomic_write(Path(directory) / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def read_manifest(directory: str | Path) -> dict[str, dict] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from jit_fast.configs import ModelConfig
+from jit_fast.files import atomic_write
 
 # Dense bf16 tensor-core peak per device in TFLOP/s (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {
@@ -103,12 +104,7 @@ def drop_rows_after(path: str | Path, step: int) -> int:
         f.writelines(drop)
         f.flush()
         os.fsync(f.fileno())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(keep))
     return len(drop)
 
 

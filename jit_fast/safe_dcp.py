@@ -21,6 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from jit_fast import integrity
+from jit_fast.errors import UserError
 
 METADATA_FILE = ".metadata"
 # (module, name) of every global a DCP .metadata pickle needs (found by unpickling fp32, bf16,
@@ -45,7 +46,7 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint file would need code or classes outside the allow-list to be read."""
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from jit_fast.denoiser import Net, x_to_v
+from jit_fast.seeds import image_seed
 
 SOLVERS = ("heun", "euler")
 
@@ -40,11 +40,6 @@ def guidance_scale(t: torch.Tensor, cfg: float, interval: tuple[float, float]) -
 def nfe_per_image(steps: int, solver: str) -> int:
     """Network evaluations per image (a batched CFG pair counts once): Heun 2*(steps-1)+1."""
     return 2 * (steps - 1) + 1 if solver == "heun" else steps
-
-
-def image_seed(seed: int, index: int) -> int:
-    """Independent 63-bit seed for image `index` of run `seed` (independent of batching)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def image_noise(seed: int, indices: range | list[int], shape: tuple[int, ...]) -> torch.Tensor:

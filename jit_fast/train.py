@@ -56,6 +56,8 @@ from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.denoiser import flow_matching_loss, sample_t
 from jit_fast.ema import EMA
+from jit_fast.errors import UsageError as ConfigError  # the name train's callers and tests catch
+from jit_fast.errors import UserError
 from jit_fast.metrics import (
     DROPPED_METRICS_FILE,
     MetricsLogger,
@@ -65,6 +67,7 @@ from jit_fast.metrics import (
     train_flops_per_image,
 )
 from jit_fast.model import JiT
+from jit_fast.seeds import mix_seed
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -75,10 +78,6 @@ _FAULT_STEP_ENV = "JIT_FAST_FAULT_SIGNAL_STEP"  # tests: "STEP" or "STEP:RANK" s
 # fields that fix the network's parameter shapes (dropout rates and kernels may change on resume)
 _ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("attn_drop", "proj_drop",
                                                                                          "kernels"))
-
-
-class ConfigError(ValueError):
-    """A user error in flags, data or checkpoint choice: reported as one line, exit code 2."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -282,20 +281,6 @@ def resolve_data_root(path: str) -> Path:
 # helpers
 
 
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from a sequence of integers (splitmix64 chain); cheap and well mixed."""
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & mask)) & mask
-        h = (h + 0x9E3779B97F4A7C15) & mask
-        z = h
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
 _TAG_T_DROP, _TAG_NOISE, _TAG_DROPOUT = 1, 2, 3
 
 
@@ -352,9 +337,7 @@ class Trainer:
         self.explicit = explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)}
         self.device = env.device
         self.out = Path(cfg.output_dir)
-        prec = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.precision = prec
-        self.amp_dtype = torch.bfloat16 if prec == "bf16" else None
+        self.precision, self.amp_dtype = D.resolve_precision(cfg.precision, self.device)
         self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
         self.signal_received: str | None = None
         self.pbar = None
@@ -1017,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, explicit = parse_config(argv)
         return run_training(cfg, explicit)
-    except (ConfigError, CheckpointError, OSError) as e:  # user errors: bad flags, files, permissions
+    except (UserError, OSError) as e:  # user errors: bad flags, data, checkpoints, files, permissions
         print(f"{prefix}error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as e:

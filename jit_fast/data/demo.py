@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import atomic_write
 from .index import build_index, cache_dir
 from .loader import to_float
 from .torch_backend import decode_all
@@ -35,9 +35,7 @@ def prepare_demo(root: str | Path | None = None, size: int = 32) -> Path:
     for i, (img, label) in enumerate(zip(images, digits.target, strict=True)):
         pil = Image.fromarray(img).resize((size, size), resample=Image.BICUBIC).convert("RGB")
         pil.save(train / str(int(label)) / f"{i:04d}.jpg", quality=95, subsampling=0)
-    tmp = out / f"{_MARKER}.tmp{os.getpid()}"
-    tmp.write_text(f"{len(images)} images\n")
-    os.replace(tmp, out / _MARKER)
+    atomic_write(out / _MARKER, f"{len(images)} images\n")
     return train
 
 

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image
+
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +331,7 @@ def _write_cache(path: Path, root: str, records: dict[str, _Record]) -> None:
                         + pr.why.replace("\t", " ").replace("\n", " "))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(rows) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, "\n".join(rows) + "\n", fsync=False)
     except (OSError, UnicodeError) as exc:  # a read-only cache only costs the next run a re-validation
         log.warning("could not write the data index cache %s: %s", path, exc)
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import leader_first
 from .index import FolderIndex, build_index
 from .order import EpochPlan, batches_per_epoch, plan_epoch
 
@@ -165,12 +166,9 @@ def _shared_index(
     """Validate once per node under torch.distributed: local rank 0 first, the others then read its cache."""
     build = functools.partial(build_index, root, img_size=img_size, num_workers=num_workers, cache=index_cache)
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (dist.is_available() and dist.is_initialized()):
         return build()
-    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    index = build() if first else None
-    dist.barrier()
-    return index if index is not None else build()
+    return leader_first(build, int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
 
 
 def build_loader(

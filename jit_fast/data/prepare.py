@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import UserError
+from ..files import atomic_write
 from .crop import center_crop
 from .index import header_problem, listing, max_pixels, open_image, scan_folder, show_path
 
@@ -25,7 +27,7 @@ _EXT = {"png": ".png", "jpeg": ".jpg"}
 SHOWN = 50  # skipped inputs listed at the end; the rest are counted
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """A user error of the prepare tool, reported as one line naming the file or option."""
 
 
@@ -48,12 +50,8 @@ def _crop_one(job: tuple[str, str, int, str, int]) -> str | None:
     except Exception as exc:  # unreadable input: report, keep going
         return f"{show_path(src)}: {type(exc).__name__}: {exc}"
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    if fmt == "png":
-        Image.fromarray(arr).save(tmp, format="PNG")
-    else:
-        Image.fromarray(arr).save(tmp, format="JPEG", quality=quality, subsampling=0)
-    os.replace(tmp, dst)
+    opts = {"format": "PNG"} if fmt == "png" else {"format": "JPEG", "quality": quality, "subsampling": 0}
+    atomic_write(dst, lambda f: Image.fromarray(arr).save(f, **opts), fsync=False)  # one fsync per image is slow
     return None
 
 
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.src):
             raise PrepareError(f"source folder {args.src} does not exist or is not a folder")
         failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
-    except (PrepareError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
     for msg in failures[:SHOWN]:

@@ -1,0 +1,31 @@
+"""Counter-based seeds: a draw depends only on the integers that name it, never on batching or ranks.
+
+Two mixers, kept bit-identical to what existing runs recorded (changing either changes stored results):
+`mix_seed` (splitmix64 chain) seeds training draws, so a resumed run continues draw-for-draw;
+`image_seed` (NumPy SeedSequence) seeds sampling noise, so a seed gives the same samples.npz.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from a sequence of integers (splitmix64 chain); cheap and well mixed."""
+    h = _GOLDEN
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + _GOLDEN) & _MASK64
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Independent 63-bit seed for image `index` of run `seed` (independent of batching)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
