@@ -141,6 +141,8 @@ def _prefetch(fn, items: list):
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Setting:
+    """One point of a sweep: a weight set and a guidance scale."""
+
     ema: str
     cfg: float
 
@@ -483,6 +485,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def write_sweep(out: Path, rows: list[dict]) -> None:
+    """Write OUT/sweep.jsonl (one row per setting) and OUT/metrics.json (all rows and the best); print the best."""
     best = best_row(rows)
     lines = [json.dumps({"setting": r["setting"], "metrics": r["metrics"], "dir": r["outputs"]["dir"]}) for r in rows]
     atomic_write(out / "sweep.jsonl", "\n".join(lines) + "\n")
