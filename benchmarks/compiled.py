@@ -19,15 +19,9 @@ from collections.abc import Iterator
 
 import torch
 
-from benchmarks.traffic import (
-    Count,
-    OpRecord,
-    block_index,
-    block_leaves,
-    capture_block_inputs,
-    count_block,
-    flash_attention_standin,
-)
+from benchmarks.blocks import block_index, block_leaves, capture_block_inputs
+from benchmarks.flash_standin import flash_attention_standin
+from benchmarks.traffic import Count, OpRecord, count_block
 from jit_fast import model as jit_model
 from jit_fast.configs import model_config
 

@@ -22,17 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, model_batch
 from benchmarks.roofline import GPUS, GPUSpec
-from benchmarks.traffic import (
-    PATH_KERNELS,
-    block_index,
-    block_leaves,
-    capture_block_inputs,
-    count_block,
-    count_call,
-    count_train_step,
-    model_batch,
-)
+from benchmarks.traffic import PATH_KERNELS, count_block, count_call, count_train_step
 from benchmarks.workloads import OP_NAMES, op_inputs
 from jit_fast.model import build_model
 from kernels import get_ops

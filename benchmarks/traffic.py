@@ -11,14 +11,12 @@ Conventions (the modeled GPU execution):
   Views, `detach`, allocations and metadata ops cost nothing. In-place ops write what they mutate;
   ops that overwrite (`copy_`, `fill_`, `bernoulli_`, ...) do not read their destination.
 - A `jit_fast::*` custom op (a fused Triton kernel) is opaque: its inputs read plus outputs written,
-  one launch, plus the internal launches and traffic listed in `FUSED_INTERNALS` (two-stage reduction
-  buffers, gradient copies). `count_block(..., launchers=True)` instead runs the CUDA launch helpers
-  on the fake tensors and records every Triton launch; the tests require both counts to agree.
-- Attention is the flash-attention kernel both paths use on a GPU. During counting the model's
-  `attention` is swapped for `jit_fast_bench::flash_attention` (fwd: read q, k, v; write o and the
-  fp32 log-sum-exp; bwd: read dO, q, k, v, o, lse; write dq, dk, dv), because the CPU SDPA kernel
-  choice (a math path with dropout) is not what runs on a GPU. Dropout inside flash attention
-  moves no extra bytes.
+  one launch, plus the scratch its launch allocates (`fused_workspace`: each op module's `bwd_workspace`,
+  the two-stage reduction buffers and the launches reading them). `count_block(..., launch_helpers=True)`
+  instead routes each custom op to its CUDA kernel on the fake tensors (`kernels.ops.LaunchHelpers`) and
+  records every Triton launch; the tests require both counts to agree.
+- Attention is the flash-attention kernel both paths use on a GPU: the model's `attention` is swapped
+  for the counting stand-in of `benchmarks.flash_standin` (one opaque op forward, one backward).
 - Autocast is CPU autocast (bf16); for every op JiT uses its cast lists agree with CUDA autocast
   (linear, conv, matmul and SDPA run in bf16; elementwise ops keep their input dtypes).
 - Saved-for-backward bytes come from `saved_tensors_hooks`, deduplicated by storage, split into
@@ -29,9 +27,9 @@ Conventions (the modeled GPU execution):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -39,7 +37,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import jit_fast.model as jit_model
-from jit_fast.configs import ModelConfig, model_config
+from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, cast_parameters, model_batch
+from benchmarks.flash_standin import BENCH_NAMESPACE, flash_attention_standin
+from benchmarks.flops import attention_flops, gemm_flops
+from jit_fast.configs import model_config
+
+if TYPE_CHECKING:
+    from kernels._common import Workspace
 
 PATH_KERNELS = {"eager": "torch", "fused": "triton"}
 PHASES = ("fwd", "bwd", "opt")
@@ -54,7 +58,6 @@ FREE_OPS = frozenset({
 OVERWRITE_OPS = frozenset({"copy_", "fill_", "zero_", "bernoulli_", "normal_", "uniform_", "random_", "exponential_"})
 GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
 FUSED_NAMESPACE = "jit_fast"
-BENCH_NAMESPACE = "jit_fast_bench"
 
 
 def footprint(t: torch.Tensor) -> int:
@@ -185,101 +188,28 @@ def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def gemm_flops(name: str, args: tuple) -> int:
-    """Multiply-add FLOPs (2 per MAC) of a GEMM or convolution aten op from its argument shapes."""
-    if name == "mm":
-        a, b = args[0], args[1]
-        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    if name == "addmm":
-        a, b = args[1], args[2]
-        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    if name in ("bmm", "baddbmm"):
-        a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
-        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-    if name == "convolution":
-        x, w = args[0], args[1]
-        n_out = x.shape[0] * w.shape[0] * math.prod(_conv_out_hw(x, w, args[3], args[4], args[5]))
-        return 2 * n_out * math.prod(w.shape[1:])
-    if name == "convolution_backward":
-        grad_out, w, mask = args[0], args[2], args[10]
-        per = 2 * grad_out.numel() * math.prod(w.shape[1:])
-        return per * (int(mask[0]) + int(mask[1]))
-    raise ValueError(f"no FLOP rule for {name}")
+def fused_workspace(op: str, args: dict) -> Workspace | None:
+    """Scratch of a fused op beyond its inputs read and outputs written, as the op's module sizes it for its
+    launch (`bwd_workspace`: fp32 reduction buffers and the second-stage launches reading them); `args` are the
+    op's arguments by schema name. None for ops without scratch. Kept honest by tests/test_traffic.py, which
+    counts the launch helpers' real launches."""
+    from kernels import qk_norm_rope, rmsnorm_modulate, swiglu
+
+    if op == "jit_fast::rmsnorm_modulate_bwd":
+        return rmsnorm_modulate.bwd_workspace(args["x_norm"].shape, args["branch_bias"] is not None)
+    if op == "jit_fast::qk_norm_rope_bwd":
+        return qk_norm_rope.bwd_workspace(args["qkv"].shape, args["num_heads"], args["bias"] is not None)
+    if op == "jit_fast::swiglu_bwd":
+        return swiglu.bwd_workspace(args["x12"].shape, args["bias"] is not None)
+    return None
 
 
-def _conv_out_hw(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> list[int]:
-    spatial = x.shape[2:]
-    return [
-        (spatial[i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(len(spatial))
-    ]
-
-
-def attention_flops(q: torch.Tensor, k: torch.Tensor, heads_dim: int) -> int:
-    """Forward FLOPs 4*B*H*Nq*Nk*Dh of softmax attention (QK^T and PV); `heads_dim` is H's axis in q."""
-    b, dh = q.shape[0], q.shape[-1]
-    h = q.shape[heads_dim]
-    nq = q.shape[2] if heads_dim == 1 else q.shape[1]
-    nk = k.shape[2] if heads_dim == 1 else k.shape[1]
-    return 4 * b * h * nq * nk * dh
-
-
-# Internal traffic of fused ops beyond their inputs read and outputs written, mirroring the CUDA launch
-# helpers in kernels/ (kept honest by tests/test_traffic.py, which counts the helpers' real launches):
-# name -> fn(args, outputs) -> (extra launches, extra bytes read, extra bytes written).
-FusedInternals = Callable[[tuple, list[torch.Tensor]], tuple[int, int, int]]
-
-
-def _rmsnorm_modulate_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (B, P, 4 or 5, D) -> one row sum into dshift/dscale/dgate and fp32 per-sample dweight
-    (and dbias) rows (B, D) -> one row sum into dweight (and dbias)."""
-    import triton
-
-    from kernels._common import select_config
-    from kernels.rmsnorm_modulate import BWD_CONFIGS
-
-    x_norm, has_bias = args[1], len(args) > 10 and args[10] is not None
-    b, n, d = x_norm.shape
-    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
-    partials = b * triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"]) * (4 + has_bias) * d * 4
-    per_sample = (1 + has_bias) * b * d * 4
-    return 2, partials + per_sample, partials + per_sample
-
-
-def _qk_norm_rope_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """fp32 partials (P, H, 2 or 5, Dh) -> one launch summing them into dq_weight, dk_weight (and the bias)."""
-    import triton
-
-    from kernels._common import select_config
-    from kernels.qk_norm_rope import BWD_CONFIGS
-
-    qkv, num_heads, has_bias = args[3], args[8], len(args) > 10 and args[10] is not None
-    b, n, _ = qkv.shape
-    dh = args[4].shape[0]
-    cfg = select_config(BWD_CONFIGS, triton.next_power_of_2(dh), "qk_norm_rope backward")
-    partials = triton.cdiv(b * n, cfg.kwargs["ROWS_PER_PROG"]) * num_heads * (5 if has_bias else 2) * dh * 4
-    return 1, partials, partials
-
-
-def _swiglu_bwd_internals(args: tuple, outputs: list[torch.Tensor]) -> tuple[int, int, int]:
-    """With a bias: fp32 partials (P, 2h) -> one row sum into dbias. Without: nothing beyond the op's I/O."""
-    import triton
-
-    from kernels.swiglu import BWD_CONFIGS
-
-    x12, bias = args[0], args[1]
-    if bias is None:
-        return 0, 0, 0
-    m = x12.numel() // x12.shape[-1]
-    partials = triton.cdiv(m, BWD_CONFIGS[0].kwargs["ROWS_PER_PROG"]) * x12.shape[-1] * 4
-    return 1, partials, partials
-
-
-FUSED_INTERNALS: dict[str, FusedInternals] = {
-    "jit_fast::swiglu_bwd": _swiglu_bwd_internals,
-    "jit_fast::rmsnorm_modulate_bwd": _rmsnorm_modulate_bwd_internals,
-    "jit_fast::qk_norm_rope_bwd": _qk_norm_rope_bwd_internals,
-}
+def _named_args(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict:
+    """An op's arguments by schema name, defaults filled in."""
+    named = {}
+    for i, a in enumerate(func._schema.arguments):
+        named[a.name] = args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+    return named
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -330,12 +260,11 @@ class TrafficCounter(TorchDispatchMode):
             self._cost_attention(record, name, args)
         elif ns == FUSED_NAMESPACE:
             record.category = "fused"
-            internals = FUSED_INTERNALS.get(record.op)
-            if internals is not None:
-                launches, read, wrote = internals(args, outs)
-                record.launches += launches
-                record.bytes_read += read
-                record.bytes_written += wrote
+            workspace = fused_workspace(record.op, _named_args(func, args, kwargs))
+            if workspace is not None:
+                record.launches += workspace.launches
+                record.bytes_read += workspace.bytes
+                record.bytes_written += workspace.bytes
         elif ns == "aten" and name in GEMM_OPS:
             record.category = "gemm"
             record.flops = record.model_flops = gemm_flops(name, args)
@@ -377,7 +306,7 @@ def record_triton_launches(counter: TrafficCounter) -> Iterator[None]:
     """Record `kernel[grid](...)` launches as one-launch records instead of running them (for fake tensors).
 
     Bytes are the footprints of the distinct tensor arguments: each buffer a kernel is handed is taken
-    to be read or written once. Used to count the launch helpers of kernels/ exactly, launch by launch.
+    to be read or written once. With `kernels.ops.LaunchHelpers`, counts the fused ops launch by launch.
     """
     from triton.runtime.jit import KernelInterface
 
@@ -399,80 +328,6 @@ def record_triton_launches(counter: TrafficCounter) -> Iterator[None]:
         yield
     finally:
         KernelInterface.__getitem__ = original
-
-
-# ------------------------------------------------------------------------------------------------
-# Flash-attention stand-in (counting only): one opaque op forward, one backward, like a GPU kernel.
-
-
-@torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention", mutates_args=())
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over (B, N, H, D) returning (o, lse (B, H, N)), computed in fp32 (fp64 for fp64 inputs)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qf, kf, vf = (t.transpose(1, 2).to(acc) for t in (q, k, v))
-    s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ vf
-    return o.transpose(1, 2).to(q.dtype).contiguous(), lse
-
-
-@flash_attention.register_fake
-def _flash_attention_fake(q, k, v):
-    b, n, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.promote_types(q.dtype, torch.float32))
-
-
-@torch.library.custom_op(f"{BENCH_NAMESPACE}::flash_attention_bwd", mutates_args=())
-def flash_attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of `flash_attention`, recomputing the probabilities from lse (fp32 math)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qf, kf, vf, of, dof = (t.transpose(1, 2).to(acc) for t in (q, k, v, o, do))
-    scale = 1 / math.sqrt(q.shape[-1])
-    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
-    dv = p.transpose(-1, -2) @ dof
-    dp = dof @ vf.transpose(-1, -2)
-    ds = p * (dp - (dof * of).sum(-1, keepdim=True)) * scale
-    dq, dk = ds @ kf, ds.transpose(-1, -2) @ qf
-    return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
-
-
-@flash_attention_bwd.register_fake
-def _flash_attention_bwd_fake(do, q, k, v, o, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fa_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs, *output)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _fa_backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return flash_attention_bwd(do.contiguous(), q, k, v, o, lse)
-
-
-flash_attention.register_autograd(_fa_backward, setup_context=_fa_setup)
-
-
-def standin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Drop-in for `jit_fast.attention.attention` during counting (dropout changes no byte or FLOP)."""
-    if dropout_p and not isinstance(q, torch._subclasses.fake_tensor.FakeTensor):
-        raise ValueError("the flash-attention stand-in only counts; it has no dropout for real tensors")
-    return flash_attention(q, k, v)[0]
-
-
-@contextlib.contextmanager
-def flash_attention_standin() -> Iterator[None]:
-    """Route the model's attention through the counting stand-in for the duration of the context."""
-    original = jit_model.attention
-    jit_model.attention = standin_attention
-    try:
-        yield
-    finally:
-        jit_model.attention = original
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,81 +373,8 @@ def _pop(stack: list[str]) -> None:
 # Counting entry points.
 
 
-def cast_parameters(net: jit_model.JiT, dtype: torch.dtype | None) -> jit_model.JiT:
-    """Give the blocks' parameters `dtype`, as `distributed.prepare_model`'s FSDP2 policy gathers them.
-
-    The root's own parameters (embedders, pos_embed, in-context tokens, final layer) stay fp32 there,
-    so the residual stream stays fp32 exactly as in FSDP2 training.
-    """
-    if dtype is not None:
-        for p in net.blocks.parameters():
-            p.data = p.data.to(dtype)
-    return net
-
-
 def _constants(net: torch.nn.Module) -> list[torch.Tensor]:
     return [*net.parameters(), *net.buffers()]
-
-
-def model_batch(cfg: ModelConfig, batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
-    """Random images (B, C, S, S), times (B,) and labels (B,) for `cfg` on `device`."""
-    s = cfg.input_size
-    return (
-        torch.randn(batch, cfg.in_channels, s, s, device=device),
-        torch.rand(batch, device=device),
-        torch.randint(0, cfg.num_classes, (batch,), device=device),
-    )
-
-
-def block_index(cfg: ModelConfig, which: str) -> int:
-    """Index of a representative block: "standard" (in-context tokens, no dropout), "dropout" (in the
-    dropout range, after the in-context start) or "first"; all but "first" receive a pending residual."""
-    lo, hi = cfg.depth // 4, cfg.depth // 4 * 3
-    if which == "standard":
-        return max(cfg.in_context_start, hi) if max(cfg.in_context_start, hi) < cfg.depth else cfg.depth - 1
-    if which == "dropout":
-        return max(cfg.in_context_start + 1, lo)
-    if which == "first":
-        return 0
-    raise ValueError(f"unknown block kind {which!r}; choose standard, dropout or first")
-
-
-class _Captured(Exception):
-    pass
-
-
-def capture_block_inputs(
-    net: jit_model.JiT, idx: int, batch: int, device: torch.device | str | None = None
-) -> tuple[tuple, dict]:
-    """Run the model forward up to block `idx` and return the (args, kwargs) that block receives."""
-    got: dict = {}
-
-    def hook(_m, args, kwargs):
-        got.update(args=args, kwargs=kwargs)
-        raise _Captured
-
-    h = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
-    training = net.training
-    net.eval()  # shapes and dtypes are those of training; eval skips dropout on the way (no RNG, no stand-in limit)
-    try:
-        with torch.no_grad(), contextlib.suppress(_Captured):
-            net(*model_batch(net.cfg, batch, device))
-    finally:
-        h.remove()
-        net.train(training)
-    return got["args"], got["kwargs"]
-
-
-def _leaf(x):
-    """Fresh leaf activation(s) with x's shape/dtype that require grad (None stays None)."""
-    if isinstance(x, tuple):
-        return tuple(_leaf(v) for v in x)
-    return None if x is None else torch.randn_like(x).requires_grad_(True)
-
-
-def block_leaves(args: tuple) -> tuple:
-    """Block arguments (x, c, rope, pending, ...) with x, c and the pending residual as fresh grad-requiring leaves."""
-    return (_leaf(args[0]), _leaf(args[1]), args[2], _leaf(args[3]), *args[4:])
 
 
 def count_block(
@@ -604,15 +386,15 @@ def count_block(
     backward: bool = True,
     autocast: bool = True,
     fake: bool = True,
-    launchers: bool = False,
+    launch_helpers: bool = False,
     param_dtype: torch.dtype | None = None,
     **overrides,
 ) -> Count:
     """Count one JiT block forward (and backward) at full shape for the eager or fused path.
 
     `fake=False` runs real CPU tensors instead of fake ones (same op stream; used to validate the fake run).
-    `launchers=True` (fused path, fake tensors) replaces the opaque custom ops by the CUDA launch helpers
-    and records every Triton launch and helper aten op (used to validate `FUSED_INTERNALS`).
+    `launch_helpers=True` (fused path, fake tensors) routes each custom op to its CUDA kernel, the Triton launch
+    helpers, and records every Triton launch and helper aten op instead of the opaque op (validates `fused_workspace`).
     `param_dtype=torch.bfloat16` computes with bf16 block parameters, as FSDP2's bf16 gather does in
     multi-GPU training (see `cast_parameters`).
     """
@@ -627,14 +409,13 @@ def count_block(
         args = block_leaves(args)
         rope = args[2]
         counter = TrafficCounter(_constants(net) + list(rope))
-        launch_ctx = contextlib.nullcontext()
-        if launchers:
-            from kernels.ops import launcher_ops
+        routed = contextlib.nullcontext
+        if launch_helpers:
+            from kernels.ops import LaunchHelpers
 
-            vars(net.ops).update(vars(launcher_ops()))
-            launch_ctx = record_triton_launches(counter)
-        with launch_ctx:
-            with counter, track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(
+            routed = LaunchHelpers
+        with record_triton_launches(counter) if launch_helpers else contextlib.nullcontext():
+            with counter, routed(), track_regions(counter, block), amp, torch.autograd.graph.saved_tensors_hooks(
                 counter.pack, _id
             ):
                 outs = block(*args, **kwargs)
@@ -642,7 +423,7 @@ def count_block(
                 outs = [o for o in outs if o.requires_grad]
                 grads = [torch.randn_like(o) for o in outs]
                 counter.phase = "bwd"
-                with counter:
+                with counter, routed():
                     torch.autograd.backward(outs, grads)
     n_tokens = args[0].shape[1]
     meta = dict(kind="block", model=model, path=path, batch=batch, img_size=img_size, block=idx, which=which,
@@ -824,8 +605,6 @@ __all__ = [
     "count_forward",
     "count_function",
     "count_train_step",
-    "flash_attention",
-    "flash_attention_standin",
     "footprint",
     "format_count",
 ]

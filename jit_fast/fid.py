@@ -159,27 +159,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """Write a randomly initialised Inception state dict (for tests and offline smoke runs only).
-
-    Kaiming-normal convolutions with identity batch norms keep the activation scale through the
-    ~90 layers, so the random features still tell images apart (FID > 0, IS > 1).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = _skeleton_inception()
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif isinstance(m, torch.nn.BatchNorm2d):
-                torch.nn.init.normal_(m.bias, std=0.1)
-        torch.nn.init.normal_(net.fc.weight, std=4.0 / FEATURE_DIM**0.5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Distributed helpers
 # --------------------------------------------------------------------------------------------

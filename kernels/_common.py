@@ -8,8 +8,8 @@ dtype. No atomics, so gradients are bitwise reproducible for a given shape and c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,47 +18,22 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """One ahead-of-time compile job: a kernel, its argument types and constexprs, and one launch config."""
+def triton_on_cpu() -> bool:
+    """Whether the custom ops' CPU kernels run the Triton launch (Triton's interpreter is on) or the eager reference.
 
-    name: str
-    fn: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    config: triton.Config
-    int_args: dict[str, int] = field(default_factory=dict)
-    label: str = ""
-    dtype_class: str = ""
-    bias: bool | None = None
-
-
-@dataclass(frozen=True)
-class DtypeClass:
-    """Tensor dtypes (Triton names) the model hands the fused ops in one way of running it.
-
-    stream: the residual stream x; act: GEMM outputs and adaLN chunks (the autocast dtype); param: block
-    parameters (norm weights, folded biases); root_param: the final layer's norm weight (FSDP2 gathers the
-    root's parameters in fp32); backward: whether backward kernels run (training) or only forward (sampling).
+    Read at call time from Triton's own `TRITON_INTERPRET` knob, not at import: the switch then follows the
+    environment of the call (a test may unset it), and the interpreter must be on before `triton` is imported
+    anyway (tests/conftest.py sets it first) for the kernels to be built as interpreted functions.
     """
-
-    name: str
-    stream: str
-    act: str
-    param: str
-    root_param: str
-    backward: bool = True
+    return bool(triton.knobs.runtime.interpret)
 
 
-# Every way the model runs the kernels: fp32; bf16 autocast over fp32 parameters; FSDP2's bf16-gathered block
-# parameters under bf16 autocast (stream and root stay fp32, `distributed.prepare_model`); fp16 autocast
-# sampling (`generate --precision fp16`: forward only).
-DTYPE_CLASSES = (
-    DtypeClass("fp32", "fp32", "fp32", "fp32", "fp32"),
-    DtypeClass("bf16-act+fp32-param", "fp32", "bf16", "fp32", "fp32"),
-    DtypeClass("bf16-param", "fp32", "bf16", "bf16", "fp32"),
-    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32", backward=False),
-)
+class Workspace(NamedTuple):
+    """Scratch a launch allocates beyond its inputs and outputs: fp32 bytes, each written once and read once,
+    and the extra reduction launches that read them (what the traffic counter adds to a custom op's I/O)."""
+
+    bytes: int
+    launches: int
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -196,49 +171,3 @@ def sum_rows(
             partials, *padded, rows, cols, stride_g, stride_r, cols if stride_j is None else stride_j,
             NUM_OUT=len(outs), **launch_options(SUM_ROWS_CONFIG),
         )
-
-
-def _sum_ints(c: int, stride_g: int, stride_r: int, stride_j: int) -> dict[str, int]:
-    """Integer arguments of one `sum_rows` launch (their divisibility by 16 selects the compiled variant)."""
-    return {"C": c, "stride_g": stride_g, "stride_r": stride_r, "stride_j": stride_j}
-
-
-def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Compile jobs for every row-sum launch of the backward passes, per dtype class, as `sum_rows` pads them.
-
-    rmsnorm_modulate stage 2 (dshift, dscale in the act dtype, fp32 dweight rows, dgate, fp32 dbias rows: 3, 4
-    or 5 outputs), stage 3 (dweight, dbias in the parameter dtype; the final layer's root weight), SwiGLU's
-    dbias (C = 2h: divisible by 16 for JiT-B and padded widths, not for unpadded L/H/G). Unused output slots
-    are padded with output 0, so their pointer types are output 0's.
-    """
-    for cls in classes:
-        if not cls.backward:
-            continue
-        a, p = cls.act, cls.param
-        d, h2 = 768, 2 * 2730  # stage 2/3 widths are D (all JiT widths are multiples of 16), SwiGLU's 2h may not be
-        jobs = [
-            ("stage 2 plain", False, (a, a, "fp32"), _sum_ints(d, 9 * 3 * d, 3 * d, d)),
-            ("stage 2 residual", False, (a, a, "fp32", a), _sum_ints(d, 9 * 4 * d, 4 * d, d)),
-            ("stage 2 residual", True, (a, a, "fp32", a, "fp32"), _sum_ints(d, 9 * 5 * d, 5 * d, d)),
-            ("stage 3", False, (p,), _sum_ints(d, 0, d, 2 * d)),
-            ("stage 3", True, (p, p), _sum_ints(d, 0, d, 2 * d)),
-            ("stage 3 final layer", False, (cls.root_param,), _sum_ints(d, 0, d, 2 * d)),
-            ("swiglu dbias", True, (p,), _sum_ints(4096, 0, 4096, 4096)),
-            ("swiglu dbias", True, (p,), _sum_ints(h2, 0, h2, h2)),
-        ]
-        for what, bias, outs, ints in jobs:
-            ptrs = {f"OUT{j}": f"*{outs[j] if j < len(outs) else outs[0]}" for j in range(MAX_SUM_OUTPUTS)}
-            yield KernelSpec(
-                name="sum_rows",
-                fn=sum_rows_kernel,
-                signature={
-                    "IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32",
-                    "stride_j": "i32",
-                },
-                constexprs={"NUM_OUT": len(outs)},
-                config=SUM_ROWS_CONFIG,
-                int_args=ints,
-                label=f"{what} C={ints['C']} outputs " + ",".join(outs),
-                dtype_class=cls.name,
-                bias=bias,
-            )

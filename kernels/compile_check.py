@@ -1,10 +1,10 @@
-"""Ahead-of-time compile of every fused kernel signature the launchers select x every config, for sm_90a and sm_80.
+"""Ahead-of-time compile of every fused kernel signature the launch helpers select x every config, for sm_90a and sm_80.
 
     python -m kernels.compile_check [--arch 90 80] [--kernel NAME] [--dtype-class NAME] [--sample]
 
-Signatures: every dtype class of `kernels._common.DTYPE_CLASSES` (fp32; bf16 autocast over fp32 parameters;
+Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 autocast over fp32 parameters;
 FSDP2 bf16 block parameters; fp16 autocast sampling, forward only) x every bias variant x every size class
-of the JiT widths, head dims and head counts, as each op's `compile_specs()` derives them from its launch
+of the JiT widths, head dims and head counts, as the tables below (`*_specs`) derive them from each op's launch
 helper. Jobs that compile to the same binary (same kernel, argument types, divisibility hints, constexprs
 and options, e.g. D=768 and D=1024) are compiled once; the summary counts them per signature class.
 
@@ -25,8 +25,12 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import triton
 
 # Per-SM limits (CUDA occupancy calculator data for compute capability 8.0 and 9.0).
 SM_LIMITS = {
@@ -86,17 +90,244 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> float:
     return blocks * num_warps / lim["warps"]
 
 
-def all_specs(dtype_classes: Iterable[str] | None = None) -> Iterator:
+# ------------------------------------------------------------------------------------------------
+# The compile jobs: per dtype class, every signature the launch helpers of kernels/ produce (hand-written
+# from the helpers; tests/test_kernels_compile_check.py checks every launch of the model is among them).
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One ahead-of-time compile job: a kernel, its argument types and constexprs, and one launch config."""
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    config: triton.Config
+    int_args: dict[str, int] = field(default_factory=dict)
+    label: str = ""
+    dtype_class: str = ""
+    bias: bool | None = None
+
+
+@dataclass(frozen=True)
+class DtypeClass:
+    """Tensor dtypes (Triton names) the model hands the fused ops in one way of running it.
+
+    stream: the residual stream x; act: GEMM outputs and adaLN chunks (the autocast dtype); param: block
+    parameters (norm weights, folded biases); root_param: the final layer's norm weight (FSDP2 gathers the
+    root's parameters in fp32); backward: whether backward kernels run (training) or only forward (sampling).
+    """
+
+    name: str
+    stream: str
+    act: str
+    param: str
+    root_param: str
+    backward: bool = True
+
+
+# Every way the model runs the kernels: fp32; bf16 autocast over fp32 parameters; FSDP2's bf16-gathered block
+# parameters under bf16 autocast (stream and root stay fp32, `distributed.prepare_model`); fp16 autocast
+# sampling (`generate --precision fp16`: forward only).
+DTYPE_CLASSES = (
+    DtypeClass("fp32", "fp32", "fp32", "fp32", "fp32"),
+    DtypeClass("bf16-act+fp32-param", "fp32", "bf16", "fp32", "fp32"),
+    DtypeClass("bf16-param", "fp32", "bf16", "bf16", "fp32"),
+    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32", backward=False),
+)
+
+
+def _sum_ints(c: int, stride_g: int, stride_r: int, stride_j: int) -> dict[str, int]:
+    """Integer arguments of one `sum_rows` launch (their divisibility by 16 selects the compiled variant)."""
+    return {"C": c, "stride_g": stride_g, "stride_r": stride_r, "stride_j": stride_j}
+
+
+def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Compile jobs for every row-sum launch of the backward passes, per dtype class, as `sum_rows` pads them.
+
+    rmsnorm_modulate stage 2 (dshift, dscale in the act dtype, fp32 dweight rows, dgate, fp32 dbias rows: 3, 4
+    or 5 outputs), stage 3 (dweight, dbias in the parameter dtype; the final layer's root weight), SwiGLU's
+    dbias (C = 2h: divisible by 16 for JiT-B and padded widths, not for unpadded L/H/G). Unused output slots
+    are padded with output 0, so their pointer types are output 0's.
+    """
+    from kernels import _common
+
+    for cls in classes:
+        if not cls.backward:
+            continue
+        a, p = cls.act, cls.param
+        d, h2 = 768, 2 * 2730  # stage 2/3 widths are D (all JiT widths are multiples of 16), SwiGLU's 2h may not be
+        jobs = [
+            ("stage 2 plain", False, (a, a, "fp32"), _sum_ints(d, 9 * 3 * d, 3 * d, d)),
+            ("stage 2 residual", False, (a, a, "fp32", a), _sum_ints(d, 9 * 4 * d, 4 * d, d)),
+            ("stage 2 residual", True, (a, a, "fp32", a, "fp32"), _sum_ints(d, 9 * 5 * d, 5 * d, d)),
+            ("stage 3", False, (p,), _sum_ints(d, 0, d, 2 * d)),
+            ("stage 3", True, (p, p), _sum_ints(d, 0, d, 2 * d)),
+            ("stage 3 final layer", False, (cls.root_param,), _sum_ints(d, 0, d, 2 * d)),
+            ("swiglu dbias", True, (p,), _sum_ints(4096, 0, 4096, 4096)),
+            ("swiglu dbias", True, (p,), _sum_ints(h2, 0, h2, h2)),
+        ]
+        for what, bias, outs, ints in jobs:
+            ptrs = {f"OUT{j}": f"*{outs[j] if j < len(outs) else outs[0]}" for j in range(_common.MAX_SUM_OUTPUTS)}
+            yield KernelSpec(
+                name="sum_rows",
+                fn=_common.sum_rows_kernel,
+                signature={
+                    "IN": "*fp32", **ptrs, "R": "i32", "C": "i32", "stride_g": "i32", "stride_r": "i32",
+                    "stride_j": "i32",
+                },
+                constexprs={"NUM_OUT": len(outs)},
+                config=_common.SUM_ROWS_CONFIG,
+                int_args=ints,
+                label=f"{what} C={ints['C']} outputs " + ",".join(outs),
+                dtype_class=cls.name,
+                bias=bias,
+            )
+
+
+def rmsnorm_modulate_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Every (kernel, dtype class, variant, D, config) the launch helpers select when the model runs them.
+
+    Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
+    are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
+    weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
+    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch).
+    """
+    import triton
+
+    from kernels import rmsnorm_modulate as rm
+
+    for cls in classes:
+        s, a, p = cls.stream, cls.act, cls.param
+        for d in (768, 1024, 1280, 1664):
+            block_d = triton.next_power_of_2(d)
+            size = min(c for c in rm.FWD_CONFIGS if c >= block_d)
+            ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
+            # (label, residual, bias, branch, gate, bias-or-weight, weight)
+            fwd_variants = (
+                ("plain", False, False, s, a, p, p),
+                ("residual", True, False, a, a, p, p),
+                ("residual", True, True, a, a, p, p),
+                ("residual final-layer", True, False, a, a, cls.root_param, cls.root_param),
+            )
+            for what, residual, bias, branch, gate, bias_t, w in fwd_variants:
+                sig = {
+                    "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
+                    "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
+                    "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
+                }
+                for cfg in rm.FWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_fwd", rm.rmsnorm_modulate_fwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
+                        f"D={d} {what} bias={bias}", cls.name, bias,
+                    )
+            if not cls.backward:
+                continue
+            # (label, residual, dx_out, bias, dxo, branch, gate, bias-or-weight, weight, dbranch)
+            bwd_variants = (
+                ("plain", False, False, False, a, a, a, p, p, s),
+                ("residual", True, True, False, s, a, a, p, p, a),
+                ("residual", True, True, True, s, a, a, p, p, a),
+                ("residual final-layer", True, False, False, a, a, a, cls.root_param, cls.root_param, a),
+                ("residual no-dx_out", True, False, True, a, a, a, p, p, a),
+            )
+            for what, residual, has_dxo, bias, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
+                sig = {
+                    "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
+                    "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
+                    "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
+                    "eps": "fp32",
+                }
+                for cfg in rm.BWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_bwd", rm.rmsnorm_modulate_bwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
+                        ints, f"D={d} {what} bias={bias}", cls.name, bias,
+                    )
+
+
+def qk_norm_rope_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Every (kernel, dtype class, head dim, heads, bias, config) the launch helpers select for the JiT presets.
+
+    qkv, q, k, v and their gradients are the act dtype (the qkv GEMM's output), the q/k norm weights and the
+    folded bias the parameter dtype (the q weight stands in for an absent bias), the RoPE tables fp32.
+    Head counts matter: H = 12 (JiT-B) and 16 compile differently (divisibility by 16), as do Dh 104 and 80.
+    """
+    import triton
+
+    from kernels import qk_norm_rope as qk
+
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for head_dim, heads in ((64, 12), (64, 16), (80, 16), (104, 16), (128, 16)):
+            block_dh = triton.next_power_of_2(head_dim)
+            ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
+            fwd_sig = {
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "Q": f"*{a}", "K": f"*{a}", "V": f"*{a}", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
+                "eps": "fp32",
+            }
+            bwd_sig = {
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "DQ": f"*{a}", "DK": f"*{a}", "DV": f"*{a}", "DQKV": f"*{a}", "PART": "*fp32", "T": "i32",
+                "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
+            }
+            sum_sig = {"PART": "*fp32", "DQW": f"*{p}", "DKW": f"*{p}", "DBIAS": f"*{p}", "P": "i32", "H": "i32",
+                       "DH": "i32"}
+            for bias in (False, True):
+                variant = f"Dh={head_dim} H={heads} bias={bias}"
+                constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
+                for cfg in qk.FWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_fwd", qk.qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints,
+                                     variant, cls.name, bias)
+                if not cls.backward:
+                    continue
+                for cfg in qk.BWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_bwd", qk.qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
+                                     dict(ints, T=256 * 288), variant, cls.name, bias)
+                yield KernelSpec("qk_sum", qk.qk_sum_kernel, sum_sig, constexprs, qk.SUM_CONFIG,
+                                 {"P": 288, "H": heads, "DH": head_dim}, variant, cls.name, bias)
+
+
+def swiglu_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
+    """Both kernels x every config x dtype class x bias variant, at a hidden width divisible by 16 (JiT-B, padded
+    widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437), which compile differently.
+
+    x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
+    stands in for it, and dx12 for the (unused) fp32 partials.
+    """
+    from kernels import swiglu as sw
+
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for h in (2048, 4480, 2730, 3413, 4437):
+            ints = {"M": 256 * 288, "H": h}
+            for bias in (False, True):
+                bias_t = p if bias else a
+                for cfg in sw.FWD_CONFIGS:
+                    yield KernelSpec("swiglu_fwd", sw.swiglu_fwd_kernel,
+                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32", "H": "i32"},
+                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
+                if not cls.backward:
+                    continue
+                for cfg in sw.BWD_CONFIGS:
+                    yield KernelSpec("swiglu_bwd", sw.swiglu_bwd_kernel,
+                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
+                                      "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32"},
+                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
+
+
+def all_specs(dtype_classes: Iterable[str] | None = None) -> Iterator[KernelSpec]:
     """Every compile job of every fused op, optionally of some dtype classes only (kernel modules are imported
     lazily: kernels must not be built interpreted)."""
-    from kernels import _common, qk_norm_rope, rmsnorm_modulate, swiglu
-
     wanted = None if dtype_classes is None else set(dtype_classes)
-    classes = [c for c in _common.DTYPE_CLASSES if wanted is None or c.name in wanted]
-    yield from rmsnorm_modulate.compile_specs(classes)
-    yield from qk_norm_rope.compile_specs(classes)
-    yield from swiglu.compile_specs(classes)
-    yield from _common.sum_rows_specs(classes)
+    classes = [c for c in DTYPE_CLASSES if wanted is None or c.name in wanted]
+    yield from rmsnorm_modulate_specs(classes)
+    yield from qk_norm_rope_specs(classes)
+    yield from swiglu_specs(classes)
+    yield from sum_rows_specs(classes)
 
 
 def _kernel_name(fn) -> str:
@@ -274,8 +505,6 @@ def class_summary(results: list[Result]) -> str:
 
     A binary shared by several classes counts once in each of them; "compiles" counts it once.
     """
-    from kernels._common import DTYPE_CLASSES
-
     names = [c.name for c in DTYPE_CLASSES]
     head = ("kernel", *names, "bias", "no-bias", "compiles", "max regs", "spilled B", "max smem B")
     rows = [head]
@@ -321,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsignature classes\n" + class_summary(results))
     bad = [r for r in results if not r.ok]
     what = "binaries sampled (one per kernel and class)" if args.sample else "distinct binaries"
-    print(f"\n{len(specs)} launcher signatures x configs, {len(groups)} {what} x {len(args.arch)} arch")
+    print(f"\n{len(specs)} launch signatures x configs, {len(groups)} {what} x {len(args.arch)} arch")
     print(f"{len(results)} compiles, {len(results) - len(bad)} ok, {len(bad)} failed "
           f"(max regs {max((r.regs for r in results), default=0)}, "
           f"spilled bytes {sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in results)})")

@@ -12,7 +12,8 @@ rows (see `_common`), finished together by one `qk_sum_kernel` launch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
-    DTYPE_CLASSES,
-    DtypeClass,
-    KernelSpec,
+    Workspace,
     _sum_store,
     check_contiguous,
     check_dtype,
@@ -32,6 +31,7 @@ from kernels._common import (
     device_guard,
     launch_options,
     select_config,
+    triton_on_cpu,
 )
 
 MAX_HEAD_DIM = 128
@@ -389,11 +389,12 @@ def qk_norm_rope_bwd(
     if tokens * 3 * num_heads >= 2**31:  # the kernel's (token, head) row index is int32 (offsets are int64)
         raise ValueError(f"qkv of shape {tuple(qkv.shape)} has too many rows for one launch; split the batch")
     block_dh = triton.next_power_of_2(head_dim)
-    cfg = config or select_config(BWD_CONFIGS, block_dh, "qk_norm_rope backward")
-    num_p = triton.cdiv(tokens, cfg.kwargs["ROWS_PER_PROG"])
+    cfg = config or _bwd_config(head_dim)
     has_bias = bias is not None
+    part_shape = _bwd_scratch(tokens, num_heads, head_dim, has_bias, cfg)
+    num_p = part_shape[0]
     dqkv = torch.empty_like(qkv)
-    partials = torch.empty(num_p, num_heads, 5 if has_bias else 2, head_dim, device=qkv.device, dtype=torch.float32)
+    partials = torch.empty(part_shape, device=qkv.device, dtype=torch.float32)
     dq_weight, dk_weight = torch.empty_like(q_weight), torch.empty_like(k_weight)
     dbias = torch.empty_like(bias) if has_bias else None
     with device_guard(qkv):
@@ -408,48 +409,30 @@ def qk_norm_rope_bwd(
     return dqkv, dq_weight, dk_weight, dbias
 
 
-def _rotate_half_t(g: torch.Tensor) -> torch.Tensor:
-    """Transpose of reference.rotate_half: (g[2i], g[2i+1]) -> (g[2i+1], -g[2i])."""
-    g = g.unflatten(-1, (-1, 2))
-    return torch.stack((g[..., 1], -g[..., 0]), dim=-1).flatten(-2)
+def _bwd_config(head_dim: int) -> triton.Config:
+    """The backward config launched for `head_dim`."""
+    return select_config(BWD_CONFIGS, triton.next_power_of_2(head_dim), "qk_norm_rope backward")
 
 
-def qk_norm_rope_bwd_reference(
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float = 1e-6,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Eager backward with the contract of `qk_norm_rope_bwd` (fp32 math): the CPU implementation."""
-    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    b, n, _ = qkv.shape
-    x = qkv.to(acc) if bias is None else qkv.to(acc) + bias.to(acc)
-    x = x.view(b, n, 3, num_heads, -1)
-    cos_, sin_ = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
-    grads = []
-    for i, (dy, w) in enumerate(((dq, q_weight), (dk, k_weight))):
-        xi = x[:, :, i]
-        rstd = torch.rsqrt(xi.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = xi * rstd
-        g = dy.to(acc)
-        dn = g * cos_ + _rotate_half_t(g * sin_)
-        gw = dn * w.to(acc)
-        dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
-        grads.append((dx, (dn * xhat).sum((0, 1, 2)).to(w.dtype)))
-    dqkv = torch.stack((grads[0][0], grads[1][0], dv.to(acc)), dim=2).flatten(2)
-    dbias = None if bias is None else dqkv.sum((0, 1)).to(bias.dtype)
-    return dqkv.to(qkv.dtype), grads[0][1], grads[1][1], dbias
+def _bwd_scratch(tokens: int, num_heads: int, head_dim: int, has_bias: bool, cfg: triton.Config) -> tuple[int, ...]:
+    """Shape of the backward's fp32 partial rows: (P, H, 2 or 5, Dh), P = programs per head."""
+    return triton.cdiv(tokens, cfg.kwargs["ROWS_PER_PROG"]), num_heads, 5 if has_bias else 2, head_dim
+
+
+def bwd_workspace(
+    qkv_shape: Sequence[int], num_heads: int, has_bias: bool, config: triton.Config | None = None
+) -> Workspace:
+    """Scratch of one `qk_norm_rope_bwd` for qkv of shape `qkv_shape`: its fp32 partials (as the launch sizes them)
+    and the one `qk_sum_kernel` launch that reads them."""
+    b, n, c3 = qkv_shape
+    head_dim = c3 // (3 * num_heads)
+    shape = _bwd_scratch(b * n, num_heads, head_dim, has_bias, config or _bwd_config(head_dim))
+    return Workspace(4 * math.prod(shape), 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops: CUDA -> Triton launch helpers, other devices -> eager reference.
+# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
+# (`triton_on_cpu`), else the eager reference.
 
 
 @torch.library.custom_op("jit_fast::qk_norm_rope", mutates_args=())
@@ -463,12 +446,14 @@ def _qk_norm_rope_op(
     eps: float,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if triton_on_cpu():
+        return _qk_norm_rope_launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
     q, k, v = reference.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
     return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)
 
 
-@_qk_norm_rope_op.register_kernel("cuda")
-def _qk_norm_rope_cuda(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+def _qk_norm_rope_launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+    """The op through the Triton launch helper (its CUDA kernel)."""
     return qk_norm_rope_fwd(
         qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
         num_heads, eps, None if bias is None else bias.contiguous(),
@@ -496,12 +481,14 @@ def _bwd_op(
     eps: float,
     bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    grads = qk_norm_rope_bwd_reference(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
+    if triton_on_cpu():
+        return _bwd_launch(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
+    grads = reference.qk_norm_rope_bwd(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
     return [g for g in grads if g is not None]
 
 
-@_bwd_op.register_kernel("cuda")
-def _bwd_cuda(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+def _bwd_launch(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+    """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
     grads = qk_norm_rope_bwd(
         dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
         *_tables(cos, sin), num_heads, eps, None if bias is None else bias.contiguous(),
@@ -521,31 +508,20 @@ def _setup(ctx, inputs, output) -> None:
     ctx.num_heads, ctx.eps = num_heads, eps
 
 
-def _backward_with(bwd):
-    """Autograd backward computing gradients with `bwd` (custom op or launch helper); tables get no grad."""
-
-    def backward(ctx, dq, dk, dv):
-        qkv, q_weight, k_weight, cos, sin, bias = ctx.saved_tensors
-        grads = [torch.zeros(qkv.shape[:2] + (ctx.num_heads, q_weight.shape[0]), device=qkv.device,
-                             dtype=qkv.dtype) if g is None else g.contiguous() for g in (dq, dk, dv)]
-        dqkv, dqw, dkw, *dbias = bwd(*grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias)
-        return dqkv, dqw, dkw, None, None, None, None, dbias[0] if dbias else None
-
-    return backward
+def _backward(ctx, dq, dk, dv):
+    """Autograd backward through the backward op; the RoPE tables get no gradient."""
+    qkv, q_weight, k_weight, cos, sin, bias = ctx.saved_tensors
+    grads = [torch.zeros(qkv.shape[:2] + (ctx.num_heads, q_weight.shape[0]), device=qkv.device,
+                         dtype=qkv.dtype) if g is None else g.contiguous() for g in (dq, dk, dv)]
+    dqkv, dqw, dkw, *dbias = torch.ops.jit_fast.qk_norm_rope_bwd(
+        *grads, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias
+    )
+    return dqkv, dqw, dkw, None, None, None, None, dbias[0] if dbias else None
 
 
-_qk_norm_rope_op.register_autograd(_backward_with(torch.ops.jit_fast.qk_norm_rope_bwd), setup_context=_setup)
-
-
-class _LauncherFn(torch.autograd.Function):
-    """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
-
-    @staticmethod
-    def forward(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias):
-        return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
-
-    setup_context = staticmethod(_setup)
-    backward = staticmethod(_backward_with(qk_norm_rope_bwd))
+_qk_norm_rope_op.register_kernel("cuda", _qk_norm_rope_launch)
+_bwd_op.register_kernel("cuda", _bwd_launch)
+_qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
 
 
 def qk_norm_rope(
@@ -563,24 +539,6 @@ def qk_norm_rope(
     return torch.ops.jit_fast.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
 
 
-def qk_norm_rope_launcher(
-    qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float = 1e-6,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
-    _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
-    return _LauncherFn.apply(
-        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
-        num_heads, eps, None if bias is None else bias.contiguous(),
-    )
-
-
 def linear_qk_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -594,57 +552,3 @@ def linear_qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The qkv GEMM without its bias, then the fused op adding it (contract of reference.linear_qk_norm_rope)."""
     return qk_norm_rope(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
-
-
-def linear_qk_norm_rope_launcher(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`linear_qk_norm_rope` through the launch helpers."""
-    return qk_norm_rope_launcher(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
-
-
-def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Every (kernel, dtype class, head dim, heads, bias, config) the launchers select for the JiT presets.
-
-    qkv, q, k, v and their gradients are the act dtype (the qkv GEMM's output), the q/k norm weights and the
-    folded bias the parameter dtype (the q weight stands in for an absent bias), the RoPE tables fp32.
-    Head counts matter: H = 12 (JiT-B) and 16 compile differently (divisibility by 16), as do Dh 104 and 80.
-    """
-    for cls in classes:
-        a, p = cls.act, cls.param
-        for head_dim, heads in ((64, 12), (64, 16), (80, 16), (104, 16), (128, 16)):
-            block_dh = triton.next_power_of_2(head_dim)
-            ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
-            fwd_sig = {
-                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
-                "Q": f"*{a}", "K": f"*{a}", "V": f"*{a}", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
-                "eps": "fp32",
-            }
-            bwd_sig = {
-                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
-                "DQ": f"*{a}", "DK": f"*{a}", "DV": f"*{a}", "DQKV": f"*{a}", "PART": "*fp32", "T": "i32",
-                "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
-            }
-            sum_sig = {"PART": "*fp32", "DQW": f"*{p}", "DKW": f"*{p}", "DBIAS": f"*{p}", "P": "i32", "H": "i32",
-                       "DH": "i32"}
-            for bias in (False, True):
-                variant = f"Dh={head_dim} H={heads} bias={bias}"
-                constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
-                for cfg in FWD_CONFIGS[block_dh]:
-                    yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints,
-                                     variant, cls.name, bias)
-                if not cls.backward:
-                    continue
-                for cfg in BWD_CONFIGS[block_dh]:
-                    yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
-                                     dict(ints, T=256 * 288), variant, cls.name, bias)
-                yield KernelSpec("qk_sum", qk_sum_kernel, sum_sig, constexprs, SUM_CONFIG,
-                                 {"P": 288, "H": heads, "DH": head_dim}, variant, cls.name, bias)

@@ -2,8 +2,9 @@
 
 These functions reproduce the official JiT numerics op for op (including the dtype
 promotions that happen under bf16 autocast), so `kernels="torch"` is the official model.
-They are also the CPU implementation of the custom ops and the reference the Triton
-kernels are tested against.
+With the eager backward of each fused op (`*_bwd`, same contract as the Triton backward
+launch) they are the whole eager contract: the CPU kernels of the custom ops (outside the
+Triton interpreter) and the reference the Triton kernels are tested against. No Triton here.
 """
 
 from __future__ import annotations
@@ -152,7 +153,117 @@ def branch_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The GEMM closing a residual branch, bias in its epilogue as the official model has it.
 
-    Returns (output, bias still to add): None here; the fused table's version
-    (`kernels.rmsnorm_modulate.branch_linear`) returns the bias instead, for the residual op it feeds.
+    Returns (output, bias still to add): None here; the fused table's version (`branch_linear_deferred_bias`)
+    returns the bias instead, for the residual op it feeds.
     """
     return F.linear(x, weight, bias), None
+
+
+def branch_linear_deferred_bias(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused table's `branch_linear`: the GEMM closing a residual branch run without its bias; returns (output,
+    bias) for the next residual op to add (same result as `branch_linear`, the bias added in fp32 by that op)."""
+    return F.linear(x, weight), bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward contract of the fused ops: what their custom backward ops compute (the CPU kernels outside the
+# Triton interpreter), in fp32 (float64 for float64 inputs).
+
+
+def rmsnorm_modulate_bwd(
+    dy: torch.Tensor,
+    x_norm: torch.Tensor,
+    dx_out: torch.Tensor | None,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+    branch_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Eager backward of (residual_)rmsnorm_modulate with the contract of the Triton `rmsnorm_modulate_bwd` (fp32 math).
+
+    Returns (dx, dbranch, dgate, dweight, dshift, dscale, dbias); dbranch and dgate are None without a residual,
+    dbias without a branch bias. `x_norm` is the tensor that was normalized (x_out for the residual variant).
+    """
+    acc = torch.float64 if x_norm.dtype == torch.float64 else torch.float32
+    x = x_norm.to(acc)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x * rstd
+    g = dy.to(acc)
+    w = weight.to(acc)
+    scale1 = 1 + scale.to(acc)
+    s = (g * xhat).sum(1)
+    dxhat = g * (w * scale1).unsqueeze(1)
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
+    if dx_out is not None:
+        dx = dx + dx_out.to(acc)
+    dweight = (s * scale1).sum(0).to(weight.dtype)
+    dshift = g.sum(1).to(shift_dtype)
+    dscale = (s * w).to(scale.dtype)
+    if branch is None:
+        return dx.to(x_dtype), None, None, dweight, dshift, dscale, None
+    dbranch = dx * gate.to(acc).unsqueeze(1)
+    full_branch = branch.to(acc) if branch_bias is None else branch.to(acc) + branch_bias.to(acc)
+    dgate = (dx * full_branch).sum(1).to(gate.dtype)
+    dbias = None if branch_bias is None else dbranch.sum((0, 1)).to(branch_bias.dtype)
+    return dx.to(x_dtype), dbranch.to(branch.dtype), dgate, dweight, dshift, dscale, dbias
+
+
+def rotate_half_t(g: torch.Tensor) -> torch.Tensor:
+    """Transpose of `rotate_half`: (g[2i], g[2i+1]) -> (g[2i+1], -g[2i])."""
+    g = g.unflatten(-1, (-1, 2))
+    return torch.stack((g[..., 1], -g[..., 0]), dim=-1).flatten(-2)
+
+
+def qk_norm_rope_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Eager backward of qk_norm_rope with the contract of the Triton `qk_norm_rope_bwd` (fp32 math):
+    (dqkv, dq_weight, dk_weight, dbias or None) from the gradients of q, k, v."""
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    b, n, _ = qkv.shape
+    x = qkv.to(acc) if bias is None else qkv.to(acc) + bias.to(acc)
+    x = x.view(b, n, 3, num_heads, -1)
+    cos_, sin_ = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
+    grads = []
+    for i, (dy, w) in enumerate(((dq, q_weight), (dk, k_weight))):
+        xi = x[:, :, i]
+        rstd = torch.rsqrt(xi.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = xi * rstd
+        g = dy.to(acc)
+        dn = g * cos_ + rotate_half_t(g * sin_)
+        gw = dn * w.to(acc)
+        dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
+        grads.append((dx, (dn * xhat).sum((0, 1, 2)).to(w.dtype)))
+    dqkv = torch.stack((grads[0][0], grads[1][0], dv.to(acc)), dim=2).flatten(2)
+    dbias = None if bias is None else dqkv.sum((0, 1)).to(bias.dtype)
+    return dqkv.to(qkv.dtype), grads[0][1], grads[1][1], dbias
+
+
+def swiglu_bwd(
+    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager backward of swiglu with the contract of the Triton `swiglu_bwd` (fp32 math): (dx12, dbias or None)."""
+    acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
+    x = x12.to(acc) if bias is None else x12.to(acc) + bias.to(acc)
+    x1, x2 = x.chunk(2, dim=-1)
+    g = dout.to(acc)
+    s = torch.sigmoid(x1)
+    dx12 = torch.cat((g * x2 * s * (1 + x1 * (1 - s)), g * x1 * s), dim=-1)
+    dbias = None if bias is None else dx12.flatten(0, -2).sum(0).to(bias.dtype)
+    return dx12.to(x12.dtype), dbias

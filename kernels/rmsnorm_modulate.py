@@ -13,18 +13,16 @@ All arithmetic is fp32; results are rounded once, to the dtype of the tensor the
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
-    DTYPE_CLASSES,
-    DtypeClass,
-    KernelSpec,
+    Workspace,
     check_contiguous,
     check_dtype,
     check_rows,
@@ -35,6 +33,7 @@ from kernels._common import (
     rowwise,
     select_config,
     sum_rows,
+    triton_on_cpu,
 )
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
@@ -359,13 +358,12 @@ def rmsnorm_modulate_bwd(
     if residual:
         check_rows("gate", gate)
     b, n, d = x_norm.shape
-    cfg = config or select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
-    rows_per_prog = cfg.kwargs["ROWS_PER_PROG"]
-    num_p = triton.cdiv(n, rows_per_prog)
+    cfg = config or _bwd_config(d)
+    part_shape, rows_shape = _bwd_scratch(b, n, d, has_bias, cfg)
+    _, num_p, num_part, _ = part_shape
     dx = torch.empty(x_norm.shape, device=x_norm.device, dtype=x_dtype)
     dbranch = torch.empty_like(branch) if residual else None
-    num_part = 5 if has_bias else 4
-    partials = torch.empty(b, num_p, num_part, d, device=x_norm.device, dtype=torch.float32)
+    partials = torch.empty(part_shape, device=x_norm.device, dtype=torch.float32)
     with device_guard(x_norm):
         rmsnorm_modulate_bwd_kernel[(num_p, b)](
             x_norm,
@@ -395,7 +393,7 @@ def rmsnorm_modulate_bwd(
     per_sample = functools.partial(torch.empty, b, d, device=x_norm.device)
     dshift, dscale = per_sample(dtype=shift_dtype), per_sample(dtype=scale.dtype)
     dgate = per_sample(dtype=gate.dtype) if residual else None
-    per_batch = torch.empty(1 + has_bias, b, d, device=x_norm.device, dtype=torch.float32)
+    per_batch = torch.empty(rows_shape, device=x_norm.device, dtype=torch.float32)
     stage2 = [dshift, dscale, per_batch[0]] + ([dgate] if residual else []) + ([per_batch[1]] if has_bias else [])
     sum_rows(partials, stage2, num_p, num_p * num_part * d, num_part * d)
     dweight = torch.empty(d, device=x_norm.device, dtype=weight.dtype)
@@ -404,46 +402,28 @@ def rmsnorm_modulate_bwd(
     return dx, dbranch, dgate, dweight, dshift, dscale, dbias
 
 
-def rmsnorm_modulate_bwd_reference(
-    dy: torch.Tensor,
-    x_norm: torch.Tensor,
-    dx_out: torch.Tensor | None,
-    branch: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-    branch_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, ...]:
-    """Eager backward with the same contract as `rmsnorm_modulate_bwd` (fp32 math): the CPU implementation."""
-    acc = torch.float64 if x_norm.dtype == torch.float64 else torch.float32
-    x = x_norm.to(acc)
-    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = x * rstd
-    g = dy.to(acc)
-    w = weight.to(acc)
-    scale1 = 1 + scale.to(acc)
-    s = (g * xhat).sum(1)
-    dxhat = g * (w * scale1).unsqueeze(1)
-    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
-    if dx_out is not None:
-        dx = dx + dx_out.to(acc)
-    dweight = (s * scale1).sum(0).to(weight.dtype)
-    dshift = g.sum(1).to(shift_dtype)
-    dscale = (s * w).to(scale.dtype)
-    if branch is None:
-        return dx.to(x_dtype), None, None, dweight, dshift, dscale, None
-    dbranch = dx * gate.to(acc).unsqueeze(1)
-    full_branch = branch.to(acc) if branch_bias is None else branch.to(acc) + branch_bias.to(acc)
-    dgate = (dx * full_branch).sum(1).to(gate.dtype)
-    dbias = None if branch_bias is None else dbranch.sum((0, 1)).to(branch_bias.dtype)
-    return dx.to(x_dtype), dbranch.to(branch.dtype), dgate, dweight, dshift, dscale, dbias
+def _bwd_config(d: int) -> triton.Config:
+    """The backward config launched for hidden size `d`."""
+    return select_config(BWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate backward")
+
+
+def _bwd_scratch(b: int, n: int, d: int, has_bias: bool, cfg: triton.Config) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the backward's fp32 scratch: partial rows (B, P, 4 or 5, D) and per-sample dweight (dbias) rows."""
+    num_p = triton.cdiv(n, cfg.kwargs["ROWS_PER_PROG"])
+    return (b, num_p, 4 + has_bias, d), (1 + has_bias, b, d)
+
+
+def bwd_workspace(x_shape: Sequence[int], has_bias: bool, config: triton.Config | None = None) -> Workspace:
+    """Scratch of one `rmsnorm_modulate_bwd` for x_norm of shape `x_shape`: its fp32 buffers (as the launch sizes
+    them) and the two `sum_rows` launches (stage 2 and stage 3) that read them."""
+    b, n, d = x_shape
+    shapes = _bwd_scratch(b, n, d, has_bias, config or _bwd_config(d))
+    return Workspace(4 * sum(math.prod(shape) for shape in shapes), 2)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops: CUDA -> Triton launch helpers, CPU (and anything else) -> eager reference.
+# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
+# (`triton_on_cpu`), else the eager reference.
 
 
 @torch.library.custom_op("jit_fast::rmsnorm_modulate", mutates_args=())
@@ -455,11 +435,13 @@ def _rmsnorm_modulate_op(
     eps: float,
     out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
+    if triton_on_cpu():
+        return _rmsnorm_modulate_launch(x, weight, shift, scale, eps, out_dtype)
     return reference.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
 
 
-@_rmsnorm_modulate_op.register_kernel("cuda")
-def _rmsnorm_modulate_cuda(x, weight, shift, scale, eps, out_dtype):
+def _rmsnorm_modulate_launch(x, weight, shift, scale, eps, out_dtype):
+    """The op through the Triton launch helper (its CUDA kernel)."""
     return rmsnorm_modulate_fwd(x.contiguous(), weight.contiguous(), rowwise(shift), rowwise(scale), eps, out_dtype)
 
 
@@ -480,11 +462,13 @@ def _residual_op(
     out_dtype: torch.dtype | None,
     branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton_on_cpu():
+        return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
     return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
 
 
-@_residual_op.register_kernel("cuda")
-def _residual_cuda(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
+def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
+    """The residual op through the Triton launch helper (its CUDA kernel)."""
     return residual_rmsnorm_modulate_fwd(
         x.contiguous(),
         branch.contiguous(),
@@ -518,14 +502,16 @@ def _bwd_op(
     shift_dtype: torch.dtype,
     branch_bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    grads = rmsnorm_modulate_bwd_reference(
+    if triton_on_cpu():
+        return _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias)
+    grads = reference.rmsnorm_modulate_bwd(
         dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias
     )
     return [g for g in grads if g is not None]
 
 
-@_bwd_op.register_kernel("cuda")
-def _bwd_cuda(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
+def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
+    """The backward op through the Triton launch helper (its CUDA kernel); absent gradients are left out."""
     grads = rmsnorm_modulate_bwd(
         dy.contiguous(),
         x_norm.contiguous(),
@@ -558,17 +544,13 @@ def _setup_plain(ctx, inputs, output) -> None:
     ctx.eps, ctx.shift_dtype = eps, shift.dtype
 
 
-def _backward_plain(bwd):
-    """Autograd backward of the plain op, computing gradients with `bwd` (custom op or launch helper)."""
-
-    def backward(ctx, dy):
-        x, weight, scale = ctx.saved_tensors
-        dx, _, _, dweight, dshift, dscale, _ = _unpack(
-            bwd(dy.contiguous(), x, None, None, None, weight, scale, ctx.eps, x.dtype, ctx.shift_dtype), False, False
-        )
-        return dx, dweight, dshift, dscale, None, None
-
-    return backward
+def _backward_plain(ctx, dy):
+    """Autograd backward of the plain op: (dx, dweight, dshift, dscale) from the backward op."""
+    x, weight, scale = ctx.saved_tensors
+    dx, dweight, dshift, dscale = torch.ops.jit_fast.rmsnorm_modulate_bwd(
+        dy.contiguous(), x, None, None, None, weight, scale, ctx.eps, x.dtype, ctx.shift_dtype
+    )
+    return dx, dweight, dshift, dscale, None, None
 
 
 def _setup_residual(ctx, inputs, output) -> None:
@@ -578,56 +560,24 @@ def _setup_residual(ctx, inputs, output) -> None:
     ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
 
 
-def _backward_residual(bwd):
+def _backward_residual(ctx, dx_out, dy):
     """Autograd backward of the residual op; `dx_out` is the gradient reaching x_out from later blocks."""
-
-    def backward(ctx, dx_out, dy):
-        x_out, branch, gate, weight, scale, branch_bias = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x_out)
-        dx_out = None if dx_out is None else dx_out.contiguous()
-        grads = bwd(dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype,
-                    ctx.shift_dtype, branch_bias)
-        dx, dbranch, dgate, dweight, dshift, dscale, dbias = _unpack(grads, True, branch_bias is not None)
-        return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias
-
-    return backward
+    x_out, branch, gate, weight, scale, branch_bias = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x_out)
+    dx_out = None if dx_out is None else dx_out.contiguous()
+    grads = torch.ops.jit_fast.rmsnorm_modulate_bwd(
+        dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype, branch_bias
+    )
+    dx, dbranch, dgate, dweight, dshift, dscale, *dbias = grads
+    return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias[0] if dbias else None
 
 
-def _unpack(grads, residual: bool, has_bias: bool) -> tuple[torch.Tensor | None, ...]:
-    """Normalize (custom-op list without Nones | launcher tuple) to the 7-tuple of the launcher."""
-    grads = [g for g in grads if g is not None]
-    if residual:
-        return tuple(grads) + (() if has_bias else (None,))
-    dx, dweight, dshift, dscale = grads
-    return dx, None, None, dweight, dshift, dscale, None
-
-
-_BWD_OP = torch.ops.jit_fast.rmsnorm_modulate_bwd
-_rmsnorm_modulate_op.register_autograd(_backward_plain(_BWD_OP), setup_context=_setup_plain)
-_residual_op.register_autograd(_backward_residual(_BWD_OP), setup_context=_setup_residual)
-
-
-class _PlainLauncherFn(torch.autograd.Function):
-    """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
-
-    @staticmethod
-    def forward(x, weight, shift, scale, eps, out_dtype):
-        return rmsnorm_modulate_fwd(x, weight, shift, scale, eps, out_dtype)
-
-    setup_context = staticmethod(_setup_plain)
-    backward = staticmethod(_backward_plain(rmsnorm_modulate_bwd))
-
-
-class _ResidualLauncherFn(torch.autograd.Function):
-    """Autograd over the residual launch helpers directly (no custom op)."""
-
-    @staticmethod
-    def forward(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias):
-        return residual_rmsnorm_modulate_fwd(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
-
-    setup_context = staticmethod(_setup_residual)
-    backward = staticmethod(_backward_residual(rmsnorm_modulate_bwd))
+_rmsnorm_modulate_op.register_kernel("cuda", _rmsnorm_modulate_launch)
+_residual_op.register_kernel("cuda", _residual_launch)
+_bwd_op.register_kernel("cuda", _bwd_launch)
+_rmsnorm_modulate_op.register_autograd(_backward_plain, setup_context=_setup_plain)
+_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
 def rmsnorm_modulate(
@@ -659,101 +609,3 @@ def residual_rmsnorm_modulate(
     return torch.ops.jit_fast.residual_rmsnorm_modulate(
         x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
     )
-
-
-def branch_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The GEMM closing a residual branch, run without its bias; returns (output, bias) for the next
-    residual op to add (contract of reference.branch_linear, which adds the bias in the GEMM)."""
-    return F.linear(x, weight), bias
-
-
-def rmsnorm_modulate_launcher(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
-    _check_inputs(x, weight, shift, scale)
-    return _PlainLauncherFn.apply(x.contiguous(), weight, rowwise(shift), rowwise(scale), eps, out_dtype)
-
-
-def residual_rmsnorm_modulate_launcher(
-    x: torch.Tensor,
-    branch: torch.Tensor,
-    gate: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
-    branch_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual variant through the launch helpers with autograd."""
-    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
-    return _ResidualLauncherFn.apply(
-        x.contiguous(), branch.contiguous(), rowwise(gate), weight, rowwise(shift), rowwise(scale), eps, out_dtype,
-        branch_bias,
-    )
-
-
-def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Every (kernel, dtype class, variant, D, config) the launchers select when the model runs them.
-
-    Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
-    are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
-    weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
-    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch).
-    """
-    for cls in classes:
-        s, a, p = cls.stream, cls.act, cls.param
-        for d in (768, 1024, 1280, 1664):
-            block_d = triton.next_power_of_2(d)
-            size = min(c for c in FWD_CONFIGS if c >= block_d)
-            ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
-            # (label, residual, bias, branch, gate, bias-or-weight, weight)
-            fwd_variants = (
-                ("plain", False, False, s, a, p, p),
-                ("residual", True, False, a, a, p, p),
-                ("residual", True, True, a, a, p, p),
-                ("residual final-layer", True, False, a, a, cls.root_param, cls.root_param),
-            )
-            for what, residual, bias, branch, gate, bias_t, w in fwd_variants:
-                sig = {
-                    "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
-                    "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
-                    "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
-                }
-                for cfg in FWD_CONFIGS[size]:
-                    yield KernelSpec(
-                        "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
-                        f"D={d} {what} bias={bias}", cls.name, bias,
-                    )
-            if not cls.backward:
-                continue
-            # (label, residual, dx_out, bias, dxo, branch, gate, bias-or-weight, weight, dbranch)
-            bwd_variants = (
-                ("plain", False, False, False, a, a, a, p, p, s),
-                ("residual", True, True, False, s, a, a, p, p, a),
-                ("residual", True, True, True, s, a, a, p, p, a),
-                ("residual final-layer", True, False, False, a, a, a, cls.root_param, cls.root_param, a),
-                ("residual no-dx_out", True, False, True, a, a, a, p, p, a),
-            )
-            for what, residual, has_dxo, bias, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
-                sig = {
-                    "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
-                    "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
-                    "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
-                    "eps": "fp32",
-                }
-                for cfg in BWD_CONFIGS[size]:
-                    yield KernelSpec(
-                        "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
-                        ints, f"D={d} {what} bias={bias}", cls.name, bias,
-                    )

@@ -5,7 +5,7 @@
 On CUDA it checks, at production shapes (JiT-B/H/G widths 768/1280/1664, head dims 64/80/104, SwiGLU widths
 2048/3413/4437, batches whose row sums take several loop steps and whose heads span several programs):
 every fused op forward and backward against float64 references computed on the device, in fp32 and in
-bf16-autocast dtypes, with the bounds of the CPU tests (`kernels.testing.assert_within_rule`: norm-wise
+bf16-autocast dtypes, with the bounds of the CPU tests (`kernels.numerics.assert_within_rule`: norm-wise
 and element-wise); two backward runs bitwise equal (no atomics: deterministic by construction); a whole
 JiT-B/16 block through `torch.compile(fullgraph=True)` against float64 within the same rule; and CUDA-graph
 capture + replay of the sampler's step bitwise equal to running that step eagerly. Prints one PASS/FAIL
@@ -31,7 +31,7 @@ from typing import TextIO
 import torch
 
 from kernels import reference
-from kernels.testing import assert_within_rule, error_bound
+from kernels.numerics import assert_within_rule, error_bound
 
 EPS = 1e-6
 MODES = ("fp32", "bf16")

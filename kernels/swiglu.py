@@ -9,7 +9,8 @@ writes dx12 anyway: two-stage, deterministic, written in the bias dtype (`linear
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._common import (
-    DTYPE_CLASSES,
-    DtypeClass,
-    KernelSpec,
+    Workspace,
     check_contiguous,
     check_dtype,
     check_same_device,
@@ -28,6 +27,7 @@ from kernels._common import (
     device_guard,
     launch_options,
     sum_rows,
+    triton_on_cpu,
 )
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
@@ -157,8 +157,8 @@ def swiglu_bwd(
     if dx12.numel() == 0:
         return dx12, None if dbias is None else dbias.zero_()
     cfg = config or BWD_CONFIGS[0]
-    num_p = triton.cdiv(m, cfg.kwargs["ROWS_PER_PROG"])
-    partials = None if bias is None else torch.empty(num_p, 2 * h, device=x12.device, dtype=torch.float32)
+    num_p, _ = part_shape = _bwd_scratch(m, h, cfg)
+    partials = None if bias is None else torch.empty(part_shape, device=x12.device, dtype=torch.float32)
     grid = (num_p, triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
         swiglu_bwd_kernel[grid](
@@ -170,27 +170,35 @@ def swiglu_bwd(
     return dx12, dbias
 
 
-def swiglu_bwd_reference(
-    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eager backward with the contract of `swiglu_bwd` (fp32 math): the CPU implementation."""
-    acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
-    x = x12.to(acc) if bias is None else x12.to(acc) + bias.to(acc)
-    x1, x2 = x.chunk(2, dim=-1)
-    g = dout.to(acc)
-    s = torch.sigmoid(x1)
-    dx12 = torch.cat((g * x2 * s * (1 + x1 * (1 - s)), g * x1 * s), dim=-1)
-    dbias = None if bias is None else dx12.flatten(0, -2).sum(0).to(bias.dtype)
-    return dx12.to(x12.dtype), dbias
+def _bwd_scratch(m: int, h: int, cfg: triton.Config) -> tuple[int, int]:
+    """Shape of the backward's fp32 bias-gradient partials (P, 2h), P = row programs (allocated with a bias only)."""
+    return triton.cdiv(m, cfg.kwargs["ROWS_PER_PROG"]), 2 * h
+
+
+def bwd_workspace(x12_shape: Sequence[int], has_bias: bool, config: triton.Config | None = None) -> Workspace:
+    """Scratch of one `swiglu_bwd` for x12 of shape `x12_shape`: with a bias, its fp32 partials (as the launch sizes
+    them) and the one `sum_rows` launch that reads them; without, none."""
+    h = x12_shape[-1] // 2
+    m = math.prod(x12_shape[:-1])
+    if not has_bias or m * h == 0:
+        return Workspace(0, 0)
+    return Workspace(4 * math.prod(_bwd_scratch(m, h, config or BWD_CONFIGS[0])), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
+# (`triton_on_cpu`), else the eager reference.
 
 
 @torch.library.custom_op("jit_fast::swiglu", mutates_args=())
 def _swiglu_op(x12: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if triton_on_cpu():
+        return _swiglu_launch(x12, bias)
     return reference.swiglu(x12, bias)
 
 
-@_swiglu_op.register_kernel("cuda")
-def _swiglu_cuda(x12, bias):
+def _swiglu_launch(x12, bias):
+    """The op through the Triton launch helper (its CUDA kernel)."""
     return swiglu_fwd(x12.contiguous(), bias)
 
 
@@ -201,11 +209,13 @@ def _swiglu_fake(x12, bias):
 
 @torch.library.custom_op("jit_fast::swiglu_bwd", mutates_args=())
 def _bwd_op(x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor) -> list[torch.Tensor]:
-    return [g for g in swiglu_bwd_reference(x12, bias, dout) if g is not None]
+    if triton_on_cpu():
+        return _bwd_launch(x12, bias, dout)
+    return [g for g in reference.swiglu_bwd(x12, bias, dout) if g is not None]
 
 
-@_bwd_op.register_kernel("cuda")
-def _bwd_cuda(x12, bias, dout):
+def _bwd_launch(x12, bias, dout):
+    """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
     return [g for g in swiglu_bwd(x12.contiguous(), bias, dout.contiguous()) if g is not None]
 
 
@@ -218,29 +228,16 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward_with(bwd):
-    """Autograd backward computing (dx12, dbias) with `bwd(x12, bias, dout)` (custom op or launch helper)."""
-
-    def backward(ctx, dout):
-        x12, bias = ctx.saved_tensors
-        grads = bwd(x12, bias, dout.contiguous())
-        return grads[0], (grads[1] if bias is not None else None)
-
-    return backward
+def _backward(ctx, dout):
+    """Autograd backward: (dx12, dbias) from the backward op."""
+    x12, bias = ctx.saved_tensors
+    grads = torch.ops.jit_fast.swiglu_bwd(x12, bias, dout.contiguous())
+    return grads[0], (grads[1] if bias is not None else None)
 
 
-_swiglu_op.register_autograd(_backward_with(torch.ops.jit_fast.swiglu_bwd), setup_context=_setup)
-
-
-class _LauncherFn(torch.autograd.Function):
-    """Autograd over the launch helpers directly (no custom op): runs the Triton kernels on any device."""
-
-    @staticmethod
-    def forward(x12, bias):
-        return swiglu_fwd(x12, bias)
-
-    setup_context = staticmethod(_setup)
-    backward = staticmethod(_backward_with(swiglu_bwd))
+_swiglu_op.register_kernel("cuda", _swiglu_launch)
+_bwd_op.register_kernel("cuda", _bwd_launch)
+_swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
 def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,44 +246,7 @@ def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.jit_fast.swiglu(x12, bias)
 
 
-def swiglu_launcher(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same op through the launch helpers with autograd (Triton kernels on any device, incl. interpreted CPU)."""
-    _check_inputs(x12, bias)
-    return _LauncherFn.apply(x12.contiguous(), bias)
-
-
 def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The w12 GEMM without its bias, then SwiGLU with the bias folded in: its gradient comes out of the
     SwiGLU backward, which writes dx12 anyway, instead of a separate pass over dx12."""
     return swiglu(F.linear(x, weight), bias)
-
-
-def linear_swiglu_launcher(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear_swiglu` over the launch helpers."""
-    return swiglu_launcher(F.linear(x, weight), bias)
-
-
-def compile_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Both kernels x every config x dtype class x bias variant, at a hidden width divisible by 16 (JiT-B, padded
-    widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437), which compile differently.
-
-    x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
-    stands in for it, and dx12 for the (unused) fp32 partials.
-    """
-    for cls in classes:
-        a, p = cls.act, cls.param
-        for h in (2048, 4480, 2730, 3413, 4437):
-            ints = {"M": 256 * 288, "H": h}
-            for bias in (False, True):
-                bias_t = p if bias else a
-                for cfg in FWD_CONFIGS:
-                    yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel,
-                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32", "H": "i32"},
-                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
-                if not cls.backward:
-                    continue
-                for cfg in BWD_CONFIGS:
-                    yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
-                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
-                                      "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32"},
-                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import jit_fast
+from jit_fast import fid
 from jit_fast.checkpoint import export_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,24 @@ def gather_worker(rank: int, world: int, port: int, images: np.ndarray, chunk: i
             torch.save({"feats": feats, "stats": stats}, out + "/gathered.pt")
     finally:
         dist.destroy_process_group()
+
+
+def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised Inception state dict (test-only: nothing is downloaded).
+
+    Kaiming-normal convolutions with identity batch norms keep the activation scale through the
+    ~90 layers, so the random features still tell images apart (FID > 0, IS > 1).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = fid._skeleton_inception()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.normal_(m.bias, std=0.1)
+        torch.nn.init.normal_(net.fc.weight, std=4.0 / fid.FEATURE_DIM**0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

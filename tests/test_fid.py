@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sampling_utils import FakeInception, crops, photos
+from sampling_utils import FakeInception, crops, photos, random_inception_weights
 
 from jit_fast import fid
 from jit_fast.sampler import to_uint8
@@ -19,7 +19,7 @@ from jit_fast.sampler import to_uint8
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
     """Randomly initialised Inception weights in a local file (nothing is downloaded)."""
-    return fid.random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth", seed=0)
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth", seed=0)
 
 
 def write_pngs(folder: Path, images: np.ndarray) -> Path:

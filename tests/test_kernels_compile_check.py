@@ -2,8 +2,9 @@
 
 Compiles run in subprocesses without TRITON_INTERPRET: with the interpreter on, @triton.jit builds
 interpreter objects that cannot be compiled. The coverage tests need no compiler: they run the real model
-through the launch helpers on fake tensors in every dtype regime, record the signature of every Triton launch
-(`compile_check.launch_key`) and require each to be among the compile jobs of its dtype class.
+on fake tensors in every dtype regime with each custom op routed to its CUDA kernel (`kernels.ops.LaunchHelpers`),
+record the signature of every Triton launch (`compile_check.launch_key`) and require each to be among the
+compile jobs of its dtype class.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from triton.runtime.jit import KernelInterface
 
 import jit_fast
 from kernels.compile_check import all_specs, launch_key, spec_key
-from kernels.ops import launcher_ops
+from kernels.ops import LaunchHelpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,13 +66,12 @@ def record(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 def run_model(preset: str, regime: str, bias: bool) -> None:
-    """One forward (and backward) of a 4-block `preset` on fake tensors through the launch helpers: block 0 without
+    """One forward (and backward) of a 4-block `preset` on fake tensors through the CUDA kernels: block 0 without
     a pending residual, dropout blocks 1-2 (proj bias stays in its GEMM), in-context tokens at block 2, the final
     layer; `bias=False` removes the qkv, proj and w12 biases (the fused ops then run without folded biases)."""
     amp, param_dtype, backward = REGIMES[regime]
     with FakeTensorMode():
         net = jit_fast.build_model(preset, kernels="triton", depth=4, in_context_start=2, proj_drop=0.2).train()
-        vars(net.ops).update(vars(launcher_ops()))
         if not bias:
             for block in net.blocks:
                 block.attn.qkv.bias = block.attn.proj.bias = block.mlp.w12.bias = None
@@ -79,10 +79,11 @@ def run_model(preset: str, regime: str, bias: bool) -> None:
             for p in net.blocks.parameters():
                 p.data = p.data.to(param_dtype)
         x, t, y = torch.randn(2, 3, 256, 256), torch.rand(2), torch.randint(0, 1000, (2,))
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None), torch.set_grad_enabled(backward):
-            out = net(x, t, y)
-        if backward:
-            out.float().sum().backward()
+        with LaunchHelpers(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            with torch.set_grad_enabled(backward):
+                out = net(x, t, y)
+            if backward:
+                out.float().sum().backward()
 
 
 def launched(record: Recorder, presets: tuple[str, ...]) -> Iterator[tuple[str, set]]:
@@ -102,17 +103,17 @@ def assert_covered(record: Recorder, presets: tuple[str, ...]) -> None:
         assert keys, regime
         compiled = {spec_key(s) for s in specs if s.dtype_class == regime}
         missing = sorted(keys - compiled, key=str)
-        assert not missing, f"{regime}: {len(missing)} launcher signatures have no compile job, e.g. {missing[:3]}"
+        assert not missing, f"{regime}: {len(missing)} launch signatures have no compile job, e.g. {missing[:3]}"
 
 
-def test_launcher_signatures_are_compiled(record):
+def test_launch_signatures_are_compiled(record):
     """JiT-B/16 (D 768, Dh 64 x 12 heads, h 2048) and JiT-G/16 (D 1664, Dh 104, h 4437): both rmsnorm size
     classes, both qk size classes, both SwiGLU width divisibilities, in every dtype regime."""
     assert_covered(record, ("JiT-B/16", "JiT-G/16"))
 
 
 @pytest.mark.slow
-def test_launcher_signatures_are_compiled_every_preset(record):
+def test_launch_signatures_are_compiled_every_preset(record):
     assert_covered(record, ("JiT-B/16", "JiT-L/16", "JiT-H/16", "JiT-G/16"))
 
 
@@ -164,10 +165,9 @@ def test_spilling_config_is_reported_as_failure():
     """A deliberately oversized tile spills; the checker must flag it (the check can fail)."""
     code = (
         "import triton\n"
-        "from kernels.compile_check import compile_one, format_table\n"
-        "from kernels import swiglu\n"
+        "from kernels.compile_check import compile_one, format_table, swiglu_specs\n"
         "import dataclasses\n"
-        "spec = next(s for s in swiglu.compile_specs() if s.name == 'swiglu_bwd')\n"
+        "spec = next(s for s in swiglu_specs() if s.name == 'swiglu_bwd')\n"
         "big = triton.Config({'BLOCK_M': 16, 'BLOCK_H': 512, 'ROWS_PER_PROG': 64}, num_warps=1, num_stages=1)\n"
         "r = compile_one(dataclasses.replace(spec, config=big), 80)\n"
         "print(format_table([r]))\n"

@@ -1,8 +1,7 @@
 """Whole-model checks for the fused kernels and the exact SwiGLU width padding.
 
-* kernels="triton" vs "torch" with the same weights: on CPU the custom ops run their reference
-  implementations, so the comparison is repeated with every block op routed through the Triton
-  launch helpers (kernels.ops.launcher_ops, interpreter) to exercise the kernels end to end.
+* kernels="triton" vs "torch" with the same weights: under the interpreter (tests/conftest.py) the
+  custom ops' CPU kernels are the Triton launches, so every block op runs the kernels end to end.
   Rule (norm-wise relative error vs a float64 copy of the model): fp32 <= 1e-5; under bf16 autocast
   <= 1.25x the eager bf16 autocast model's own error (floored at 1e-5), for the output and every
   parameter gradient.
@@ -16,12 +15,12 @@ import copy
 
 import pytest
 import torch
+from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
 from jit_fast.model import SwiGLUFFN, official_state_dict_shapes
 from kernels import get_ops
-from kernels.ops import launcher_ops
-from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+from kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
@@ -48,7 +47,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def use_table(net: torch.nn.Module, table) -> torch.nn.Module:
-    """Point every module's op table at `table` (test-only: the Triton launch helpers)."""
+    """Point every module's op table at `table` (the float64 and eager copies of a model run the references)."""
     for m in net.modules():
         if hasattr(m, "ops"):
             m.ops = table
@@ -88,21 +87,14 @@ def compare(kernel_net, x, t, y, autocast: bool) -> dict[str, float]:
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_model_through_triton_kernels(autocast):
-    """Every block op through the Triton kernels (interpreter) vs float64, fp32 and bf16 autocast."""
-    net = use_table(tiny("torch"), launcher_ops())
-    compare(net, *batch(), autocast)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_model_kernels_triton_vs_torch(autocast):
-    """kernels="triton" (custom ops; CPU kernels = references) against the same rule."""
+    """kernels="triton": every block op through the Triton kernels (interpreter) vs float64, fp32 and bf16 autocast."""
     net = tiny("triton")
     assert net.ops.swiglu.__module__ == "kernels.swiglu"
     compare(net, *batch(), autocast)
 
 
 def test_model_padded_mlp_through_triton_kernels():
-    net = use_table(tiny("torch", mlp_pad_to=128), launcher_ops())
+    net = tiny("triton", mlp_pad_to=128)
     assert net.blocks[0].mlp.hidden_padded == 256 and net.blocks[0].mlp.hidden == 170
     compare(net, *batch(), True)
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+from triton_interp import count_launches, use_gpu_bf16_rounding
 
 from kernels import get_ops
-from kernels.ops import launcher_ops, triton_ops
-from kernels.testing import assert_within_rule, max_abs_err, use_gpu_bf16_rounding
+from kernels.numerics import assert_within_rule, max_abs_err
+from kernels.ops import triton_ops
 
 use_gpu_bf16_rounding()
 
 NAMES = ("rmsnorm_modulate", "residual_rmsnorm_modulate", "qk_norm_rope", "swiglu")  # the custom ops
 TABLE = NAMES + ("linear_qk_norm_rope", "linear_swiglu", "branch_linear")  # + the GEMM boundaries the model calls
 B, N, D, H = 2, 6, 48, 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def block(ops, x, branch, ada, w1, w2, qkv_w, qw, kw, cos, sin, w12, w3, b12, b_in, proj_w, proj_b, b3, qkv_b):
@@ -57,19 +64,83 @@ def grads_of(fn, inputs: list[torch.Tensor], cast=None) -> tuple[torch.Tensor, l
 
 
 def test_tables_share_names_and_signatures():
-    for table in (get_ops("triton"), triton_ops(), launcher_ops()):
+    for table in (get_ops("triton"), triton_ops()):
         assert sorted(vars(table)) == sorted(TABLE)
     assert sorted(vars(get_ops("torch"))) == sorted(TABLE)
 
 
-def test_launcher_table_block_matches_float64():
-    """Every op of the block through the Triton launch helpers (interpreter), gradients for all inputs."""
+def test_triton_table_block_matches_float64():
+    """Every op of the block through get_ops("triton") (custom ops running the Triton kernels in the interpreter),
+    gradients for all inputs."""
     inputs = block_inputs()
-    loss, grads = grads_of(lambda *a: block(launcher_ops(), *a), inputs)
+    loss, grads = grads_of(lambda *a: block(get_ops("triton"), *a), inputs)
     ref_loss, ref_grads = grads_of(lambda *a: block(get_ops("torch"), *a), inputs, cast=torch.float64)
     assert_within_rule("loss", loss, ref_loss, None)
     for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_within_rule(f"grad[{i}]", g, r, None)
+
+
+def op_args(name: str) -> tuple:
+    """Small arguments for one call of the op-table entry `name` (tensors that take gradients are leaves)."""
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape).requires_grad_()
+
+    dh, ang = D // H, torch.randn(N, D // H)
+    args = {
+        "rmsnorm_modulate": lambda: (leaf(B, N, D), leaf(D), leaf(B, D), leaf(B, D), 1e-6, None),
+        "residual_rmsnorm_modulate": lambda: (leaf(B, N, D), leaf(B, N, D), leaf(B, D), leaf(D), leaf(B, D),
+                                              leaf(B, D), 1e-6, None, leaf(D)),
+        "qk_norm_rope": lambda: (leaf(B, N, 3 * D), leaf(dh), leaf(dh), ang.cos(), ang.sin(), H, 1e-6, leaf(3 * D)),
+        "linear_qk_norm_rope": lambda: (leaf(B, N, D), leaf(3 * D, D), leaf(3 * D), leaf(dh), leaf(dh), ang.cos(),
+                                        ang.sin(), H, 1e-6),
+        "swiglu": lambda: (leaf(B, N, 128), leaf(128)),
+        "linear_swiglu": lambda: (leaf(B, N, D), leaf(128, D), leaf(128)),
+        "branch_linear": lambda: (leaf(B, N, D), leaf(D, D), leaf(D)),
+    }
+    return args[name]()
+
+
+def launches_per_op() -> dict[str, list[dict[str, int]]]:
+    """Triton launches by kernel name of one forward and one backward of every entry of get_ops("triton") on CPU
+    tensors: {name: [forward launches, backward launches]}."""
+    ops, out = get_ops("triton"), {}
+    for name in TABLE:
+        with count_launches() as fwd:
+            result = getattr(ops, name)(*op_args(name))
+        outs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor) and t.requires_grad]
+        with count_launches() as bwd:
+            torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
+        out[name] = [dict(fwd), dict(bwd)]
+    return out
+
+
+RMS_LAUNCHES = [{"rmsnorm_modulate_fwd_kernel": 1}, {"rmsnorm_modulate_bwd_kernel": 1, "sum_rows_kernel": 2}]
+QK_LAUNCHES = [{"qk_norm_rope_fwd_kernel": 1}, {"qk_norm_rope_bwd_kernel": 1, "qk_sum_kernel": 1}]
+SWIGLU_LAUNCHES = [{"swiglu_fwd_kernel": 1}, {"swiglu_bwd_kernel": 1, "sum_rows_kernel": 1}]
+
+
+def test_triton_table_runs_the_kernels_on_cpu_under_the_interpreter():
+    """With TRITON_INTERPRET=1 (tests/conftest.py) the custom ops' CPU kernels are the Triton launches: every fused
+    entry launches its forward kernel, then its backward kernel and second-stage reductions (biases folded in)."""
+    assert launches_per_op() == {
+        "rmsnorm_modulate": RMS_LAUNCHES,
+        "residual_rmsnorm_modulate": RMS_LAUNCHES,
+        "qk_norm_rope": QK_LAUNCHES,
+        "linear_qk_norm_rope": QK_LAUNCHES,
+        "swiglu": SWIGLU_LAUNCHES,
+        "linear_swiglu": SWIGLU_LAUNCHES,
+        "branch_linear": [{}, {}],  # a plain GEMM
+    }
+
+
+def test_triton_table_runs_the_reference_on_cpu_without_the_interpreter():
+    """Without TRITON_INTERPRET (a fresh process) the same calls run the eager references: no Triton launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    code = "import json, test_kernels_ops as t; print(json.dumps(t.launches_per_op()))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == {name: [{}, {}] for name in TABLE}
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

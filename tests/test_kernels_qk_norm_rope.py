@@ -1,6 +1,6 @@
 """Fused q/k RMSNorm + RoPE: Triton kernels under the interpreter vs float64.
 
-Rule of kernels.testing.assert_within_rule: fp32 runs <= 1e-5 relative (norm-wise) and max |error| <= 1e-5 x
+Rule of kernels.numerics.assert_within_rule: fp32 runs <= 1e-5 relative (norm-wise) and max |error| <= 1e-5 x
 max |expected|; bf16 runs <= 1.25x the eager bf16 path's own norm-wise error and <= 2x its max |error|.
 """
 
@@ -15,16 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from triton_interp import use_gpu_bf16_rounding
 
 from kernels import qk_norm_rope as qk
 from kernels import reference
-from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+from kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
 EPS = 1e-6
 HEADS = 3
-KERNEL = qk.qk_norm_rope_launcher  # the Triton entry point (fwd + bwd with autograd) every numerics test runs
+KERNEL = qk.qk_norm_rope  # the entry point every numerics test runs: the custom op, Triton fwd + bwd here
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -205,7 +206,9 @@ def test_no_atomics_in_kernels():
     assert "tl.atomic" not in inspect.getsource(qk)
 
 
-def test_custom_op_cpu_is_reference():
+def test_custom_op_cpu_is_reference(monkeypatch):
+    """Outside Triton's interpreter the custom op's CPU kernels are the eager reference (forward bitwise)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
     inputs = make_inputs(2, 4, 3, 64, "bf16")
     got = qk.qk_norm_rope(*inputs.values(), HEADS, EPS)
     want = reference.qk_norm_rope(*inputs.values(), HEADS, EPS)
@@ -226,7 +229,9 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     inputs = make_inputs(1, 4, 2, 64, "bf16", bias=True)
     args, bias = [inputs[k] for k in ("qkv", "q_weight", "k_weight", "cos", "sin")], inputs["bias"]
-    qk.qk_norm_rope(*args, HEADS, EPS, bias)
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET")
+        qk.qk_norm_rope(*args, HEADS, EPS, bias)  # CPU tensors outside the interpreter: the eager reference
     assert calls == []
     q, k, v = torch.ops.jit_fast.qk_norm_rope.default.redispatch(cuda, *args, HEADS, EPS, bias)
     assert calls == ["qk_norm_rope_fwd"]

@@ -2,7 +2,7 @@
 
 Error metric: norm-wise relative error ||a - ref||_2 / ||ref||_2 against reference.py run on float64
 copies of the inputs. fp32 runs must be <= 1e-5; bf16 runs <= 1.25x the eager bf16 path's own error
-(floored at 1e-5, see kernels.testing.error_bound).
+(floored at 1e-5, see kernels.numerics.error_bound).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from triton_interp import use_gpu_bf16_rounding
 
 from kernels import _common, reference
 from kernels import rmsnorm_modulate as rm
-from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+from kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
@@ -30,9 +31,9 @@ GRAD_NAMES = ("x", "branch", "gate", "weight", "shift", "scale", "branch_bias") 
 VARIANTS = ("plain", "residual", "residual+bias")
 ROOT = Path(__file__).resolve().parents[1]
 
-# The Triton entry points the numerics tests run: fwd + bwd with autograd (default configs), and the launch helpers.
-PLAIN = rm.rmsnorm_modulate_launcher
-RESIDUAL = rm.residual_rmsnorm_modulate_launcher
+# The entry points the numerics tests run: the custom ops (Triton fwd + bwd here, default configs), the launch helpers.
+PLAIN = rm.rmsnorm_modulate
+RESIDUAL = rm.residual_rmsnorm_modulate
 FWD = rm.rmsnorm_modulate_fwd
 RESIDUAL_FWD = rm.residual_rmsnorm_modulate_fwd
 BWD = rm.rmsnorm_modulate_bwd
@@ -293,8 +294,10 @@ def test_strided_adaln_chunks_match_contiguous():
 
 
 @pytest.mark.parametrize(("residual", "bias"), [(False, False), (True, False), (True, True)])
-def test_custom_op_cpu_is_reference(residual, bias):
-    """On CPU the custom op's forward is the eager reference (bitwise); its backward meets the rule."""
+def test_custom_op_cpu_is_reference(residual, bias, monkeypatch):
+    """Outside Triton's interpreter the custom op's CPU forward is the eager reference (bitwise); its backward
+    meets the rule."""
+    monkeypatch.delenv("TRITON_INTERPRET")
     inputs, out_dtype = make_inputs(2, 7, 40, "bf16", residual, bias)
     fn = rm.residual_rmsnorm_modulate if residual else rm.rmsnorm_modulate
     ref_fn = reference.residual_rmsnorm_modulate if residual else reference.rmsnorm_modulate
@@ -308,7 +311,7 @@ def test_custom_op_cpu_is_reference(residual, bias):
 
 
 def test_cuda_dispatch_runs_triton(monkeypatch):
-    """The CUDA kernel of each op is the Triton launch; CPU tensors never reach it."""
+    """The CUDA kernel of each op is the Triton launch; CPU tensors reach it only under the interpreter."""
     calls = []
     for name in ("rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd", "rmsnorm_modulate_bwd"):
         orig = getattr(rm, name)
@@ -319,7 +322,9 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
     inputs, out_dtype = make_inputs(2, 5, 40, "bf16", True, bias=True)
     args, bias = [inputs[k] for k in NAMES_RES], inputs["branch_bias"]
     ref = reference.residual_rmsnorm_modulate(*args, EPS, out_dtype, bias)
-    rm.residual_rmsnorm_modulate(*args, EPS, out_dtype, bias)
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET")
+        rm.residual_rmsnorm_modulate(*args, EPS, out_dtype, bias)  # CPU tensors outside the interpreter: reference
     assert calls == []
     # Redispatching to the CUDA key with CPU tensors runs the registered CUDA kernel in the interpreter.
     x_out, y = torch.ops.jit_fast.residual_rmsnorm_modulate.default.redispatch(cuda, *args, EPS, out_dtype, bias)
@@ -390,8 +395,7 @@ class TestBadInput:
             rm.rmsnorm_modulate_fwd(self.x, self.w, self.v, col)
 
 
-@pytest.mark.parametrize("fn", [RESIDUAL, rm.residual_rmsnorm_modulate])
-def test_unused_x_out(fn):
+def test_unused_x_out():
     """Final layer: x_out is discarded, so no gradient arrives for it (the HAS_DXO=False kernel variant);
     it adds the last block's MLP bias."""
     inputs, out_dtype = make_inputs(2, 9, 97, "bf16", True, bias=True)
@@ -403,7 +407,7 @@ def test_unused_x_out(fn):
         y.backward(gy.to(y.dtype))
         return {k: v.grad for k, v in leaves.items()}
 
-    got = grads(fn)
+    got = grads(RESIDUAL)
     ref = grads(reference.residual_rmsnorm_modulate, cast=torch.float64)
     eager = grads(reference.residual_rmsnorm_modulate)
     for name in got:

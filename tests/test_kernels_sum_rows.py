@@ -19,9 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from triton_interp import use_gpu_bf16_rounding
 
 from kernels import _common
-from kernels.testing import use_gpu_bf16_rounding
 
 use_gpu_bf16_rounding()
 

@@ -1,6 +1,6 @@
 """Fused SwiGLU: Triton kernels under the interpreter vs float64 (norm-wise relative error).
 
-fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own error (kernels.testing).
+fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own error (kernels.numerics).
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from triton_interp import use_gpu_bf16_rounding
 
 from kernels import _common, reference
 from kernels import swiglu as sw
-from kernels.testing import assert_within_rule, use_gpu_bf16_rounding
+from kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
 ROOT = Path(__file__).resolve().parents[1]
 # The Triton entry points the numerics tests run: fwd + bwd with autograd (default configs), and the launch helpers.
-KERNEL = sw.swiglu_launcher
+KERNEL = sw.swiglu  # the entry point every numerics test runs: the custom op, Triton fwd + bwd here
 FWD = sw.swiglu_fwd
 BWD = sw.swiglu_bwd
 # A backward config of 4 rows per program (the launched ones take 64): the same kernel code (ROWS_PER_PROG is a
@@ -205,7 +206,7 @@ def test_linear_swiglu_is_the_official_mlp_gate():
     ref = reference.linear_swiglu(*leaves)
     ref.sum().backward()
     want = [t.grad for t in leaves]
-    for fn in (sw.linear_swiglu, sw.linear_swiglu_launcher):
+    for fn in (sw.linear_swiglu,):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         out = fn(*leaves)
         out.sum().backward()
@@ -221,7 +222,9 @@ def test_cuda_dispatch_runs_triton(monkeypatch):
         monkeypatch.setattr(sw, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     x12, bias = torch.randn(2, 3, 16), torch.randn(16)
-    sw.swiglu(x12, bias)
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET")
+        sw.swiglu(x12, bias)  # CPU tensors outside the interpreter: the eager reference
     assert calls == []
     out = torch.ops.jit_fast.swiglu.default.redispatch(cuda, x12, bias)
     torch.ops.jit_fast.swiglu_bwd.default.redispatch(cuda, x12, bias, torch.ones_like(out))

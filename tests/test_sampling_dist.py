@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
-from sampling_utils import FakeInception, crops, free_port, gather_worker, photos, tiny_checkpoint, torchrun
+from sampling_utils import (
+    FakeInception,
+    crops,
+    free_port,
+    gather_worker,
+    photos,
+    random_inception_weights,
+    tiny_checkpoint,
+    torchrun,
+)
 
 import jit_fast.generate as sample_mod
 from jit_fast import fid
@@ -84,7 +93,7 @@ def test_two_rank_metrics_equal_one_rank_and_torch_fidelity(ckpt, tmp_path):
     """Real (random-weight) Inception end to end: FID/IS at world 2 == world 1 == calculate_metrics on --png."""
     import torch_fidelity
 
-    weights = fid.random_inception_weights(tmp_path / "inception.pth")
+    weights = random_inception_weights(tmp_path / "inception.pth")
     ref = tmp_path / "ref"
     ref.mkdir()
     for i, im in enumerate(crops(photos(), 10, 48, seed=9, augment=True)):

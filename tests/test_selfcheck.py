@@ -17,11 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from triton_interp import use_gpu_bf16_rounding
 
-from kernels import reference
+from kernels import get_ops, reference
 from kernels import selfcheck as sc
-from kernels.ops import launcher_ops
-from kernels.testing import use_gpu_bf16_rounding
 
 use_gpu_bf16_rounding()
 
@@ -49,7 +48,7 @@ def test_production_sizes_reach_multi_step_paths():
     assert p.norm_batch >= 4 * 8  # stage-3 sum over the batch: BLOCK_R 8 -> at least 4 loop steps
     assert p.qk_batch * p.tokens > 2 * 256  # several backward programs per head (ROWS_PER_PROG 256)
     assert p.swiglu_rows // 64 >= 4 * 8  # SwiGLU bias-gradient partial rows: at least 4 loop steps
-    names = [c.name for c in sc.op_checks("cpu", p, ops=launcher_ops())]
+    names = [c.name for c in sc.op_checks("cpu", p, ops=get_ops("triton"))]
     assert len(names) == len(set(names)) == 3 * 3 * 2 + 3 * 2 * 2 + 3 * 2 * 2 + 4
 
 
@@ -85,7 +84,7 @@ def test_all_passing_exits_zero(capsys):
                                   "qk_norm_rope bf16 B=2 N=9 H=2 Dh=8 bias", "swiglu bf16 M=70 h=24 bias"])
 def test_op_checks_pass_interpreted(text):
     """The Triton kernels (interpreted) pass the selfcheck's own checks at tiny shapes (one per op here)."""
-    checks = by_name(sc.op_checks("cpu", TINY, ops=launcher_ops()), text)
+    checks = by_name(sc.op_checks("cpu", TINY, ops=get_ops("triton")), text)
     assert checks
     results = sc.run_checks(checks)
     assert all(r.passed for r in results), [sc.format_line(r) for r in results]
@@ -93,7 +92,7 @@ def test_op_checks_pass_interpreted(text):
 
 @pytest.mark.slow
 def test_every_op_check_passes_interpreted():
-    results = sc.run_checks(sc.op_checks("cpu", TINY, ops=launcher_ops()))
+    results = sc.run_checks(sc.op_checks("cpu", TINY, ops=get_ops("triton")))
     assert len(results) == 2 * 3 + 2 * 2 + 2 * 2 + 4
     assert all(r.passed for r in results), [sc.format_line(r) for r in results if not r.passed]
 
@@ -108,7 +107,7 @@ def off_by(fn, factor: float):
 
 
 def test_numerics_check_fails_on_a_wrong_op():
-    ops = SimpleNamespace(**vars(launcher_ops()))
+    ops = SimpleNamespace(**vars(get_ops("triton")))
     ops.swiglu = off_by(reference.swiglu, 1.01)
     ops.residual_rmsnorm_modulate = off_by(reference.residual_rmsnorm_modulate, 1.0 + 2**-7)
     results = sc.run_checks([c for c in sc.op_checks("cpu", TINY, ops=ops) if " fp32 " in c.name])
@@ -121,7 +120,7 @@ def test_determinism_check_fails_on_a_nondeterministic_op():
         out = reference.swiglu(x12, bias)
         return out + 1e-3 * torch.randn_like(out)
 
-    ops = SimpleNamespace(**vars(launcher_ops()))
+    ops = SimpleNamespace(**vars(get_ops("triton")))
     ops.swiglu = noisy_swiglu
     [check] = by_name(sc.op_checks("cpu", TINY, ops=ops), "swiglu bf16 backward twice")
     [result] = sc.run_checks([check])

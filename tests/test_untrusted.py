@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sampling_utils import random_inception_weights
 from train_helpers import REPO, subprocess_env, tiny_argv
 
 from jit_fast import integrity
@@ -176,7 +177,7 @@ def test_inception_weights_are_validated(tmp_path: Path) -> None:
     """Weights-only files that are not torch-fidelity's InceptionV3 are refused with the key named."""
     from jit_fast import fid
 
-    good = fid.random_inception_weights(tmp_path / "good.pth")
+    good = random_inception_weights(tmp_path / "good.pth")
     sd = torch.load(good, weights_only=True)
     net = fid.build_inception(good)
     assert torch.equal(net.fc.weight, sd["fc.weight"])
