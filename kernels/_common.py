@@ -1,4 +1,5 @@
-"""Pieces shared by the fused ops: input checks, config selection and the deterministic row-sum kernel.
+"""Pieces shared by the fused ops: the CPU dispatch switch, input checks, config selection, the workspace
+record of a launch and the deterministic row-sum kernel.
 
 Every backward reduction over tokens is two-stage: the main kernel writes one fp32 partial row per
 program, then `sum_rows` adds those rows in a fixed order and writes each gradient in its final

@@ -157,7 +157,8 @@ def swiglu_bwd(
     if dx12.numel() == 0:
         return dx12, None if dbias is None else dbias.zero_()
     cfg = config or BWD_CONFIGS[0]
-    num_p, _ = part_shape = _bwd_scratch(m, h, cfg)
+    part_shape = _bwd_scratch(m, h, cfg)
+    num_p = part_shape[0]
     partials = None if bias is None else torch.empty(part_shape, device=x12.device, dtype=torch.float32)
     grid = (num_p, triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
