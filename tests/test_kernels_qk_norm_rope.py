@@ -7,15 +7,11 @@ max |expected|; bf16 runs <= 1.25x the eager bf16 path's own norm-wise error and
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
-from triton_interp import use_gpu_bf16_rounding
+from triton_interp import run_compiled, use_gpu_bf16_rounding
 
 from kernels import qk_norm_rope as qk
 from kernels import reference
@@ -26,7 +22,6 @@ use_gpu_bf16_rounding()
 EPS = 1e-6
 HEADS = 3
 KERNEL = qk.qk_norm_rope  # the entry point every numerics test runs: the custom op, Triton fwd + bwd here
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tables(n_img: int, n_ctx: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +187,8 @@ def backward_twice(device: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_backward_bitwise_deterministic():
-    """Compiled kernels on the GPU, in a subprocess without TRITON_INTERPRET: the interpreter runs programs one
-    after another in a fixed order, so there run-to-run reproducibility holds whatever the kernels do."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")))
-    code = "import test_kernels_qk_norm_rope as t; t.backward_twice('cuda')"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    """Compiled kernels, twice on the GPU (see `triton_interp.run_compiled` for why not interpreted)."""
+    run_compiled("test_kernels_qk_norm_rope", "backward_twice('cuda')")
 
 
 def test_no_atomics_in_kernels():

@@ -8,15 +8,11 @@ copies of the inputs. fp32 runs must be <= 1e-5; bf16 runs <= 1.25x the eager bf
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
-from triton_interp import use_gpu_bf16_rounding
+from triton_interp import run_compiled, use_gpu_bf16_rounding
 
 from kernels import _common, reference
 from kernels import rmsnorm_modulate as rm
@@ -29,7 +25,6 @@ NAMES_RES = ("x", "branch", "gate", "weight", "shift", "scale")
 NAMES_PLAIN = ("x", "weight", "shift", "scale")
 GRAD_NAMES = ("x", "branch", "gate", "weight", "shift", "scale", "branch_bias")  # order of BWD's results
 VARIANTS = ("plain", "residual", "residual+bias")
-ROOT = Path(__file__).resolve().parents[1]
 
 # The entry points the numerics tests run: the custom ops (Triton fwd + bwd here, default configs), the launch helpers.
 PLAIN = rm.rmsnorm_modulate
@@ -263,14 +258,8 @@ def backward_twice(device: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_backward_bitwise_deterministic():
-    """Compiled kernels on the GPU, in a subprocess without TRITON_INTERPRET: the interpreter runs programs one
-    after another in a fixed order, so there run-to-run reproducibility holds whatever the kernels do."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")))
-    code = "import test_kernels_rmsnorm_modulate as t; t.backward_twice('cuda')"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    """Compiled kernels, twice on the GPU (see `triton_interp.run_compiled` for why not interpreted)."""
+    run_compiled("test_kernels_rmsnorm_modulate", "backward_twice('cuda')")
 
 
 def test_no_atomics_in_kernels():

@@ -6,15 +6,11 @@ fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
-from triton_interp import use_gpu_bf16_rounding
+from triton_interp import run_compiled, use_gpu_bf16_rounding
 
 from kernels import _common, reference
 from kernels import swiglu as sw
@@ -22,7 +18,6 @@ from kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
-ROOT = Path(__file__).resolve().parents[1]
 # The Triton entry points the numerics tests run: fwd + bwd with autograd (default configs), and the launch helpers.
 KERNEL = sw.swiglu  # the entry point every numerics test runs: the custom op, Triton fwd + bwd here
 FWD = sw.swiglu_fwd
@@ -163,14 +158,8 @@ def backward_twice(device: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bias_gradient_is_deterministic():
-    """Compiled kernels on the GPU, in a subprocess without TRITON_INTERPRET: the interpreter runs programs one
-    after another in a fixed order, so there run-to-run reproducibility holds whatever the kernels do."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join((str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")))
-    code = "import test_kernels_swiglu as t; t.backward_twice('cuda')"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    """Compiled kernels, twice on the GPU (see `triton_interp.run_compiled` for why not interpreted)."""
+    run_compiled("test_kernels_swiglu", "backward_twice('cuda')")
 
 
 def test_zero_padding_stays_zero():

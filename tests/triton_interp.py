@@ -8,8 +8,12 @@ in the PTX by `kernels.compile_check`). `use_gpu_bf16_rounding()` makes the inte
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from triton.runtime.jit import KernelInterface
@@ -55,3 +59,16 @@ def count_launches() -> Iterator[Counter]:
         yield counts
     finally:
         KernelInterface.__getitem__ = original
+
+
+def run_compiled(module: str, call: str) -> None:
+    """Run `module.call` in a subprocess without TRITON_INTERPRET (compiled kernels on the GPU); fail on error.
+
+    The bitwise-determinism tests need this: the interpreter runs programs one after another in a fixed
+    order, so there run-to-run reproducibility holds whatever the kernels do."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join((str(root), str(root / "tests"), env.get("PYTHONPATH", "")))
+    res = subprocess.run([sys.executable, "-c", f"import {module} as t; t.{call}"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
