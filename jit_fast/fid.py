@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from jit_fast import integrity
 from jit_fast.distributed import broadcast_object
 from jit_fast.errors import UserError
 from jit_fast.files import atomic_write
@@ -148,15 +149,7 @@ def weights_tag(weights: str | Path | None) -> str:
     """Identity of the Inception weights for cache keys: the file's sha256, or the default's URL."""
     if weights is None:
         return "default:" + default_weights_url()
-    return "sha256:" + file_sha256(weights)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return "sha256:" + integrity.file_digest(weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from jit_fast import distributed as D
-from jit_fast import fid
+from jit_fast import fid, integrity
 from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
 from jit_fast.configs import (
     INT_NONNEGATIVE,
@@ -88,12 +88,14 @@ def rank_chunks(num_images: int, batch_size: int, rank: int, world: int) -> list
 # Checkpoints (formats are read by jit_fast.checkpoint.load_weights)
 # --------------------------------------------------------------------------------------------
 def checkpoint_sha256(path: Path) -> str:
-    """sha256 of a checkpoint file, or of a directory's files (relative names and digests, sorted)."""
+    """sha256 of a checkpoint file, or of a directory's files (relative names and digests, sorted).
+
+    Files the checksum verification just hashed are not read again."""
     if path.is_file():
-        return fid.file_sha256(path)
+        return integrity.known_digest(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + fid.file_sha256(f).encode() + b"\n")
+        h.update(str(f.relative_to(path)).encode() + b"\0" + integrity.known_digest(f).encode() + b"\n")
     return h.hexdigest()
 
 

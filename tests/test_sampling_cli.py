@@ -12,7 +12,7 @@ from PIL import Image
 from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint, tiny_net
 
 import jit_fast.generate as sample_mod
-from jit_fast import fid
+from jit_fast import fid, integrity
 from jit_fast.model import JiT
 from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image
 
@@ -70,7 +70,7 @@ def test_outputs_match_library_and_nfe_is_printed(ckpt, tmp_path, fake_inception
         assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:06d}.png")), npz["images"][i])
     assert (tmp_path / "grid.png").is_file() and not (tmp_path / "parts").exists()
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["checkpoint"]["sha256"] == fid.file_sha256(ckpt)
+    assert m["checkpoint"]["sha256"] == integrity.file_digest(ckpt)
     assert m["config"]["cfg"] == 2.9 and m["config"]["interval"] == [0.1, 1.0] and m["config"]["steps"] == 3
     assert m["config"]["labels"] == "i % num_classes" and m["config"]["model"]["depth"] == 4
     assert m["nfe_per_image"] == 5 and m["timing"]["generated"] == 10
