@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jit_fast.checkpoint import WEIGHT_SETS, export_checkpoint
+from jit_fast.checkpoint.weights import WEIGHT_SETS, export_checkpoint
 from jit_fast.errors import UserError
 
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from jit_fast import distributed as D
 from jit_fast import fid, integrity
-from jit_fast.checkpoint import CheckpointError, build_model_from_meta, check_state_dict, load_weights
+from jit_fast.checkpoint import CheckpointError, ModelMeta, build_model_from_meta, load_weights
+from jit_fast.checkpoint.weights import check_state_dict
 from jit_fast.configs import (
     INT_NONNEGATIVE,
     INT_POSITIVE,
@@ -85,7 +86,7 @@ def rank_chunks(num_images: int, batch_size: int, rank: int, world: int) -> list
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints (formats are read by jit_fast.checkpoint.load_weights)
+# Checkpoints (formats are read by jit_fast.checkpoint.weights.load_weights)
 # --------------------------------------------------------------------------------------------
 def checkpoint_sha256(path: Path) -> str:
     """sha256 of a checkpoint file, or of a directory's files (relative names and digests, sorted).
@@ -100,18 +101,18 @@ def checkpoint_sha256(path: Path) -> str:
 
 
 def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None,
-                    verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                    verify: bool = True) -> tuple[dict[str, torch.Tensor], ModelMeta]:
     """(state dict, metadata) of weight set `which`; checked against `net` when given."""
     sd, meta = load_weights(ckpt, which, verify)
     if net is not None:
-        check_state_dict(net, sd, f"{meta.get('source', ckpt)} [{which}]")
+        check_state_dict(net, sd, f"{meta.source or ckpt} [{which}]")
     return sd, meta
 
 
-def build_net(meta: dict, a: SampleConfig, device: torch.device) -> JiT:
+def build_net(meta: ModelMeta, a: SampleConfig, device: torch.device) -> JiT:
     """The checkpoint's network (command-line --model/--img-size/--num-classes override its metadata)."""
     given = {"model": a.model, "img_size": a.img_size, "num_classes": a.num_classes}
-    meta = {**meta, **{k: v for k, v in given.items() if v is not None}}
+    meta = meta.replace(**{k: v for k, v in given.items() if v is not None})
     try:
         net = build_model_from_meta(meta, kernels=a.kernels)
     except ValueError as e:  # unknown preset, impossible shapes
@@ -156,7 +157,7 @@ class Setting:
 class Evaluator:
     """Sampler, Inception and reference statistics shared by every setting of a launch."""
 
-    def __init__(self, conf: SampleConfig, net: JiT, env: D.DistEnv, meta: dict, ckpt_info: dict) -> None:
+    def __init__(self, conf: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta, ckpt_info: dict) -> None:
         self.conf, self.env = conf, env
         self.rank, self.world, device = env.rank, env.world_size, env.device
         self.device = device
@@ -334,10 +335,10 @@ def _progress(total: int, rank: int, desc: str):
                 file=sys.stderr)
 
 
-def recipe(a: SampleConfig, meta: dict, mcfg: ModelConfig) -> tuple[float, float]:
+def recipe(a: SampleConfig, meta: ModelMeta, mcfg: ModelConfig) -> tuple[float, float]:
     """(noise_scale, t_eps): the flag, else the checkpoint's recipe, else 1.0 (2.0 at >= 512 px) and 0.05."""
-    noise_scale = a.noise_scale if a.noise_scale is not None else meta.get("noise_scale")
-    t_eps = a.t_eps if a.t_eps is not None else meta.get("t_eps")
+    noise_scale = a.noise_scale if a.noise_scale is not None else meta.noise_scale
+    t_eps = a.t_eps if a.t_eps is not None else meta.t_eps
     return (float(noise_scale if noise_scale is not None else (2.0 if mcfg.input_size >= 512 else 1.0)),
             float(t_eps if t_eps is not None else 0.05))
 
@@ -437,7 +438,7 @@ def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     rank, device = env.rank, env.device
     sd, meta = load_weight_set(a.ckpt, a.ema[0], verify=not a.skip_checksum)
     net = build_net(meta, a, device)
-    check_state_dict(net, sd, f"{meta.get('source', a.ckpt)} [{a.ema[0]}]")
+    check_state_dict(net, sd, f"{meta.source or a.ckpt} [{a.ema[0]}]")
     swap_weights(net, sd)
     del sd
     if a.preset == "demo":
@@ -453,10 +454,10 @@ def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     err = D.broadcast_object(env, err)
     if err:
         raise CheckpointError(err)
-    source = Path(meta.get("source", a.ckpt))
+    source = Path(meta.source or a.ckpt)
     sha = D.broadcast_object(env, checkpoint_sha256(source) if rank == 0 else None)
-    ckpt_info = {"path": str(source), "kind": meta.get("kind"), "sha256": sha,
-                 "step": meta.get("step"), "epoch": meta.get("epoch")}
+    ckpt_info = {"path": str(source), "kind": meta.kind, "sha256": sha,
+                 "step": meta.step, "epoch": meta.epoch}
     ev = Evaluator(a, net, env, meta, ckpt_info)
     print_nfe(a, rank)
     settings = [Setting(e, c) for e in a.ema for c in a.cfg]
@@ -500,7 +501,7 @@ def write_sweep(out: Path, rows: list[dict]) -> None:
               f"({key} {best['metrics'][key]:.4f})", flush=True)
 
 
-def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: dict) -> dict | None:
+def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta) -> dict | None:
     """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
     noise_scale, t_eps = recipe(a, meta, net.cfg)
     kwargs = dict(cfg=a.cfg[0], interval=a.interval, steps=a.steps, solver=a.solver, seed=a.seed,

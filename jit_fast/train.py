@@ -29,19 +29,23 @@ from typing import Any
 import torch
 
 from jit_fast import distributed as D
-from jit_fast.checkpoint import (
-    CheckpointError,
+from jit_fast.checkpoint.dcp import (
     CheckpointManager,
     ResolvedCheckpoint,
     dcp_keys,
     dcp_load,
+    dcp_model_meta,
     list_checkpoints,
-    load_official_checkpoint,
-    meta_from_official_args,
-    optimizer_from_official,
     read_meta,
     read_rank_state,
     resolve_checkpoint,
+)
+from jit_fast.checkpoint.meta import CheckpointError, ModelMeta
+from jit_fast.checkpoint.official import (
+    load_official_checkpoint,
+    meta_from_official_args,
+    official_state_dict_shapes,
+    optimizer_from_official,
 )
 from jit_fast.configs import (
     LEARNING_RATE,
@@ -309,19 +313,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def model_meta(cfg: TrainConfig) -> dict:
+def model_meta(cfg: TrainConfig) -> ModelMeta:
     """What sampling needs to rebuild the net: preset name, img_size, num_classes, overrides."""
     ov = dict(cfg.extra_model_args)
     if cfg.attn_dropout >= 0:
         ov["attn_drop"] = cfg.attn_dropout
     if cfg.proj_dropout >= 0:
         ov["proj_drop"] = cfg.proj_dropout
-    return {"model": cfg.model, "img_size": cfg.img_size, "num_classes": cfg.num_classes, "overrides": ov}
+    return ModelMeta(model=cfg.model, img_size=cfg.img_size, num_classes=cfg.num_classes, overrides=ov)
 
 
-def _arch(meta: dict) -> dict:
-    mc = model_config(meta["model"], img_size=int(meta["img_size"]), num_classes=int(meta["num_classes"]),
-                      **(meta.get("overrides") or {}))
+def _arch(meta: ModelMeta) -> dict:
+    mc = model_config(meta.model, img_size=meta.img_size, num_classes=meta.num_classes, **meta.overrides)
     return {k: getattr(mc, k) for k in _ARCH_FIELDS}
 
 
@@ -344,7 +347,7 @@ class Trainer:
 
         self.resume = self._resolve_resume()
         try:
-            self._resume_meta, self._official = self._read_resume_meta()
+            self._resume_meta, self._resume_model_meta, self._official = self._read_resume_meta()
             self._merge_checkpoint_model_meta()
             self._build_data()
             self._build_model()
@@ -450,27 +453,28 @@ class Trainer:
             self.log(f"moved the previous run ({', '.join(moved)}) to {dest}; delete it when no longer needed")
         D.barrier(self.env)
 
-    def _read_resume_meta(self) -> tuple[dict | None, dict | None]:
+    def _read_resume_meta(self) -> tuple[dict | None, ModelMeta | None, dict | None]:
         if self.resume is None:
-            return None, None
+            return None, None, None
         if self.resume.kind == "dcp":
-            return read_meta(self.resume.path), None
+            run = read_meta(self.resume.path)
+            return run, dcp_model_meta(run, self.resume.path), None
         ck = load_official_checkpoint(self.resume.path)
         for k in ("model", "epoch"):
             if k not in ck:
                 raise CheckpointError(f"{self.resume.path} has no '{k}' entry: not a training checkpoint")
-        return {"model_meta": meta_from_official_args(ck.get("args"))}, ck
+        return None, meta_from_official_args(ck.get("args"), self.resume.path), ck
 
     def _merge_checkpoint_model_meta(self) -> None:
         """Model fields come from the checkpoint unless given explicitly, and must then agree with it."""
-        if self._resume_meta is None:
+        mm = self._resume_model_meta
+        if mm is None:
             return
         cfg = self.cfg
-        mm = self._resume_meta.get("model_meta", {})
         names = {"model": "--model", "img_size": "--img-size", "num_classes": "--num-classes"}
         updates = {}
         for field, flag in names.items():
-            saved = mm.get(field)
+            saved = getattr(mm, field)
             if saved is None:
                 continue
             ours = getattr(cfg, field)
@@ -478,7 +482,7 @@ class Trainer:
                 raise ConfigError(f"{flag} {ours} does not match the checkpoint {self.resume.path} "
                                   f"(trained with {field}={saved})")
             updates[field] = saved
-        ov = dict(mm.get("overrides") or {})
+        ov = dict(mm.overrides)
         if "extra_model_args" in self.explicit:
             for k, v in cfg.extra_model_args.items():
                 if k in ov and ov[k] != v and k not in ("attn_drop", "proj_drop"):
@@ -489,7 +493,7 @@ class Trainer:
                 updates[field] = ov[k]
             ov.pop(k, None)
         updates["extra_model_args"] = ov
-        if "seed" not in self.explicit and "seed" in self._resume_meta:
+        if "seed" not in self.explicit and self._resume_meta is not None and "seed" in self._resume_meta:
             updates["seed"] = int(self._resume_meta["seed"])
         self.cfg = dataclasses.replace(cfg, **updates)
 
@@ -548,13 +552,13 @@ class Trainer:
         meta = model_meta(cfg)
         try:
             mc = model_config(cfg.model, img_size=cfg.img_size, num_classes=cfg.num_classes, kernels=cfg.kernels,
-                              **meta["overrides"])
+                              **meta.overrides)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self._resume_meta is not None and self._resume_meta.get("model_meta", {}).get("model"):
-            saved = {**self._resume_meta["model_meta"]}
-            saved.setdefault("img_size", cfg.img_size)
-            saved.setdefault("num_classes", cfg.num_classes)
+        saved = self._resume_model_meta
+        if saved is not None and saved.model:
+            saved = saved.replace(img_size=cfg.img_size if saved.img_size is None else saved.img_size,
+                                  num_classes=cfg.num_classes if saved.num_classes is None else saved.num_classes)
             if _arch(saved) != _arch(meta):
                 diff = [k for k in _ARCH_FIELDS if _arch(saved)[k] != _arch(meta)[k]]
                 raise ConfigError(f"the model does not match the checkpoint {self.resume.path} (differs in {diff})")
@@ -664,8 +668,6 @@ class Trainer:
         )
 
         ck, path = self._official, self.resume.path
-        from jit_fast.model import official_state_dict_shapes
-
         want = official_state_dict_shapes(self.model_cfg)
         got = {k: tuple(v.shape) for k, v in ck["model"].items()}
         if got != want:
@@ -822,7 +824,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.sie, "steps_per_epoch": self.spe,
             "world_size": self.env.world_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "global_batch": self.global_batch, "seed": cfg.seed, "lr": getattr(self, "lr", 0.0),
-            "loader": self.loader.state_dict(), "model_meta": self.model_meta, "precision": self.precision,
+            "loader": self.loader.state_dict(), "model_meta": self.model_meta.to_dict(), "precision": self.precision,
             "fsdp": self.use_fsdp, "torch": torch.__version__, "config": dataclasses.asdict(cfg),
         }
         self.ckpt.save(self.step, self.state_dict(), meta, rank_state)

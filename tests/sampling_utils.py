@@ -14,7 +14,7 @@ import torch
 
 import jit_fast
 from jit_fast import fid
-from jit_fast.checkpoint import export_official_checkpoint
+from jit_fast.checkpoint.official import export_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, 10

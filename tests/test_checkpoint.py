@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from train_helpers import assert_bitwise_equal, checkpoint_tensors, read_losses, tiny_argv
 
 from jit_fast.checkpoint import (
     CheckpointError,
+    ModelMeta,
     build_model_from_meta,
     export_checkpoint,
     latest_checkpoint,
@@ -22,14 +24,17 @@ from jit_fast.checkpoint import (
     load_model,
     load_official_checkpoint,
     load_weights,
+)
+from jit_fast.checkpoint.dcp import read_meta, resolve_checkpoint
+from jit_fast.checkpoint.meta import ARCH_KEYS
+from jit_fast.checkpoint.official import (
     official_param_order,
+    official_state_dict_shapes,
     optimizer_from_official,
-    read_meta,
-    resolve_checkpoint,
     safe_load,
 )
 from jit_fast.configs import model_config
-from jit_fast.model import JiT, official_state_dict_shapes
+from jit_fast.model import JiT
 from jit_fast.train import main
 
 TINY_MODEL = dict(depth=2, in_context_start=1)
@@ -228,8 +233,8 @@ def test_load_weights_from_every_kind(run4: Path, tmp_path: Path) -> None:
             sd, meta = load_weights(src, which)
             assert sd.keys() == want.keys(), src
             assert all(torch.equal(sd[k], want[k]) for k in sd), (src, which)
-            assert (meta["model"], meta["img_size"], meta["num_classes"]) == ("JiT-T/4", 16, 4), (src, meta)
-            assert meta["overrides"].get("depth") == 2
+            assert (meta.model, meta.img_size, meta.num_classes) == ("JiT-T/4", 16, 4), (src, meta)
+            assert meta.overrides.get("depth") == 2
     with pytest.raises(CheckpointError, match="holds the ema1 weights"):
         load_weights(st, "ema2")
     net, meta = load_model(st)
@@ -237,7 +242,43 @@ def test_load_weights_from_every_kind(run4: Path, tmp_path: Path) -> None:
     net2 = build_model_from_meta(meta)
     net2.load_state_dict(load_weights(run4, "ema1")[0])
     assert torch.equal(net(z, t, y), net2.eval()(z, t, y))
-    assert meta["step"] == 4 and load_weights(pth)[1]["epoch"] == -1  # official: no epoch finished yet
+    assert meta.step == 4 and load_weights(pth)[1].epoch == -1  # official: no epoch finished yet
+
+
+# model metadata exactly as the current code writes it: meta.json["model_meta"] and a safetensors header
+ON_DISK_MODEL_META = {"model": "JiT-T/4", "img_size": 16, "num_classes": 4,
+                      "overrides": {"depth": 2, "in_context_start": 1, "attn_drop": 0.0}}
+ON_DISK_HEADER = {**ON_DISK_MODEL_META, "noise_scale": 1.0, "t_eps": 0.05, "P_mean": -0.8, "P_std": 0.8,
+                  "step": 4, "epoch": 0}
+
+
+def test_model_meta_reads_and_writes_the_on_disk_format(run4: Path, tmp_path: Path) -> None:
+    """ModelMeta round-trips both on-disk objects; an unknown, missing or mistyped key names the checkpoint."""
+    from safetensors.torch import save_file
+
+    meta = ModelMeta.from_dict(ON_DISK_MODEL_META, "run/meta.json", required=ARCH_KEYS)
+    assert (meta.model, meta.img_size, meta.num_classes, meta.step) == ("JiT-T/4", 16, 4, None)
+    assert meta.to_dict() == ON_DISK_MODEL_META
+    head = ModelMeta.from_dict(ON_DISK_HEADER, "w.safetensors")
+    assert {**head.to_dict(), "step": head.step, "epoch": head.epoch} == ON_DISK_HEADER
+    # what a run writes today is read back unchanged (meta.json and an exported header)
+    mm = read_meta(latest_checkpoint(run4))["model_meta"]
+    assert ModelMeta.from_dict(mm, "x", required=ARCH_KEYS).to_dict() == mm
+    st = export_checkpoint(run4, tmp_path / "w.safetensors")
+    with safe_open(str(st), framework="pt") as f:
+        header = json.loads(f.metadata()["jit_fast_meta"])
+    assert set(header) == set(ON_DISK_HEADER) and header["step"] == 4
+    for bad, match in (({**ON_DISK_MODEL_META, "modle": "JiT-B/16"}, r"run/meta.json: unknown .*'modle'"),
+                       ({"model": "JiT-T/4", "overrides": {}}, r"run/meta.json: model metadata lacks \['img_size', "),
+                       ({**ON_DISK_MODEL_META, "img_size": "16px"}, r"run/meta.json: .*img_size='16px'"),
+                       ([1, 2], r"run/meta.json: model metadata is a list")):
+        with pytest.raises(CheckpointError, match=match):
+            ModelMeta.from_dict(bad, "run/meta.json", required=ARCH_KEYS)
+    # through the loader: a header with a key this version does not know is refused, naming the file
+    path = tmp_path / "odd.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"jit_fast_meta": json.dumps({**ON_DISK_HEADER, "x": 1})})
+    with pytest.raises(CheckpointError, match=f"{path}: unknown model metadata key"):
+        load_weights(path)
 
 
 def test_export_cli(run4: Path, tmp_path: Path) -> None:

@@ -252,7 +252,8 @@ def test_official_import_on_two_ranks_is_bitwise(data: Path, cache: Path, tmp_pa
     exports back bitwise."""
     from test_checkpoint import TINY_MODEL, _assert_official_equal, official_dict
 
-    from jit_fast.checkpoint import export_checkpoint, safe_load
+    from jit_fast.checkpoint import export_checkpoint
+    from jit_fast.checkpoint.official import safe_load
     from jit_fast.configs import model_config
 
     src = official_dict(model_config("JiT-T/4", img_size=16, num_classes=4, **TINY_MODEL), epoch=1)

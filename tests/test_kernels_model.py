@@ -18,7 +18,8 @@ import torch
 from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
-from jit_fast.model import SwiGLUFFN, official_state_dict_shapes
+from jit_fast.checkpoint.official import official_state_dict_shapes
+from jit_fast.model import SwiGLUFFN
 from kernels import get_ops
 from kernels.numerics import assert_within_rule
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import jit_fast
+from jit_fast.checkpoint.official import official_state_dict_shapes
 from jit_fast.embeddings import sincos_pos_embed_2d, timestep_embedding
-from jit_fast.model import official_state_dict_shapes
 from jit_fast.sampler import guidance_scale, in_interval, sample, time_grid
 from kernels import reference
 

@@ -13,6 +13,7 @@ from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint
 
 import jit_fast.generate as sample_mod
 from jit_fast import fid, integrity
+from jit_fast.checkpoint import ModelMeta
 from jit_fast.model import JiT
 from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image
 
@@ -57,7 +58,7 @@ def test_outputs_match_library_and_nfe_is_printed(ckpt, tmp_path, fake_inception
 
     # equal to the library: chunk k = images [4k, 4k+4) through a static sampler of batch 4
     sd = torch.load(ckpt, weights_only=False)["model_ema1"]
-    net = sample_mod.build_net({"model": "JiT-T/4", "img_size": IMG, "num_classes": CLASSES},
+    net = sample_mod.build_net(ModelMeta(model="JiT-T/4", img_size=IMG, num_classes=CLASSES),
                                sample_mod.build_parser().parse_args(["--ckpt", "x"]), torch.device("cpu"))
     net.load_state_dict({k.removeprefix("net."): v for k, v in sd.items()})
     s = StaticSampler(net, 4, steps=3, num_classes=CLASSES)
@@ -261,10 +262,10 @@ def test_cuda_graph_cli_equals_eager_cli_on_gpu(ckpt, tmp_path):
 
 
 def test_sweep_over_a_missing_weight_set_fails_before_sampling(tmp_path, monkeypatch, capsys):
-    from jit_fast.checkpoint import export_safetensors
+    from jit_fast.checkpoint.weights import export_safetensors
 
     export_safetensors(tmp_path / "ema1.safetensors", tiny_net().state_dict(),
-                       {"model": "JiT-T/4", "img_size": IMG, "num_classes": CLASSES}, which="ema1")
+                       ModelMeta(model="JiT-T/4", img_size=IMG, num_classes=CLASSES), which="ema1")
     monkeypatch.setattr(StaticSampler, "run", lambda *a, **k: pytest.fail("sampled before checking the sets"))
     argv = base_args(tmp_path / "ema1.safetensors", tmp_path / "o", "--no-metrics", "--ema", "ema1,ema2")
     assert sample_mod.main(argv) == 2

@@ -148,7 +148,7 @@ def test_metadata_allow_list_loads_genuine_checkpoints(run2: Path) -> None:
     md = load_metadata(latest_checkpoint(run2) / ".metadata")
     assert any(k.startswith("optim.param_groups.") for k in md.state_dict_metadata)
     sd, meta = load_weights(run2, "ema1")
-    assert meta["step"] == 2 and sd
+    assert meta.step == 2 and sd
 
 
 def test_load_weights_refuses_a_non_metadata_pickle(run2: Path, tmp_path: Path) -> None:

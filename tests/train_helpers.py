@@ -63,7 +63,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP checkpoint (model, optimizer, both EMAs) as full CPU tensors."""
-    from jit_fast.checkpoint import latest_checkpoint, load_dcp_keys
+    from jit_fast.checkpoint import latest_checkpoint
+    from jit_fast.checkpoint.dcp import load_dcp_keys
 
     ckpt = Path(ckpt)
     if not (ckpt / ".metadata").is_file():
