@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from jit_fast import distributed as D
-from jit_fast.train import Trainer, parse_config
+from jit_fast.train import Trainer
+from jit_fast.train_cli import parse_config
 
 PERTURB_STD = 0.05
 PERTURB_SEED = 1234
@@ -32,18 +33,19 @@ def ema_check(argv: list[str]) -> int:
     env = D.init_distributed(cfg.device)
     try:
         tr = Trainer(cfg, env, explicit)
-        history = [[D.full_tensor(p).detach().double() for p in tr.params]]
-        tr.run(step_callback=lambda t: history.append([D.full_tensor(p).detach().double() for p in t.params]))
+        st = tr.state
+        history = [[D.full_tensor(p).detach().double() for p in st.params]]
+        tr.run(step_callback=lambda t: history.append([D.full_tensor(p).detach().double() for p in t.state.params]))
         report = {"world_size": env.world_size, "sharded": [], "max_err": {}}
-        for name, ema in (("ema1", tr.ema1), ("ema2", tr.ema2)):
-            state = tr._ema_state(ema)
-            full = [D.full_tensor(state[n]).double() for n in tr.names]
+        for name, ema in (("ema1", st.ema1), ("ema2", st.ema2)):
+            state = st.ema_state(ema)
+            full = [D.full_tensor(state[n]).double() for n in st.names]
             same_layout = all(
                 s.shape == D.local(p).shape and D.is_dtensor(state[n]) == D.is_dtensor(p)
-                for s, p, n in zip(ema.shadow, tr.params, tr.names, strict=True)
+                for s, p, n in zip(ema.shadow, st.params, st.names, strict=True)
             )
             split = env.world_size == 1 or any(
-                s.numel() < p.numel() for s, p in zip(ema.shadow, tr.params, strict=True))
+                s.numel() < p.numel() for s, p in zip(ema.shadow, st.params, strict=True))
             report["sharded"].append(same_layout and split)
             d, k = ema.decay, len(history) - 1
             err = 0.0
@@ -70,23 +72,22 @@ def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
         tr = Trainer(cfg, env, explicit)
         g = torch.Generator().manual_seed(PERTURB_SEED)
         with torch.no_grad():
-            for p in tr.trainable:
+            for p in tr.state.trainable:
                 full = D.full_tensor(p.detach()).cpu()
                 new = full + PERTURB_STD * torch.randn(full.shape, generator=g)
                 D.local(p).copy_(D.shard_like(new, p))
         grads: dict[str, torch.Tensor] = {}
-        step = tr.opt.step
+        step = tr.state.opt.step
 
         def capture(*args, **kwargs):
-            for n, p in zip(tr.names, tr.params, strict=True):
+            for n, p in zip(tr.state.names, tr.state.params, strict=True):
                 if p.grad is not None:
                     grads[n] = D.full_tensor(p.grad).detach().double().cpu()
             return step(*args, **kwargs)
 
-        tr.opt.step = capture
-        tr._noise_gen = torch.Generator(device=tr.device)
+        tr.state.opt.step = capture
         tr.train_step(tr._epoch_batches())
-        grads["loss"] = D.all_reduce_mean(env, tr.loss_acc.detach()).double().cpu()
+        grads["loss"] = D.all_reduce_mean(env, tr.meters.loss.detach()).double().cpu()
     finally:
         D.shutdown(env)
     return grads

@@ -292,13 +292,14 @@ def test_export_cli(run4: Path, tmp_path: Path) -> None:
 def test_ema_matches_the_closed_form_recurrence(data: Path, tmp_path: Path) -> None:
     """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i over the parameters after each step (float64 reference)."""
     from jit_fast.distributed import DistEnv, full_tensor
-    from jit_fast.train import Trainer, parse_config
+    from jit_fast.train import Trainer
+    from jit_fast.train_cli import parse_config
 
     cfg, explicit = parse_config(tiny_argv(data, tmp_path / "ema", "--max-steps", "6"))
     tr = Trainer(cfg, DistEnv(), explicit)
-    history = [[full_tensor(p).detach().double().clone() for p in tr.params]]
-    tr.run(step_callback=lambda t: history.append([full_tensor(p).detach().double().clone() for p in t.params]))
-    for ema in (tr.ema1, tr.ema2):
+    history = [[full_tensor(p).detach().double().clone() for p in tr.state.params]]
+    tr.run(step_callback=lambda t: history.append([full_tensor(p).detach().double().clone() for p in t.state.params]))
+    for ema in (tr.state.ema1, tr.state.ema2):
         d = ema.decay
         k = len(history) - 1
         for j, s in enumerate(ema.shadow):
@@ -397,7 +398,8 @@ def test_metrics_rows_are_not_duplicated_after_a_resume(data: Path, tmp_path: Pa
 
 def test_finite_but_exploded_weights_stop_the_run(data: Path, tmp_path: Path) -> None:
     """|x| = 1e30 in an embedding row the data never uses: loss and grad norm stay finite, the guard still stops."""
-    from jit_fast.train import TrainingDiverged, parse_config, run_training
+    from jit_fast.train import TrainingDiverged, run_training
+    from jit_fast.train_cli import parse_config
 
     out = tmp_path / "boom"
     cfg, explicit = parse_config(tiny_argv(data, out, "--num-classes", "5", "--max-steps", "8",
@@ -406,7 +408,8 @@ def test_finite_but_exploded_weights_stop_the_run(data: Path, tmp_path: Path) ->
     def explode(tr) -> None:
         if tr.step == 3:
             with torch.no_grad():
-                dict(zip(tr.names, tr.params, strict=True))["y_embedder.embedding_table.weight"][4].fill_(1e30)
+                params = dict(zip(tr.state.names, tr.state.params, strict=True))
+                params["y_embedder.embedding_table.weight"][4].fill_(1e30)
 
     with pytest.raises(TrainingDiverged, match=r"weights exploded .*loss \d.*Last good checkpoint: .*step_000000002"):
         run_training(cfg, explicit, step_callback=explode)

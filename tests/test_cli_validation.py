@@ -14,7 +14,9 @@ from train_helpers import REPO, describe, run_cli, subprocess_env, tiny_argv
 import jit_fast.generate as sample_mod
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.configs import RUN_PRESETS, TRAIN_RANGES, TrainConfig
-from jit_fast.train import _OPTIONS, ConfigError, base_learning_rate, main, parse_config, validate_config
+from jit_fast.train import main
+from jit_fast.train_cli import _OPTIONS, ConfigError, parse_config, validate_config
+from jit_fast.train_state import base_learning_rate
 
 
 def _refused_by_argparse(entry, argv: list[str], capsys) -> str:

@@ -20,8 +20,8 @@ from jit_fast.integrity import ChecksumError
 from jit_fast.safe_dcp import UnsafeCheckpointError
 from jit_fast.sampler import image_seed as sampler_image_seed
 from jit_fast.seeds import image_seed, mix_seed
-from jit_fast.train import ConfigError
 from jit_fast.train import mix_seed as train_mix_seed
+from jit_fast.train_cli import ConfigError
 
 
 def test_mix_seed_matches_the_old_training_formula() -> None:

@@ -19,17 +19,10 @@ from train_helpers import (
 
 from jit_fast.checkpoint import latest_checkpoint, list_checkpoints
 from jit_fast.configs import TrainConfig
-from jit_fast.train import (
-    ConfigError,
-    Trainer,
-    TrainingDiverged,
-    lr_at,
-    main,
-    mix_seed,
-    param_groups,
-    parse_config,
-    run_training,
-)
+from jit_fast.seeds import mix_seed
+from jit_fast.train import Trainer, TrainingDiverged, main, run_training
+from jit_fast.train_cli import ConfigError, parse_config
+from jit_fast.train_state import lr_at, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +203,11 @@ def test_blr_scales_with_the_global_batch(data: Path, tmp_path: Path) -> None:
 
     tr = Trainer(cfg, DistEnv(), explicit)
     assert tr.global_batch == 8 and tr.base_lr == pytest.approx(1e-4 * 8 / 256)
-    assert tr.spe == 8  # 64 images: 16 loader batches of 4, two per step
-    groups = param_groups(tr.net, 0.05)
+    assert tr.steps_per_epoch == 8  # 64 images: 16 loader batches of 4, two per step
+    groups = param_groups(tr.state.net, 0.05)
     assert all(p.ndim == 1 for p in groups[0]["params"]) and all(p.ndim > 1 for p in groups[1]["params"])
     assert groups[1]["weight_decay"] == 0.05 and groups[0]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(tr.params) - 1  # pos_embed is frozen
+    assert sum(len(g["params"]) for g in groups) == len(tr.state.params) - 1  # pos_embed is frozen
 
 
 def test_grad_accumulation_matches_a_full_batch(data: Path, tmp_path: Path) -> None:
@@ -236,7 +229,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data: Path, tmp_pa
     def poison(tr: Trainer) -> None:
         if tr.step == 3:
             with torch.no_grad():
-                tr.params[-1].fill_(float("nan"))
+                tr.state.params[-1].fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match="not finite .*Last good checkpoint: .*step_000000002"):
         run_training(cfg, explicit, step_callback=poison)

@@ -1,0 +1,195 @@
+"""train.py's command line: the option table (official flag names, underscores accepted), parser, validation.
+
+`parse_config(argv)` gives the TrainConfig of defaults <- run preset <- explicit flags and the set of
+fields given explicitly (resume uses it to tell a user's choice from a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from jit_fast.configs import MODEL_PRESETS, RUN_PRESETS, TRAIN_RANGES, TrainConfig
+from jit_fast.errors import UsageError as ConfigError  # the name train's callers and tests catch
+
+
+def _value(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def _model_arg(s: str) -> tuple[str, Any]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k.strip(), _value(v.strip())
+
+
+# (flag names, TrainConfig field, type, help); every flag also accepts its underscore spelling.
+_OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
+    (("--preset",), "preset", str, f"run preset: {', '.join(RUN_PRESETS)}"),
+    (("--model",), "model", str, "model preset, e.g. JiT-B/16"),
+    (("--model-arg",), "extra_model_args", _model_arg, "model constructor override KEY=VALUE (repeatable)"),
+    (("--img-size",), "img_size", int, "image size"),
+    (("--num-classes", "--class-num"), "num_classes", int, "number of classes (default: from the data)"),
+    (("--data-path",), "data_path", str, "ImageFolder root (DIR/train is used when present)"),
+    (("--data-backend",), "data_backend", str, "auto | dali | torch"),
+    (("--dali-filter",), "dali_filter", str, "cubic | linear (DALI resize filter)"),
+    (("--num-workers",), "num_workers", int, "loader workers / DALI threads"),
+    (("--output-dir",), "output_dir", str, "run directory (checkpoints, tb, metrics.jsonl)"),
+    (("--resume",), "resume", str, "checkpoint dir, run dir, official .pth or folder with checkpoint-last.pth"),
+    (("--epochs",), "epochs", int, "training epochs (schedule length)"),
+    (("--max-steps",), "max_steps", int, "stop after this many optimizer steps (0: no limit)"),
+    (("--batch-size",), "batch_size", int, "per-GPU batch size (per micro-step)"),
+    (("--grad-accum",), "grad_accum", int, "gradient accumulation micro-steps"),
+    (("--blr",), "blr", float, "base lr: lr = blr * global_batch / 256"),
+    (("--lr",), "lr", float, "absolute lr (overrides --blr)"),
+    (("--min-lr",), "min_lr", float, "final lr of the cosine schedule"),
+    (("--lr-schedule",), "lr_schedule", str, "constant | cosine"),
+    (("--warmup-epochs",), "warmup_epochs", float, "linear warmup epochs"),
+    (("--weight-decay",), "weight_decay", float, "AdamW weight decay (not on biases and 1-D params)"),
+    (("--grad-clip",), "grad_clip", float, "clip the global grad norm (0: off)"),
+    (("--P-mean",), "P_mean", float, "logit-normal t mean"),
+    (("--P-std",), "P_std", float, "logit-normal t std"),
+    (("--noise-scale",), "noise_scale", float, "noise scale"),
+    (("--t-eps",), "t_eps", float, "clamp of 1 - t in the v conversion"),
+    (("--label-drop-prob",), "label_drop_prob", float, "label dropout probability (CFG)"),
+    (("--ema-decay1",), "ema_decay1", float, "first EMA decay (used for sampling)"),
+    (("--ema-decay2",), "ema_decay2", float, "second EMA decay"),
+    (("--attn-dropout",), "attn_dropout", float, "attention dropout of the middle blocks"),
+    (("--proj-dropout",), "proj_dropout", float, "projection dropout of the middle blocks"),
+    (("--kernels",), "kernels", str, "torch | triton"),
+    (("--precision",), "precision", str, "auto | bf16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)"),
+    (("--device",), "device", str, "auto | cpu | cuda"),
+    (("--seed",), "seed", int, "seed of init, data order and noise"),
+    (("--fsdp",), "fsdp", str, "auto | on | off (auto: FSDP2 when world_size > 1)"),
+    (("--log-freq",), "log_freq", int, "steps between host syncs for loss/grad-norm logging"),
+    (("--save-freq-steps", "--save-freq"), "save_freq_steps", int, "checkpoint every N steps (0: off)"),
+    (("--save-last-freq",), "save_last_freq", int, "checkpoint every N epochs (official meaning)"),
+    (("--keep-last",), "keep_last", int, "checkpoints kept (0: all)"),
+    (("--signal-check-freq",), "signal_check_freq", int, "steps between preemption-flag agreements"),
+    (("--peak-tflops",), "peak_tflops", float, "per-device peak TFLOP/s for MFU (default: from GPU name)"),
+    (("--cfg",), "cfg", float, "CFG scale of the post-training demo evaluation"),
+    (("--interval-min",), "interval_min", float, "CFG interval start (demo evaluation)"),
+    (("--interval-max",), "interval_max", float, "CFG interval end (demo evaluation)"),
+    (("--num-sampling-steps",), "eval_steps", int, "sampling steps (demo evaluation)"),
+    (("--sampling-method",), "solver", str, "heun | euler (demo evaluation)"),
+    (("--num-images",), "eval_num_images", int, "images generated by the demo evaluation"),
+]
+_FLAGS: list[tuple[tuple[str, ...], str, str]] = [
+    (("--compile",), "compile", "torch.compile each block"),
+    (("--activation-checkpointing",), "activation_checkpointing", "recompute block activations in backward"),
+    (("--async-save",), "async_save", "write checkpoints in a background thread"),
+    (("--auto-resume",), "auto_resume", "continue from output-dir's newest checkpoint if any"),
+    (("--overwrite",), "overwrite", "start over: move output-dir's previous run into output-dir/replaced-TIME/"),
+    (("--discard-newer",), "discard_newer", "resume an older checkpoint in place: move the newer ones to "
+                                            "output-dir/discarded-TIME/"),
+    (("--skip-checksum",), "skip_checksum", "load checkpoint files even if they differ from checksums.json"),
+    (("--demo-eval",), "demo_eval", "run the demo evaluation (sample grid + accuracy) after training"),
+    (("--tensorboard",), "tensorboard", "TensorBoard scalars in OUTPUT/tb"),
+    (("--reshard-after-forward",), "reshard_after_forward", "FSDP2: free gathered params after forward"),
+    (("--demo-data",), "demo_data", "train on the built-in digits dataset"),
+    (("--flip",), "flip", "random horizontal flip (official recipe; --no-flip for data like digits)"),
+]
+_UNSUPPORTED = {
+    "--online-eval": "online FID is not run inside train.py; sample the checkpoint with sample.py --fid-ref",
+    "--evaluate-gen": "use sample.py --ckpt OUTPUT_DIR for generation/FID",
+}
+
+
+def _spellings(names: tuple[str, ...]) -> list[str]:
+    out = []
+    for n in names:
+        for s in (n, "--" + n[2:].replace("-", "_")):
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train JiT (pixel-space flow matching). Single process or torchrun (FSDP2).",
+        argument_default=argparse.SUPPRESS,
+    )
+    for names, dest, typ, help_ in _OPTIONS:
+        kw: dict[str, Any] = dict(dest=dest, type=TRAIN_RANGES.get(dest, typ), help=help_)
+        if dest == "extra_model_args":
+            kw["action"] = "append"
+        p.add_argument(*_spellings(names), **kw)
+    for names, dest, help_ in _FLAGS:
+        spell = _spellings(names)
+        p.add_argument(*spell, dest=dest, action="store_true", help=help_)
+        p.add_argument(*["--no-" + s[2:] for s in spell], dest=dest, action="store_false", help=argparse.SUPPRESS)
+    for flag in _UNSUPPORTED:
+        p.add_argument(*_spellings((flag,)), dest="unsupported_" + flag[2:].replace("-", "_"),
+                       action="store_true", help=argparse.SUPPRESS)
+    # accepted for compatibility with the official launcher, ignored (torchrun sets the environment)
+    for flag in ("--local-rank", "--world-size", "--dist-url", "--gen-bsz", "--eval-freq", "--start-epoch"):
+        p.add_argument(*_spellings((flag,)), dest="ignored_" + flag[2:].replace("-", "_"), help=argparse.SUPPRESS)
+    for flag in ("--pin-mem", "--no-pin-mem", "--dist-on-itp"):
+        p.add_argument(*_spellings((flag,)), dest="ignored_" + flag[2:].replace("-", "_"), action="store_true",
+                       help=argparse.SUPPRESS)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from defaults <- run preset <- explicit flags; returns it and the explicit field names."""
+    ns = vars(build_parser().parse_args(argv))
+    for flag, why in _UNSUPPORTED.items():
+        if ns.pop("unsupported_" + flag[2:].replace("-", "_"), False):
+            raise ConfigError(f"{flag} is not supported: {why}")
+    for k in [k for k in ns if k.startswith("ignored_")]:
+        ns.pop(k)
+    if "extra_model_args" in ns:
+        ns["extra_model_args"] = dict(ns["extra_model_args"])
+    cfg = TrainConfig()
+    name = ns.get("preset", "")
+    if name:
+        if name not in RUN_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(RUN_PRESETS)}")
+        cfg = dataclasses.replace(cfg, **RUN_PRESETS[name])
+        if "blr" in ns and "lr" not in ns:  # an explicit --blr beats a preset's absolute lr
+            cfg = dataclasses.replace(cfg, lr=None)
+    if "extra_model_args" in ns:  # explicit overrides extend the preset's
+        ns["extra_model_args"] = {**cfg.extra_model_args, **ns["extra_model_args"]}
+    cfg = dataclasses.replace(cfg, **ns)
+    validate_config(cfg)
+    return cfg, set(ns)
+
+
+def _flag(field: str) -> str:
+    """The command-line spelling of a TrainConfig field (the field name for settings without a flag)."""
+    for names, dest, _, _ in _OPTIONS:
+        if dest == field:
+            return names[0]
+    return field
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the flag for a choice, range or combination that cannot work."""
+    choices = dict(lr_schedule=("constant", "cosine"), precision=("auto", "bf16", "fp32"),
+                   fsdp=("auto", "on", "off"), data_backend=("auto", "dali", "torch"), kernels=("torch", "triton"),
+                   dali_filter=("cubic", "linear"),
+                   solver=("heun", "euler"))
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise ConfigError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
+    if cfg.model not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_PRESETS)}")
+    for k, allowed in TRAIN_RANGES.items():
+        v = getattr(cfg, k)
+        unset = (k == "lr" and v is None) or (k in ("attn_dropout", "proj_dropout") and v == -1.0)
+        if not unset and not allowed.contains(v):
+            raise ConfigError(f"{_flag(k)} must be {allowed.describe()}, got {v!r}")
+    if cfg.interval_min >= cfg.interval_max:
+        raise ConfigError(f"--interval-min {cfg.interval_min} must be < --interval-max {cfg.interval_max}")
+    if not cfg.data_path and not cfg.demo_data:
+        raise ConfigError("no training data: pass --data-path DIR (an ImageFolder) or --preset demo")
