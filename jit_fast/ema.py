@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -25,3 +28,15 @@ class EMA:
         with torch.no_grad():
             for s, v in zip(self.shadow, sd["shadow"], strict=True):
                 s.copy_(v)
+
+    @contextlib.contextmanager
+    def swapped_in(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """Within the block `params` hold the EMA values; their own values are restored after (also on error)."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            torch._foreach_copy_([p.detach() for p in params], self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in params], saved)

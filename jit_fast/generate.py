@@ -139,6 +139,43 @@ def _prefetch(fn, items: list):
                 raise
 
 
+def _all_ok(env: D.DistEnv, err: str | None, elsewhere: str) -> None:
+    """Raise UsageError on every rank if any rank failed (keeps the others from hanging)."""
+    if D.any_rank(env, err is not None):
+        raise UsageError(err or elsewhere)
+
+
+def load_metric_models(env: D.DistEnv, weights: Path | None, fid_ref: Path | None, fid_cache: Path | None,
+                       fid_ref_crop: int | None, fid_workers: int, fid_batch_size: int,
+                       log) -> tuple[torch.nn.Module, dict | None, str]:
+    """(Inception extractor, reference statistics or None, weights tag) on every rank, or UsageError on all."""
+
+    def load() -> tuple[torch.nn.Module | None, str | None]:
+        try:
+            return fid.build_inception(weights, env.device), None
+        except fid.InceptionWeightsError as e:
+            return None, str(e)
+
+    # rank 0 first: a download lands in the hub cache once
+    extractor, err = D.leader_first(load, env.rank == 0, env)
+    _all_ok(env, err, "Inception weights failed to load on another rank")
+    weights_id = D.broadcast_object(env, fid.weights_tag(weights) if env.rank == 0 else None)
+    ref_stats = None
+    if fid_ref:
+        err = None
+        try:
+            ref_stats = fid.reference_stats(
+                fid_ref, lambda: fid.FeatureAccumulator(extractor, fid_batch_size, env.device), weights_id,
+                fid_cache, fid_ref_crop, num_workers=fid_workers, log=log,
+            )
+        except fid.StatsError as e:
+            err = str(e)
+        except (OSError, ValueError) as e:  # e.g. an .npz holding object arrays (allow_pickle=False)
+            err = f"--fid-ref {fid_ref}: cannot be read ({type(e).__name__}: {e})"
+        _all_ok(env, err, "the FID reference failed on another rank")
+    return extractor, ref_stats, weights_id
+
+
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
@@ -183,34 +220,9 @@ class Evaluator:
 
     def _setup_inception(self) -> None:
         a = self.conf
-
-        def load() -> tuple[torch.nn.Module | None, str | None]:
-            try:
-                return fid.build_inception(a.inception_weights, self.device), None
-            except fid.InceptionWeightsError as e:
-                return None, str(e)
-
-        # rank 0 first: a download lands in the hub cache once
-        self.extractor, err = D.leader_first(load, self.rank == 0, self.env)
-        self._all_ok(err, "Inception weights failed to load on another rank")
-        self.weights_id = D.broadcast_object(self.env, fid.weights_tag(a.inception_weights) if self.rank == 0 else None)
-        if a.fid_ref:
-            err = None
-            try:
-                self.ref_stats = fid.reference_stats(
-                    a.fid_ref, self.accumulator, self.weights_id, a.fid_cache, a.fid_ref_crop,
-                    num_workers=a.fid_workers, log=self.log,
-                )
-            except fid.StatsError as e:
-                err = str(e)
-            except (OSError, ValueError) as e:  # e.g. an .npz holding object arrays (allow_pickle=False)
-                err = f"--fid-ref {a.fid_ref}: cannot be read ({type(e).__name__}: {e})"
-            self._all_ok(err, "the FID reference failed on another rank")
-
-    def _all_ok(self, err: str | None, elsewhere: str) -> None:
-        """Raise UsageError on every rank if any rank failed (keeps the others from hanging)."""
-        if D.any_rank(self.env, err is not None):
-            raise UsageError(err or elsewhere)
+        self.extractor, self.ref_stats, self.weights_id = load_metric_models(
+            self.env, a.inception_weights, a.fid_ref, a.fid_cache, a.fid_ref_crop, a.fid_workers, a.fid_batch_size,
+            self.log)
 
     def accumulator(self) -> fid.FeatureAccumulator:
         return fid.FeatureAccumulator(self.extractor, self.conf.fid_batch_size, self.device)

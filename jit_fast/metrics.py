@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jit_fast.configs import ModelConfig
+from jit_fast.errors import UserError
 from jit_fast.files import atomic_write
 
 # Dense bf16 tensor-core peak per device in TFLOP/s (vendor datasheets, no sparsity).
@@ -109,12 +111,18 @@ def drop_rows_after(path: str | Path, step: int) -> int:
 
 
 class MetricsLogger:
-    """Scalars to TensorBoard (`<out>/tb`) and `<out>/metrics.jsonl`; a no-op off rank 0."""
+    """Scalars and images to TensorBoard (`<out>/tb`), `<out>/metrics.jsonl` and optionally Weights & Biases.
 
-    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    A no-op off rank 0. W&B (`wandb_project`) is optional: it runs offline when no server is reachable
+    and keeps one run id per output directory (`<out>/wandb_id`), so a resumed run continues its curves.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True,
+                 wandb_project: str | None = None, config: dict | None = None) -> None:
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if not enabled:
             return
         out = Path(out_dir)
@@ -127,16 +135,33 @@ class MetricsLogger:
                 self.writer = SummaryWriter(log_dir=str(out / "tb"))
             except ImportError as e:  # tensorboard is a declared dependency; keep training without it
                 print(f"warning: TensorBoard logging disabled ({e})", file=sys.stderr)
+        if wandb_project:
+            self.wandb = start_wandb(wandb_project, out, config or {})
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, scalars: dict[str, float], group: str = "train") -> None:
+        """One metrics.jsonl row; TensorBoard/W&B scalars named `group/key` (None values skipped)."""
+        if not self.enabled:
+            return
+        present = {f"{group}/{k}": v for k, v in scalars.items() if v is not None}
+        if self.writer is not None:
+            for k, v in present.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(present, step=step)
+        row = {"step": step, **scalars} if group == "train" else {"step": step, "kind": group, **scalars}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def log_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """A uint8 HWC image (e.g. a sample grid) to TensorBoard and W&B."""
         if not self.enabled:
             return
         if self.writer is not None:
-            for k, v in scalars.items():
-                if v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -145,3 +170,35 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_wandb(project: str, out: Path, config: dict):
+    """A W&B run for `project` (offline without network unless WANDB_MODE says otherwise); its id is kept in OUT."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    id_file = out / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id or not run_id.isalnum() or len(run_id) > 64:
+        run_id = wandb.util.generate_id()
+        atomic_write(id_file, run_id + "\n")
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_reachable() else "offline")
+    if mode == "offline":
+        print(f"W&B: no server reachable, logging offline to {out / 'wandb'} (upload later with `wandb sync`)",
+              file=sys.stderr)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), mode=mode, config=config,
+                      name=out.name)
