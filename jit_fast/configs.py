@@ -234,14 +234,23 @@ class TrainConfig:
     signal_check_freq: int = 1
     tensorboard: bool = True
     peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name
-    # evaluation after training (demo)
+    # evaluation: the demo's after training, online FID/IS (official flags and defaults), --evaluate-gen
     demo_eval: bool = False
-    eval_num_images: int = 0
+    online_eval: bool = False
+    evaluate_gen: bool = False
+    eval_freq: int = 40  # epochs between online evaluations (and after the last epoch)
+    gen_bsz: int = 256  # images per rank per sampling batch
+    eval_num_images: int = 0  # 0: 50000 for FID (official), the demo's own default for the demo evaluation
     eval_steps: int = 50
-    cfg: float = 2.9
-    interval_min: float = 0.1
+    cfg: float = 1.0
+    interval_min: float = 0.0
     interval_max: float = 1.0
     solver: str = "heun"
+    fid_ref: str = ""  # reference statistics .npz or image folder ("": Inception Score only)
+    inception_weights: str = ""  # torch-fidelity Inception weights .pth ("": torch-fidelity's download)
+    # watching and profiling
+    wandb: str = ""  # Weights & Biases project ("": off)
+    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1
     extra_model_args: dict = field(default_factory=dict)
 
 
@@ -293,7 +302,7 @@ TRAIN_RANGES: dict[str, NumberRange] = {
     "save_freq_steps": INT_NONNEGATIVE, "save_last_freq": INT_NONNEGATIVE, "keep_last": INT_NONNEGATIVE,
     "signal_check_freq": INT_POSITIVE, "peak_tflops": NONNEGATIVE, "cfg": NONNEGATIVE,
     "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
-    "eval_num_images": INT_NONNEGATIVE,
+    "eval_num_images": INT_NONNEGATIVE, "eval_freq": INT_POSITIVE, "gen_bsz": INT_POSITIVE,
 }
 
 

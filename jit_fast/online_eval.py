@@ -11,19 +11,23 @@ at a time, so no rank ever holds an unsharded copy. Nothing is written per image
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from jit_fast import distributed as D
 from jit_fast import fid
-from jit_fast.configs import ModelConfig
+from jit_fast.configs import DEFAULT_NUM_IMAGES, ModelConfig, SampleConfig, TrainConfig
+from jit_fast.ema import EMA
+from jit_fast.files import atomic_write
 from jit_fast.generate import class_labels, load_metric_models, rank_chunks
-from jit_fast.metrics import peak_memory_gb
-from jit_fast.outputs import GRID_IMAGES
+from jit_fast.metrics import MetricsLogger, peak_memory_gb
+from jit_fast.outputs import GRID_IMAGES, grid_canvas
 from jit_fast.sampler import StaticSampler, image_noise, to_uint8
 
 
@@ -113,3 +117,92 @@ class OnlineEvaluator:
         if env.device.type == "cuda":
             metrics["eval_peak_memory_gb"] = peak_memory_gb(env.device)
         return EvalResult(metrics, grid if env.is_main else None)
+
+
+def settings_from_train(cfg: TrainConfig) -> OnlineEvalSettings:
+    """The online evaluation of a training config (official flag meanings)."""
+    return OnlineEvalSettings(
+        num_images=cfg.eval_num_images or DEFAULT_NUM_IMAGES, gen_bsz=cfg.gen_bsz, cfg=cfg.cfg,
+        interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps, solver=cfg.solver, seed=cfg.seed,
+        noise_scale=cfg.noise_scale, t_eps=cfg.t_eps, fid_ref=Path(cfg.fid_ref) if cfg.fid_ref else None,
+        inception_weights=Path(cfg.inception_weights) if cfg.inception_weights else None,
+    )
+
+
+class RunEvaluations:
+    """When a training run evaluates, and what each evaluation leaves: a record, a grid, logged metrics.
+
+    Evaluations follow the official rule (after epoch e when e % eval_freq == 0 or e + 1 == epochs,
+    counting epochs from 0) plus one at the end of a run stopped early. An evaluation is done when
+    `OUTPUT/eval/step_<step>.json` exists, so a resumed run neither repeats one nor loses an interrupted one.
+    """
+
+    def __init__(self, cfg: TrainConfig, ema: EMA, params: list[torch.Tensor], net: torch.nn.Module,
+                 mcfg: ModelConfig, env: D.DistEnv, amp_dtype: torch.dtype | None, sharded: bool, out: Path,
+                 metrics: MetricsLogger, log: Callable[[str], None]) -> None:
+        self.cfg, self.ema, self.params, self.net, self.env = cfg, ema, params, net, env
+        self.dir, self.metrics, self.log = out / "eval", metrics, log
+        self.engine = OnlineEvaluator(settings_from_train(cfg), net, mcfg, env, amp_dtype, sharded, log)
+        if self.engine.ref_stats is None:
+            log("online evaluation without --fid-ref: Inception Score only")
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        """Whether the official schedule evaluates after (0-based) epoch `epoch`."""
+        return epoch % self.cfg.eval_freq == 0 or epoch + 1 == self.cfg.epochs
+
+    def pending(self, step: int, epoch: int, step_in_epoch: int) -> bool:
+        """Whether a run resumed here owes the evaluation of the epoch just finished (interrupted before)."""
+        return step_in_epoch == 0 and epoch > 0 and self.due_after_epoch(epoch - 1) and not self.done(step)
+
+    def record(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.json"
+
+    def done(self, step: int) -> bool:
+        """Whether step `step` has a finished evaluation (rank 0 decides for all)."""
+        return D.broadcast_object(self.env, self.record(step).is_file() if self.env.is_main else None)
+
+    def evaluate(self, step: int, epoch: int, should_stop: Callable[[], bool]) -> bool:
+        """Evaluate EMA1 at `step`; False if a signal interrupted it (nothing recorded, the run stays resumable)."""
+        from tqdm import tqdm
+
+        self.log(f"online evaluation at step {step} (epoch {epoch}): {self.engine.s.num_images} images")
+        bar = tqdm(total=self.engine.s.num_images, desc="eval", unit="img", disable=not self.env.is_main,
+                   dynamic_ncols=True, leave=False)
+        training = self.net.training
+        self.net.eval()
+        try:
+            with self.ema.swapped_in(self.params):
+                result = self.engine.evaluate(should_stop, lambda n: bar.update(n * self.env.world_size))
+        finally:
+            self.net.train(training)
+            bar.close()
+        if result is None:
+            self.log(f"online evaluation at step {step} interrupted; it runs again on resume")
+            return False
+        row = {"epoch": epoch, **result.metrics}
+        if self.env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            canvas = grid_canvas(result.grid)
+            Image.fromarray(canvas).save(self.dir / f"grid_step_{step:08d}.png")
+            self.metrics.log_image(step, "eval/grid", canvas)
+            self.metrics.log(step, row, group="eval")
+            atomic_write(self.record(step), json.dumps({"step": step, **row}, indent=2) + "\n")
+        shown = ", ".join(f"{k} {row[k]:.4f}" for k in ("fid", "inception_score") if k in row)
+        self.log(f"online evaluation at step {step}: {shown} ({row['eval_seconds']:.0f} s)")
+        return True
+
+
+def evaluate_gen_config(cfg: TrainConfig, explicit: set[str]) -> SampleConfig:
+    """`train.py --evaluate-gen --resume RUN`: the sample.py launch with the same settings (OUTPUT/evaluate_gen/).
+
+    The noise scale and t_eps are the checkpoint's unless given on the command line, as in sample.py.
+    """
+    return SampleConfig(
+        ckpt=cfg.resume, num_images=cfg.eval_num_images or DEFAULT_NUM_IMAGES, num_images_given=True,
+        batch_size=cfg.gen_bsz, cfg=(cfg.cfg,), interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps,
+        solver=cfg.solver, seed=cfg.seed, noise_scale=cfg.noise_scale if "noise_scale" in explicit else None,
+        t_eps=cfg.t_eps if "t_eps" in explicit else None, out=Path(cfg.output_dir) / "evaluate_gen",
+        fid_ref=Path(cfg.fid_ref) if cfg.fid_ref else None,
+        inception_weights=Path(cfg.inception_weights) if cfg.inception_weights else None,
+        skip_checksum=cfg.skip_checksum, precision=cfg.precision, kernels=cfg.kernels, device=cfg.device,
+    )

@@ -24,6 +24,11 @@ GRID_IMAGES = 64
 
 def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     """Save uint8 NHWC images as one PNG grid with 2-pixel gaps."""
+    Image.fromarray(grid_canvas(images, cols)).save(path)
+
+
+def grid_canvas(images: np.ndarray, cols: int = 8) -> np.ndarray:
+    """uint8 NHWC images tiled into one HWC image, `cols` per row, white 2-pixel gaps."""
     n, h, w, c = images.shape
     cols = min(cols, n)
     rows = -(-n // cols)
@@ -32,7 +37,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
         canvas[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = img
-    Image.fromarray(canvas).save(path)
+    return canvas
 
 
 def write_npz_streaming(path: Path, arrays: dict[str, ArraySpec]) -> None:

@@ -95,7 +95,10 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str], env: D.DistEnv,
     if overwrite and cfg.auto_resume and "auto_resume" in explicit:
         raise UsageError("--overwrite (start over) and --auto-resume (continue) contradict each other")
     aside = f"--overwrite to start over (the old run is moved to {out / 'replaced-TIME'})"
-    if cfg.resume:
+    if cfg.resume and _fresh_official_launch(Path(cfg.resume), out, existing):
+        log(f"--resume {cfg.resume}: no checkpoint there yet, starting a new run (the official command resumes "
+            "from its own --output-dir from the first launch on)")
+    elif cfg.resume:
         r = resolve_checkpoint(cfg.resume)
         if r.kind == "safetensors":
             raise UsageError(f"--resume {r.path}: a .safetensors file holds weights only; resume needs a "
@@ -121,6 +124,12 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str], env: D.DistEnv,
         raise UsageError(f"{out} already holds {held} of a run{newest}; pass --auto-resume to continue it, "
                          f"{aside}, or another --output-dir")
     return None
+
+
+def _fresh_official_launch(resume: Path, out: Path, existing: list[tuple[int, Path]]) -> bool:
+    """`--output-dir X --resume X` before X holds any checkpoint (the official launcher's first run)."""
+    same = resume.expanduser().resolve() == out.expanduser().resolve()
+    return same and not existing and not (out / "checkpoint-last.pth").exists()
 
 
 def is_own_checkpoint(r: ResolvedCheckpoint, out: Path) -> bool:

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from jit_fast import distributed as D
+from jit_fast import generate
 from jit_fast.checkpoint.dcp import CheckpointManager
 from jit_fast.checkpoint.meta import ModelMeta
 from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_config
-from jit_fast.demo_eval import evaluate_demo
-from jit_fast.demo_eval import summary as demo_summary
+from jit_fast.demo_eval import score_demo_run
 from jit_fast.denoiser import flow_matching_loss, sample_t
 from jit_fast.errors import UserError
 from jit_fast.metrics import (
@@ -43,6 +43,8 @@ from jit_fast.metrics import (
     train_flops_per_image,
 )
 from jit_fast.model import JiT
+from jit_fast.online_eval import RunEvaluations, evaluate_gen_config
+from jit_fast.profiling import StepProfiler, parse_step_range
 from jit_fast.resume import (
     Progress,
     StartPoint,
@@ -63,6 +65,7 @@ from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState, base_learning_rate,
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 _FAULT_STEP_ENV = "JIT_FAST_FAULT_SIGNAL_STEP"  # tests: "STEP" or "STEP:RANK" sends SIGTERM to itself
+_FAULT_EVAL_ENV = "JIT_FAST_FAULT_SIGNAL_EVAL"  # tests: any value sends SIGTERM during the next online evaluation
 _TAG_T_DROP, _TAG_NOISE, _TAG_DROPOUT = 1, 2, 3
 
 
@@ -250,7 +253,13 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         if start is not None:
             self._restore(start)
-        self.metrics = MetricsLogger(self.out, env.is_main, self.cfg.tensorboard)
+        self.metrics = MetricsLogger(self.out, env.is_main, self.cfg.tensorboard, self.cfg.wandb or None,
+                                     dataclasses.asdict(self.cfg))
+        self.evals = RunEvaluations(
+            self.cfg, self.state.ema1, self.state.local_params(), net, self.model_cfg, env, self.amp_dtype,
+            self.use_fsdp, self.out, self.metrics, self.log) if self.cfg.online_eval else None
+        self.profiler = StepProfiler(parse_step_range(self.cfg.profile_steps) if self.cfg.profile_steps else None,
+                                     self.out, env.rank, self.device)
         self.ckpt = CheckpointManager(self.out, env, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save)
         self.meters = Meters.start(self.device, self.step)
         self.lr = 0.0  # the learning rate of the latest step
@@ -411,12 +420,16 @@ class Trainer:
         t_start = time.perf_counter()
         preempted = False
         try:
+            if self.evals is not None and self.evals.pending(self.step, self.epoch, self.step_in_epoch):
+                preempted = not self.evaluate()  # an evaluation the previous run did not finish
             self.meters = Meters.start(self.device, self.step)
             while self.step < self.total_steps and not preempted:
                 batches = self._epoch_batches()
                 while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    self.profiler.before_step(self.step)
                     self.train_step(batches)
                     self.step += 1
+                    self.profiler.after_step(self.step)
                     self.step_in_epoch += 1
                     epoch_done = self.step_in_epoch == self.steps_per_epoch
                     self.pbar.update(1)
@@ -432,17 +445,24 @@ class Trainer:
                         epoch_done and cfg.save_last_freq
                         and (self.epoch % cfg.save_last_freq == 0 or self.epoch + 1 == cfg.epochs)
                     )
+                    evaluate = epoch_done and self.evals is not None and self.evals.due_after_epoch(self.epoch)
                     if epoch_done:
                         self.end_epoch()
-                    if preempted or due:
+                    if preempted or due or evaluate:  # an evaluation starts from a checkpoint
                         self.save()
+                    if evaluate and not preempted:
+                        preempted = not self.evaluate()
                     if preempted or epoch_done:
                         break
             if self.last_save_step != self.step:
                 self.save()
+            if self.evals is not None and not preempted and not self.evals.done(self.step):
+                preempted = not self.evaluate()  # a run stopped mid-epoch (--max-steps) is evaluated at its end
             self.flush_metrics()
             self.ckpt.wait()
         finally:
+            self.profiler.close()
+            self.metrics.close()
             self.pbar.close()
             self.pbar = None
             for sig, h in old_handlers.items():
@@ -459,6 +479,12 @@ class Trainer:
                 return self.demo_eval()
         return 0
 
+    def evaluate(self) -> bool:
+        """Online evaluation of EMA1 at this step (not counted in img/s); False when a signal interrupted it."""
+        ok = self.evals.evaluate(self.step, self.epoch, lambda: _eval_fault() or self.signal_received is not None)
+        self.meters = Meters.start(self.device, self.step)
+        return ok
+
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
         mode = f"FSDP2 x{env.world_size}" if self.use_fsdp else ("single process" if env.world_size == 1 else "")
@@ -470,24 +496,10 @@ class Trainer:
         )
 
     def demo_eval(self) -> int:
-        """Sample from EMA1 and score the demo (grid, accuracy, diversity); exit code 1 if a target is missed
-        after the full schedule (a run cut short by --max-steps is scored and reported, but exits 0)."""
+        """Score EMA1 on the demo (grid, accuracy, diversity); 1 if the full schedule missed a target."""
         net = self.state.ema_model("ema1", self.model_cfg, self.device, self.env.is_main)
-        code = 0
-        if self.env.is_main:
-            cfg = self.cfg
-            kwargs = dict(cfg=cfg.cfg, interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps,
-                          solver=cfg.solver, noise_scale=cfg.noise_scale, num_classes=cfg.num_classes,
-                          seed=cfg.seed, img_size=cfg.img_size, t_eps=cfg.t_eps)
-            if cfg.eval_num_images:
-                kwargs["num_images"] = cfg.eval_num_images
-            result = evaluate_demo(net, self.out / "demo_eval", **kwargs)
-            self.log(f"demo evaluation: {demo_summary(result)}")
-            full = self.total_steps == cfg.epochs * self.steps_per_epoch
-            if not (result["passed"] or full):
-                self.log(f"the quality gate applies to the full schedule ({cfg.epochs * self.steps_per_epoch} "
-                         f"steps); this run stopped at {self.total_steps}: exit 0")
-            code = 0 if result["passed"] or not full else 1
+        full = self.total_steps == self.cfg.epochs * self.steps_per_epoch
+        code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
 
 
@@ -514,13 +526,23 @@ def _inject_fault(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _eval_fault() -> bool:
+    """Tests: SIGTERM to this process during an online evaluation when JIT_FAST_FAULT_SIGNAL_EVAL is set."""
+    if os.environ.pop(_FAULT_EVAL_ENV, None):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # entry points
 
 
 def run_training(cfg: TrainConfig, explicit: set[str] | None = None,
                  step_callback: Callable[[Trainer], None] | None = None) -> int:
-    """Initialize the process group (torchrun or single process), train, tear down."""
+    """Initialize the process group (torchrun or single process), train, tear down (--evaluate-gen: sample.py)."""
+    if cfg.evaluate_gen:
+        generate.run(evaluate_gen_config(cfg, explicit if explicit is not None else set()))
+        return 0
     env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
     try:
         trainer = Trainer(cfg, env, explicit)

@@ -179,8 +179,10 @@ def test_flags_accept_underscores_and_presets() -> None:
     assert {"batch_size", "P_mean", "P_std", "num_classes", "ema_decay1", "demo_eval"} <= explicit
     with pytest.raises(ConfigError, match="--lr-schedule must be one of"):
         parse_config(["--preset", "demo", "--lr-schedule", "step"])
-    with pytest.raises(ConfigError, match="online"):
-        parse_config(["--preset", "demo", "--online_eval"])
+    with pytest.raises(ConfigError, match="--evaluate-gen evaluates a trained run"):
+        parse_config(["--preset", "demo", "--evaluate_gen"])
+    with pytest.raises(ConfigError, match="--fid-ref .* does not exist"):
+        parse_config(["--preset", "demo", "--online_eval", "--fid_ref", "/nonexistent/stats.npz"])
 
 
 def test_lr_schedule_matches_the_official_formula() -> None:

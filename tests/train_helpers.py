@@ -43,11 +43,12 @@ def tiny_argv(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from a run's metrics.jsonl (log_freq 1)."""
+    """step -> loss from a run's metrics.jsonl (log_freq 1; evaluation rows skipped)."""
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         d = json.loads(line)
-        out[d["step"]] = d["loss"]
+        if "kind" not in d:
+            out[d["step"]] = d["loss"]
     return out
 
 
