@@ -59,7 +59,8 @@ def residual_rmsnorm_modulate(
     branch_bias: torch.Tensor | None = None,
     dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated residual then norm+modulate: x_out = x + gate * drop(branch + branch_bias), y = modulate(RMSNorm(x_out))."""
+    """Gated residual then norm+modulate: x_out = x + gate * drop(branch + branch_bias), y = modulate(RMSNorm(x_out))
+    (drop: the fused dropout of `dropout`, if given)."""
     x_out = gated_residual(x, branch, gate, branch_bias, dropout)
     return x_out, rmsnorm_modulate(x_out, weight, shift, scale, eps, out_dtype)
 

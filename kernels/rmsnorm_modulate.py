@@ -508,8 +508,9 @@ def _residual_op(
     if triton_on_cpu():
         return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout_seed,
                                 dropout_site, dropout_p)
+    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
     return reference.residual_rmsnorm_modulate(
-        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, _dropout(dropout_seed, dropout_site, dropout_p)
+        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout
     )
 
 

@@ -285,7 +285,8 @@ def _bwd_op(
 
 def _bwd_launch(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
-    grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=_dropout(dropout_seed, dropout_site, dropout_p))
+    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
+    grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=dropout)
     return [g for g in grads if g is not None]
 
 
