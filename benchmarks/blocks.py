@@ -68,7 +68,9 @@ def capture_block_inputs(
     finally:
         h.remove()
         net.train(training)
-    return got["args"], got["kwargs"]
+    # the dropout key JiT.forward hands every block (its last argument): the one a forward in `net`'s mode would
+    # (eval mode above passed None)
+    return (*got["args"][:-1], net.forward_dropout_seed()), got["kwargs"]
 
 
 def _leaf(x):

@@ -403,6 +403,7 @@ def count_block(
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with FakeTensorMode() if fake else contextlib.nullcontext(), flash_attention_standin():
         net = cast_parameters(jit_model.JiT(cfg).train(), param_dtype)
+        net.set_dropout_seed(0)  # as the training loop keys each step's fused dropout
         block = net.blocks[idx]
         with amp:
             args, kwargs = capture_block_inputs(net, idx, batch)
@@ -465,6 +466,7 @@ def count_train_step(
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     with FakeTensorMode(), flash_attention_standin():
         net = cast_parameters(jit_model.JiT(cfg).train(), param_dtype)
+        net.set_dropout_seed(0)  # as the training loop keys each step's fused dropout
         params = [p for p in net.parameters() if p.requires_grad]
         x, t, y = model_batch(cfg, batch)
         counter = TrafficCounter(_constants(net))

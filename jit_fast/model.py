@@ -7,18 +7,28 @@ returns its MLP branch and gate un-added, and the next norm (or the final layer)
 in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMMs
 feeding a fused op (qkv, w12, attention proj) go through the op table too: the fused table runs
 them without their bias and the op it feeds adds it (qk_norm_rope, SwiGLU, norm2's residual); the
-reference table adds it in the GEMM, as the official model does.
+reference table adds it in the GEMM, as the official model does. The fused path also computes the adaLN SiLU of
+the conditioning once for all blocks and the final layer (it is the same tensor for each: 2 launches per block
+fewer); the torch path keeps the official op stream.
+
+Dropout (blocks depth//4 to 3*depth//4): the torch path keeps `nn.Dropout`, as the official model. The fused
+path drops the attention branch inside norm2's residual op and the SwiGLU output inside the SwiGLU kernel, with
+Philox masks (`kernels.dropout`) keyed by one seed per forward (`set_dropout_seed`) and a site per block and
+place; the masks are statistically equivalent to torch's, not bitwise equal. Attention dropout is the attention
+backend's own (`dropout_p`) on both paths.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from jit_fast.attention import attention
 from jit_fast.configs import ModelConfig, model_config
 from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
 from kernels import get_ops
+from kernels.dropout import Dropout
 from kernels.reference import gated_residual
 
 
@@ -81,16 +91,17 @@ class Attention(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fused_dropout: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (branch, proj bias the residual still has to add, or None)."""
+        """Return (branch, proj bias the residual still has to add, or None); with `fused_dropout` the residual op
+        drops the branch out (bias included), otherwise proj_drop does here."""
         b, n, d = x.shape
         q, k, v = self.ops.linear_qk_norm_rope(
             x, self.qkv.weight, self.qkv.bias, self.q_norm.weight, self.k_norm.weight, rope[0], rope[1],
             self.num_heads, self.q_norm.eps,
         )
         o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0).reshape(b, n, d)
-        if self.proj_drop.p > 0:  # dropout sits between the GEMM and the residual: the bias stays in the GEMM
+        if self.proj_drop.p > 0 and self.training and not fused_dropout:  # torch's dropout: bias stays in the GEMM
             return self.proj_drop(self.proj(o)), None
         return self.ops.branch_linear(o, self.proj.weight, self.proj.bias)
 
@@ -122,7 +133,10 @@ class SwiGLUFFN(nn.Module):
             self.register_state_dict_post_hook(SwiGLUFFN._export_official)
             self.register_load_state_dict_pre_hook(SwiGLUFFN._import_official)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dropout: Dropout | None = None) -> torch.Tensor:
+        """w3(drop(swiglu(w12(x)))): the fused `dropout` inside the SwiGLU op if given, else ffn_dropout."""
+        if dropout is not None:
+            return self.w3(self.ops.linear_swiglu(x, self.w12.weight, self.w12.bias, dropout))
         h = self.ops.linear_swiglu(x, self.w12.weight, self.w12.bias)
         return self.w3(self.ffn_dropout(h))
 
@@ -169,9 +183,11 @@ Pending = tuple[torch.Tensor, torch.Tensor] | None
 class JiTBlock(nn.Module):
     """adaLN-Zero transformer block; its MLP residual is handed to the next norm, not added here."""
 
-    def __init__(self, cfg: ModelConfig, attn_drop: float, proj_drop: float, ops) -> None:
+    def __init__(self, cfg: ModelConfig, attn_drop: float, proj_drop: float, ops, index: int = 0) -> None:
         super().__init__()
         d = cfg.hidden_size
+        self.index = index
+        self.c_activated = cfg.kernels != "torch"  # the fused model hands its blocks SiLU(c), computed once
         self.norm1 = RMSNorm(d)
         self.attn = Attention(d, cfg.num_heads, attn_drop, proj_drop, ops)
         self.norm2 = RMSNorm(d)
@@ -181,10 +197,16 @@ class JiTBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pending: Pending = None,
-        out_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None, dropout_seed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch.
+
+        `c` is the conditioning, or SiLU of it on the fused path (`c_activated`). `dropout_seed` (fused path,
+        training) moves the block's proj dropout into the fused ops: the attention branch's into norm2's residual
+        op (site 2 * index), the MLP's into SwiGLU (site 2 * index + 1).
+        """
+        ada = self.adaLN_modulation[1](c) if self.c_activated else self.adaLN_modulation(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.chunk(6, dim=-1)
         eps = self.norm1.eps
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, self.norm1.weight, shift_msa, scale_msa, eps, out_dtype)
@@ -192,11 +214,17 @@ class JiTBlock(nn.Module):
             x, h = self.ops.residual_rmsnorm_modulate(
                 x, pending[0], pending[1], self.norm1.weight, shift_msa, scale_msa, eps, out_dtype
             )
-        attn_out, attn_bias = self.attn(h, rope)
-        x, h = self.ops.residual_rmsnorm_modulate(
-            x, attn_out, gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype, attn_bias
+        p = self.attn.proj_drop.p
+        fused = dropout_seed is not None and p > 0 and self.training
+        drop_attn, drop_mlp = (
+            (Dropout(p, dropout_seed, 2 * self.index), Dropout(p, dropout_seed, 2 * self.index + 1))
+            if fused else (None, None)
         )
-        return x, self.mlp(h), gate_mlp
+        attn_out, attn_bias = self.attn(h, rope, fused)
+        x, h = self.ops.residual_rmsnorm_modulate(
+            x, attn_out, gate_msa, self.norm2.weight, shift_mlp, scale_mlp, eps, out_dtype, attn_bias, drop_attn
+        )
+        return x, self.mlp(h, drop_mlp), gate_mlp
 
 
 class FinalLayer(nn.Module):
@@ -231,9 +259,16 @@ class JiT(nn.Module):
                 cfg.attn_drop if lo <= i < hi else 0.0,
                 cfg.proj_drop if lo <= i < hi else 0.0,
                 self.ops,
+                i,
             )
             for i in range(cfg.depth)
         )
+        # the fused path's dropout key: set per forward by the training loop (`set_dropout_seed`), or drawn from
+        # torch's generator in each training forward while unset
+        self.fused_dropout = cfg.kernels != "torch" and cfg.proj_drop > 0
+        self.c_activated = cfg.kernels != "torch"  # see JiTBlock.c_activated
+        self.register_buffer("dropout_seed", torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.dropout_seed_set = False
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.in_channels)
         for name, prefix in (("rope", 0), ("rope_incontext", cfg.in_context_len)):
             cos, sin = rope_tables(cfg.head_dim, cfg.grid_size, prefix)
@@ -275,6 +310,32 @@ class JiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def set_dropout_seed(self, seed: int | torch.Tensor | None) -> None:
+        """Key the fused dropout masks of the following training forwards (`jit_fast.seeds.dropout_seed`, one per
+        forward); None returns to a fresh key per forward from torch's generator, as nn.Dropout draws.
+
+        The key is written into a device buffer the kernels read, in place (an int by `fill_`, a tensor by `copy_`:
+        no host sync), so a new key per step recompiles nothing and CUDA graphs replay with the current key. The
+        torch path (official nn.Dropout) ignores it.
+        """
+        if seed is None:
+            self.dropout_seed_set = False
+            return
+        if isinstance(seed, torch.Tensor):
+            self.dropout_seed.copy_(seed.reshape(1))
+        else:
+            self.dropout_seed.fill_(seed)
+        self.dropout_seed_set = True
+
+    def forward_dropout_seed(self) -> torch.Tensor | None:
+        """The key a training forward hands its blocks: None on the torch path, in eval or without dropout."""
+        if not (self.training and self.fused_dropout):
+            return None
+        if self.dropout_seed_set:
+            return self.dropout_seed
+        info = torch.iinfo(torch.int64)
+        return torch.randint(info.min, info.max, (1,), device=self.dropout_seed.device, dtype=torch.int64)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
         p, c, g = self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid_size
@@ -290,9 +351,11 @@ class JiT(nn.Module):
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
+        c_blocks = F.silu(c) if self.c_activated else c  # SiLU(c) once for every adaLN on the fused path
         x = self.x_embedder(x) + self.pos_embed
         pending: Pending = None
         rope = (self.rope_cos, self.rope_sin)
+        seed = self.forward_dropout_seed()
         for i, block in enumerate(self.blocks):
             if cfg.in_context_len > 0 and i == cfg.in_context_start:
                 if pending is not None:
@@ -301,13 +364,14 @@ class JiT(nn.Module):
                 ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) + self.in_context_posemb
                 x = torch.cat([ctx, x], dim=1)
                 rope = (self.rope_incontext_cos, self.rope_incontext_sin)
-            x, branch, gate = block(x, c, rope, pending, out_dtype)
+            x, branch, gate = block(x, c_blocks, rope, pending, out_dtype, seed)
             pending = (branch, gate)
         if cfg.in_context_len > 0 and cfg.in_context_start < cfg.depth:
             x, branch = x[:, cfg.in_context_len :], branch[:, cfg.in_context_len :]
             pending = (branch, pending[1])
         fl = self.final_layer
-        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=-1)
+        ada = fl.adaLN_modulation[1](c_blocks) if self.c_activated else fl.adaLN_modulation(c)
+        shift, scale = ada.chunk(2, dim=-1)
         if pending is None:
             h = self.ops.rmsnorm_modulate(x, fl.norm_final.weight, shift, scale, fl.norm_final.eps, out_dtype)
         else:

@@ -3,6 +3,7 @@
 Two mixers, kept bit-identical to what existing runs recorded (changing either changes stored results):
 `mix_seed` (splitmix64 chain) seeds training draws, so a resumed run continues draw-for-draw;
 `image_seed` (NumPy SeedSequence) seeds sampling noise, so a seed gives the same samples.npz.
+`dropout_seed` is the Philox key of the fused dropout masks of one forward (`JiT.set_dropout_seed`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ def mix_seed(*values: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = z ^ (z >> 31)
     return h >> 1
+
+
+# Domain tag of `dropout_seed`: its draws are independent of every other mix_seed chain of the same integers.
+DROPOUT_TAG = 0x4A69545F44524F50  # "JiT_DROP"
+
+
+def dropout_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Key of the fused dropout masks of one forward: training `seed`, optimizer `step`, `rank` (each rank drops
+    independently for its own samples) and gradient-accumulation `micro`-step. Blocks and sites share it and
+    draw from disjoint Philox counters (`kernels.dropout`), so one key per forward names every mask; a resumed run
+    gets the same keys, hence the same masks, as an uninterrupted one."""
+    return mix_seed(seed, step, rank, micro, DROPOUT_TAG)
 
 
 def image_seed(seed: int, index: int) -> int:

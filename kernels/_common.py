@@ -1,5 +1,5 @@
 """Pieces shared by the fused ops: the CPU dispatch switch, input checks, config selection, the workspace
-record of a launch and the deterministic row-sum kernel.
+record of a launch, the dropout mask tile and the deterministic row-sum kernel.
 
 Every backward reduction over tokens is two-stage: the main kernel writes one fp32 partial row per
 program, then `sum_rows` adds those rows in a fixed order and writes each gradient in its final
@@ -90,6 +90,24 @@ def launch_options(config: triton.Config) -> dict[str, int]:
     """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages (and maxnreg if set)."""
     extra = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+
+
+@triton.jit
+def dropout_keep(seed, site, rows, col0, C, p, BLOCK_C: tl.constexpr):
+    """Keep mask (len(rows), BLOCK_C) of dropout site `site` for global rows `rows` (int64) and columns
+    col0 + [0, BLOCK_C) (col0 and BLOCK_C multiples of 4), the contract of `kernels.dropout`.
+
+    One Philox call gives the words of 4 adjacent columns (`tl.rand4x`), so a quarter-width tile of counters is
+    drawn and the four keep tiles are interleaved back to full width (int8, a small layout exchange).
+    """
+    quads = col0 // 4 + tl.arange(0, BLOCK_C // 4)
+    q = (site.to(tl.int64) << 40) + rows[:, None] * tl.cdiv(C, 4) + quads[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, q)
+    k0 = (u0 >= p).to(tl.int8)
+    k1 = (u1 >= p).to(tl.int8)
+    k2 = (u2 >= p).to(tl.int8)
+    k3 = (u3 >= p).to(tl.int8)
+    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3)) != 0
 
 
 @triton.jit

@@ -3,7 +3,8 @@
     python -m kernels.compile_check [--arch 90 80] [--kernel NAME] [--dtype-class NAME] [--sample]
 
 Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 autocast over fp32 parameters;
-FSDP2 bf16 block parameters; fp16 autocast sampling, forward only) x every bias variant x every size class
+FSDP2 bf16 block parameters; fp16 autocast sampling, forward only) x every bias and dropout variant (dropout:
+training classes only) x every size class
 of the JiT widths, head dims and head counts, as the tables below (`*_specs`) derive them from each op's launch
 helper. Jobs that compile to the same binary (same kernel, argument types, divisibility hints, constexprs
 and options, e.g. D=768 and D=1024) are compiled once; the summary counts them per signature class.
@@ -44,11 +45,12 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _CVT_BF16 = re.compile(r"cvt\.(r\w+)\.bf16(?:x2)?\.f32")
 
-# Integer arguments that scale with the batch or the token count (any value at run time): their divisibility
-# is not part of a signature class. Widths, head dims, head counts and strides are (they are fixed per model).
-BATCH_ARGS = frozenset({"N", "M", "R", "T", "P"})
+# Integer arguments that scale with the batch or the token count (any value at run time), and the dropout site id
+# (one per block, `do_not_specialize`): their divisibility is not part of a signature class. Widths, head dims,
+# head counts and strides are (they are fixed per model).
+BATCH_ARGS = frozenset({"N", "M", "R", "T", "P", "SITE"})
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
-TRITON_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+TRITON_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.int64": "i64"}
 
 
 @dataclass
@@ -108,6 +110,7 @@ class KernelSpec:
     label: str = ""
     dtype_class: str = ""
     bias: bool | None = None
+    dropout: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,13 +189,20 @@ def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[Ke
             )
 
 
+def _dropout_sig(dropout: bool, standin: str) -> dict[str, str]:
+    """Signature of the dropout arguments: the int64 seed pointer (or the stand-in tensor the helpers pass without
+    dropout), the site id and the fp32 probability and scale."""
+    return {"SEED": "*i64" if dropout else f"*{standin}", "SITE": "i32", "drop_p": "fp32", "drop_scale": "fp32"}
+
+
 def rmsnorm_modulate_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
     """Every (kernel, dtype class, variant, D, config) the launch helpers select when the model runs them.
 
     Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
     are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
     weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
-    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch).
+    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch,
+    x or x_norm for the dropout seed). Dropout (the attention branch into norm2, training only) has an int64 seed.
     """
     import triton
 
@@ -204,47 +214,52 @@ def rmsnorm_modulate_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Ite
             block_d = triton.next_power_of_2(d)
             size = min(c for c in rm.FWD_CONFIGS if c >= block_d)
             ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
-            # (label, residual, bias, branch, gate, bias-or-weight, weight)
-            fwd_variants = (
-                ("plain", False, False, s, a, p, p),
-                ("residual", True, False, a, a, p, p),
-                ("residual", True, True, a, a, p, p),
-                ("residual final-layer", True, False, a, a, cls.root_param, cls.root_param),
-            )
-            for what, residual, bias, branch, gate, bias_t, w in fwd_variants:
+            # (label, residual, bias, dropout, branch, gate, bias-or-weight, weight)
+            fwd_variants = [
+                ("plain", False, False, False, s, a, p, p),
+                ("residual", True, False, False, a, a, p, p),
+                ("residual", True, True, False, a, a, p, p),
+                ("residual final-layer", True, False, False, a, a, cls.root_param, cls.root_param),
+            ]
+            if cls.backward:
+                fwd_variants += [("residual", True, bias, True, a, a, p, p) for bias in (False, True)]
+            for what, residual, bias, dropout, branch, gate, bias_t, w in fwd_variants:
                 sig = {
                     "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
                     "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
                     "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
+                    **_dropout_sig(dropout, s),
                 }
                 for cfg in rm.FWD_CONFIGS[size]:
                     yield KernelSpec(
                         "rmsnorm_modulate_fwd", rm.rmsnorm_modulate_fwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg, ints,
-                        f"D={d} {what} bias={bias}", cls.name, bias,
+                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "HAS_DROPOUT": dropout, "BLOCK_D": block_d},
+                        cfg, ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
                     )
             if not cls.backward:
                 continue
-            # (label, residual, dx_out, bias, dxo, branch, gate, bias-or-weight, weight, dbranch)
-            bwd_variants = (
-                ("plain", False, False, False, a, a, a, p, p, s),
-                ("residual", True, True, False, s, a, a, p, p, a),
-                ("residual", True, True, True, s, a, a, p, p, a),
-                ("residual final-layer", True, False, False, a, a, a, cls.root_param, cls.root_param, a),
-                ("residual no-dx_out", True, False, True, a, a, a, p, p, a),
-            )
-            for what, residual, has_dxo, bias, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
+            # (label, residual, dx_out, bias, dropout, dxo, branch, gate, bias-or-weight, weight, dbranch)
+            bwd_variants = [
+                ("plain", False, False, False, False, a, a, a, p, p, s),
+                ("residual", True, True, False, False, s, a, a, p, p, a),
+                ("residual", True, True, True, False, s, a, a, p, p, a),
+                ("residual final-layer", True, False, False, False, a, a, a, cls.root_param, cls.root_param, a),
+                ("residual no-dx_out", True, False, True, False, a, a, a, p, p, a),
+            ]
+            bwd_variants += [("residual", True, True, bias, True, s, a, a, p, p, a) for bias in (False, True)]
+            for what, residual, has_dxo, bias, dropout, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
                 sig = {
                     "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
                     "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
                     "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
-                    "eps": "fp32",
+                    "eps": "fp32", **_dropout_sig(dropout, s),
                 }
                 for cfg in rm.BWD_CONFIGS[size]:
                     yield KernelSpec(
                         "rmsnorm_modulate_bwd", rm.rmsnorm_modulate_bwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "BLOCK_D": block_d}, cfg,
-                        ints, f"D={d} {what} bias={bias}", cls.name, bias,
+                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "HAS_DROPOUT": dropout,
+                         "BLOCK_D": block_d}, cfg,
+                        ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
                     )
 
 
@@ -292,11 +307,12 @@ def qk_norm_rope_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterato
 
 
 def swiglu_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Both kernels x every config x dtype class x bias variant, at a hidden width divisible by 16 (JiT-B, padded
-    widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437), which compile differently.
+    """Both kernels x every config x dtype class x bias and dropout variant (dropout: training classes), at a
+    hidden width divisible by 16 (JiT-B, padded widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437),
+    which compile differently.
 
     x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
-    stands in for it, and dx12 for the (unused) fp32 partials.
+    stands in for it, and dx12 for the (unused) fp32 partials; without dropout x12 stands in for the seed.
     """
     from kernels import swiglu as sw
 
@@ -305,18 +321,22 @@ def swiglu_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[Kern
         for h in (2048, 4480, 2730, 3413, 4437):
             ints = {"M": 256 * 288, "H": h}
             for bias in (False, True):
-                bias_t = p if bias else a
-                for cfg in sw.FWD_CONFIGS:
-                    yield KernelSpec("swiglu_fwd", sw.swiglu_fwd_kernel,
-                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32", "H": "i32"},
-                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
-                if not cls.backward:
-                    continue
-                for cfg in sw.BWD_CONFIGS:
-                    yield KernelSpec("swiglu_bwd", sw.swiglu_bwd_kernel,
-                                     {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
-                                      "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32"},
-                                     {"HAS_BIAS": bias}, cfg, ints, f"h={h} bias={bias}", cls.name, bias)
+                for dropout in (False, True) if cls.backward else (False,):
+                    bias_t, drop = p if bias else a, _dropout_sig(dropout, a)
+                    label = f"h={h} bias={bias}{' dropout' if dropout else ''}"
+                    constexprs = {"HAS_BIAS": bias, "HAS_DROPOUT": dropout}
+                    for cfg in sw.FWD_CONFIGS:
+                        yield KernelSpec("swiglu_fwd", sw.swiglu_fwd_kernel,
+                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32",
+                                          "H": "i32", **drop},
+                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
+                    if not cls.backward:
+                        continue
+                    for cfg in sw.BWD_CONFIGS:
+                        yield KernelSpec("swiglu_bwd", sw.swiglu_bwd_kernel,
+                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
+                                          "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32", **drop},
+                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
 
 
 def all_specs(dtype_classes: Iterable[str] | None = None) -> Iterator[KernelSpec]:

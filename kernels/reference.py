@@ -5,12 +5,17 @@ promotions that happen under bf16 autocast), so `kernels="torch"` is the officia
 With the eager backward of each fused op (`*_bwd`, same contract as the Triton backward
 launch) they are the whole eager contract: the CPU kernels of the custom ops (outside the
 Triton interpreter) and the reference the Triton kernels are tested against. No Triton here.
+The fused dropout (`dropout=`, a `kernels.dropout.Dropout`) draws the kernels' own masks through the CPU twin,
+so a comparison applies the identical mask on both sides; the official model keeps `nn.Dropout` instead.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kernels.dropout import Dropout
+from kernels.dropout import apply as apply_dropout
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -52,9 +57,11 @@ def residual_rmsnorm_modulate(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     branch_bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated residual then norm+modulate: x_out = x + gate * (branch + branch_bias), y = modulate(RMSNorm(x_out))."""
-    x_out = gated_residual(x, branch, gate, branch_bias)
+    """Gated residual then norm+modulate: x_out = x + gate * drop(branch + branch_bias), y = modulate(RMSNorm(x_out))
+    (drop: the fused dropout of `dropout`, if given)."""
+    x_out = gated_residual(x, branch, gate, branch_bias, dropout)
     return x_out, rmsnorm_modulate(x_out, weight, shift, scale, eps, out_dtype)
 
 
@@ -115,36 +122,45 @@ def linear_qk_norm_rope(
     return qk_norm_rope(F.linear(x, weight, bias), q_weight, k_weight, cos, sin, num_heads, eps)
 
 
-def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """h = silu(x1) * x2 where x1, x2 are the two halves of the w12 output.
+def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None, dropout: Dropout | None = None) -> torch.Tensor:
+    """h = silu(x1) * x2 where x1, x2 are the two halves of the w12 output (then dropped out with `dropout`).
 
-    With `bias` (the w12 bias of a GEMM run without it) the sum is formed in fp32 (float64 for
-    float64 input) and h is returned in x12's dtype: the fused op's contract.
+    With `bias` (the w12 bias of a GEMM run without it) or `dropout` the result is formed in fp32 (float64
+    for float64 input) and returned in x12's dtype: the fused op's contract.
     """
-    if bias is not None:
+    if bias is not None or dropout is not None:
         acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
-        return swiglu(x12.to(acc) + bias.to(acc)).to(x12.dtype)
+        x = x12.to(acc) if bias is None else x12.to(acc) + bias.to(acc)
+        return apply_dropout(swiglu(x), dropout).to(x12.dtype)
     x1, x2 = x12.chunk(2, dim=-1)
     return F.silu(x1) * x2
 
 
-def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_swiglu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropout: Dropout | None = None
+) -> torch.Tensor:
     """swiglu(x @ weight.T + bias): the w12 GEMM (bias in its epilogue) and SwiGLU, as the official MLP."""
-    return swiglu(F.linear(x, weight, bias))
+    return swiglu(F.linear(x, weight, bias), None, dropout)
 
 
 def gated_residual(
-    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> torch.Tensor:
     """x + gate * branch with a per-sample (B, D) gate, as the official block adds it.
 
-    With `bias` (the branch GEMM's bias, left out of that GEMM) the whole expression is formed in fp32
-    (float64 for float64 x) and rounded once to the dtype x + gate * branch would have: the fused contract.
+    With `bias` (the branch GEMM's bias, left out of that GEMM) or `dropout` (of branch + bias) the whole
+    expression is formed in fp32 (float64 for float64 x) and rounded once to the dtype x + gate * branch would
+    have: the fused contract.
     """
-    if bias is None:
+    if bias is None and dropout is None:
         return x + gate.unsqueeze(1) * branch
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = x.to(acc) + gate.to(acc).unsqueeze(1) * (branch.to(acc) + bias.to(acc))
+    full = branch.to(acc) if bias is None else branch.to(acc) + bias.to(acc)
+    out = x.to(acc) + gate.to(acc).unsqueeze(1) * apply_dropout(full, dropout)
     return out.to(torch.promote_types(torch.promote_types(x.dtype, gate.dtype), branch.dtype))
 
 
@@ -184,11 +200,13 @@ def rmsnorm_modulate_bwd(
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
     branch_bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Eager backward of (residual_)rmsnorm_modulate with the contract of the Triton `rmsnorm_modulate_bwd` (fp32 math).
 
     Returns (dx, dbranch, dgate, dweight, dshift, dscale, dbias); dbranch and dgate are None without a residual,
-    dbias without a branch bias. `x_norm` is the tensor that was normalized (x_out for the residual variant).
+    dbias without a branch bias. `x_norm` is the tensor that was normalized (x_out for the residual variant);
+    `dropout` is the forward's, its mask applied to the gradient flowing into the branch.
     """
     acc = torch.float64 if x_norm.dtype == torch.float64 else torch.float32
     x = x_norm.to(acc)
@@ -207,9 +225,10 @@ def rmsnorm_modulate_bwd(
     dscale = (s * w).to(scale.dtype)
     if branch is None:
         return dx.to(x_dtype), None, None, dweight, dshift, dscale, None
-    dbranch = dx * gate.to(acc).unsqueeze(1)
+    dx_branch = apply_dropout(dx, dropout)
+    dbranch = dx_branch * gate.to(acc).unsqueeze(1)
     full_branch = branch.to(acc) if branch_bias is None else branch.to(acc) + branch_bias.to(acc)
-    dgate = (dx * full_branch).sum(1).to(gate.dtype)
+    dgate = (dx_branch * full_branch).sum(1).to(gate.dtype)
     dbias = None if branch_bias is None else dbranch.sum((0, 1)).to(branch_bias.dtype)
     return dx.to(x_dtype), dbranch.to(branch.dtype), dgate, dweight, dshift, dscale, dbias
 
@@ -256,13 +275,14 @@ def qk_norm_rope_bwd(
 
 
 def swiglu_bwd(
-    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor
+    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor, dropout: Dropout | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eager backward of swiglu with the contract of the Triton `swiglu_bwd` (fp32 math): (dx12, dbias or None)."""
+    """Eager backward of swiglu with the contract of the Triton `swiglu_bwd` (fp32 math): (dx12, dbias or None);
+    `dropout` is the forward's, its mask applied to dout."""
     acc = torch.float64 if x12.dtype == torch.float64 else torch.float32
     x = x12.to(acc) if bias is None else x12.to(acc) + bias.to(acc)
     x1, x2 = x.chunk(2, dim=-1)
-    g = dout.to(acc)
+    g = apply_dropout(dout.to(acc), dropout)
     s = torch.sigmoid(x1)
     dx12 = torch.cat((g * x2 * s * (1 + x1 * (1 - s)), g * x1 * s), dim=-1)
     dbias = None if bias is None else dx12.flatten(0, -2).sum(0).to(bias.dtype)

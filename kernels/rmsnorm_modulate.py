@@ -1,10 +1,12 @@
 """Fused RMSNorm + adaLN modulation, optionally preceded by the gated residual of the previous branch.
 
 Forward (one read of x and branch, one write of x_out and y):
-    x_out = x + gate[b] * (branch + bias)             (residual variant only; bias optional)
+    x_out = x + gate[b] * drop(branch + bias)         (residual variant only; bias and dropout optional)
     y     = x_out * rstd * weight * (1 + scale[b]) + shift[b],  rstd = 1 / sqrt(mean(x_out^2) + eps)
 The bias is that of the GEMM which produced the branch, run without it: adding it here saves the
 GEMM's bias cast under autocast and, in backward, the separate sum of dbranch over tokens.
+drop is the attention branch's dropout (`kernels.dropout`): its Philox mask is drawn in the kernel, in forward
+and again in backward, so it is never stored and the proj bias folds in dropout blocks too.
 Backward recomputes rstd from x_out (no saved statistics) and produces dx, dbranch, dgate, dweight,
 dshift, dscale (and dbias); the sums over tokens are two-stage (see `_common`).
 All arithmetic is fp32; results are rounded once, to the dtype of the tensor they are stored in.
@@ -29,12 +31,14 @@ from kernels._common import (
     check_same_device,
     check_shape,
     device_guard,
+    dropout_keep,
     launch_options,
     rowwise,
     select_config,
     sum_rows,
     triton_on_cpu,
 )
+from kernels.dropout import Dropout, check_dropout
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
 # (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates
@@ -64,7 +68,7 @@ BWD_CONFIGS: dict[int, list[triton.Config]] = {
 MAX_D = max(FWD_CONFIGS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SITE"])
 def rmsnorm_modulate_fwd_kernel(
     X,
     BRANCH,
@@ -81,8 +85,13 @@ def rmsnorm_modulate_fwd_kernel(
     stride_shift,
     stride_scale,
     eps,
+    SEED,
+    SITE,
+    drop_p,
+    drop_scale,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -101,6 +110,9 @@ def rmsnorm_modulate_fwd_kernel(
         branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             branch += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_DROPOUT:
+            keep = dropout_keep(tl.load(SEED), SITE, b * N + rows, 0, D, drop_p, BLOCK_D)
+            branch = tl.where(keep, branch * drop_scale, 0.0)
         x_out = (x + gate[None, :] * branch).to(XOUT.dtype.element_ty)
         tl.store(XOUT + offs, x_out, mask=mask)
         x = x_out.to(tl.float32)
@@ -113,7 +125,7 @@ def rmsnorm_modulate_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SITE"])
 def rmsnorm_modulate_bwd_kernel(
     XN,
     DY,
@@ -131,9 +143,14 @@ def rmsnorm_modulate_bwd_kernel(
     stride_gate,
     stride_scale,
     eps,
+    SEED,
+    SITE,
+    drop_p,
+    drop_scale,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DXO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr,
@@ -143,7 +160,8 @@ def rmsnorm_modulate_bwd_kernel(
     It writes dx (and dbranch) for its rows and one fp32 partial row each for dshift, dscale,
     dweight, dgate (and dbias) into PART[b, p, 0:NUM_PART, :] (reduced later by `sum_rows`).
     With a bias, dgate = sum dx * (branch + bias) and dbias = gate * sum dx come from the column
-    sums of dx, so the bias is never added per element in backward.
+    sums of dx, so the bias is never added per element in backward. With dropout, dx is first multiplied by
+    the forward's mask (redrawn here) and scale wherever it flows to the branch: dbranch, dgate, dbias.
     """
     NUM_PART: tl.constexpr = 5 if HAS_BIAS else 4
     pid = tl.program_id(0)
@@ -157,6 +175,8 @@ def rmsnorm_modulate_bwd_kernel(
     w_eff = w * scale1
     if HAS_RESIDUAL:
         gate = tl.load(GATE + b * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -184,6 +204,9 @@ def rmsnorm_modulate_bwd_kernel(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_RESIDUAL:
             branch = tl.load(BRANCH + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, SITE, b * N + rows, 0, D, drop_p, BLOCK_D)
+                dx = tl.where(keep, dx * drop_scale, 0.0)
             acc_gate += tl.sum(dx * branch, axis=0)
             if HAS_BIAS:
                 acc_dx += tl.sum(dx, axis=0)
@@ -209,6 +232,7 @@ def _check_inputs(
     branch: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     branch_bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> None:
     """Shape/dtype/device validation shared by the public ops and the launch helpers (shift None: backward)."""
     if x.dim() != 3 or x.numel() == 0:
@@ -217,6 +241,10 @@ def _check_inputs(
         raise ValueError("branch and gate must be given together (gated residual) or both omitted")
     if branch_bias is not None and branch is None:
         raise ValueError("branch_bias needs the gated residual (branch and gate)")
+    if dropout is not None:
+        if branch is None:
+            raise ValueError("dropout needs the gated residual (branch and gate)")
+        check_dropout(dropout, x.device)
     b, _, d = x.shape
     if d > MAX_D:
         raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {MAX_D}")
@@ -244,6 +272,13 @@ def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _dropout_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
+    """Kernel arguments of the dropout (or of none: `standin` for the seed pointer, HAS_DROPOUT off)."""
+    if dropout is None:
+        return dict(SEED=standin, SITE=0, drop_p=0.0, drop_scale=1.0, HAS_DROPOUT=False)
+    return dict(SEED=dropout.seed, SITE=dropout.site, drop_p=dropout.p, drop_scale=dropout.scale, HAS_DROPOUT=True)
+
+
 def _launch_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -255,8 +290,9 @@ def _launch_fwd(
     eps: float,
     out_dtype: torch.dtype | None,
     config: triton.Config | None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
+    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout)
     for name, t in (("x", x), ("weight", weight), ("branch", branch), ("branch_bias", branch_bias)):
         if t is not None:
             check_contiguous(name, t)
@@ -290,6 +326,7 @@ def _launch_fwd(
             HAS_RESIDUAL=residual,
             HAS_BIAS=branch_bias is not None,
             BLOCK_D=triton.next_power_of_2(d),
+            **_dropout_args(dropout, x),
             **launch_options(cfg),
         )
     return x_out, y
@@ -319,9 +356,10 @@ def residual_rmsnorm_modulate_fwd(
     out_dtype: torch.dtype | None = None,
     branch_bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launch: x_out = x + gate * (branch + branch_bias) and y = modulate(RMSNorm(x_out)) in one pass."""
-    return _launch_fwd(x, weight, shift, scale, branch, gate, branch_bias, eps, out_dtype, config)
+    """Triton launch: x_out = x + gate * drop(branch + branch_bias) and y = modulate(RMSNorm(x_out)) in one pass."""
+    return _launch_fwd(x, weight, shift, scale, branch, gate, branch_bias, eps, out_dtype, config, dropout)
 
 
 def rmsnorm_modulate_bwd(
@@ -337,14 +375,15 @@ def rmsnorm_modulate_bwd(
     shift_dtype: torch.dtype,
     branch_bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Triton backward launch: returns (dx, dbranch, dgate, dweight, dshift, dscale, dbias).
 
     `x_norm` is the tensor that was normalized (x_out for the residual variant); `dx_out` is the
     gradient arriving at x_out from later layers. dbranch and dgate are None without a residual,
-    dbias without a branch bias.
+    dbias without a branch bias. `dropout` is the forward's (its mask is redrawn).
     """
-    _check_inputs(x_norm, weight, None, scale, branch, gate, branch_bias)
+    _check_inputs(x_norm, weight, None, scale, branch, gate, branch_bias, dropout)
     named = (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight),
              ("branch_bias", branch_bias))
     for name, t in named:
@@ -386,6 +425,7 @@ def rmsnorm_modulate_bwd(
             HAS_DXO=dx_out is not None,
             HAS_BIAS=has_bias,
             BLOCK_D=triton.next_power_of_2(d),
+            **_dropout_args(dropout, x_norm),
             **launch_options(cfg),
         )
     # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and fp32
@@ -461,13 +501,26 @@ def _residual_op(
     eps: float,
     out_dtype: torch.dtype | None,
     branch_bias: torch.Tensor | None = None,
+    dropout_seed: torch.Tensor | None = None,
+    dropout_site: int = 0,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if triton_on_cpu():
-        return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
-    return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias)
+        return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout_seed,
+                                dropout_site, dropout_p)
+    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
+    return reference.residual_rmsnorm_modulate(
+        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout
+    )
 
 
-def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
+def _dropout(seed: torch.Tensor | None, site: int, p: float) -> Dropout | None:
+    """The custom ops' dropout arguments as a `Dropout` (None: no seed, or p = 0)."""
+    return None if seed is None or p == 0 else Dropout(p, seed, site)
+
+
+def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
+                     dropout_site=0, dropout_p=0.0):
     """The residual op through the Triton launch helper (its CUDA kernel)."""
     return residual_rmsnorm_modulate_fwd(
         x.contiguous(),
@@ -479,11 +532,13 @@ def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, bran
         eps,
         out_dtype,
         None if branch_bias is None else branch_bias.contiguous(),
+        dropout=_dropout(dropout_seed, dropout_site, dropout_p),
     )
 
 
 @_residual_op.register_fake
-def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None):
+def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
+                   dropout_site=0, dropout_p=0.0):
     x_out = x.new_empty(x.shape, dtype=_out_dtype(x, gate, branch))
     return x_out, x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x_out, shift, scale))
 
@@ -501,16 +556,22 @@ def _bwd_op(
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
     branch_bias: torch.Tensor | None = None,
+    dropout_seed: torch.Tensor | None = None,
+    dropout_site: int = 0,
+    dropout_p: float = 0.0,
 ) -> list[torch.Tensor]:
     if triton_on_cpu():
-        return _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias)
+        return _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias,
+                           dropout_seed, dropout_site, dropout_p)
     grads = reference.rmsnorm_modulate_bwd(
-        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias
+        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias,
+        _dropout(dropout_seed, dropout_site, dropout_p),
     )
     return [g for g in grads if g is not None]
 
 
-def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
+def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None,
+                dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The backward op through the Triton launch helper (its CUDA kernel); absent gradients are left out."""
     grads = rmsnorm_modulate_bwd(
         dy.contiguous(),
@@ -524,12 +585,14 @@ def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, s
         x_dtype,
         shift_dtype,
         None if branch_bias is None else branch_bias.contiguous(),
+        dropout=_dropout(dropout_seed, dropout_site, dropout_p),
     )
     return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None):
+def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None,
+              dropout_seed=None, dropout_site=0, dropout_p=0.0):
     b, _, d = x_norm.shape
     grads = [x_norm.new_empty(x_norm.shape, dtype=x_dtype)]
     if branch is not None:
@@ -554,23 +617,26 @@ def _backward_plain(ctx, dy):
 
 
 def _setup_residual(ctx, inputs, output) -> None:
-    x, branch, gate, weight, shift, scale, eps, _, branch_bias = inputs
-    ctx.save_for_backward(output[0], branch, gate, weight, scale, branch_bias)
+    x, branch, gate, weight, shift, scale, eps, _, branch_bias, seed, site, p = inputs
+    # the seed is saved, not copied: an in-place update before this backward runs is an autograd error, not a
+    # silently different mask
+    ctx.save_for_backward(output[0], branch, gate, weight, scale, branch_bias, seed)
     ctx.set_materialize_grads(False)  # an unused x_out (final layer) then skips reading a zero gradient
-    ctx.eps, ctx.x_dtype, ctx.shift_dtype = eps, x.dtype, shift.dtype
+    ctx.eps, ctx.x_dtype, ctx.shift_dtype, ctx.site, ctx.p = eps, x.dtype, shift.dtype, site, p
 
 
 def _backward_residual(ctx, dx_out, dy):
     """Autograd backward of the residual op; `dx_out` is the gradient reaching x_out from later blocks."""
-    x_out, branch, gate, weight, scale, branch_bias = ctx.saved_tensors
+    x_out, branch, gate, weight, scale, branch_bias, seed = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x_out)
     dx_out = None if dx_out is None else dx_out.contiguous()
     grads = torch.ops.jit_fast.rmsnorm_modulate_bwd(
-        dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype, branch_bias
+        dy.contiguous(), x_out, dx_out, branch, gate, weight, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype, branch_bias,
+        seed, ctx.site, ctx.p,
     )
     dx, dbranch, dgate, dweight, dshift, dscale, *dbias = grads
-    return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias[0] if dbias else None
+    return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias[0] if dbias else None, None, None, None
 
 
 _rmsnorm_modulate_op.register_kernel("cuda", _rmsnorm_modulate_launch)
@@ -603,9 +669,14 @@ def residual_rmsnorm_modulate(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     branch_bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused op (same contract as reference.residual_rmsnorm_modulate) via the custom op."""
-    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias)
+    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout)
+    if dropout is None:
+        return torch.ops.jit_fast.residual_rmsnorm_modulate(
+            x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
+        )
     return torch.ops.jit_fast.residual_rmsnorm_modulate(
-        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
+        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout.seed, dropout.site, dropout.p
     )

@@ -31,6 +31,7 @@ from typing import TextIO
 import torch
 
 from kernels import reference
+from kernels.dropout import Dropout, keep_mask
 from kernels.numerics import assert_within_rule, error_bound
 
 EPS = 1e-6
@@ -139,8 +140,9 @@ def _bitwise_twice(call_kernel, inputs: dict, grad_names: tuple[str, ...], upstr
 
 
 def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, d: int, mode: str, variant: str,
-                  seed: int = 0) -> tuple:
-    """rmsnorm_modulate / residual_rmsnorm_modulate case in the autocast dtypes of `mode` (fp32 stream)."""
+                  seed: int = 0, dropout: Dropout | None = None) -> tuple:
+    """rmsnorm_modulate / residual_rmsnorm_modulate case in the autocast dtypes of `mode` (fp32 stream); `dropout`
+    on the residual branch (the reference draws the same mask)."""
     gen = torch.Generator().manual_seed(seed)
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     out_dtype = None if mode == "fp32" else torch.bfloat16
@@ -160,7 +162,7 @@ def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: i
             return (table.rmsnorm_modulate(leaves["x"], leaves["weight"], leaves["shift"], leaves["scale"], EPS, out),)
         return table.residual_rmsnorm_modulate(
             leaves["x"], leaves["branch"], leaves["gate"], leaves["weight"], leaves["shift"], leaves["scale"], EPS,
-            out, leaves.get("branch_bias"))
+            out, leaves.get("branch_bias"), dropout)
 
     names = ("x_out", "y") if residual else ("y",)
     return (t, tuple(t), names, up, lambda leaves: call(ops, leaves, out_dtype),
@@ -197,8 +199,8 @@ def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, h
 
 
 def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h: int, mode: str, bias: bool,
-                 seed: int = 0) -> tuple:
-    """swiglu case: x12 in the act dtype, fp32 bias."""
+                 seed: int = 0, dropout: Dropout | None = None) -> tuple:
+    """swiglu case: x12 in the act dtype, fp32 bias, optional `dropout` of h."""
     gen = torch.Generator().manual_seed(seed)
     act = torch.float32 if mode == "fp32" else torch.bfloat16
     t = {"x12": _randn(gen, rows, 2 * h).to(act)}
@@ -208,7 +210,7 @@ def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h:
     t = {k: v.to(device) for k, v in t.items()}
 
     def call(table, leaves):
-        return (table.swiglu(leaves["x12"], leaves.get("bias")),)
+        return (table.swiglu(leaves["x12"], leaves.get("bias"), dropout),)
 
     return t, tuple(t), ("h",), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
 
@@ -268,6 +270,56 @@ def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: Simple
     for op, make in det.items():
         checks.append(Check(f"{op} bf16 backward twice: bitwise", (op,), _lazy(lambda make=make: _determinism(make()))))
     return checks
+
+
+def _dropout_masks(ops: SimpleNamespace, device: torch.device | str, sizes: Sizes) -> str:
+    """The masks the kernels apply, read off their outputs and gradients, equal the CPU twin's bit for bit: residual
+    op with x = 0, gate = branch = 1 (x_out and, with dx_out = 1 and dy = 0, dbranch are keep * scale) and SwiGLU
+    with x1 = 4, x2 = 1 (h and, with dh = 1, dx2 are nonzero exactly where kept)."""
+    b, n, d, h, rows = sizes.norm_batch, sizes.tokens, sizes.widths[-1], sizes.hidden[-1], sizes.swiglu_rows
+    seed = torch.tensor([0x5EED_D50F_0123_4567], dtype=torch.int64)
+    site = {"residual": Dropout(0.2, seed, 17), "swiglu": Dropout(0.2, seed, 18)}
+    on_device = {k: v._replace(seed=seed.to(device)) for k, v in site.items()}
+    ones, zero_v = torch.ones(b, n, d, device=device), torch.zeros(b, d, device=device)
+    branch = ones.clone().requires_grad_()
+    x_out, y = ops.residual_rmsnorm_modulate(torch.zeros_like(ones), branch, torch.ones(b, d, device=device),
+                                             torch.ones(d, device=device), zero_v, zero_v, EPS, None, None,
+                                             on_device["residual"])
+    torch.autograd.backward([x_out, y], [ones, torch.zeros_like(y)])
+    x12 = torch.cat((torch.full((rows, h), 4.0, device=device), torch.ones(rows, h, device=device)), -1)
+    x12.requires_grad_()
+    out = ops.swiglu(x12, None, on_device["swiglu"])
+    out.backward(torch.ones_like(out))
+    got = {"residual forward": x_out != 0, "residual backward": branch.grad != 0,
+           "swiglu forward": out != 0, "swiglu backward": x12.grad[:, h:] != 0}
+    twin = {"residual": keep_mask(site["residual"], b * n, d), "swiglu": keep_mask(site["swiglu"], rows, h)}
+    wrong = [name for name, mask in got.items()
+             if not torch.equal(mask.reshape(-1, mask.shape[-1]).cpu(), twin[name.split()[0]])]
+    if wrong:
+        raise AssertionError(f"masks differ from the CPU twin: {', '.join(wrong)}")
+    return f"4 masks ({b * n} x {d}, {rows} x {h}) bitwise equal to the twin's"
+
+
+def dropout_checks(device: torch.device | str, sizes: Sizes = PRODUCTION,
+                   ops: SimpleNamespace | None = None) -> list[Check]:
+    """Fused dropout on the device: the kernels draw the CPU twin's masks (the Philox words and their layout exchange
+    run compiled only here), and the residual and SwiGLU ops with dropout meet the rule against float64 with the same
+    mask (bf16, with bias)."""
+    if ops is None:
+        from kernels.ops import triton_ops
+
+        ops = triton_ops()
+    drop = Dropout(0.2, torch.tensor([-12345], dtype=torch.int64, device=device), 5)
+    n, d, h = sizes.tokens, sizes.widths[-1], sizes.hidden[-1]
+    return [
+        Check("dropout masks: kernels (forward and backward) vs CPU twin, bitwise",
+              ("residual_rmsnorm_modulate", "swiglu"), lambda: _dropout_masks(ops, device, sizes)),
+        Check(f"residual_rmsnorm_modulate bf16 B={sizes.norm_batch} N={n} D={d} bias dropout 0.2",
+              ("residual_rmsnorm_modulate",), _lazy(lambda: _numerics(
+                  _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16", "residual+bias", dropout=drop), True))),
+        Check(f"swiglu bf16 M={sizes.swiglu_rows} h={h} bias dropout 0.2", ("swiglu",), _lazy(lambda: _numerics(
+            _swiglu_case(ops, device, sizes.swiglu_rows, h, "bf16", True, dropout=drop._replace(site=6)), True))),
+    ]
 
 
 def _lazy(build: Callable[[], Callable[[], str]]) -> Callable[[], str]:
@@ -400,6 +452,7 @@ def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: Simpl
     """Every check of a selfcheck run, in report order."""
     return [
         *op_checks(device, sizes, ops),
+        *dropout_checks(device, sizes, ops),
         Check("JiT-B/16 block, torch.compile(fullgraph=True), bf16 autocast, fwd+bwd vs float64", ("block",),
               lambda: check_block(device, sizes, backend)),
         Check("sampler step: CUDA graph capture + replay vs eager", ("sampler",),

@@ -5,6 +5,8 @@ The backward recomputes the sigmoid from x1 instead of saving it:
 Rows are the flattened leading dims. An optional bias (the w12 bias, when the GEMM runs without it) is
 added in fp32 on load, and its gradient (column sums of dx12) is reduced in the backward pass that
 writes dx12 anyway: two-stage, deterministic, written in the bias dtype (`linear_swiglu`).
+Optional dropout of h (the MLP's, before w3; `kernels.dropout`): the kernel draws the Philox mask of its tile
+in forward and again in backward (dout is masked and scaled on load), so no mask is stored.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from kernels._common import (
     check_same_device,
     check_shape,
     device_guard,
+    dropout_keep,
     launch_options,
     sum_rows,
     triton_on_cpu,
 )
+from kernels.dropout import Dropout, check_dropout
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
 # The first config is launched; the second is a candidate that compile_check also builds. A backward
@@ -44,10 +48,24 @@ BWD_CONFIGS: list[triton.Config] = [
 ]
 
 
-@triton.jit
-def swiglu_fwd_kernel(X12, BIAS, OUT, M, H, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+@triton.jit(do_not_specialize=["SITE"])
+def swiglu_fwd_kernel(
+    X12,
+    BIAS,
+    OUT,
+    M,
+    H,
+    SEED,
+    SITE,
+    drop_p,
+    drop_scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """OUT[m, j] = silu(x1) * x2 for a BLOCK_M x BLOCK_H tile, x1 = X12[m, j] (+ BIAS[j]), x2 = X12[m, H + j]
-    (+ BIAS[H + j])."""
+    (+ BIAS[H + j]); with dropout, kept elements scaled by drop_scale and the others zero."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -59,10 +77,13 @@ def swiglu_fwd_kernel(X12, BIAS, OUT, M, H, HAS_BIAS: tl.constexpr, BLOCK_M: tl.
         x1 += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         x2 += tl.load(BIAS + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out = x1 * tl.sigmoid(x1) * x2
+    if HAS_DROPOUT:
+        keep = dropout_keep(tl.load(SEED), SITE, rows, tl.program_id(1) * BLOCK_H, H, drop_p, BLOCK_H)
+        out = tl.where(keep, out * drop_scale, 0.0)
     tl.store(OUT + rows[:, None] * H + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SITE"])
 def swiglu_bwd_kernel(
     X12,
     BIAS,
@@ -71,20 +92,28 @@ def swiglu_bwd_kernel(
     PART,
     M,
     H,
+    SEED,
+    SITE,
+    drop_p,
+    drop_scale,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr,
 ):
     """Program (p, j) writes DX12 = (dx1, dx2) for rows [p*ROWS_PER_PROG, (p+1)*ROWS_PER_PROG) of hidden
     block j, recomputing sigmoid(x1); with a bias it also writes the fp32 column sums of dx1 and dx2 over
-    its rows into PART[p, :] (the bias-gradient partials, reduced later by `sum_rows`)."""
+    its rows into PART[p, :] (the bias-gradient partials, reduced later by `sum_rows`). With dropout, dout is
+    masked and scaled by the forward's mask, redrawn here."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
     if HAS_BIAS:
         b1 = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
         b2 = tl.load(BIAS + H + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     acc1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for start in range(0, ROWS_PER_PROG, BLOCK_M):
@@ -97,6 +126,9 @@ def swiglu_bwd_kernel(
             x1 += b1[None, :]
             x2 += b2[None, :]
         dout = tl.load(DOUT + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, SITE, rows, tl.program_id(1) * BLOCK_H, H, drop_p, BLOCK_H)
+            dout = tl.where(keep, dout * drop_scale, 0.0)
         s = tl.sigmoid(x1)
         dx1 = dout * x2 * s * (1.0 + x1 * (1.0 - s))
         dx2 = dout * x1 * s
@@ -110,7 +142,7 @@ def swiglu_bwd_kernel(
         tl.store(PART + pid * 2 * H + H + cols, acc2, mask=cmask)
 
 
-def _check_inputs(x12: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def _check_inputs(x12: torch.Tensor, bias: torch.Tensor | None = None, dropout: Dropout | None = None) -> None:
     """x12 must be (..., 2h) with a supported float dtype; a bias must be a contiguous (2h,) vector."""
     if x12.dim() < 1 or x12.shape[-1] % 2 != 0:
         raise ValueError(f"x12 must have an even last dim (x1 | x2 halves), got shape {tuple(x12.shape)}")
@@ -120,13 +152,25 @@ def _check_inputs(x12: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         check_dtype("bias", bias)
         check_contiguous("bias", bias)
         check_same_device(x12=x12, bias=bias)
+    if dropout is not None:
+        check_dropout(dropout, x12.device)
+
+
+def _dropout_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
+    """Kernel arguments of the dropout (or of none: `standin` for the seed pointer, HAS_DROPOUT off)."""
+    if dropout is None:
+        return dict(SEED=standin, SITE=0, drop_p=0.0, drop_scale=1.0, HAS_DROPOUT=False)
+    return dict(SEED=dropout.seed, SITE=dropout.site, drop_p=dropout.p, drop_scale=dropout.scale, HAS_DROPOUT=True)
 
 
 def swiglu_fwd(
-    x12: torch.Tensor, bias: torch.Tensor | None = None, config: triton.Config | None = None
+    x12: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+    dropout: Dropout | None = None,
 ) -> torch.Tensor:
-    """Triton launch: silu(x1 + b1) * (x2 + b2), shape (..., h), in x12's dtype (bias optional)."""
-    _check_inputs(x12, bias)
+    """Triton launch: drop(silu(x1 + b1) * (x2 + b2)), shape (..., h), in x12's dtype (bias, dropout optional)."""
+    _check_inputs(x12, bias, dropout)
     check_contiguous("x12", x12)
     h = x12.shape[-1] // 2
     m = x12.numel() // max(2 * h, 1)
@@ -137,15 +181,20 @@ def swiglu_fwd(
     grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
         swiglu_fwd_kernel[grid](x12, x12 if bias is None else bias, out, m, h, HAS_BIAS=bias is not None,
-                                **launch_options(cfg))
+                                **_dropout_args(dropout, x12), **launch_options(cfg))
     return out
 
 
 def swiglu_bwd(
-    x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor, config: triton.Config | None = None
+    x12: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    config: triton.Config | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton backward launch: (dx12 (..., 2h), dbias (2h,) in the bias dtype or None) from dout (..., h)."""
-    _check_inputs(x12, bias)
+    """Triton backward launch: (dx12 (..., 2h), dbias (2h,) in the bias dtype or None) from dout (..., h);
+    `dropout` is the forward's (its mask is redrawn)."""
+    _check_inputs(x12, bias, dropout)
     check_contiguous("x12", x12)
     check_contiguous("dout", dout)
     h = x12.shape[-1] // 2
@@ -164,7 +213,7 @@ def swiglu_bwd(
     with device_guard(x12):
         swiglu_bwd_kernel[grid](
             x12, x12 if bias is None else bias, dout, dx12, dx12 if partials is None else partials, m, h,
-            HAS_BIAS=bias is not None, **launch_options(cfg),
+            HAS_BIAS=bias is not None, **_dropout_args(dropout, x12), **launch_options(cfg),
         )
     if dbias is not None:
         sum_rows(partials, [dbias], num_p, 0, 2 * h)
@@ -191,49 +240,72 @@ def bwd_workspace(x12_shape: Sequence[int], has_bias: bool, config: triton.Confi
 # (`triton_on_cpu`), else the eager reference.
 
 
+def _dropout(seed: torch.Tensor | None, site: int, p: float) -> Dropout | None:
+    """The custom ops' dropout arguments as a `Dropout` (None: no seed, or p = 0)."""
+    return None if seed is None or p == 0 else Dropout(p, seed, site)
+
+
 @torch.library.custom_op("jit_fast::swiglu", mutates_args=())
-def _swiglu_op(x12: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _swiglu_op(
+    x12: torch.Tensor,
+    bias: torch.Tensor | None,
+    dropout_seed: torch.Tensor | None = None,
+    dropout_site: int = 0,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     if triton_on_cpu():
-        return _swiglu_launch(x12, bias)
-    return reference.swiglu(x12, bias)
+        return _swiglu_launch(x12, bias, dropout_seed, dropout_site, dropout_p)
+    return reference.swiglu(x12, bias, _dropout(dropout_seed, dropout_site, dropout_p))
 
 
-def _swiglu_launch(x12, bias):
+def _swiglu_launch(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The op through the Triton launch helper (its CUDA kernel)."""
-    return swiglu_fwd(x12.contiguous(), bias)
+    return swiglu_fwd(x12.contiguous(), bias, dropout=_dropout(dropout_seed, dropout_site, dropout_p))
 
 
 @_swiglu_op.register_fake
-def _swiglu_fake(x12, bias):
+def _swiglu_fake(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     return x12.new_empty(x12.shape[:-1] + (x12.shape[-1] // 2,))
 
 
 @torch.library.custom_op("jit_fast::swiglu_bwd", mutates_args=())
-def _bwd_op(x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor) -> list[torch.Tensor]:
+def _bwd_op(
+    x12: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    dropout_seed: torch.Tensor | None = None,
+    dropout_site: int = 0,
+    dropout_p: float = 0.0,
+) -> list[torch.Tensor]:
     if triton_on_cpu():
-        return _bwd_launch(x12, bias, dout)
-    return [g for g in reference.swiglu_bwd(x12, bias, dout) if g is not None]
+        return _bwd_launch(x12, bias, dout, dropout_seed, dropout_site, dropout_p)
+    grads = reference.swiglu_bwd(x12, bias, dout, _dropout(dropout_seed, dropout_site, dropout_p))
+    return [g for g in grads if g is not None]
 
 
-def _bwd_launch(x12, bias, dout):
+def _bwd_launch(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
-    return [g for g in swiglu_bwd(x12.contiguous(), bias, dout.contiguous()) if g is not None]
+    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
+    grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=dropout)
+    return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(x12, bias, dout):
+def _bwd_fake(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     return [torch.empty_like(x12)] + ([] if bias is None else [torch.empty_like(bias)])
 
 
 def _setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    x12, bias, seed, site, p = inputs
+    ctx.save_for_backward(x12, bias, seed)  # the seed saved: an in-place update before backward is an error
+    ctx.site, ctx.p = site, p
 
 
 def _backward(ctx, dout):
     """Autograd backward: (dx12, dbias) from the backward op."""
-    x12, bias = ctx.saved_tensors
-    grads = torch.ops.jit_fast.swiglu_bwd(x12, bias, dout.contiguous())
-    return grads[0], (grads[1] if bias is not None else None)
+    x12, bias, seed = ctx.saved_tensors
+    grads = torch.ops.jit_fast.swiglu_bwd(x12, bias, dout.contiguous(), seed, ctx.site, ctx.p)
+    return grads[0], (grads[1] if bias is not None else None), None, None, None
 
 
 _swiglu_op.register_kernel("cuda", _swiglu_launch)
@@ -241,13 +313,17 @@ _bwd_op.register_kernel("cuda", _bwd_launch)
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None, dropout: Dropout | None = None) -> torch.Tensor:
     """Fused op (contract of reference.swiglu): validates, then dispatches the custom op."""
-    _check_inputs(x12, bias)
-    return torch.ops.jit_fast.swiglu(x12, bias)
+    _check_inputs(x12, bias, dropout)
+    if dropout is None:
+        return torch.ops.jit_fast.swiglu(x12, bias)
+    return torch.ops.jit_fast.swiglu(x12, bias, dropout.seed, dropout.site, dropout.p)
 
 
-def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The w12 GEMM without its bias, then SwiGLU with the bias folded in: its gradient comes out of the
-    SwiGLU backward, which writes dx12 anyway, instead of a separate pass over dx12."""
-    return swiglu(F.linear(x, weight), bias)
+def linear_swiglu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropout: Dropout | None = None
+) -> torch.Tensor:
+    """The w12 GEMM without its bias, then SwiGLU with the bias folded in (and the MLP's dropout): the bias gradient
+    comes out of the SwiGLU backward, which writes dx12 anyway, instead of a separate pass over dx12."""
+    return swiglu(F.linear(x, weight), bias, dropout)

@@ -67,11 +67,13 @@ def record(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 def run_model(preset: str, regime: str, bias: bool) -> None:
     """One forward (and backward) of a 4-block `preset` on fake tensors through the CUDA kernels: block 0 without
-    a pending residual, dropout blocks 1-2 (proj bias stays in its GEMM), in-context tokens at block 2, the final
-    layer; `bias=False` removes the qkv, proj and w12 biases (the fused ops then run without folded biases)."""
+    a pending residual, dropout blocks 1-2 (fused dropout in training, in norm2's residual op and SwiGLU), in-context
+    tokens at block 2, the final layer; `bias=False` removes the qkv, proj and w12 biases (the fused ops then run
+    without folded biases). Training regimes run in train mode, the sampling regime in eval mode (no dropout)."""
     amp, param_dtype, backward = REGIMES[regime]
     with FakeTensorMode():
-        net = jit_fast.build_model(preset, kernels="triton", depth=4, in_context_start=2, proj_drop=0.2).train()
+        net = jit_fast.build_model(preset, kernels="triton", depth=4, in_context_start=2, proj_drop=0.2)
+        net.train(backward)
         if not bias:
             for block in net.blocks:
                 block.attn.qkv.bias = block.attn.proj.bias = block.mlp.w12.bias = None
