@@ -58,7 +58,7 @@ from jit_fast.resume import (
     resolve_resume,
     restore,
 )
-from jit_fast.seeds import mix_seed
+from jit_fast.seeds import dropout_seed, mix_seed
 from jit_fast.train_cli import ConfigError, parse_config
 from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
 
@@ -325,7 +325,8 @@ class Trainer:
         """Loss of micro-batch `m` of this step and its backward (gradients sync on the last one)."""
         cfg, n_micro = self.cfg, self.cfg.grad_accum
         if self.has_dropout:
-            torch.manual_seed(mix_seed(cfg.seed, self.step, self.env.rank, m, _TAG_DROPOUT))
+            torch.manual_seed(mix_seed(cfg.seed, self.step, self.env.rank, m, _TAG_DROPOUT))  # torch path
+            self.state.net.set_dropout_seed(dropout_seed(cfg.seed, self.step, self.env.rank, m))  # fused path
         D.set_gradient_sync(self.state.net, m == n_micro - 1)
         with self._autocast():
             loss = flow_matching_loss(
@@ -347,14 +348,8 @@ class Trainer:
         vals = torch.stack([mt.loss / mt.steps, mt.grad_norm / mt.steps, self.state.weights_exploded()])
         loss, gnorm, exploded = D.all_reduce_mean(self.env, vals).tolist()
         now = time.perf_counter()
-        if not (math.isfinite(loss) and math.isfinite(gnorm)) or exploded > 0:
-            good = self.ckpt.last_saved or (self.resume.path if self.resume else None)
-            what = f"loss {loss} / grad norm {gnorm} is not finite" if not (math.isfinite(loss) and math.isfinite(
-                gnorm)) else f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} in a parameter or EMA; loss {loss:.4g})"
-            raise TrainingDiverged(
-                f"{what} (steps {mt.step0 + 1}-{self.step}); "
-                f"stopping without saving. Last good checkpoint: {good or 'none'}"
-            )
+        check_not_diverged(loss, gnorm, exploded > 0, (mt.step0 + 1, self.step),
+                           self.ckpt.last_saved or (self.resume.path if self.resume else None))
         img_s = (self.step - mt.step0) * self.global_batch / max(now - mt.t0, 1e-9)
         peak = peak_flops(self.device, self.precision, self.cfg.peak_tflops)
         mfu = img_s * self.flops_per_image / (peak * self.env.world_size) if peak else None
@@ -501,6 +496,17 @@ class Trainer:
         full = self.total_steps == self.cfg.epochs * self.steps_per_epoch
         code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
+
+
+def check_not_diverged(loss: float, gnorm: float, exploded: bool, steps: tuple[int, int],
+                       good: Path | None) -> None:
+    """Raise TrainingDiverged (naming the steps and the last good checkpoint) on NaN/Inf or exploded weights."""
+    if math.isfinite(loss) and math.isfinite(gnorm) and not exploded:
+        return
+    what = f"loss {loss} / grad norm {gnorm} is not finite" if not (math.isfinite(loss) and math.isfinite(
+        gnorm)) else f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} in a parameter or EMA; loss {loss:.4g})"
+    raise TrainingDiverged(f"{what} (steps {steps[0]}-{steps[1]}); stopping without saving. "
+                           f"Last good checkpoint: {good or 'none'}")
 
 
 def threading_is_main() -> bool:
