@@ -160,9 +160,10 @@ def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: i
     def call(table, leaves, out):
         if not residual:
             return (table.rmsnorm_modulate(leaves["x"], leaves["weight"], leaves["shift"], leaves["scale"], EPS, out),)
-        return table.residual_rmsnorm_modulate(
-            leaves["x"], leaves["branch"], leaves["gate"], leaves["weight"], leaves["shift"], leaves["scale"], EPS,
-            out, leaves.get("branch_bias"), dropout)
+        args = (leaves["x"], leaves["branch"], leaves["gate"], leaves["weight"], leaves["shift"], leaves["scale"], EPS,
+                out, leaves.get("branch_bias"))
+        return table.residual_rmsnorm_modulate(*args) if dropout is None else table.residual_rmsnorm_modulate(
+            *args, dropout)
 
     names = ("x_out", "y") if residual else ("y",)
     return (t, tuple(t), names, up, lambda leaves: call(ops, leaves, out_dtype),
@@ -210,7 +211,8 @@ def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h:
     t = {k: v.to(device) for k, v in t.items()}
 
     def call(table, leaves):
-        return (table.swiglu(leaves["x12"], leaves.get("bias"), dropout),)
+        args = (leaves["x12"], leaves.get("bias"))
+        return (table.swiglu(*args) if dropout is None else table.swiglu(*args, dropout),)
 
     return t, tuple(t), ("h",), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
 
@@ -388,7 +390,7 @@ def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: 
 
     net = _perturbed_model("triton", device, sizes.model).train()
     idx = min(net.cfg.in_context_start + 1, net.cfg.depth - 1)
-    (x, c, rope, pending, out_dtype), _ = _block_inputs(net, idx, sizes.block_batch, device)
+    (x, c, rope, pending, out_dtype, *_), _ = _block_inputs(net, idx, sizes.block_batch, device)
     if pending is None:
         raise ValueError(f"block {idx} gets no pending residual: use a model with depth > in_context_start + 1")
     leaves = {"x": x, "c": c, "branch": pending[0], "gate": pending[1]}
