@@ -220,14 +220,14 @@ class MemoryPlan:
             f"{self.precision}, kernels={self.kernels}, {fsdp}",
             f"  {self.params.total / 1e6:.1f}M parameters ({self.params.trainable / 1e6:.1f}M trainable)",
         ]
-        lines += [f"  {name:<22}{_gib(b):>10}  {how}" for name, how, b in self.fixed]
+        lines += [f"  {name:<26}{_gib(b):>10}  {how}" for name, how, b in self.fixed]
         for ac in (False, True):
             mark, how = ("*" if ac == self.checkpointing else " "), ("checkpointed" if ac else "all saved")
-            lines.append(f"{mark} {'activations, ' + how:<22}{_gib(self.activations[ac]):>10}  saved for backward, "
+            lines.append(f"{mark} {'activations, ' + how:<26}{_gib(self.activations[ac]):>10}  saved for backward, "
                          f"{self.per_sample[ac] / GIB:.3f} GiB per sample")
         for ac in (False, True):
             mark, how = ("*" if ac == self.checkpointing else " "), ("checkpointed" if ac else "all saved")
-            lines.append(f"{mark} {'peak, ' + how:<22}{_gib(self.peak(ac)):>10}")
+            lines.append(f"{mark} {'peak, ' + how:<26}{_gib(self.peak(ac)):>10}")
         if budget is not None:
             fits = [f"{self.largest_batch(budget, ac)} ({'with' if ac else 'without'} checkpointing)"
                     for ac in (False, True)]

@@ -118,3 +118,28 @@ def test_cli_rejects_bad_flags(capsys):
     assert e.value.code == 2 and "--batch: must be an integer >= 1" in capsys.readouterr().err
     assert mp.main(["--model", "JiT-T/4", "--img-size", "30"]) == 2
     assert "img_size 30 is not a multiple of patch_size 4" in capsys.readouterr().err
+
+
+def test_imagenette_preset_is_the_small_data_recipe():
+    from jit_fast.train import parse_config, validate_config
+
+    cfg, _ = parse_config(["--preset", "imagenette"])
+    validate_config(cfg)
+    assert (cfg.model, cfg.img_size, cfg.num_classes, cfg.precision) == ("JiT-B/16", 256, 10, "auto")
+    assert cfg.data_path == "data/imagenette" and cfg.batch_size * cfg.grad_accum == 128
+    cfg, _ = parse_config(["--preset", "imagenette", "--data-path", "/elsewhere", "--batch-size", "8"])
+    assert cfg.data_path == "/elsewhere" and cfg.batch_size == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_imagenette_preset_fits_a_t4(kernels):
+    """The preset's batch fits a T4's 15 GiB (modeled) in fp16 without checkpointing, with the fused kernels and with
+    the torch ops the model falls back to; the plan is what the trainer checks before its first step."""
+    from jit_fast.configs import RUN_PRESETS, TrainConfig
+
+    cfg = TrainConfig(**{**RUN_PRESETS["imagenette"], "kernels": kernels})
+    p = mp.plan_training(cfg, "fp16", world_size=1, num_classes=10)
+    assert p.batch == 32 and not p.checkpointing
+    mp.check_fits(p, 15 * GIB)
+    assert p.largest_batch(15 * GIB) > p.batch
