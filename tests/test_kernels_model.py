@@ -95,6 +95,7 @@ def test_model_through_triton_kernels(autocast):
     compare(net, *batch(), autocast)
 
 
+@pytest.mark.slow
 def test_model_fp16_through_triton_kernels():
     """fp16 autocast, every block op through the Triton kernels: the output and the parameter gradients concatenated
     meet the rule. Per parameter, a whole-model gradient's error (propagated through several layers) over the eager
