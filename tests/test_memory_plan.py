@@ -76,6 +76,34 @@ def test_activations_are_affine_in_the_batch_and_largest_batch_fits(tiny_plan):
     assert p.largest_batch(p.fixed_bytes) == 0
 
 
+def test_really_checkpointed_run_saves_the_outside_term_and_the_streams(tiny_plan):
+    """With the blocks really checkpointed (`distributed.checkpoint_block_forward`, torch's non-reentrant checkpoint)
+    autograd saves exactly the plan's outside-the-blocks term plus each block's residual-stream input, which
+    torch's checkpoint saves (by hand: fp32 (B, N, D) with N = 64 patches for block 0, 64 + 4 in-context tokens for
+    blocks 1 and 2); the plan's held inputs also count what the checkpoints keep by reference (c is saved outside)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from jit_fast.denoiser import flow_matching_loss
+    from jit_fast.distributed import checkpoint_block_forward
+    from jit_fast.model import JiT
+    from jit_fast.saved_bytes import SavedBytes, count_saved
+
+    cfg = jit_fast.configs.model_config("JiT-T/4", img_size=32, num_classes=10, kernels="triton", **TINY)
+    b, d = tiny_plan.batch, cfg.hidden_size
+    with FakeTensorMode(), mp.flash_like_attention():
+        net = JiT(cfg).train()
+        for block in net.blocks:
+            checkpoint_block_forward(block)
+        saved = SavedBytes([*net.parameters(), *net.buffers()])
+        with count_saved(saved), torch.autocast("cpu", dtype=torch.float16):
+            flow_matching_loss(net, torch.randn(b, 3, 32, 32), torch.randint(0, 10, (b,)), t=torch.rand(b),
+                               num_classes=10)
+    count = mp.count_activations(cfg, b, torch.float16)
+    streams = 4 * b * d * (64 + 2 * (64 + 4))
+    assert saved.activation_bytes == count.outside_blocks + streams
+    assert streams < count.block_inputs
+
+
 def test_check_fits_says_what_to_change(tiny_plan):
     p = tiny_plan
     mp.check_fits(p, p.peak())
