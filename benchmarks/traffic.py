@@ -21,7 +21,7 @@ Conventions (the modeled GPU execution):
   (linear, conv, matmul and SDPA run in bf16; elementwise ops keep their input dtypes).
 - Saved-for-backward bytes come from `saved_tensors_hooks`, deduplicated by storage, split into
   activations and weights (parameters, buffers and anything computed from them alone, such as
-  autocast's bf16 weight copies).
+  autocast's bf16 weight copies): `jit_fast.saved_bytes.SavedBytes`, which the memory plan shares.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, c
 from benchmarks.flash_standin import BENCH_NAMESPACE, flash_attention_standin
 from benchmarks.flops import attention_flops, gemm_flops
 from jit_fast.configs import model_config
+from jit_fast.saved_bytes import OVERWRITE_OPS, SavedBytes
 
 if TYPE_CHECKING:
     from kernels._common import Workspace
@@ -55,7 +56,6 @@ FREE_OPS = frozenset({
     "new_empty", "new_empty_strided", "permute", "select", "slice", "split", "split_with_sizes", "squeeze",
     "t", "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "_reshape_alias", "set_",
 })
-OVERWRITE_OPS = frozenset({"copy_", "fill_", "zero_", "bernoulli_", "normal_", "uniform_", "random_", "exponential_"})
 GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
 FUSED_NAMESPACE = "jit_fast"
 
@@ -72,10 +72,6 @@ def footprint(t: torch.Tensor) -> int:
         if stride != 0:
             n *= size
     return n * t.element_size()
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
 
 
 @dataclass
@@ -220,9 +216,7 @@ class TrafficCounter(TorchDispatchMode):
         self.records: list[OpRecord] = []
         self.phase = "fwd"
         self.regions: list[str] = []
-        self.constant_storages = {_storage_key(t) for t in constants}
-        self.saved_activations: dict[int, int] = {}
-        self.saved_weights: dict[int, int] = {}
+        self.saved = SavedBytes(constants)
 
     @property
     def region(self) -> str:
@@ -246,7 +240,8 @@ class TrafficCounter(TorchDispatchMode):
         if name in OVERWRITE_OPS:
             skip = {id(t) for t in written}
             ins = [t for t in ins if id(t) not in skip]
-        self._track_constants(ins, outs)
+        if self.phase == "fwd":
+            self.saved.observe(func, ins, outs)
         record = OpRecord(
             phase=self.phase,
             region=self.region,
@@ -279,17 +274,9 @@ class TrafficCounter(TorchDispatchMode):
             fwd = attention_flops(args[1], args[2], heads_dim=2)
             record.flops, record.model_flops = fwd * 5 // 2, 2 * fwd
 
-    def _track_constants(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-        """Outputs computed from constants (weights, buffers) alone are constants too (e.g. bf16 weight casts)."""
-        if self.phase == "fwd" and ins and all(_storage_key(t) in self.constant_storages for t in ins):
-            self.constant_storages.update(_storage_key(t) for t in outs)
-
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """saved_tensors_hooks pack hook: remember the storage's bytes once, as activation or weight."""
-        key = _storage_key(t)
-        bucket = self.saved_weights if key in self.constant_storages else self.saved_activations
-        bucket[key] = t.untyped_storage().nbytes()
-        return t
+        """saved_tensors_hooks pack hook (`SavedBytes.pack`)."""
+        return self.saved.pack(t)
 
     @contextlib.contextmanager
     def in_region(self, name: str) -> Iterator[None]:
@@ -441,8 +428,8 @@ def _finish(counter: TrafficCounter, meta: dict) -> Count:
     return Count(
         meta=meta,
         records=counter.records,
-        saved_activation_bytes=sum(counter.saved_activations.values()),
-        saved_weight_bytes=sum(counter.saved_weights.values()),
+        saved_activation_bytes=counter.saved.activation_bytes,
+        saved_weight_bytes=counter.saved.weight_bytes,
     )
 
 

@@ -216,7 +216,7 @@ class TrainConfig:
     attn_dropout: float = -1.0
     proj_dropout: float = -1.0
     kernels: str = "torch"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on sm_80+ GPUs, fp16 on older ones (no bf16), fp32 on CPU
     device: str = "auto"
     seed: int = 0
     num_workers: int = 4
@@ -285,6 +285,26 @@ RUN_PRESETS: dict[str, dict] = {
         cfg=2.0,
         interval_min=0.0,
         interval_max=1.0,
+    ),
+    # One consumer GPU (16 GB, e.g. a free-tier T4): JiT-B/16 at 256 px on ImageNette (10 ImageNet classes, 9469
+    # training images), fetched and pre-cropped by `python -m jit_fast.data.prepare --imagenette data/imagenette`.
+    # Precision auto (fp16 on GPUs without bf16), the fused kernels where the GPU runs them (the torch ops
+    # elsewhere). Batch 32 per step is sized by `jit_fast.memory_plan` for a T4's 15 GiB without activation
+    # checkpointing: modeled peak 7.7 GiB with the fused kernels, 10.5 GiB with the torch ops (reserve included);
+    # 4 accumulation steps make a global batch of 128 (lr = blr x 128 / 256). auto_resume: a new session continues.
+    "imagenette": dict(
+        model="JiT-B/16",
+        img_size=256,
+        num_classes=10,
+        data_path="data/imagenette",
+        output_dir="output/imagenette",
+        auto_resume=True,
+        kernels="triton",
+        precision="auto",
+        batch_size=32,
+        grad_accum=4,
+        activation_checkpointing=False,
+        epochs=300,
     ),
 }
 

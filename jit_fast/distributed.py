@@ -71,9 +71,14 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """(name, autocast dtype or None for fp32) of a --precision choice: auto = bf16 on CUDA, fp32 elsewhere."""
-    name = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-    return name, PRECISIONS[name]
+    """(name, autocast dtype or None for fp32) of a --precision choice: auto = bf16 on CUDA GPUs that have it
+    (sm_80+), fp16 on older ones (T4, V100: bf16 there is emulated), fp32 elsewhere."""
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return precision, PRECISIONS[precision]
 
 
 def init_distributed(device: str = "auto", force_group: bool = False, timeout_s: float = 1800.0) -> DistEnv:

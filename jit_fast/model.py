@@ -20,6 +20,8 @@ backend's own (`dropout_p`) on both paths.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from jit_fast.attention import attention
 from jit_fast.configs import ModelConfig, model_config
 from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
-from kernels import get_ops
+from kernels import device_support, get_ops
 from kernels.dropout import Dropout
 from kernels.reference import gated_residual
 
@@ -245,6 +247,7 @@ class JiT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.ops = get_ops(cfg.kernels)
+        self.kernels_checked = cfg.kernels != "triton"
         d, n = cfg.hidden_size, cfg.grid_size**2
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d)
@@ -336,6 +339,17 @@ class JiT(nn.Module):
         info = torch.iinfo(torch.int64)
         return torch.randint(info.min, info.max, (1,), device=self.dropout_seed.device, dtype=torch.int64)
 
+    @torch.compiler.disable
+    def check_kernels(self, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        """First CUDA forward with kernels="triton": on a GPU the fused kernels do not support (in this precision),
+        switch every module to the torch ops, saying why in one line."""
+        self.kernels_checked = True
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+        ok, reason = device_support(torch.cuda.get_device_capability(device), precision)
+        if not ok:
+            warnings.warn(f"kernels=triton falls back to the torch ops: {reason}", stacklevel=3)
+            vars(self.ops).update(vars(get_ops("torch")))
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
         p, c, g = self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid_size
@@ -349,6 +363,8 @@ class JiT(nn.Module):
                 f"expected images (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}"
             )
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if not self.kernels_checked and x.is_cuda:
+            self.check_kernels(x.device, out_dtype)
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
         c_blocks = F.silu(c) if self.c_activated else c  # SiLU(c) once for every adaLN on the fused path

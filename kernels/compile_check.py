@@ -1,19 +1,22 @@
-"""Ahead-of-time compile of every fused kernel signature the launch helpers select x every config, for sm_90a and sm_80.
+"""Ahead-of-time compile of every fused kernel signature the launch helpers select x every config, for every target.
 
-    python -m kernels.compile_check [--arch 90 80] [--kernel NAME] [--dtype-class NAME] [--sample]
+    python -m kernels.compile_check [--arch 90 80 89 86 75] [--kernel NAME] [--dtype-class NAME] [--sample]
 
-Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 autocast over fp32 parameters;
-FSDP2 bf16 block parameters; fp16 autocast sampling, forward only) x every bias and dropout variant (dropout:
-training classes only) x every size class
+Targets (`TARGETS`): sm_90a (H100), sm_80 (A100), sm_89 (RTX 40, L4), sm_86 (RTX 30, A10), sm_75 (T4, RTX 20),
+each with the precisions it runs (sm_75 has no bf16: fp32 and fp16 only). Older GPUs are no target
+(`UNSUPPORTED`): `kernels.device_support` makes the model run the torch ops there.
+Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 or fp16 autocast over fp32 parameters;
+FSDP2 bf16 or fp16 block parameters) x every bias and dropout variant (dropout: training classes only) x every
+size class
 of the JiT widths, head dims and head counts, as the tables below (`*_specs`) derive them from each op's launch
 helper. Jobs that compile to the same binary (same kernel, argument types, divisibility hints, constexprs
-and options, e.g. D=768 and D=1024) are compiled once; the summary counts them per signature class.
+and options, e.g. D=768 and D=1024) are compiled once per target; the summary counts them per signature class.
 
 Each job goes through `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` (Triton's
 own pipeline down to cubin with the bundled ptxas), then the PTX is re-assembled with `ptxas -v` to
 read registers per thread and spill bytes (a loaded kernel would report the same as `n_regs` /
 `n_spills`, which need a device). Shared memory comes from the compiled metadata. The table also
-lists an occupancy estimate and checks that every fp32 -> bf16 conversion rounds to nearest
+lists an occupancy estimate and checks that every fp32 -> bf16 / fp16 conversion rounds to nearest
 (`cvt.rn`). Exit status is 1 on any compile error, spill, shared-memory overflow or non-rn conversion.
 Must run compiled, not interpreted: with TRITON_INTERPRET set, the process re-executes itself without it.
 """
@@ -33,17 +36,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import triton
 
-# Per-SM limits (CUDA occupancy calculator data for compute capability 8.0 and 9.0).
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Compile targets (compute capability as Triton's GPUTarget takes it) and the precisions each GPU runs.
+TARGETS: dict[int, tuple[str, ...]] = {90: PRECISIONS, 80: PRECISIONS, 89: PRECISIONS, 86: PRECISIONS,
+                                       75: ("fp32", "fp16")}
+# Why GPUs older than the oldest target get no fused kernels (the model falls back to the torch ops there).
+UNSUPPORTED = "the fused kernels are built and checked for sm_75 and newer (PyTorch's CUDA 13 wheels start there too)"
+# Per-SM limits (CUDA occupancy calculator data for compute capability 7.5, 8.0, 8.6, 8.9 and 9.0); smem_reserved
+# is the shared memory the driver reserves per block (none before Ampere).
 SM_LIMITS = {
-    80: {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 167936, "smem_block": 166912},
-    90: {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 233472, "smem_block": 232448},
+    75: {"regs": 65536, "warps": 32, "blocks": 16, "smem_sm": 65536, "smem_block": 65536, "smem_reserved": 0},
+    80: {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 167936, "smem_block": 166912, "smem_reserved": 1024},
+    86: {"regs": 65536, "warps": 48, "blocks": 16, "smem_sm": 102400, "smem_block": 101376, "smem_reserved": 1024},
+    89: {"regs": 65536, "warps": 48, "blocks": 24, "smem_sm": 102400, "smem_block": 101376, "smem_reserved": 1024},
+    90: {"regs": 65536, "warps": 64, "blocks": 32, "smem_sm": 233472, "smem_block": 232448, "smem_reserved": 1024},
 }
 REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
-SMEM_RESERVED = 1024  # per-block shared memory the driver reserves
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_CVT_BF16 = re.compile(r"cvt\.(r\w+)\.bf16(?:x2)?\.f32")
+_CVT_NARROW = re.compile(r"cvt\.(r\w+)\.(?:bf16|f16)(?:x2)?\.f32")
 
 # Integer arguments that scale with the batch or the token count (any value at run time), and the dropout site id
 # (one per block, `do_not_specialize`): their divisibility is not part of a signature class. Widths, head dims,
@@ -88,7 +100,7 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> float:
     per_warp = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
     blocks = min(lim["blocks"], lim["warps"] // num_warps, (lim["regs"] // per_warp) // num_warps)
     if shared > 0:
-        blocks = min(blocks, lim["smem_sm"] // (shared + SMEM_RESERVED))
+        blocks = min(blocks, lim["smem_sm"] // (shared + lim["smem_reserved"]))
     return blocks * num_warps / lim["warps"]
 
 
@@ -129,16 +141,23 @@ class DtypeClass:
     root_param: str
     backward: bool = True
 
+    @property
+    def precision(self) -> str:
+        """The run's precision (`TARGETS` lists which ones a GPU runs): its autocast dtype."""
+        return self.act
 
-# Every way the model runs the kernels: fp32; bf16 autocast over fp32 parameters; FSDP2's bf16-gathered block
-# parameters under bf16 autocast (stream and root stay fp32, `distributed.prepare_model`); fp16 autocast
-# sampling (`generate --precision fp16`: forward only).
+
+# Every way the model runs the kernels: fp32; bf16 or fp16 autocast over fp32 parameters (training and sampling);
+# FSDP2's bf16- or fp16-gathered block parameters under autocast of the same dtype (stream and root stay fp32,
+# `distributed.prepare_model`).
 DTYPE_CLASSES = (
     DtypeClass("fp32", "fp32", "fp32", "fp32", "fp32"),
     DtypeClass("bf16-act+fp32-param", "fp32", "bf16", "fp32", "fp32"),
     DtypeClass("bf16-param", "fp32", "bf16", "bf16", "fp32"),
-    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32", backward=False),
+    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32"),
+    DtypeClass("fp16-param", "fp32", "fp16", "fp16", "fp32"),
 )
+CLASS_PRECISION = {c.name: c.precision for c in DTYPE_CLASSES}
 
 
 def _sum_ints(c: int, stride_g: int, stride_r: int, stride_j: int) -> dict[str, int]:
@@ -494,7 +513,7 @@ def compile_one(spec, arch: int, group: list | None = None) -> Result:
         res.regs, res.spill_stores, res.spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
         res.shared = compiled.metadata.shared
         res.occupancy = occupancy(arch, res.regs, cfg.num_warps, res.shared)
-        modes = set(_CVT_BF16.findall(compiled.asm["ptx"]))
+        modes = set(_CVT_NARROW.findall(compiled.asm["ptx"]))
         res.cvt = "-" if not modes else ("rn" if modes == {"rn"} else ",".join(sorted(modes)))
         if res.shared > SM_LIMITS[arch]["smem_block"]:
             res.error = f"shared memory {res.shared} B exceeds the per-block limit"
@@ -548,6 +567,29 @@ def class_summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def target_summary(results: list[Result]) -> str:
+    """Compiles per target with their precisions, failures, spills, registers and worst occupancy estimate."""
+    head = ("target", "precisions", "compiles", "ok", "failed", "max regs", "spilled B", "max smem B", "min occupancy")
+    rows = [head]
+    for arch in dict.fromkeys(r.arch for r in results):
+        rs = [r for r in results if r.arch == arch]
+        precisions = dict.fromkeys(CLASS_PRECISION[c] for r in rs for c in r.classes)
+        rows.append((
+            arch, ",".join(precisions), str(len(rs)), str(sum(r.ok for r in rs)), str(sum(not r.ok for r in rs)),
+            str(max(r.regs for r in rs)), str(sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in rs)),
+            str(max(r.shared for r in rs)), f"{min(r.occupancy for r in rs):.0%}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines) + f"\nno target: {UNSUPPORTED}"
+
+
+def on_target(group: list, arch: int) -> list:
+    """The specs of a binary's group whose precision target `arch` runs (none: not compiled for it)."""
+    return [s for s in group if CLASS_PRECISION[s.dtype_class] in TARGETS[arch]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile everything, print the table and a summary; return the exit status."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -555,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "kernels.compile_check", *args_list], env=env).returncode
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
+    parser.add_argument("--arch", type=int, nargs="+", default=list(TARGETS), choices=sorted(TARGETS))
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this string")
     parser.add_argument("--dtype-class", nargs="+", default=None, help="only these dtype classes")
     parser.add_argument("--sample", action="store_true",
@@ -565,12 +607,15 @@ def main(argv: list[str] | None = None) -> int:
     groups = unique_jobs(specs)
     if args.sample:
         groups = sample_jobs(groups)
-    results = [compile_one(group[0], arch, group) for group in groups for arch in args.arch]
+    jobs = [(sub, arch) for arch in args.arch for group in groups if (sub := on_target(group, arch))]
+    results = [compile_one(sub[0], arch, sub) for sub, arch in jobs]
     print(format_table(results))
     print("\nsignature classes\n" + class_summary(results))
+    if results:
+        print("\ntargets\n" + target_summary(results))
     bad = [r for r in results if not r.ok]
     what = "binaries sampled (one per kernel and class)" if args.sample else "distinct binaries"
-    print(f"\n{len(specs)} launch signatures x configs, {len(groups)} {what} x {len(args.arch)} arch")
+    print(f"\n{len(specs)} launch signatures x configs, {len(groups)} {what} on {len(args.arch)} targets")
     print(f"{len(results)} compiles, {len(results) - len(bad)} ok, {len(bad)} failed "
           f"(max regs {max((r.regs for r in results), default=0)}, "
           f"spilled bytes {sum(max(r.spill_stores, 0) + max(r.spill_loads, 0) for r in results)})")

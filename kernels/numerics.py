@@ -1,8 +1,9 @@
 """The acceptance rule of the fused kernels' numerics, shared by the CPU tests and the on-device self check.
 
 A kernel result is compared with a float64 reference: in fp32 runs within 1e-5 (norm-wise and element-wise), in
-bf16 runs within a small multiple of the eager bf16 path's own error against the same reference (a fused bf16
-kernel must be no less accurate than eager bf16). Shipped (not under tests/) because `kernels.selfcheck` uses it.
+bf16 and fp16 runs within a small multiple of the eager path's own error in the same dtypes against the same
+reference (a fused bf16 or fp16 kernel must be no less accurate than eager bf16 or fp16). Shipped (not under tests/)
+because `kernels.selfcheck` uses it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 FP32_RTOL = 1e-5
-BF16_RATIO = 1.25
+AUTOCAST_RATIO = 1.25  # bf16 and fp16 runs
 FP32_ELEMENT_RTOL = 1e-5
-BF16_ELEMENT_RATIO = 2.0
+AUTOCAST_ELEMENT_RATIO = 2.0
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -31,28 +32,31 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def error_bound(eager: torch.Tensor | None, expected: torch.Tensor) -> float:
-    """Acceptance bound for one tensor: 1e-5 in fp32 runs; in bf16 runs 1.25x the eager bf16 path's own
+    """Acceptance bound for one tensor: 1e-5 in fp32 runs; in bf16 and fp16 runs 1.25x the eager path's own
     error against float64, floored at the fp32 bound (fp32-stored results of a bf16 run, e.g. weight
     gradients or the fp32 residual stream, sit near fp32 rounding where a 1.25x ratio is noise)."""
     if eager is None:
         return FP32_RTOL
-    return max(BF16_RATIO * rel_err(eager, expected), FP32_RTOL)
+    return max(AUTOCAST_RATIO * rel_err(eager, expected), FP32_RTOL)
 
 
 def element_bound(eager: torch.Tensor | None, expected: torch.Tensor) -> float:
-    """Element-wise acceptance bound on max |error|: 1e-5 x max |expected| in fp32 runs; in bf16 runs 2x the
-    eager bf16 path's own max |error| against float64, floored at the fp32 bound (as in `error_bound`).
+    """Element-wise acceptance bound on max |error|: 1e-5 x max |expected| in fp32 runs; in bf16 and fp16 runs 2x
+    the eager path's own max |error| against float64, floored at the fp32 bound (as in `error_bound`).
 
     fp32: 1e-5 x max |expected| is ~170 fp32 ulps of the largest element, far above the rounding of any
     summation order a CPU BLAS or GPU may pick at these lengths (measured worst: 0.12 of the bound), yet a
     wrong element is caught even where the norm-wise rule would average it away. bf16: the factor is 2, not
     the norm-wise 1.25, because a maximum over many elements is a noisier statistic than a norm; single
     kernels measure at most 1.32x the eager max |error|, whole-model gradients (tests/test_kernels_model.py,
-    errors propagated through several layers) up to 1.51x."""
+    errors propagated through several layers) up to 1.51x. fp16 keeps both factors: every single-kernel fp16
+    case of the tests (production-scale shapes included) measures at most 1.00x norm-wise and 1.17x element-wise,
+    so the 1.25x the fp16 issue asks holds element-wise for single kernels too; a shared factor keeps one rule for
+    both dtypes (whole-model fp16 gradients: see test_kernels_model.test_model_fp16_through_triton_kernels)."""
     floor = FP32_ELEMENT_RTOL * expected.double().abs().max().item() if expected.numel() else 0.0
     if eager is None:
         return floor
-    return max(BF16_ELEMENT_RATIO * max_abs_err(eager, expected), floor)
+    return max(AUTOCAST_ELEMENT_RATIO * max_abs_err(eager, expected), floor)
 
 
 def assert_within_rule(name: str, actual: torch.Tensor, expected: torch.Tensor, eager: torch.Tensor | None) -> float:

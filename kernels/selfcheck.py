@@ -4,10 +4,11 @@
 
 On CUDA it checks, at production shapes (JiT-B/H/G widths 768/1280/1664, head dims 64/80/104, SwiGLU widths
 2048/3413/4437, batches whose row sums take several loop steps and whose heads span several programs):
-every fused op forward and backward against float64 references computed on the device, in fp32 and in
-bf16-autocast dtypes, with the bounds of the CPU tests (`kernels.numerics.assert_within_rule`: norm-wise
-and element-wise); two backward runs bitwise equal (no atomics: deterministic by construction); a whole
-JiT-B/16 block through `torch.compile(fullgraph=True)` against float64 within the same rule; and CUDA-graph
+every fused op forward and backward against float64 references computed on the device, in fp32 and in the
+bf16- and fp16-autocast dtypes (fp16 only on GPUs without bf16, e.g. the T4), with the bounds of the CPU tests
+(`kernels.numerics.assert_within_rule`: norm-wise and element-wise); two backward runs bitwise equal (no atomics:
+deterministic by construction); a whole JiT-B/16 block through `torch.compile(fullgraph=True)` under the
+device's low-precision autocast (bf16, else fp16) against float64 within the same rule; and CUDA-graph
 capture + replay of the sampler's step bitwise equal to running that step eagerly. Prints one PASS/FAIL
 line per check and exits 1 on any failure. Without CUDA there is nothing to check: it says so, exits 0.
 
@@ -35,7 +36,21 @@ from kernels.dropout import Dropout, keep_mask
 from kernels.numerics import assert_within_rule, error_bound
 
 EPS = 1e-6
-MODES = ("fp32", "bf16")
+MODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = tuple(MODE_DTYPES)
+
+
+def device_modes(device: torch.device | str) -> tuple[str, ...]:
+    """Modes a device runs: all of `MODES`, but no bf16 on a GPU older than sm_80 (Turing and older)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return tuple(m for m in MODES if m != "bf16")
+    return MODES
+
+
+def low_precision(device: torch.device | str) -> str:
+    """The autocast mode of the device's training runs: bf16 where the device has it, else fp16."""
+    return "bf16" if "bf16" in device_modes(device) else "fp16"
 
 
 @dataclass(frozen=True)
@@ -113,11 +128,12 @@ def _judge(items: Iterable[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor |
 
 
 def _compare_op(call_kernel, call_ref, inputs: dict, grad_names: tuple[str, ...], out_names: tuple[str, ...],
-                upstream: list[torch.Tensor], bf16: bool) -> str:
-    """Kernel vs float64 reference, bounded by the eager reference's own error in the run's dtypes (bf16)."""
+                upstream: list[torch.Tensor], low: torch.dtype | None) -> str:
+    """Kernel vs float64 reference, bounded by the eager reference's own error in the run's dtypes (`low`: the
+    autocast dtype, bf16 or fp16; None for fp32 runs)."""
     k_out, k_grad = _run(call_kernel, inputs, grad_names, upstream)
     r_out, r_grad = _run(lambda t: call_ref(t, None), inputs, grad_names, upstream, cast=torch.float64)
-    e_out, e_grad = _run(lambda t: call_ref(t, torch.bfloat16), inputs, grad_names, upstream) if bf16 else (
+    e_out, e_grad = _run(lambda t: call_ref(t, low), inputs, grad_names, upstream) if low is not None else (
         [None] * len(k_out), dict.fromkeys(grad_names))
     items = [(n, k, r, e) for n, k, r, e in zip(out_names, k_out, r_out, e_out, strict=True)]
     items += [("d" + n, k_grad[n], r_grad[n], e_grad[n]) for n in grad_names]
@@ -144,8 +160,8 @@ def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: i
     """rmsnorm_modulate / residual_rmsnorm_modulate case in the autocast dtypes of `mode` (fp32 stream); `dropout`
     on the residual branch (the reference draws the same mask)."""
     gen = torch.Generator().manual_seed(seed)
-    act = torch.float32 if mode == "fp32" else torch.bfloat16
-    out_dtype = None if mode == "fp32" else torch.bfloat16
+    act = MODE_DTYPES[mode]
+    out_dtype = None if mode == "fp32" else act
     t = {"x": _randn(gen, b, n, d), "weight": _randn(gen, d, scale=0.2, shift=1.0),
          "shift": _randn(gen, b, d, scale=0.3).to(act), "scale": _randn(gen, b, d, scale=0.3).to(act)}
     residual = variant != "plain"
@@ -180,7 +196,7 @@ def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, h
              bias: bool, seed: int = 0) -> tuple:
     """qk_norm_rope case: qkv in the act dtype, fp32 norm weights, bias and RoPE tables."""
     gen = torch.Generator().manual_seed(seed)
-    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    act = MODE_DTYPES[mode]
     c = heads * head_dim
     cos, sin = _rope(gen, n, head_dim)
     t = {"qkv": _randn(gen, b, n, 3 * c).to(act), "q_weight": _randn(gen, head_dim, scale=0.2, shift=1.0),
@@ -195,7 +211,7 @@ def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, h
                                   heads, EPS, leaves.get("bias"))
 
     grads = tuple(k for k in t if k not in ("cos", "sin"))
-    # the reference keeps qkv's dtype: its bf16 run is the eager bf16 path, its float64 run the ground truth
+    # the reference keeps qkv's dtype: its bf16 / fp16 run is the eager path, its float64 run the ground truth
     return t, grads, ("q", "k", "v"), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
 
 
@@ -203,7 +219,7 @@ def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h:
                  seed: int = 0, dropout: Dropout | None = None) -> tuple:
     """swiglu case: x12 in the act dtype, fp32 bias, optional `dropout` of h."""
     gen = torch.Generator().manual_seed(seed)
-    act = torch.float32 if mode == "fp32" else torch.bfloat16
+    act = MODE_DTYPES[mode]
     t = {"x12": _randn(gen, rows, 2 * h).to(act)}
     if bias:
         t["bias"] = _randn(gen, 2 * h, scale=0.5)
@@ -217,10 +233,10 @@ def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h:
     return t, tuple(t), ("h",), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
 
 
-def _numerics(case: tuple, bf16: bool) -> Callable[[], str]:
-    """Check function comparing a case's kernel with its float64 reference."""
+def _numerics(case: tuple, mode: str) -> Callable[[], str]:
+    """Check function comparing a case's kernel with its float64 reference (and the eager path, outside fp32)."""
     inputs, grads, outs, up, kernel, ref = case
-    return lambda: _compare_op(kernel, ref, inputs, grads, outs, up, bf16)
+    return lambda: _compare_op(kernel, ref, inputs, grads, outs, up, None if mode == "fp32" else MODE_DTYPES[mode])
 
 
 def _determinism(case: tuple) -> Callable[[], str]:
@@ -230,7 +246,8 @@ def _determinism(case: tuple) -> Callable[[], str]:
 
 
 def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None) -> list[Check]:
-    """Numerics (fp32 and bf16, every width / head dim / bias variant) and determinism of every fused op.
+    """Numerics (the device's modes of fp32, bf16, fp16; every width / head dim / bias variant) and determinism of
+    every fused op (in the device's low precision).
 
     Cases are built lazily (inside each check), so a failing allocation is one FAIL line, not a crash."""
     if ops is None:
@@ -239,38 +256,40 @@ def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: Simple
         ops = triton_ops()
     checks = []
     n = sizes.tokens
+    modes, low = device_modes(device), low_precision(device)
     for d in sizes.widths:
         for variant in ("plain", "residual", "residual+bias"):
             op = "rmsnorm_modulate" if variant == "plain" else "residual_rmsnorm_modulate"
-            for mode in MODES:
+            for mode in modes:
                 checks.append(Check(
                     f"{op} {mode} B={sizes.norm_batch} N={n} D={d}{' bias' if variant.endswith('bias') else ''}",
                     (op,), _lazy(lambda d=d, v=variant, m=mode: _numerics(
-                        _rmsnorm_case(ops, device, sizes.norm_batch, n, d, m, v), m == "bf16"))))
+                        _rmsnorm_case(ops, device, sizes.norm_batch, n, d, m, v), m))))
     for heads, head_dim in sizes.heads:
         for bias in (False, True):
-            for mode in MODES:
+            for mode in modes:
                 checks.append(Check(
                     f"qk_norm_rope {mode} B={sizes.qk_batch} N={n} H={heads} Dh={head_dim}{' bias' if bias else ''}",
                     ("qk_norm_rope",), _lazy(lambda h=heads, dh=head_dim, b=bias, m=mode: _numerics(
-                        _qk_case(ops, device, sizes.qk_batch, n, h, dh, m, b), m == "bf16"))))
+                        _qk_case(ops, device, sizes.qk_batch, n, h, dh, m, b), m))))
     for h in sizes.hidden:
         for bias in (False, True):
-            for mode in MODES:
+            for mode in modes:
                 checks.append(Check(
                     f"swiglu {mode} M={sizes.swiglu_rows} h={h}{' bias' if bias else ''}", ("swiglu",),
                     _lazy(lambda h=h, b=bias, m=mode: _numerics(
-                        _swiglu_case(ops, device, sizes.swiglu_rows, h, m, b), m == "bf16"))))
+                        _swiglu_case(ops, device, sizes.swiglu_rows, h, m, b), m))))
     d, (heads, head_dim), h = sizes.widths[-1], sizes.heads[-1], sizes.hidden[-1]
     det = {
-        "rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16", "plain", seed=1),
-        "residual_rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16",
+        "rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low, "plain", seed=1),
+        "residual_rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low,
                                                            "residual+bias", seed=1),
-        "qk_norm_rope": lambda: _qk_case(ops, device, sizes.qk_batch, n, heads, head_dim, "bf16", True, seed=1),
-        "swiglu": lambda: _swiglu_case(ops, device, sizes.swiglu_rows, h, "bf16", True, seed=1),
+        "qk_norm_rope": lambda: _qk_case(ops, device, sizes.qk_batch, n, heads, head_dim, low, True, seed=1),
+        "swiglu": lambda: _swiglu_case(ops, device, sizes.swiglu_rows, h, low, True, seed=1),
     }
     for op, make in det.items():
-        checks.append(Check(f"{op} bf16 backward twice: bitwise", (op,), _lazy(lambda make=make: _determinism(make()))))
+        checks.append(Check(f"{op} {low} backward twice: bitwise", (op,),
+                            _lazy(lambda make=make: _determinism(make()))))
     return checks
 
 
@@ -355,8 +374,9 @@ def _use_table(module: torch.nn.Module, table: SimpleNamespace) -> torch.nn.Modu
     return module
 
 
-def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.device | str) -> tuple[tuple, dict]:
-    """The positional and keyword inputs block `idx` receives in a bf16-autocast forward of `net`."""
+def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.device | str,
+                  amp: torch.dtype) -> tuple[tuple, dict]:
+    """The positional and keyword inputs block `idx` receives in an `amp`-autocast forward of `net`."""
     captured = {}
 
     class _Stop(Exception):
@@ -373,7 +393,7 @@ def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.devi
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
     handle = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=amp):
             net(x, t, y)
     except _Stop:
         pass
@@ -384,13 +404,15 @@ def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.devi
 
 def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: str = "inductor") -> str:
     """A JiT-B/16 block (after the in-context tokens, with a pending residual) with the fused custom ops through
-    torch.compile(fullgraph=True) under bf16 autocast: output and every input / parameter gradient against a
-    float64 eager block, bounded by the eager bf16 block's own error (the rule of the CPU tests)."""
+    torch.compile(fullgraph=True) under the device's low-precision autocast (bf16, else fp16): output and every
+    input / parameter gradient against a float64 eager block, bounded by the eager autocast block's own error (the
+    rule of the CPU tests)."""
     from kernels import get_ops
 
+    low = MODE_DTYPES[low_precision(device)]
     net = _perturbed_model("triton", device, sizes.model).train()
     idx = min(net.cfg.in_context_start + 1, net.cfg.depth - 1)
-    (x, c, rope, pending, out_dtype, *_), _ = _block_inputs(net, idx, sizes.block_batch, device)
+    (x, c, rope, pending, out_dtype, *_), _ = _block_inputs(net, idx, sizes.block_batch, device, low)
     if pending is None:
         raise ValueError(f"block {idx} gets no pending residual: use a model with depth > in_context_start + 1")
     leaves = {"x": x, "c": c, "branch": pending[0], "gate": pending[1]}
@@ -398,7 +420,7 @@ def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: 
     eager = _use_table(copy.deepcopy(block), get_ops("torch"))
     ref = _use_table(copy.deepcopy(block), get_ops("torch")).double()
     compiled = torch.compile(block, fullgraph=True, backend=backend)
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    amp = torch.autocast(torch.device(device).type, dtype=low)
     no_amp = torch.autocast(torch.device(device).type, enabled=False)
     runs = {"fused": (compiled, block, None, amp, out_dtype), "eager": (eager, eager, None, amp, out_dtype),
             "float64": (ref, ref, torch.float64, no_amp, None)}
@@ -438,7 +460,8 @@ def check_sampler_graph(device: torch.device | str, sizes: Sizes = PRODUCTION, g
     images = []
     for use_graph in (False, graph):
         sampler = StaticSampler(net, sizes.sampler_batch, steps=sizes.sampler_steps, interval=(0.3, 1.0),
-                                num_classes=cfg.num_classes, device=device, autocast_dtype=torch.bfloat16,
+                                num_classes=cfg.num_classes, device=device,
+                                autocast_dtype=MODE_DTYPES[low_precision(device)],
                                 cuda_graph=use_graph)
         images.append(sampler.run(noise, y.to(device), 2.9))
         kinds = len(sampler.graphs)
@@ -455,7 +478,8 @@ def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: Simpl
     return [
         *op_checks(device, sizes, ops),
         *dropout_checks(device, sizes, ops),
-        Check("JiT-B/16 block, torch.compile(fullgraph=True), bf16 autocast, fwd+bwd vs float64", ("block",),
+        Check(f"JiT-B/16 block, torch.compile(fullgraph=True), {low_precision(device)} autocast, fwd+bwd vs float64",
+              ("block",),
               lambda: check_block(device, sizes, backend)),
         Check("sampler step: CUDA graph capture + replay vs eager", ("sampler",),
               lambda: check_sampler_graph(device, sizes, graph)),

@@ -503,6 +503,71 @@ def test_prepare_tool_is_exact_and_resumable(photo_root: Path, tmp_path: Path) -
     assert torch.equal(xt, xd)  # pre-cropped PNGs: both backends reproduce the stored crop exactly
 
 
+def fake_imagenette(calls: list, wnids: tuple[str, ...] = ("n01440764", "n03888257")):
+    """Stand-in for torchvision's archive download: extract a small ImageNette-shaped tree (train/ and val/ of
+    WordNet-ID folders holding .JPEG files, short side 40) where the archive would extract to."""
+    def download_and_extract_archive(url: str, download_root: str, md5: str | None = None) -> None:
+        calls.append(url)
+        rng = np.random.default_rng(len(calls))
+        folder = Path(download_root) / Path(url).name.removesuffix(".tgz")
+        for split, n in (("train", 3), ("val", 2)):
+            for wnid in wnids:
+                (folder / split / wnid).mkdir(parents=True)
+                for i in range(n):
+                    pixels = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+
+    return download_and_extract_archive
+
+
+def test_prepare_imagenette_fetches_once_and_crops_both_splits(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--imagenette DIR: torchvision's downloader (its network call replaced) extracts under DIR/download, then
+    train and val are ADM-cropped into DIR/train and DIR/val; a second run neither downloads nor crops again."""
+    import torchvision.datasets.imagenette as tv_imagenette
+
+    from jit_fast.data.prepare import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(tv_imagenette, "download_and_extract_archive", fake_imagenette(calls))
+    root = tmp_path / "imagenette"
+    assert main(["--imagenette", str(root), "--size", "32", "--workers", "1"]) == 0
+    assert calls == ["https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz"]
+    extracted = root / "download" / "imagenette2-320"
+    for split, n in (("train", 6), ("val", 4)):
+        outs = sorted((root / split).rglob("*.png"))
+        assert len(outs) == n and {p.parent.name for p in outs} == {"n01440764", "n03888257"}
+        for out in outs:
+            src = extracted / split / out.parent.name / (out.stem + ".JPEG")
+            np.testing.assert_array_equal(np.asarray(Image.open(out)), center_crop(src, 32))
+    stamp = next((root / "train").rglob("*.png")).stat().st_mtime_ns
+    assert main(["--imagenette", str(root), "--size", "32", "--workers", "1"]) == 0
+    assert len(calls) == 1 and next((root / "train").rglob("*.png")).stat().st_mtime_ns == stamp
+    loader = build_loader(root / "train", img_size=32, batch_size=6, shuffle=False, flip=False, backend="torch")
+    assert loader.num_classes == 2 and len(loader) == 1
+
+
+def test_prepare_imagenette_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import urllib.error
+
+    import torchvision.datasets.imagenette as tv_imagenette
+
+    from jit_fast.data.prepare import main
+
+    def offline(url: str, download_root: str, md5: str | None = None) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_imagenette, "download_and_extract_archive", offline)
+    assert main(["--imagenette", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error: could not fetch ImageNette 320px into ") and err.count("\n") == 1
+    assert main(["--imagenette", str(tmp_path / "x"), "--size", "384"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 384 is larger than the 320px ImageNette images: use --imagenette-size full" in err
+    assert main(["--imagenette", str(tmp_path / "x"), "src"]) == 2
+    assert main([]) == 2
+    assert "give SRC and DST folders, or --imagenette DIR" in capsys.readouterr().err
+
+
 def test_benchmark_smoke(tmp_path: Path) -> None:
     import argparse
 

@@ -1,7 +1,8 @@
 """Fused q/k RMSNorm + RoPE: Triton kernels under the interpreter vs float64.
 
 Rule of kernels.numerics.assert_within_rule: fp32 runs <= 1e-5 relative (norm-wise) and max |error| <= 1e-5 x
-max |expected|; bf16 runs <= 1.25x the eager bf16 path's own norm-wise error and <= 2x its max |error|.
+max |expected|; bf16 and fp16 runs <= 1.25x the eager path's own norm-wise error in the same dtype and <= 2x its
+max |error|.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def tables(n_img: int, n_ctx: int, head_dim: int) -> tuple[torch.Tensor, torch.T
 
 def make_inputs(b: int, n_img: int, n_ctx: int, head_dim: int, mode: str, bias: bool = False,
                 heads: int = HEADS) -> dict:
-    """qkv in the activation dtype, fp32 weights and tables; `bias`: an fp32 qkv bias (last entry)."""
-    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    """qkv in the activation dtype (mode fp32, bf16 or fp16), fp32 weights and tables; `bias`: an fp32 qkv bias."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
     cos, sin = tables(n_img, n_ctx, head_dim)
     n = n_img + n_ctx
     inputs = {
@@ -67,7 +68,7 @@ def run(fn, inputs: dict, upstream: list[torch.Tensor], cast=None):
 
 def check_case(b: int, n_ctx: int, head_dim: int, mode: str, fn=KERNEL, bias: bool = False, n_img: int = 4,
                heads: int = HEADS) -> None:
-    """Outputs and every gradient of `fn` against float64 (and, in bf16, the eager bf16 path) by the rule."""
+    """Outputs and every gradient of `fn` against float64 (and, in bf16 / fp16, the eager path) by the rule."""
     inputs = make_inputs(b, n_img, n_ctx, head_dim, mode, bias, heads)
     n = n_img + n_ctx
     up = [torch.randn(b, n, heads, head_dim) for _ in range(3)]
@@ -89,6 +90,7 @@ FAST = [
     (1, 0, 64, "fp32", True),
     (1, 0, 80, "bf16", False),
     (1, 32, 128, "fp32", True),
+    (1, 0, 64, "fp16", True),
 ]
 
 
@@ -135,10 +137,10 @@ def test_numerics_several_programs_per_head(b, n_img, n_ctx, head_dim, heads, mo
     check_scale_case(b, n_img, n_ctx, head_dim, heads, mode, bias)
 
 
+# fp16 runs the bf16 code paths with other loads and stores: one head dim (the larger size class, bias) here.
 @pytest.mark.slow
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("mode", ["fp32", "bf16"])
-@pytest.mark.parametrize("head_dim", [64, 80, 104])
+@pytest.mark.parametrize("head_dim,mode,bias", [(dh, m, b) for dh in (64, 80, 104) for m in ("fp32", "bf16")
+                                                for b in (False, True)] + [(104, "fp16", True)])
 def test_numerics_production_scale(head_dim, mode, bias):
     """JiT-B/16 tokens (256 + 32 in-context) at batch 9: 2592 tokens per head, 11 programs, the last with 32
     (one head: several heads per program grid are covered by the fast 288-token case)."""

@@ -1,8 +1,8 @@
 """Fused RMSNorm + adaLN modulate (+ gated residual): Triton kernels under the interpreter vs float64.
 
 Error metric: norm-wise relative error ||a - ref||_2 / ||ref||_2 against reference.py run on float64
-copies of the inputs. fp32 runs must be <= 1e-5; bf16 runs <= 1.25x the eager bf16 path's own error
-(floored at 1e-5, see kernels.numerics.error_bound).
+copies of the inputs. fp32 runs must be <= 1e-5; bf16 and fp16 runs <= 1.25x the eager path's own error in the
+same dtypes (floored at 1e-5, see kernels.numerics.error_bound).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ NAMES_RES = ("x", "branch", "gate", "weight", "shift", "scale")
 NAMES_PLAIN = ("x", "weight", "shift", "scale")
 GRAD_NAMES = ("x", "branch", "gate", "weight", "shift", "scale", "branch_bias")  # order of BWD's results
 VARIANTS = ("plain", "residual", "residual+bias")
+MODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The entry points the numerics tests run: the custom ops (Triton fwd + bwd here, default configs), the launch helpers.
 PLAIN = rm.rmsnorm_modulate
@@ -42,11 +43,12 @@ SUM_BLOCK_R = _common.SUM_ROWS_CONFIG.kwargs["BLOCK_R"]
 def make_inputs(
     b: int, n: int, d: int, mode: str, residual: bool, bias: bool = False
 ) -> tuple[dict, torch.dtype | None]:
-    """Random inputs; mode "fp32", "bf16" (autocast dtypes: fp32 stream, bf16 vectors, bf16 y) or "bf16-all".
+    """Random inputs; mode "fp32", "bf16" (autocast dtypes: fp32 stream, bf16 vectors, bf16 y), "bf16-all", or the
+    same two in fp16 ("fp16", "fp16-all").
 
-    `bias` adds a branch bias in the parameter dtype (fp32, bf16 for "bf16-all" as FSDP2 gathers it)."""
-    act = torch.float32 if mode == "fp32" else torch.bfloat16
-    stream = torch.bfloat16 if mode == "bf16-all" else torch.float32
+    `bias` adds a branch bias in the parameter dtype (fp32, bf16 / fp16 for "*-all" as FSDP2 gathers it)."""
+    act = MODE_DTYPES[mode.removesuffix("-all")]
+    stream = act if mode.endswith("-all") else torch.float32
     t = {
         "x": torch.randn(b, n, d).to(stream),
         "weight": 1 + 0.2 * torch.randn(d),
@@ -58,7 +60,7 @@ def make_inputs(
         t["gate"] = (0.5 * torch.randn(b, d)).to(act)
     if bias:
         t["branch_bias"] = (0.5 * torch.randn(d)).to(stream)
-    return t, (None if mode == "fp32" else torch.bfloat16)
+    return t, (None if mode == "fp32" else act)
 
 
 def run(fn, inputs: dict, out_dtype, upstream: list[torch.Tensor], residual: bool, cast=None):
@@ -110,6 +112,9 @@ FAST = [
     (1, 8, 97, "bf16-all", True, True),
     (1, 8, 768, "bf16", True, False),
     (1, 8, 1664, "fp32", True, True),
+    (3, 9, 97, "fp16", False, False),
+    (3, 9, 97, "fp16", True, True),
+    (1, 8, 97, "fp16-all", True, True),
 ]
 
 
@@ -214,18 +219,20 @@ def test_launched_config_batch():
     check_case(b, n, d, "bf16", True, bias=True)
 
 
+# fp16 runs the bf16 code paths with other loads and stores: one width of the larger size class, with the bias.
+WIDE = [(d, m, v) for d in (768, 1280, 1664) for m in ("fp32", "bf16") for v in ("plain", "residual+bias")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "residual+bias"])
-@pytest.mark.parametrize("mode", ["fp32", "bf16"])
-@pytest.mark.parametrize("d", [768, 1280, 1664])
+@pytest.mark.parametrize("d,mode,variant", [*WIDE, (1664, "fp16", "residual+bias")])
 def test_many_programs_wide(d, mode, variant):
     """JiT widths (2 to 4 column programs in the row sums): 27 programs per sample, 4-step stage-2 sums."""
     check_bwd_config(2, 105, d, mode, variant, FEW_ROWS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fp32", "bf16"])
-@pytest.mark.parametrize("d", [768, 1280, 1664])
+@pytest.mark.parametrize("d,mode", [(d, m) for d in (768, 1280, 1664) for m in ("fp32", "bf16")]
+                         + [(768, "fp16"), (1664, "fp16")])
 def test_launched_config_wide(d, mode):
     """The launched config of each JiT width: 9 samples, 2 programs per sample (the last 1 row)."""
     check_case(9, 33, d, mode, True, bias=True)

@@ -1,6 +1,7 @@
 """Fused SwiGLU: Triton kernels under the interpreter vs float64 (norm-wise relative error).
 
-fp32 runs must be <= 1e-5 relative; bf16 runs <= 1.25x the eager bf16 path's own error (kernels.numerics).
+fp32 runs must be <= 1e-5 relative; bf16 and fp16 runs <= 1.25x the eager path's own error in the same dtype
+(kernels.numerics).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def test_numerics_fast(shape, h, dtype, bias):
     check_case(shape, h, dtype, bias=bias)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_numerics_fast_fp16(bias):
+    """fp16 activations (fp16 autocast), fwd + bwd: the bf16 kernels' paths with fp16 loads and stores."""
+    check_case((2, 70), 40, torch.float16, bias=bias)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h", [97, 2048, 3413, 3456, 4437, 4480])
@@ -121,9 +128,10 @@ def test_launched_config_batch(dtype):
 
 
 # Official hidden widths of JiT D = 768 / 1280 / 1664 (unpadded: 3413 and 4437 are odd).
+# fp16 runs the bf16 code paths with other loads and stores: one width (unaligned) at production scale.
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("h", [2048, 3413, 4437])
+@pytest.mark.parametrize("h,dtype", [(h, d) for h in (2048, 3413, 4437) for d in (torch.float32, torch.bfloat16)]
+                         + [(3413, torch.float16)])
 def test_many_programs_wide(h, dtype):
     """30 programs of 4 rows at the JiT hidden widths: 8 to 18 column programs in the backward and its row sum."""
     check_bwd_config((9, 13), h, dtype, True, FEW_ROWS)

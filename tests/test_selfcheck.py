@@ -50,7 +50,7 @@ def test_production_sizes_reach_multi_step_paths():
     assert p.qk_batch * p.tokens > 2 * 256  # several backward programs per head (ROWS_PER_PROG 256)
     assert p.swiglu_rows // 64 >= 4 * 8  # SwiGLU bias-gradient partial rows: at least 4 loop steps
     names = [c.name for c in sc.op_checks("cpu", p, ops=get_ops("triton"))]
-    assert len(names) == len(set(names)) == 3 * 3 * 2 + 3 * 2 * 2 + 3 * 2 * 2 + 4
+    assert len(names) == len(set(names)) == 3 * 3 * 3 + 3 * 2 * 3 + 3 * 2 * 3 + 4  # x 3 modes: fp32, bf16, fp16
 
 
 def test_injected_failure_table_exit_code_and_json(tmp_path, capsys):
@@ -82,7 +82,8 @@ def test_all_passing_exits_zero(capsys):
 
 
 @pytest.mark.parametrize("text", ["rmsnorm_modulate fp32", "residual_rmsnorm_modulate bf16 B=3 N=9 D=40 bias",
-                                  "qk_norm_rope bf16 B=2 N=9 H=2 Dh=8 bias", "swiglu bf16 M=70 h=24 bias"])
+                                  "qk_norm_rope bf16 B=2 N=9 H=2 Dh=8 bias", "swiglu bf16 M=70 h=24 bias",
+                                  "residual_rmsnorm_modulate fp16 B=3 N=9 D=40 bias"])
 def test_op_checks_pass_interpreted(text):
     """The Triton kernels (interpreted) pass the selfcheck's own checks at tiny shapes (one per op here)."""
     checks = by_name(sc.op_checks("cpu", TINY, ops=get_ops("triton")), text)
@@ -91,10 +92,22 @@ def test_op_checks_pass_interpreted(text):
     assert all(r.passed for r in results), [sc.format_line(r) for r in results]
 
 
+def test_gpu_without_bf16_checks_fp16(monkeypatch):
+    """On a T4 (sm_75, no bf16) the op checks run fp32 and fp16, the determinism and block checks fp16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    names = [c.name for c in sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
+    assert not [n for n in names if "bf16" in n]
+    numerics = [n for n in names if "backward twice" not in n and "block" not in n and "sampler" not in n]
+    assert sum(" fp16 " in n for n in numerics) == sum(" fp32 " in n for n in numerics) == len(numerics) / 2
+    assert "swiglu fp16 backward twice: bitwise" in names and any("fp16 autocast" in n for n in names)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert sc.device_modes("cuda") == ("fp32", "bf16", "fp16") and sc.low_precision("cuda") == "bf16"
+
+
 @pytest.mark.slow
 def test_every_op_check_passes_interpreted():
     results = sc.run_checks(sc.op_checks("cpu", TINY, ops=get_ops("triton")))
-    assert len(results) == 2 * 3 + 2 * 2 + 2 * 2 + 4
+    assert len(results) == 3 * 3 + 2 * 3 + 2 * 3 + 4
     assert all(r.passed for r in results), [sc.format_line(r) for r in results if not r.passed]
 
 

@@ -66,10 +66,13 @@ def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path) 
     assert [x.name for x in tmp_path.iterdir()] == ["keep.json"]
 
 
-def test_precision_is_resolved_one_way_for_training_and_sampling() -> None:
+def test_precision_is_resolved_one_way_for_training_and_sampling(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_precision("auto", cpu) == ("fp32", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
     assert resolve_precision("auto", cuda) == ("bf16", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: no bf16
+    assert resolve_precision("auto", cuda) == ("fp16", torch.float16)
     assert resolve_precision("fp16", cpu) == ("fp16", torch.float16)
     assert resolve_precision("fp32", cuda) == ("fp32", None)
 

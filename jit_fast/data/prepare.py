@@ -4,6 +4,11 @@ Each image is ADM-cropped to SIZE and written under the same class folder (PNG l
 4:4:4); finished outputs are skipped, so an interrupted run resumes. Inputs training would skip (unreadable,
 not regular files, names that are not UTF-8, decompression-bomb headers, 16/32-bit pixels) are skipped and
 listed; two inputs that would write the same output are refused before anything is written.
+
+`python -m jit_fast.data.prepare --imagenette DIR [--size 256]` first fetches ImageNette (10 ImageNet classes,
+9469 train + 3925 val images) with torchvision's `Imagenette` downloader (network; md5-checked; an archive already
+extracted under DIR/download is used as it is), then pre-crops its train and val splits into DIR/train and DIR/val:
+`train.py --preset imagenette` reads DIR (data/imagenette by default). The download is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ _EXT = {"png": ".png", "jpeg": ".jpg"}
 
 
 SHOWN = 50  # skipped inputs listed at the end; the rest are counted
+# ImageNette variants (torchvision's `size`) and the folder each archive extracts to (fastai's layout: train/ and
+# val/ of WordNet-ID class folders); the 320px and 160px variants are resized to that shorter side.
+IMAGENETTE = {"full": "imagenette2", "320px": "imagenette2-320", "160px": "imagenette2-160"}
+IMAGENETTE_SPLITS = ("train", "val")
 
 
 class PrepareError(UserError, ValueError):
@@ -97,11 +106,41 @@ def prepare(
     return [f"{show_path(p)}: {why}" for p, why in scan.skipped] + sorted(failures)
 
 
+def fetch_imagenette(root: str | Path, variant: str = "320px") -> Path:
+    """Download and extract ImageNette `variant` under root/download with torchvision's downloader (skipped when
+    its folder is already there); return the extracted folder (train/ and val/ of class folders)."""
+    from torchvision.datasets import Imagenette
+
+    download = Path(root) / "download"
+    try:
+        for split in IMAGENETTE_SPLITS:  # one archive holds both splits: the second call finds it extracted
+            Imagenette(download, split=split, size=variant, download=True)
+    except (OSError, RuntimeError) as exc:  # no network, a corrupt archive (md5), a full disk
+        raise PrepareError(f"could not fetch ImageNette {variant} into {download}: {exc}") from exc
+    return download / IMAGENETTE[variant]
+
+
+def prepare_imagenette(root: str | Path, size: int = 256, fmt: str = "png", quality: int = 95, workers: int = 1,
+                       variant: str = "320px") -> list[str]:
+    """Fetch ImageNette into root/download and pre-crop its splits into root/train and root/val; skipped files."""
+    if variant != "full" and size > int(variant.removesuffix("px")):
+        raise PrepareError(f"--size {size} is larger than the {variant} ImageNette images: use --imagenette-size full")
+    extracted = fetch_imagenette(root, variant)
+    failures = []
+    for split in IMAGENETTE_SPLITS:
+        failures += prepare(extracted / split, Path(root) / split, size, fmt, quality, workers)
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src", help="ImageFolder root (class folders)")
-    ap.add_argument("dst", help="output root (created)")
+    ap.add_argument("src", nargs="?", help="ImageFolder root (class folders)")
+    ap.add_argument("dst", nargs="?", help="output root (created)")
+    ap.add_argument("--imagenette", metavar="DIR", default=None,
+                    help="download ImageNette into DIR/download, pre-crop it into DIR/train and DIR/val")
+    ap.add_argument("--imagenette-size", choices=sorted(IMAGENETTE), default="320px",
+                    help="ImageNette variant to download (full: original sizes, 1.5 GB; 320px: ~0.3 GB)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--format", choices=sorted(_EXT), default="png")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality")
@@ -112,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
                                        ("--workers", args.workers, 1, None)):
             if value < low or (high is not None and value > high):
                 raise PrepareError(f"{flag} must be in [{low}, {high or 'inf'}], got {value}")
-        if not os.path.isdir(args.src):
+        if args.imagenette is not None:
+            if args.src is not None:
+                raise PrepareError("--imagenette DIR takes no SRC DST folders")
+            failures = prepare_imagenette(args.imagenette, args.size, args.format, args.quality, args.workers,
+                                          args.imagenette_size)
+        elif args.src is None or args.dst is None:
+            raise PrepareError("give SRC and DST folders, or --imagenette DIR")
+        elif not os.path.isdir(args.src):
             raise PrepareError(f"source folder {args.src} does not exist or is not a folder")
-        failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
+        else:
+            failures = prepare(args.src, args.dst, args.size, args.format, args.quality, args.workers)
     except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
