@@ -1,5 +1,6 @@
 """Data pipeline: ADM center crop, sharded reshuffled ImageFolder loading (DALI or torch), demo digits."""
 
+from .captions import CaptionedIndex, CaptionError, build_caption_index
 from .crop import CropGeometry, center_crop, crop_geometry
 from .demo import demo_arrays, prepare_demo
 from .index import FolderIndex, build_index
@@ -7,6 +8,9 @@ from .loader import ImageLoader, build_loader, default_backend
 from .order import EpochPlan, plan_epoch
 
 __all__ = [
+    "CaptionError",
+    "CaptionedIndex",
+    "build_caption_index",
     "CropGeometry",
     "EpochPlan",
     "FolderIndex",
