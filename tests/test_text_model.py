@@ -226,3 +226,15 @@ def test_static_sampler_with_captions_equals_sample(tokens):
         pad_noise = torch.cat([noise[:n], torch.zeros(4 - n, 3, IMG, IMG)])
         ref = sample(net, padded, steps=3, cfg=2.0, interval=(0.0, 1.0), noise=pad_noise)
         assert torch.equal(out, ref[:n])
+
+
+@pytest.mark.slow  # dynamo tracing: 15-40 s per case on this machine
+@pytest.mark.parametrize("tokens", ["pooled", "sequence"])
+def test_text_model_compiles_without_graph_breaks(tokens):
+    """A TextCondition argument is a pytree dynamo traces: fullgraph compile gives the eager output."""
+    net = text_net(tokens)
+    y = captions(3).dropped(torch.tensor([True, False, False]))
+    y = y if tokens == "sequence" else TextCondition(y.pooled, drop=y.drop)
+    x, t = torch.randn(3, 3, IMG, IMG), torch.rand(3)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, t, y), net(x, t, y), rtol=0, atol=0)
