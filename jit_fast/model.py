@@ -107,6 +107,11 @@ class TextEmbedder(nn.Module):
             self.empty_mask[:n] = 1.0
 
     def forward(self, y: TextCondition, context_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(y, TextCondition):
+            raise TypeError(f"a text-conditional model takes a TextCondition, got {type(y).__name__}")
+        if y.pooled.shape[-1] != self.proj.in_features:
+            raise ValueError(f"caption embeddings are {y.pooled.shape[-1]} wide, the model's text_dim is "
+                             f"{self.proj.in_features}")
         dtype = self.proj.weight.dtype
         drop = y.drop
         pooled = y.pooled.to(dtype)

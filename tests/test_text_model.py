@@ -108,6 +108,15 @@ def test_bad_text_settings_are_named(override, needle):
         jit_fast.build_model("JiT-T/4-Text", img_size=IMG, **override)
 
 
+def test_wrong_condition_is_named():
+    net = text_net()
+    x, t = torch.randn(2, 3, IMG, IMG), torch.rand(2)
+    with pytest.raises(TypeError, match="takes a TextCondition, got Tensor"):
+        net(x, t, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="caption embeddings are 7 wide, the model's text_dim is 12"):
+        net(x, t, TextCondition(torch.randn(2, 7)))
+
+
 # ------------------------------------------------------------------------------------------------
 # the embedder
 
