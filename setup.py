@@ -26,7 +26,9 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scikit-image", "ruff"],
+        # transformers 5 (the `dtype=` loading argument); tested with 5.24 and tokenizers 0.23
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scikit-image", "ruff", "transformers>=5", "tokenizers"],
         "flash": ["flash-attn"],
+        "text": ["transformers>=5", "tokenizers"],
     },
 )

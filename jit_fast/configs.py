@@ -10,7 +10,7 @@ from pathlib import Path
 from jit_fast.errors import UsageError
 
 # Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
-MODEL_PRESETS: dict[str, dict[str, int | float]] = {
+MODEL_PRESETS: dict[str, dict[str, int | float | str]] = {
     "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4, patch_size=16),
     "JiT-B/32": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4, patch_size=32),
     "JiT-L/16": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8, patch_size=16),
@@ -37,6 +37,12 @@ MODEL_PRESETS: dict[str, dict[str, int | float]] = {
     "JiT-S/4": dict(depth=6, hidden_size=192, num_heads=3, bottleneck_dim=32, in_context_start=2, patch_size=4,
                     in_context_len=8),
 }
+# Text-conditional twins (issue 14): the same networks, the class table replaced by a caption projection.
+MODEL_PRESETS.update({f"{name}-Text": {**arch, "conditioning": "text"} for name, arch in list(MODEL_PRESETS.items())})
+
+CONDITIONINGS = ("class", "text")
+TEXT_TOKENS = ("pooled", "sequence")
+NULL_TEXTS = ("learned", "empty")
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ MODEL_RANGES: dict[str, NumberRange] = {
     "num_classes": INT_POSITIVE, "hidden_size": INT_POSITIVE, "depth": INT_POSITIVE, "num_heads": INT_POSITIVE,
     "mlp_ratio": POSITIVE, "attn_drop": DECAY, "proj_drop": DECAY, "bottleneck_dim": INT_POSITIVE,
     "in_context_len": INT_NONNEGATIVE, "in_context_start": INT_NONNEGATIVE, "mlp_pad_to": INT_POSITIVE,
+    "text_dim": INT_NONNEGATIVE,
 }
 
 
@@ -121,6 +128,13 @@ class ModelConfig:
     in_context_start: int = 4
     kernels: str = "torch"
     mlp_pad_to: int = 1
+    # Text conditioning (class models leave these at their defaults): the caption embedding width of the
+    # encoder, pooled (one vector) or sequence (per-token states as the in-context tokens), and the null
+    # embedding of dropped captions: learned, or the encoder's embedding of the empty caption.
+    conditioning: str = "class"
+    text_dim: int = 0
+    text_tokens: str = "pooled"
+    null_text: str = "learned"
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +166,15 @@ class ModelConfig:
             raise ValueError(f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        for name, allowed in (("conditioning", CONDITIONINGS), ("text_tokens", TEXT_TOKENS),
+                              ("null_text", NULL_TEXTS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"model setting {name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.conditioning == "text" and self.text_dim < 1:
+            raise ValueError("a text-conditional model needs text_dim >= 1 (the text encoder's hidden size)")
+        if self.conditioning == "text" and self.text_tokens == "sequence" and self.in_context_len < 1:
+            raise ValueError("text_tokens 'sequence' feeds the in-context tokens: it needs in_context_len >= 1")
 
 
 def model_config(name: str, img_size: int = 256, num_classes: int = 1000, **overrides) -> ModelConfig:

@@ -13,7 +13,9 @@ from typing import Literal
 
 import torch
 
-Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from jit_fast.conditioning import Condition, drop_condition
+
+Net = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 Prediction = Literal["x", "eps", "v"]
 PREDICTIONS: tuple[str, ...] = ("x", "eps", "v")
 
@@ -21,11 +23,6 @@ PREDICTIONS: tuple[str, ...] = ("x", "eps", "v")
 def sample_t(n: int, P_mean: float = -0.8, P_std: float = 0.8, device=None, generator=None) -> torch.Tensor:
     """Logit-normal training times in (0, 1)."""
     return torch.sigmoid(torch.randn(n, device=device, generator=generator) * P_std + P_mean)
-
-
-def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Replace the labels where `drop` is True by the null class `num_classes`."""
-    return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
 def x_to_v(x_pred: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:
@@ -54,7 +51,7 @@ def to_velocity(
 def flow_matching_loss(
     net: Net,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     drop: torch.Tensor | None = None,
@@ -66,7 +63,7 @@ def flow_matching_loss(
     num_classes: int = 1000,
     prediction: Prediction = "x",
 ) -> torch.Tensor:
-    """Mean squared v-error of `net` on clean images x (B, C, H, W) in [-1, 1] with labels y.
+    """Mean squared v-error of `net` on clean images x (B, C, H, W) in [-1, 1] with labels (or captions) y.
 
     `t` (B,), `noise` (standard normal, like x) and `drop` (bool (B,)) may be given to
     reproduce a draw exactly; otherwise they are sampled in that order from the global RNG.
@@ -87,6 +84,6 @@ def flow_matching_loss(
     e = noise * noise_scale
     z = tb * x + (1 - tb) * e
     v = x_to_v(x, z, tb, t_eps)
-    out = net(z, t, drop_labels(y, drop, num_classes))
+    out = net(z, t, drop_condition(y, drop, num_classes))
     v_pred = to_velocity(out, z, tb, t_eps, prediction)
     return ((v - v_pred) ** 2).mean(dim=tuple(range(1, x.ndim))).mean()

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jit_fast.attention import attention
+from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig, model_config
 from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
 from kernels import device_support, get_ops
@@ -76,6 +77,78 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(y)
+
+
+class TextEmbedder(nn.Module):
+    """Caption embeddings -> JiT width: a linear projection in place of the label table (issue 14).
+
+    forward returns (vector, context): the projected pooled embedding, added to the timestep embedding,
+    and in sequence mode the in-context tokens (the first `context_len` projected per-token states, slots
+    past the caption filled with a learned pad token; None in pooled mode). Dropped captions get the null
+    embedding: `null_text` "learned" is a trained vector (its context repeats it, as the null class's),
+    "empty" projects the encoder's embedding of the empty caption, held in buffers set by `set_empty_text`.
+    """
+
+    def __init__(self, text_dim: int, dim: int, tokens: str, null_text: str, context_len: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(text_dim, dim)
+        self.tokens, self.null_text = tokens, null_text
+        if null_text == "learned":
+            self.null_embedding = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_buffer("empty_pooled", torch.zeros(text_dim))
+            if tokens == "sequence":
+                self.register_buffer("empty_tokens", torch.zeros(context_len, text_dim))
+                self.register_buffer("empty_mask", torch.zeros(context_len))
+        if tokens == "sequence":
+            self.pad_token = nn.Parameter(torch.zeros(dim))
+
+    @torch.no_grad()
+    def set_empty_text(self, pooled: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Store the encoder's embedding of the empty caption: pooled (E,), per-token states (L, E) in sequence mode."""
+        if self.null_text != "empty":
+            raise ValueError("set_empty_text is for null_text='empty' models")
+        self.empty_pooled.copy_(pooled)
+        if self.tokens == "sequence":
+            if tokens is None:
+                raise ValueError("a sequence-mode model needs the empty caption's per-token states")
+            n = min(tokens.shape[0], self.empty_tokens.shape[0])
+            self.empty_tokens.zero_()
+            self.empty_tokens[:n].copy_(tokens[:n])
+            self.empty_mask.zero_()
+            self.empty_mask[:n] = 1.0
+
+    def forward(self, y: TextCondition, context_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(y, TextCondition):
+            raise TypeError(f"a text-conditional model takes a TextCondition, got {type(y).__name__}")
+        if y.pooled.shape[-1] != self.proj.in_features:
+            raise ValueError(f"caption embeddings are {y.pooled.shape[-1]} wide, the model's text_dim is "
+                             f"{self.proj.in_features}")
+        dtype = self.proj.weight.dtype
+        drop = y.drop
+        pooled = y.pooled.to(dtype)
+        if self.null_text == "empty" and drop is not None:
+            pooled = torch.where(drop[:, None], self.empty_pooled.to(dtype), pooled)
+        vec = self.proj(pooled)
+        if self.null_text == "learned" and drop is not None:
+            vec = torch.where(drop[:, None], self.null_embedding.to(vec.dtype), vec)
+        if self.tokens != "sequence":
+            return vec, None
+        if y.tokens is None:
+            raise ValueError("a sequence-mode text model needs per-token caption states (tokens and mask)")
+        tokens, mask = y.tokens[:, :context_len].to(dtype), y.mask[:, :context_len]
+        short = context_len - tokens.shape[1]
+        if short > 0:
+            tokens = nn.functional.pad(tokens, (0, 0, 0, short))
+            mask = nn.functional.pad(mask, (0, short))
+        if self.null_text == "empty" and drop is not None:
+            tokens = torch.where(drop[:, None, None], self.empty_tokens.to(dtype), tokens)
+            mask = torch.where(drop[:, None], self.empty_mask > 0, mask)
+        ctx = self.proj(tokens)
+        ctx = torch.where(mask[..., None], ctx, self.pad_token.to(ctx.dtype))
+        if self.null_text == "learned" and drop is not None:
+            ctx = torch.where(drop[:, None, None], vec[:, None], ctx)
+        return vec, ctx
 
 
 class Attention(nn.Module):
@@ -250,7 +323,10 @@ class JiT(nn.Module):
         self.kernels_checked = cfg.kernels != "triton"
         d, n = cfg.hidden_size, cfg.grid_size**2
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        if cfg.conditioning == "text":
+            self.y_embedder = TextEmbedder(cfg.text_dim, d, cfg.text_tokens, cfg.null_text, cfg.in_context_len)
+        else:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, d)
         self.x_embedder = BottleneckPatchEmbed(cfg.patch_size, cfg.in_channels, cfg.bottleneck_dim, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, n, d), requires_grad=False)
         if cfg.in_context_len > 0:
@@ -303,7 +379,12 @@ class JiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj2.bias)
         if self.cfg.in_context_len > 0:
             nn.init.normal_(self.in_context_posemb, std=0.02)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if isinstance(self.y_embedder, TextEmbedder):
+            for p in (getattr(self.y_embedder, "null_embedding", None), getattr(self.y_embedder, "pad_token", None)):
+                if p is not None:
+                    nn.init.normal_(p, std=0.02)
+        else:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -356,7 +437,8 @@ class JiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextCondition) -> torch.Tensor:
+        """Predicted clean images for noisy x at times t under y: labels (B,), or a TextCondition for text models."""
         cfg = self.cfg
         if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -365,7 +447,11 @@ class JiT(nn.Module):
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         if not self.kernels_checked and x.is_cuda:
             self.check_kernels(x.device, out_dtype)
-        y_emb = self.y_embedder(y)
+        text_ctx = None
+        if cfg.conditioning == "text":
+            y_emb, text_ctx = self.y_embedder(y, cfg.in_context_len)
+        else:
+            y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
         c_blocks = F.silu(c) if self.c_activated else c  # SiLU(c) once for every adaLN on the fused path
         x = self.x_embedder(x) + self.pos_embed
@@ -377,7 +463,8 @@ class JiT(nn.Module):
                 if pending is not None:
                     x = gated_residual(x, pending[0], pending[1])
                     pending = None
-                ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) + self.in_context_posemb
+                ctx = y_emb.unsqueeze(1).repeat(1, cfg.in_context_len, 1) if text_ctx is None else text_ctx
+                ctx = ctx + self.in_context_posemb
                 x = torch.cat([ctx, x], dim=1)
                 rope = (self.rope_incontext_cos, self.rope_incontext_sin)
             x, branch, gate = block(x, c_blocks, rope, pending, out_dtype, seed)

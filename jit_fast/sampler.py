@@ -15,6 +15,16 @@ from collections.abc import Callable
 
 import torch
 
+from jit_fast.conditioning import (
+    Condition,
+    cat_conditions,
+    condition_device,
+    condition_rows,
+    fill_condition_,
+    null_condition,
+    same_layout,
+    static_condition,
+)
 from jit_fast.denoiser import Net, x_to_v
 from jit_fast.seeds import image_seed
 
@@ -56,7 +66,7 @@ def guided_velocity(
     net: Net,
     z: torch.Tensor,
     t: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     w: float | torch.Tensor,
     null_label: int,
     t_eps: float,
@@ -72,7 +82,7 @@ def guided_velocity(
         guided = float(w) != 1.0
     if not guided:
         return x_to_v(net(z, t.expand(b), y), z, t, t_eps)
-    x = net(torch.cat([z, z]), t.expand(2 * b), torch.cat([y, torch.full_like(y, null_label)]))
+    x = net(torch.cat([z, z]), t.expand(2 * b), cat_conditions(y, null_condition(y, null_label)))
     v_c, v_u = x_to_v(x, torch.cat([z, z]), t, t_eps).chunk(2)
     return v_u + w * (v_c - v_u)
 
@@ -110,7 +120,7 @@ def solve(velocity: Velocity, z: torch.Tensor, steps: int, solver: str, progress
 @torch.no_grad()
 def sample(
     net: Net,
-    y: torch.Tensor,
+    y: Condition,
     steps: int = 50,
     solver: str = "heun",
     cfg: float = 2.9,
@@ -124,7 +134,7 @@ def sample(
     img_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Generate images (B, 3, S, S) in model space (about [-1, 1]) for labels y (B,).
+    """Generate images (B, 3, S, S) in model space (about [-1, 1]) for labels y (B,) (or a TextCondition).
 
     Image i starts from noise seeded by (seed, index_offset + i) unless the standard-normal
     `noise` is given; either way it is scaled by `noise_scale`.
@@ -133,10 +143,10 @@ def sample(
     if noise is None:
         if size is None:
             raise ValueError("img_size is required when net has no `input_size` and no noise is given")
-        noise = image_noise(seed, range(index_offset, index_offset + y.shape[0]), (3, size, size))
-    if noise.shape[0] != y.shape[0]:
-        raise ValueError(f"noise batch {noise.shape[0]} != labels batch {y.shape[0]}")
-    z = noise.to(y.device, torch.float32) * noise_scale
+        noise = image_noise(seed, range(index_offset, index_offset + condition_rows(y)), (3, size, size))
+    if noise.shape[0] != condition_rows(y):
+        raise ValueError(f"noise batch {noise.shape[0]} != labels batch {condition_rows(y)}")
+    z = noise.to(condition_device(y), torch.float32) * noise_scale
     amp = (
         torch.autocast(z.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -219,7 +229,7 @@ class StaticSampler:
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
         f32 = dict(device=self.device, dtype=torch.float32)
         self.z = torch.zeros(batch_size, in_channels, size, size, **f32)
-        self.y = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.y: Condition = static_condition(None, batch_size, self.device)  # text: replaced by run()'s layout
         self.t = torch.zeros((), **f32)
         self.t_next = torch.zeros((), **f32)
         self.w = torch.ones((), **f32)
@@ -275,20 +285,24 @@ class StaticSampler:
         graph.replay()
 
     @torch.no_grad()
-    def run(self, noise: torch.Tensor, y: torch.Tensor, cfg: float, progress: Callable | None = None) -> torch.Tensor:
-        """Images (n, C, S, S) for n <= batch_size standard-normal `noise` rows and labels `y`.
+    def run(self, noise: torch.Tensor, y: Condition, cfg: float, progress: Callable | None = None) -> torch.Tensor:
+        """Images (n, C, S, S) for n <= batch_size standard-normal `noise` rows and labels (or captions) `y`.
 
-        A short batch is padded with zero noise and label 0; the padding rows are dropped.
+        A short batch is padded with zero noise and label 0 (a dropped caption); the padding rows are dropped.
+        A condition of another layout than the last (text embeddings of another shape) gets new buffers and
+        new graphs.
         """
         n = noise.shape[0]
-        if n != y.shape[0] or not 0 < n <= self.batch_size:
-            raise ValueError(f"need 1..{self.batch_size} rows of noise and labels, got {n} and {y.shape[0]}")
+        if n != condition_rows(y) or not 0 < n <= self.batch_size:
+            raise ValueError(f"need 1..{self.batch_size} rows of noise and labels, got {n} and {condition_rows(y)}")
         if tuple(noise.shape[1:]) != tuple(self.z.shape[1:]):
             raise ValueError(f"noise rows {tuple(noise.shape[1:])} != sampler images {tuple(self.z.shape[1:])}")
+        if not same_layout(self.y, y):
+            self.y = static_condition(y, self.batch_size, self.device)
+            self.graphs.clear()
         self.z[n:].zero_()
-        self.y[n:].zero_()
         self.z[:n].copy_(noise.to(self.device, torch.float32) * self.noise_scale)
-        self.y[:n].copy_(y)
+        fill_condition_(self.y, y, n)
         self.w.fill_(float(cfg))
         for i, kind in enumerate(step_schedule(self.steps, self.solver, self.interval, cfg)):
             self.t.copy_(self.grid[i])

@@ -213,6 +213,18 @@ def official_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "x_embedder.proj2.weight": (d, b, 1, 1),
         "x_embedder.proj2.bias": (d,),
     }
+    if cfg.conditioning == "text":  # not official: the label table's place is taken by the caption projection
+        del shapes["y_embedder.embedding_table.weight"]
+        shapes.update({"y_embedder.proj.weight": (d, cfg.text_dim), "y_embedder.proj.bias": (d,)})
+        if cfg.null_text == "learned":
+            shapes["y_embedder.null_embedding"] = (d,)
+        else:
+            shapes["y_embedder.empty_pooled"] = (cfg.text_dim,)
+        if cfg.text_tokens == "sequence":
+            shapes["y_embedder.pad_token"] = (d,)
+            if cfg.null_text == "empty":
+                shapes["y_embedder.empty_tokens"] = (cfg.in_context_len, cfg.text_dim)
+                shapes["y_embedder.empty_mask"] = (cfg.in_context_len,)
     if cfg.in_context_len > 0:
         shapes["in_context_posemb"] = (1, cfg.in_context_len, d)
     for i in range(cfg.depth):

@@ -117,9 +117,12 @@ def _link_problem(target: str, here: str, root_real: str, class_real: str, seen:
     return None
 
 
-def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) -> list[tuple[str, list]]:
+def walk_folder(
+    class_dir: str, root_real: str, skipped: list[tuple[str, str]], extensions: tuple[str, ...] = IMG_EXTENSIONS
+) -> list[tuple[str, list]]:
     """(folder, [(file name, Stamp)]) of one class folder, sorted by folder path as sorted(os.walk(...)).
 
+    Only regular files whose lowercase name ends with one of `extensions` are listed.
     Folders are identified by (device, inode), so link and bind-mount loops end; real sub-folders are
     walked before directory links, so a link never displaces the folder it duplicates.
     """
@@ -159,7 +162,7 @@ def _walk_class(class_dir: str, root_real: str, skipped: list[tuple[str, str]]) 
         files = []
         for e in entries:
             is_dir = _is_dir(e)  # a link to itself is reported by the stat below when it is named like an image
-            if not is_dir and not e.name.lower().endswith(IMG_EXTENSIONS):
+            if not is_dir and not e.name.lower().endswith(extensions):
                 continue
             if not _valid_name(e.name):
                 skipped.append((e.path, "name is not valid UTF-8"))
@@ -204,7 +207,7 @@ def scan_folder(root: str | Path) -> FolderScan:
     scan = FolderScan(classes, [], [])
     for label, name in enumerate(classes):
         before = len(scan.samples)
-        for dirpath, files in _walk_class(os.path.join(root, name), root_real, scan.skipped):
+        for dirpath, files in walk_folder(os.path.join(root, name), root_real, scan.skipped):
             for fname, st in files:
                 scan.samples.append((os.path.join(dirpath, fname), label))
                 scan.stamps.append(st)
@@ -351,8 +354,23 @@ def build_index(
     tqdm bar for more than 10k files to validate. Skipped files are summarized in one warning.
     """
     root = os.fspath(root)
+    index = validate_scan(root, scan_folder(root), img_size=img_size, num_workers=num_workers, cache=cache,
+                          progress=progress)
+    _report(index)
+    return index
+
+
+def validate_scan(
+    root: str,
+    scan: FolderScan,
+    *,
+    img_size: int | None = None,
+    num_workers: int | None = None,
+    cache: bool | str | Path = True,
+    progress: bool | None = None,
+) -> FolderIndex:
+    """The decodable files of `scan` (labels kept) and the skipped ones, probed once and cached as `build_index`."""
     limit = max_pixels(img_size)
-    scan = scan_folder(root)
     cache_file = _cache_file(root, cache) if cache else None
     cached = _read_cache(cache_file, root) if cache_file is not None else {}
     rels = [os.path.relpath(p, root) for p, _ in scan.samples]
@@ -390,7 +408,6 @@ def build_index(
     index.bad += scan.skipped
     if cache_file is not None and (todo or set(cached) != set(records)):
         _write_cache(cache_file, root, records)
-    _report(index)
     return index
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..distributed import leader_first
+from .captions import build_caption_index
 from .index import FolderIndex, build_index
 from .order import EpochPlan, batches_per_epoch, plan_epoch
 
@@ -34,7 +35,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 class ImageLoader:
-    """Iterable of (images, labels) batches with len(), set_epoch() and a mid-epoch resumable state."""
+    """Iterable of (images, labels) batches with len(), set_epoch() and a mid-epoch resumable state.
+
+    Over a captioned dataset (`CaptionedIndex`) the labels are sample numbers: row i of a batch has the
+    caption index.captions[labels[i]] and the embedding-cache key index.keys[labels[i]].
+    """
 
     def __init__(
         self,
@@ -161,10 +166,11 @@ class ImageLoader:
 
 
 def _shared_index(
-    root: str | Path, img_size: int, num_workers: int | None, index_cache: bool | str | Path
+    root: str | Path, img_size: int, num_workers: int | None, index_cache: bool | str | Path, captions: bool = False
 ) -> FolderIndex:
     """Validate once per node under torch.distributed: local rank 0 first, the others then read its cache."""
-    build = functools.partial(build_index, root, img_size=img_size, num_workers=num_workers, cache=index_cache)
+    build = functools.partial(build_caption_index if captions else build_index, root, img_size=img_size,
+                              num_workers=num_workers, cache=index_cache)
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return build()
@@ -190,9 +196,12 @@ def build_loader(
     prefetch: int = 2,
     index_cache: bool | str | Path = True,
     dali_filter: str = "cubic",
+    captions: bool = False,
 ) -> ImageLoader:
     """Loader over ImageFolder `root` (class folders) yielding (B,3,S,S) images ([-1,1] float or uint8), labels.
 
+    captions=True reads a captioned folder instead (`data.captions`: images/ + captions/ or captions.jsonl)
+    and yields sample numbers as labels (see `ImageLoader`); crop, backends, order and resume are the same.
     backend None or "auto" picks `default_backend()`; num_workers = DataLoader workers (torch; 0 loads in
     the main process) or DALI threads (at least 1);
     cache (torch) keeps decoded crops in RAM, default when they fit in 1 GiB;
@@ -201,7 +210,7 @@ def build_loader(
     """
     if dali_filter not in ("cubic", "linear"):  # checked before the (possibly long) validation pass
         raise ValueError(f"dali_filter must be 'cubic' or 'linear', got {dali_filter!r}")
-    index = _shared_index(root, img_size, num_workers, index_cache)
+    index = _shared_index(root, img_size, num_workers, index_cache, captions)
     return ImageLoader(
         index,
         img_size=img_size,
