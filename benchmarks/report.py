@@ -152,8 +152,8 @@ def _counted_blocks(res: dict) -> list[str]:
         f"Standard block (in-context tokens, pending residual in, no dropout), batch {res['batch']}, bf16 autocast "
         "with fp32 parameters (one process without FSDP); \"bf16 params\": block parameters gathered in bf16 and an "
         "fp32 root as FSDP2 trains (`--fsdp on`, any GPU count; no autocast weight casts); \"dropout block\": one in "
-        "the range where the preset trains "
-        "with dropout (not fused in either path). "
+        "the range where the preset trains with dropout (eager: torch's masks drawn, applied and saved; fused: Philox "
+        "masks drawn inside the residual and SwiGLU kernels, forward and backward). "
         "Non-GEMM bytes exclude GEMMs and attention (identical in both paths); GB = 1e9 bytes.",
         _table(["model", "path", "launches fwd", "launches bwd", "non-GEMM GB fwd", "non-GEMM GB bwd",
                 "non-GEMM B / token / hidden (fwd / bwd)", "saved activations GB"], rows),
@@ -224,10 +224,26 @@ def _categories(res: dict) -> list[str]:
     return [
         f"Where the {res['model']} standard block's launches and bytes go (fwd+bwd, batch {res['batch']}). "
         "In the fused path, `other` is what no fused kernel covers: autocast weight/bias casts and their "
-        "gradient casts, bias-gradient sums, the adaLN SiLU and its backward, the adaLN chunk gradient concat:",
+        "gradient casts, bias-gradient sums, the adaLN chunk gradient concat (the fused model computes the adaLN "
+        "SiLU once for all blocks, outside them):",
         _table(["category", "eager launches", "eager GB", "fused launches", "fused GB"], rows),
         f"Whole train step, activations saved for backward: eager {_gb(step['eager']['saved_activation_bytes'])} GB, "
         f"fused {_gb(step['fused']['saved_activation_bytes'])} GB ({_pct(step['compare']['saved_ratio'])}).",
+        *_bf16_step(step),
+    ]
+
+
+def _bf16_step(step: dict) -> list[str]:
+    """The whole train step's forward+backward ratios with bf16 block parameters (FSDP2), if the result has them."""
+    c = step.get("bf16_params")
+    if c is None:
+        return []
+    return [
+        "Whole train step, forward+backward with bf16 block parameters as FSDP2 trains (training mode: the preset's "
+        "dropout included; issue 16 targets for JiT-H/16: launches <= 20%, non-GEMM bytes <= 16%): launches "
+        f"{c['launches_fused']} / {c['launches_eager']} = {_pct(c['launches_ratio'])}, non-GEMM GB "
+        f"{_gb(c['non_gemm_bytes_fused'])} / {_gb(c['non_gemm_bytes_eager'])} = {_pct(c['non_gemm_bytes_ratio'])}, "
+        f"saved activations {_pct(c['saved_ratio'])}."
     ]
 
 

@@ -83,9 +83,12 @@ def op_boundary_section(model: str, batch: int, img_size: int) -> list[dict]:
 
 
 def step_section(model: str, batch: int, img_size: int) -> dict:
-    """Counted and modeled full train step (loss, backward, fused AdamW, two EMAs), eager vs fused."""
+    """Counted and modeled full train step (loss, backward, fused AdamW, two EMAs), eager vs fused; plus the
+    forward+backward ratios with bf16 block parameters as FSDP2 trains (`bf16_params`, no optimizer counted)."""
     counts = {p: count_train_step(model, p, batch, img_size) for p in ("eager", "fused")}
+    bf16 = {p: count_train_step(model, p, batch, img_size, param_dtype=torch.bfloat16) for p in ("eager", "fused")}
     return dict(
+        bf16_params=compare(bf16["eager"], bf16["fused"]),
         eager=counts["eager"].summary(),
         fused=counts["fused"].summary(),
         compare=compare(counts["eager"], counts["fused"]),

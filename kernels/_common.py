@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dropout import Dropout
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -90,6 +92,13 @@ def launch_options(config: triton.Config) -> dict[str, int]:
     """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages (and maxnreg if set)."""
     extra = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+
+
+def dropout_kernel_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
+    """Kernel arguments of a fused dropout (without one: `standin` for the seed pointer and HAS_DROPOUT off)."""
+    if dropout is None:
+        return dict(SEED=standin, SITE=0, drop_p=0.0, drop_scale=1.0, HAS_DROPOUT=False)
+    return dict(SEED=dropout.seed, SITE=dropout.site, drop_p=dropout.p, drop_scale=dropout.scale, HAS_DROPOUT=True)
 
 
 @triton.jit

@@ -43,6 +43,11 @@ class Dropout(NamedTuple):
         return 1.0 / (1.0 - self.p)
 
 
+def from_op_args(seed: torch.Tensor | None, site: int, p: float) -> Dropout | None:
+    """The custom ops' (dropout_seed, dropout_site, dropout_p) arguments as a `Dropout` (None: no seed, or p = 0)."""
+    return None if seed is None or p == 0 else Dropout(p, seed, site)
+
+
 def check_dropout(dropout: Dropout, device: torch.device) -> None:
     """Raise ValueError unless `dropout` is a valid site for tensors on `device`."""
     p, seed, site = dropout

@@ -32,13 +32,14 @@ from kernels._common import (
     check_shape,
     device_guard,
     dropout_keep,
+    dropout_kernel_args,
     launch_options,
     rowwise,
     select_config,
     sum_rows,
     triton_on_cpu,
 )
-from kernels.dropout import Dropout, check_dropout
+from kernels.dropout import Dropout, check_dropout, from_op_args
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
 # (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates
@@ -272,13 +273,6 @@ def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _dropout_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
-    """Kernel arguments of the dropout (or of none: `standin` for the seed pointer, HAS_DROPOUT off)."""
-    if dropout is None:
-        return dict(SEED=standin, SITE=0, drop_p=0.0, drop_scale=1.0, HAS_DROPOUT=False)
-    return dict(SEED=dropout.seed, SITE=dropout.site, drop_p=dropout.p, drop_scale=dropout.scale, HAS_DROPOUT=True)
-
-
 def _launch_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -326,7 +320,7 @@ def _launch_fwd(
             HAS_RESIDUAL=residual,
             HAS_BIAS=branch_bias is not None,
             BLOCK_D=triton.next_power_of_2(d),
-            **_dropout_args(dropout, x),
+            **dropout_kernel_args(dropout, x),
             **launch_options(cfg),
         )
     return x_out, y
@@ -425,7 +419,7 @@ def rmsnorm_modulate_bwd(
             HAS_DXO=dx_out is not None,
             HAS_BIAS=has_bias,
             BLOCK_D=triton.next_power_of_2(d),
-            **_dropout_args(dropout, x_norm),
+            **dropout_kernel_args(dropout, x_norm),
             **launch_options(cfg),
         )
     # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and fp32
@@ -508,15 +502,10 @@ def _residual_op(
     if triton_on_cpu():
         return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout_seed,
                                 dropout_site, dropout_p)
-    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
+    dropout = from_op_args(dropout_seed, dropout_site, dropout_p)
     return reference.residual_rmsnorm_modulate(
         x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout
     )
-
-
-def _dropout(seed: torch.Tensor | None, site: int, p: float) -> Dropout | None:
-    """The custom ops' dropout arguments as a `Dropout` (None: no seed, or p = 0)."""
-    return None if seed is None or p == 0 else Dropout(p, seed, site)
 
 
 def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
@@ -532,7 +521,7 @@ def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, bran
         eps,
         out_dtype,
         None if branch_bias is None else branch_bias.contiguous(),
-        dropout=_dropout(dropout_seed, dropout_site, dropout_p),
+        dropout=from_op_args(dropout_seed, dropout_site, dropout_p),
     )
 
 
@@ -565,7 +554,7 @@ def _bwd_op(
                            dropout_seed, dropout_site, dropout_p)
     grads = reference.rmsnorm_modulate_bwd(
         dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias,
-        _dropout(dropout_seed, dropout_site, dropout_p),
+        from_op_args(dropout_seed, dropout_site, dropout_p),
     )
     return [g for g in grads if g is not None]
 
@@ -585,7 +574,7 @@ def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, s
         x_dtype,
         shift_dtype,
         None if branch_bias is None else branch_bias.contiguous(),
-        dropout=_dropout(dropout_seed, dropout_site, dropout_p),
+        dropout=from_op_args(dropout_seed, dropout_site, dropout_p),
     )
     return [g for g in grads if g is not None]
 

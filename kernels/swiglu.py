@@ -28,11 +28,12 @@ from kernels._common import (
     check_shape,
     device_guard,
     dropout_keep,
+    dropout_kernel_args,
     launch_options,
     sum_rows,
     triton_on_cpu,
 )
-from kernels.dropout import Dropout, check_dropout
+from kernels.dropout import Dropout, check_dropout, from_op_args
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
 # The first config is launched; the second is a candidate that compile_check also builds. A backward
@@ -156,13 +157,6 @@ def _check_inputs(x12: torch.Tensor, bias: torch.Tensor | None = None, dropout: 
         check_dropout(dropout, x12.device)
 
 
-def _dropout_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
-    """Kernel arguments of the dropout (or of none: `standin` for the seed pointer, HAS_DROPOUT off)."""
-    if dropout is None:
-        return dict(SEED=standin, SITE=0, drop_p=0.0, drop_scale=1.0, HAS_DROPOUT=False)
-    return dict(SEED=dropout.seed, SITE=dropout.site, drop_p=dropout.p, drop_scale=dropout.scale, HAS_DROPOUT=True)
-
-
 def swiglu_fwd(
     x12: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -181,7 +175,7 @@ def swiglu_fwd(
     grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]))
     with device_guard(x12):
         swiglu_fwd_kernel[grid](x12, x12 if bias is None else bias, out, m, h, HAS_BIAS=bias is not None,
-                                **_dropout_args(dropout, x12), **launch_options(cfg))
+                                **dropout_kernel_args(dropout, x12), **launch_options(cfg))
     return out
 
 
@@ -213,7 +207,7 @@ def swiglu_bwd(
     with device_guard(x12):
         swiglu_bwd_kernel[grid](
             x12, x12 if bias is None else bias, dout, dx12, dx12 if partials is None else partials, m, h,
-            HAS_BIAS=bias is not None, **_dropout_args(dropout, x12), **launch_options(cfg),
+            HAS_BIAS=bias is not None, **dropout_kernel_args(dropout, x12), **launch_options(cfg),
         )
     if dbias is not None:
         sum_rows(partials, [dbias], num_p, 0, 2 * h)
@@ -240,11 +234,6 @@ def bwd_workspace(x12_shape: Sequence[int], has_bias: bool, config: triton.Confi
 # (`triton_on_cpu`), else the eager reference.
 
 
-def _dropout(seed: torch.Tensor | None, site: int, p: float) -> Dropout | None:
-    """The custom ops' dropout arguments as a `Dropout` (None: no seed, or p = 0)."""
-    return None if seed is None or p == 0 else Dropout(p, seed, site)
-
-
 @torch.library.custom_op("jit_fast::swiglu", mutates_args=())
 def _swiglu_op(
     x12: torch.Tensor,
@@ -255,12 +244,12 @@ def _swiglu_op(
 ) -> torch.Tensor:
     if triton_on_cpu():
         return _swiglu_launch(x12, bias, dropout_seed, dropout_site, dropout_p)
-    return reference.swiglu(x12, bias, _dropout(dropout_seed, dropout_site, dropout_p))
+    return reference.swiglu(x12, bias, from_op_args(dropout_seed, dropout_site, dropout_p))
 
 
 def _swiglu_launch(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The op through the Triton launch helper (its CUDA kernel)."""
-    return swiglu_fwd(x12.contiguous(), bias, dropout=_dropout(dropout_seed, dropout_site, dropout_p))
+    return swiglu_fwd(x12.contiguous(), bias, dropout=from_op_args(dropout_seed, dropout_site, dropout_p))
 
 
 @_swiglu_op.register_fake
@@ -279,13 +268,13 @@ def _bwd_op(
 ) -> list[torch.Tensor]:
     if triton_on_cpu():
         return _bwd_launch(x12, bias, dout, dropout_seed, dropout_site, dropout_p)
-    grads = reference.swiglu_bwd(x12, bias, dout, _dropout(dropout_seed, dropout_site, dropout_p))
+    grads = reference.swiglu_bwd(x12, bias, dout, from_op_args(dropout_seed, dropout_site, dropout_p))
     return [g for g in grads if g is not None]
 
 
 def _bwd_launch(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
-    dropout = _dropout(dropout_seed, dropout_site, dropout_p)
+    dropout = from_op_args(dropout_seed, dropout_site, dropout_p)
     grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=dropout)
     return [g for g in grads if g is not None]
 
