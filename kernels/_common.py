@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dropout import Dropout
+from kernels.dropout import Dropout, check_dropout
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -199,3 +199,52 @@ def sum_rows(
             partials, *padded, rows, cols, stride_g, stride_r, cols if stride_j is None else stride_j,
             NUM_OUT=len(outs), **launch_options(SUM_ROWS_CONFIG),
         )
+
+
+def check_modulate_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor,
+    branch: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    branch_bias: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
+    max_d: int = 8192,
+) -> None:
+    """Shape/dtype/device validation of the rmsnorm_modulate ops and launches (shift None: backward)."""
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (B, N, D) tensor, got shape {tuple(x.shape)}")
+    if (branch is None) != (gate is None):
+        raise ValueError("branch and gate must be given together (gated residual) or both omitted")
+    if branch_bias is not None and branch is None:
+        raise ValueError("branch_bias needs the gated residual (branch and gate)")
+    if dropout is not None:
+        if branch is None:
+            raise ValueError("dropout needs the gated residual (branch and gate)")
+        check_dropout(dropout, x.device)
+    b, _, d = x.shape
+    if d > max_d:
+        raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {max_d}")
+    named = {"x": x, "weight": weight, "shift": shift, "scale": scale, "branch": branch, "gate": gate,
+             "branch_bias": branch_bias}
+    named = {k: v for k, v in named.items() if v is not None}
+    check_shape("weight", weight, (d,))
+    if branch_bias is not None:
+        check_shape("branch_bias", branch_bias, (d,))
+    for name in ("shift", "scale", "gate"):
+        if name in named:
+            check_shape(name, named[name], (b, d))
+    if branch is not None:
+        check_shape("branch", branch, tuple(x.shape))
+    for name, t in named.items():
+        check_dtype(name, t)
+    check_same_device(**named)
+
+
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Dtype eager PyTorch gives to an elementwise combination of `tensors` (type promotion)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

@@ -26,20 +26,20 @@ from kernels import reference
 from kernels._common import (
     Workspace,
     check_contiguous,
-    check_dtype,
+    check_modulate_inputs,
     check_rows,
-    check_same_device,
     check_shape,
     device_guard,
     dropout_keep,
     dropout_kernel_args,
     launch_options,
+    promoted_dtype,
     rowwise,
     select_config,
     sum_rows,
     triton_on_cpu,
 )
-from kernels.dropout import Dropout, check_dropout, from_op_args
+from kernels.dropout import Dropout, from_op_args
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
 # (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates
@@ -225,54 +225,6 @@ def rmsnorm_modulate_bwd_kernel(
         tl.store(part + 3 * D, acc_gate, mask=cmask)
 
 
-def _check_inputs(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor,
-    branch: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
-    branch_bias: torch.Tensor | None = None,
-    dropout: Dropout | None = None,
-) -> None:
-    """Shape/dtype/device validation shared by the public ops and the launch helpers (shift None: backward)."""
-    if x.dim() != 3 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty (B, N, D) tensor, got shape {tuple(x.shape)}")
-    if (branch is None) != (gate is None):
-        raise ValueError("branch and gate must be given together (gated residual) or both omitted")
-    if branch_bias is not None and branch is None:
-        raise ValueError("branch_bias needs the gated residual (branch and gate)")
-    if dropout is not None:
-        if branch is None:
-            raise ValueError("dropout needs the gated residual (branch and gate)")
-        check_dropout(dropout, x.device)
-    b, _, d = x.shape
-    if d > MAX_D:
-        raise ValueError(f"x has hidden size D={d}; the fused kernel supports D <= {MAX_D}")
-    named = {"x": x, "weight": weight, "shift": shift, "scale": scale, "branch": branch, "gate": gate,
-             "branch_bias": branch_bias}
-    named = {k: v for k, v in named.items() if v is not None}
-    check_shape("weight", weight, (d,))
-    if branch_bias is not None:
-        check_shape("branch_bias", branch_bias, (d,))
-    for name in ("shift", "scale", "gate"):
-        if name in named:
-            check_shape(name, named[name], (b, d))
-    if branch is not None:
-        check_shape("branch", branch, tuple(x.shape))
-    for name, t in named.items():
-        check_dtype(name, t)
-    check_same_device(**named)
-
-
-def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Dtype eager PyTorch gives to an elementwise combination of `tensors` (type promotion)."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _launch_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -286,7 +238,7 @@ def _launch_fwd(
     config: triton.Config | None,
     dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout)
+    check_modulate_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout, MAX_D)
     for name, t in (("x", x), ("weight", weight), ("branch", branch), ("branch_bias", branch_bias)):
         if t is not None:
             check_contiguous(name, t)
@@ -295,8 +247,8 @@ def _launch_fwd(
             check_rows(name, t)
     b, n, d = x.shape
     residual = branch is not None
-    x_out = torch.empty_like(x, dtype=_out_dtype(x, gate, branch)) if residual else x
-    y_dtype = out_dtype or _out_dtype(x_out, shift, scale)
+    x_out = torch.empty_like(x, dtype=promoted_dtype(x, gate, branch)) if residual else x
+    y_dtype = out_dtype or promoted_dtype(x_out, shift, scale)
     y = torch.empty(x.shape, device=x.device, dtype=y_dtype)
     cfg = config or select_config(FWD_CONFIGS, triton.next_power_of_2(d), "rmsnorm_modulate")
     grid = (triton.cdiv(n, cfg.kwargs["BLOCK_M"]), b)
@@ -377,7 +329,7 @@ def rmsnorm_modulate_bwd(
     gradient arriving at x_out from later layers. dbranch and dgate are None without a residual,
     dbias without a branch bias. `dropout` is the forward's (its mask is redrawn).
     """
-    _check_inputs(x_norm, weight, None, scale, branch, gate, branch_bias, dropout)
+    check_modulate_inputs(x_norm, weight, None, scale, branch, gate, branch_bias, dropout, MAX_D)
     named = (("dy", dy), ("x_norm", x_norm), ("dx_out", dx_out), ("branch", branch), ("weight", weight),
              ("branch_bias", branch_bias))
     for name, t in named:
@@ -481,7 +433,7 @@ def _rmsnorm_modulate_launch(x, weight, shift, scale, eps, out_dtype):
 
 @_rmsnorm_modulate_op.register_fake
 def _rmsnorm_modulate_fake(x, weight, shift, scale, eps, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x, shift, scale))
+    return x.new_empty(x.shape, dtype=out_dtype or promoted_dtype(x, shift, scale))
 
 
 @torch.library.custom_op("jit_fast::residual_rmsnorm_modulate", mutates_args=())
@@ -528,8 +480,8 @@ def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, bran
 @_residual_op.register_fake
 def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
                    dropout_site=0, dropout_p=0.0):
-    x_out = x.new_empty(x.shape, dtype=_out_dtype(x, gate, branch))
-    return x_out, x.new_empty(x.shape, dtype=out_dtype or _out_dtype(x_out, shift, scale))
+    x_out = x.new_empty(x.shape, dtype=promoted_dtype(x, gate, branch))
+    return x_out, x.new_empty(x.shape, dtype=out_dtype or promoted_dtype(x_out, shift, scale))
 
 
 @torch.library.custom_op("jit_fast::rmsnorm_modulate_bwd", mutates_args=())
@@ -644,7 +596,7 @@ def rmsnorm_modulate(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Fused op (same contract as reference.rmsnorm_modulate): validates, then dispatches the custom op."""
-    _check_inputs(x, weight, shift, scale)
+    check_modulate_inputs(x, weight, shift, scale, max_d=MAX_D)
     return torch.ops.jit_fast.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
 
 
@@ -661,7 +613,7 @@ def residual_rmsnorm_modulate(
     dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused op (same contract as reference.residual_rmsnorm_modulate) via the custom op."""
-    _check_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout)
+    check_modulate_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout, MAX_D)
     if dropout is None:
         return torch.ops.jit_fast.residual_rmsnorm_modulate(
             x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
