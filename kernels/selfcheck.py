@@ -325,21 +325,25 @@ def dropout_checks(device: torch.device | str, sizes: Sizes = PRODUCTION,
                    ops: SimpleNamespace | None = None) -> list[Check]:
     """Fused dropout on the device: the kernels draw the CPU twin's masks (the Philox words and their layout exchange
     run compiled only here), and the residual and SwiGLU ops with dropout meet the rule against float64 with the same
-    mask (bf16, with bias)."""
+    mask (bf16, or fp16 where the device has no bf16; with bias)."""
     if ops is None:
         from kernels.ops import triton_ops
 
         ops = triton_ops()
-    drop = Dropout(0.2, torch.tensor([-12345], dtype=torch.int64, device=device), 5)
+    low = low_precision(device)
+
+    def drop(site: int) -> Dropout:  # built when the check runs: listing the checks touches no device
+        return Dropout(0.2, torch.tensor([-12345], dtype=torch.int64, device=device), site)
+
     n, d, h = sizes.tokens, sizes.widths[-1], sizes.hidden[-1]
     return [
         Check("dropout masks: kernels (forward and backward) vs CPU twin, bitwise",
               ("residual_rmsnorm_modulate", "swiglu"), lambda: _dropout_masks(ops, device, sizes)),
-        Check(f"residual_rmsnorm_modulate bf16 B={sizes.norm_batch} N={n} D={d} bias dropout 0.2",
+        Check(f"residual_rmsnorm_modulate {low} B={sizes.norm_batch} N={n} D={d} bias dropout 0.2",
               ("residual_rmsnorm_modulate",), _lazy(lambda: _numerics(
-                  _rmsnorm_case(ops, device, sizes.norm_batch, n, d, "bf16", "residual+bias", dropout=drop), True))),
-        Check(f"swiglu bf16 M={sizes.swiglu_rows} h={h} bias dropout 0.2", ("swiglu",), _lazy(lambda: _numerics(
-            _swiglu_case(ops, device, sizes.swiglu_rows, h, "bf16", True, dropout=drop._replace(site=6)), True))),
+                  _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low, "residual+bias", dropout=drop(5)), low))),
+        Check(f"swiglu {low} M={sizes.swiglu_rows} h={h} bias dropout 0.2", ("swiglu",), _lazy(lambda: _numerics(
+            _swiglu_case(ops, device, sizes.swiglu_rows, h, low, True, dropout=drop(6)), low))),
     ]
 
 
