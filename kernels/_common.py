@@ -9,6 +9,7 @@ dtype. No atomics, so gradients are bitwise reproducible for a given shape and c
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -88,10 +89,37 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Options a config launches with on one target only, by config identity and compute capability (e.g. 75): set with
+# `arch_override` beside the config tables, read by `launch_options` and by `kernels.compile_check`.
+_ARCH_OPTIONS: dict[int, dict[int, dict[str, int]]] = {}
+
+
+def arch_override(config: triton.Config, arch: int, **options: int) -> triton.Config:
+    """Launch (and compile-check) `config` with `options` on GPUs of compute capability `arch`, e.g. the register
+    cap ptxas needs there to compile it without spills; returns `config`."""
+    _ARCH_OPTIONS.setdefault(id(config), {})[arch] = options
+    return config
+
+
+def arch_options(config: triton.Config, arch: int | None) -> dict[str, int]:
+    """num_warps / num_stages (and maxnreg if set) of `config` on target `arch` (None: the config's own)."""
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return {**options, **_ARCH_OPTIONS.get(id(config), {}).get(arch, {})}
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def launch_options(config: triton.Config) -> dict[str, int]:
-    """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages (and maxnreg if set)."""
-    extra = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
-    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    """Launch keyword arguments of a config: its constexprs plus num_warps / num_stages (and maxnreg if set), as
+    overridden for the current CUDA device's target (the launch helpers launch under `device_guard`)."""
+    arch = None if triton_on_cpu() or not torch.cuda.is_initialized() else _capability(torch.cuda.current_device())
+    return dict(config.kwargs, **arch_options(config, arch))
 
 
 def dropout_kernel_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:

@@ -478,12 +478,12 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
 
 
-def _compile_options(cfg) -> dict[str, int]:
-    """triton.compile options of a launch config (maxnreg becomes the PTX .maxnreg directive)."""
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.maxnreg is not None:
-        options["maxnreg"] = cfg.maxnreg
-    return options
+def _compile_options(cfg, arch: int | None = None) -> dict[str, int]:
+    """triton.compile options of a launch config on target `arch` (None: the config's own; maxnreg becomes the PTX
+    .maxnreg directive), with the per-target overrides the launch helpers apply (`_common.arch_override`)."""
+    from kernels._common import arch_options
+
+    return arch_options(cfg, arch)
 
 
 def compile_one(spec, arch: int, group: list | None = None) -> Result:
@@ -493,8 +493,9 @@ def compile_one(spec, arch: int, group: list | None = None) -> Result:
     from triton.compiler import ASTSource
 
     cfg = spec.config
+    options = _compile_options(cfg, arch)
     config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
-    config += "" if cfg.maxnreg is None else f" r<={cfg.maxnreg}"
+    config += f" r<={options['maxnreg']}" if "maxnreg" in options else ""
     group = group or [spec]
     variant = spec.label + (f" (+{len(group) - 1} same binary)" if len(group) > 1 else "")
     res = Result(spec.name, variant, config, f"sm_{arch}{'a' if arch >= 90 else ''}",
@@ -507,9 +508,7 @@ def compile_one(spec, arch: int, group: list | None = None) -> Result:
     signature = {name: signature[name] for name in spec.fn.arg_names}
     try:
         src = ASTSource(spec.fn, signature, constexprs=constexprs, attrs=_attrs(spec))
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options=_compile_options(cfg)
-        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         res.regs, res.spill_stores, res.spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
         res.shared = compiled.metadata.shared
         res.occupancy = occupancy(arch, res.regs, cfg.num_warps, res.shared)
