@@ -216,6 +216,7 @@ class Trainer:
         self.device = env.device
         self.out = Path(cfg.output_dir)
         self.precision, self.amp_dtype = D.resolve_precision(cfg.precision, self.device)
+        refuse_unscaled_fp16(self.precision)
         self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
         self.signal_received: str | None = None
         self.pbar = None
@@ -496,6 +497,13 @@ class Trainer:
         full = self.total_steps == self.cfg.epochs * self.steps_per_epoch
         code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
+
+
+def refuse_unscaled_fp16(precision: str) -> None:
+    """fp16 autocast (what --precision auto picks on GPUs without bf16) needs loss scaling, not in the trainer yet."""
+    if precision == "fp16":
+        raise ConfigError("training in fp16 needs dynamic loss scaling, which train.py does not have yet; this GPU "
+                          "has no bf16 (sm < 80): pass --precision fp32")
 
 
 def check_not_diverged(loss: float, gnorm: float, exploded: bool, steps: tuple[int, int],

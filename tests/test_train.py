@@ -310,3 +310,12 @@ def test_compile_blocks_trains(data: Path, tmp_path: Path) -> None:
     la, lb = read_losses(a), read_losses(b)
     for s in la:
         assert lb[s] == pytest.approx(la[s], rel=1e-4)
+
+
+def test_fp16_training_is_refused_until_loss_scaling() -> None:
+    """GPUs without bf16 resolve --precision auto to fp16; without a GradScaler that would train unscaled."""
+    from jit_fast.train import refuse_unscaled_fp16
+
+    refuse_unscaled_fp16("bf16")
+    with pytest.raises(ConfigError, match="loss scaling.*--precision fp32"):
+        refuse_unscaled_fp16("fp16")
