@@ -29,5 +29,5 @@ def test_text_model_through_triton_kernels():
     mask = torch.tensor([[True, True, True, False, False, False]]).expand(B, 6)
     y = TextCondition(torch.randn(B, 24, generator=gen), torch.randn(B, 6, 24, generator=gen), mask,
                       torch.arange(B) == 1)
-    errs = compare(net, x, t, y, True)
+    errs = compare(net, x, t, y, torch.bfloat16)
     assert {"y_embedder.proj.weight", "y_embedder.pad_token", "y_embedder.null_embedding"} <= set(errs)
