@@ -16,10 +16,19 @@ class EMA:
         self.shadow = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def update(self, params: list[torch.Tensor]) -> None:
-        """shadow = decay * shadow + (1 - decay) * param, rounded as the official update."""
-        torch._foreach_mul_(self.shadow, self.decay)
-        torch._foreach_add_(self.shadow, [p.detach() for p in params], alpha=1.0 - self.decay)
+    def update(self, params: list[torch.Tensor], skip: torch.Tensor | None = None) -> None:
+        """shadow = decay * shadow + (1 - decay) * param, rounded as the official update.
+
+        `skip` (a 0-dim tensor, 1.0 on an optimizer step fp16 loss scaling skipped) leaves the shadow unchanged
+        without a host sync: the decay becomes 1 and the parameters' weight 0."""
+        if skip is None:
+            torch._foreach_mul_(self.shadow, self.decay)
+            torch._foreach_add_(self.shadow, [p.detach() for p in params], alpha=1.0 - self.decay)
+            return
+        keep = torch.where(skip > 0, 1.0, self.decay).to(torch.float32)
+        take = torch.where(skip > 0, 0.0, 1.0 - self.decay).to(torch.float32)
+        torch._foreach_mul_(self.shadow, keep)
+        torch._foreach_add_(self.shadow, torch._foreach_mul([p.detach() for p in params], take))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

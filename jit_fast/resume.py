@@ -274,7 +274,11 @@ def _restore_dcp(start: StartPoint, state: TrainState, cfg: TrainConfig, env: D.
         fqn: st for fqn, st in sd["optim"]["state"].items()
         if all(f"optim.state.{fqn}.{k}" in saved for k in st)
     }
+    if "loss_scale" in sd and not any(k.startswith("loss_scale.") for k in saved):
+        sd.pop("loss_scale")  # fp16 continuing a bf16/fp32 checkpoint: the loss scale starts at its initial value
     dcp_load(sd, path, env.distributed, verify=not cfg.skip_checksum)
+    if "loss_scale" in sd:
+        state.scaling.load_state_dict(sd["loss_scale"])
     set_model_state_dict(state.net, sd["model"], options=StateDictOptions(strict=True))
     set_optimizer_state_dict(state.net, state.opt, sd["optim"], options=StateDictOptions(strict=False))
     for ema, key in ((state.ema1, "ema1"), (state.ema2, "ema2")):

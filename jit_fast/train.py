@@ -216,7 +216,6 @@ class Trainer:
         self.device = env.device
         self.out = Path(cfg.output_dir)
         self.precision, self.amp_dtype = D.resolve_precision(cfg.precision, self.device)
-        refuse_unscaled_fp16(self.precision)
         self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
         self.signal_received: str | None = None
         self.pbar = None
@@ -249,7 +248,7 @@ class Trainer:
             reshard_after_forward=self.cfg.reshard_after_forward,
         )
         net.train()
-        self.state = TrainState(net, self.cfg, self.base_lr, self.device)
+        self.state = TrainState(net, self.cfg, self.base_lr, self.device, loss_scaling=self.precision == "fp16")
         self.draws = BatchDraws(self.cfg, env, self.model_cfg.in_channels)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         if start is not None:
@@ -314,11 +313,7 @@ class Trainer:
             idx = self.draws.positions_dev[m]
             loss = self.micro_step(m, x, y, t_all[idx], drop_all[idx])
             self.meters.loss += loss.detach().float() / cfg.grad_accum
-        gnorm = self.state.grad_norm_and_clip(cfg.grad_clip, self.use_fsdp and self.env.world_size > 1)
-        self.state.opt.step()
-        self.state.opt.zero_grad(set_to_none=True)
-        self.state.update_emas()
-        self.meters.grad_norm += gnorm
+        self.meters.grad_norm += self.state.optimizer_step(cfg.grad_clip, self.use_fsdp and self.env.world_size > 1)
         self.meters.steps += 1
 
     def micro_step(self, m: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, drop: torch.Tensor
@@ -335,7 +330,7 @@ class Trainer:
                 P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps,
                 label_drop_prob=cfg.label_drop_prob, num_classes=cfg.num_classes,
             )
-        (loss / n_micro).backward()
+        self.state.scaling.scale(loss / n_micro).backward()
         return loss
 
     def flush_metrics(self) -> None:
@@ -348,6 +343,7 @@ class Trainer:
             return
         vals = torch.stack([mt.loss / mt.steps, mt.grad_norm / mt.steps, self.state.weights_exploded()])
         loss, gnorm, exploded = D.all_reduce_mean(self.env, vals).tolist()
+        gnorm, scaling = self.state.scaling.window(gnorm, mt.steps)  # fp16: skipped steps, loss scale
         now = time.perf_counter()
         check_not_diverged(loss, gnorm, exploded > 0, (mt.step0 + 1, self.step),
                            self.ckpt.last_saved or (self.resume.path if self.resume else None))
@@ -356,7 +352,7 @@ class Trainer:
         mfu = img_s * self.flops_per_image / (peak * self.env.world_size) if peak else None
         scalars = {"loss": loss, "lr": self.lr, "grad_norm": gnorm, "img_per_s": img_s,
                    "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
-                   "peak_mem_gb": peak_memory_gb(self.device)}
+                   "peak_mem_gb": peak_memory_gb(self.device), **scaling}
         if mfu is not None:
             scalars["mfu"] = mfu
         self.metrics.log(self.step, scalars)
@@ -497,13 +493,6 @@ class Trainer:
         full = self.total_steps == self.cfg.epochs * self.steps_per_epoch
         code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
-
-
-def refuse_unscaled_fp16(precision: str) -> None:
-    """fp16 autocast (what --precision auto picks on GPUs without bf16) needs loss scaling, not in the trainer yet."""
-    if precision == "fp16":
-        raise ConfigError("training in fp16 needs dynamic loss scaling, which train.py does not have yet; this GPU "
-                          "has no bf16 (sm < 80): pass --precision fp32")
 
 
 def check_not_diverged(loss: float, gnorm: float, exploded: bool, steps: tuple[int, int],

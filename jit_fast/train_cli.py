@@ -68,7 +68,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--attn-dropout",), "attn_dropout", float, "attention dropout of the middle blocks"),
     (("--proj-dropout",), "proj_dropout", float, "projection dropout of the middle blocks"),
     (("--kernels",), "kernels", str, "torch | triton"),
-    (("--precision",), "precision", str, "auto | bf16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)"),
+    (("--precision",), "precision", str, "auto | bf16 | fp16 | fp32 (auto: bf16 on sm_80+, fp16 on "
+                                                                     "older GPUs, fp32 on CPU)"),
     (("--device",), "device", str, "auto | cpu | cuda"),
     (("--seed",), "seed", int, "seed of init, data order and noise"),
     (("--fsdp",), "fsdp", str, "auto | on | off (auto: FSDP2 when world_size > 1)"),
@@ -176,7 +177,7 @@ def _flag(field: str) -> str:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the flag for a choice, range or combination that cannot work."""
-    choices = dict(lr_schedule=("constant", "cosine"), precision=("auto", "bf16", "fp32"),
+    choices = dict(lr_schedule=("constant", "cosine"), precision=("auto", "bf16", "fp16", "fp32"),
                    fsdp=("auto", "on", "off"), data_backend=("auto", "dali", "torch"), kernels=("torch", "triton"),
                    dali_filter=("cubic", "linear"),
                    solver=("heun", "euler"))

@@ -14,6 +14,7 @@ import torch
 from jit_fast import distributed as D
 from jit_fast.configs import ModelConfig, TrainConfig
 from jit_fast.ema import EMA
+from jit_fast.loss_scale import LossScaler
 from jit_fast.model import JiT
 
 # |x| beyond this in a parameter or EMA weight means the run has exploded even while the loss is finite
@@ -46,9 +47,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class TrainState:
-    """The net (plain or FSDP2), its AdamW and two EMAs, all in `named_parameters` order."""
+    """The net (plain or FSDP2), its AdamW, two EMAs (all in `named_parameters` order) and the fp16 loss scaler."""
 
-    def __init__(self, net: torch.nn.Module, cfg: TrainConfig, base_lr: float, device: torch.device) -> None:
+    def __init__(self, net: torch.nn.Module, cfg: TrainConfig, base_lr: float, device: torch.device,
+                 loss_scaling: bool = False) -> None:
         self.net = net
         self.names = [n for n, _ in net.named_parameters()]
         self.params = [p for _, p in net.named_parameters()]
@@ -59,6 +61,7 @@ class TrainState:
         locals_ = self.local_params()
         self.ema1 = EMA(locals_, cfg.ema_decay1)
         self.ema2 = EMA(locals_, cfg.ema_decay2)
+        self.scaling = LossScaler(loss_scaling, device, self.opt)
 
     def local_params(self) -> list[torch.Tensor]:
         """This rank's shards of all parameters (storage shared with the model)."""
@@ -76,11 +79,14 @@ class TrainState:
         return out
 
     def state_dict(self) -> dict:
-        """Everything DCP saves: sharded model, optimizer and both EMAs."""
+        """Everything DCP saves: sharded model, optimizer, both EMAs and (fp16) the loss scaler."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.net, self.opt)
-        return {"model": msd, "optim": osd, "ema1": self.ema_state(self.ema1), "ema2": self.ema_state(self.ema2)}
+        sd = {"model": msd, "optim": osd, "ema1": self.ema_state(self.ema1), "ema2": self.ema_state(self.ema2)}
+        if self.scaling.enabled:
+            sd["loss_scale"] = self.scaling.state_dict()
+        return sd
 
     def reapply_hparams(self, cfg: TrainConfig) -> None:
         """This run's weight decay and betas on a loaded optimizer state (a checkpoint's must not win)."""
@@ -89,10 +95,20 @@ class TrainState:
             g["betas"] = (cfg.beta1, cfg.beta2)
 
     def update_emas(self) -> None:
-        """Both EMAs take one step towards the current parameters."""
+        """Both EMAs take one step towards the current parameters (none on a step the loss scaler skipped)."""
         locals_ = self.local_params()
-        self.ema1.update(locals_)
-        self.ema2.update(locals_)
+        skip = self.scaling.found_inf if self.scaling.enabled else None
+        self.ema1.update(locals_, skip)
+        self.ema2.update(locals_, skip)
+
+    def optimizer_step(self, clip: float, sharded: bool) -> torch.Tensor:
+        """Unscale (fp16), clip, AdamW (skipped on an fp16 overflow), zero grads, EMAs; the grad norm (0 if skipped)."""
+        self.scaling.unscale()
+        gnorm = self.grad_norm_and_clip(clip, sharded)
+        self.scaling.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.update_emas()
+        return self.scaling.applied(gnorm)
 
     def grad_norm_and_clip(self, clip: float, sharded: bool) -> torch.Tensor:
         """Global L2 grad norm on device (all-reduced over shards when `sharded`); clip in place if `clip` > 0."""
