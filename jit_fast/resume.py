@@ -281,6 +281,7 @@ def _restore_dcp(start: StartPoint, state: TrainState, cfg: TrainConfig, env: D.
         state.scaling.load_state_dict(sd["loss_scale"])
     set_model_state_dict(state.net, sd["model"], options=StateDictOptions(strict=True))
     set_optimizer_state_dict(state.net, state.opt, sd["optim"], options=StateDictOptions(strict=False))
+    state.drop_optimizer_state(set(sd["optim"]["state"]))
     for ema, key in ((state.ema1, "ema1"), (state.ema2, "ema2")):
         torch._foreach_copy_(ema.shadow, [D.local(sd[key][n]) for n in state.names])
     state.reapply_hparams(cfg)

@@ -82,11 +82,22 @@ class TrainState:
         """Everything DCP saves: sharded model, optimizer, both EMAs and (fp16) the loss scaler."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        fresh = not self.opt.state
         msd, osd = get_state_dict(self.net, self.opt)
+        if fresh:  # get_state_dict gave AdamW a state by a zero-lr step; a run whose steps were all skipped has none
+            self.opt.state.clear()
+            osd["state"] = {}
         sd = {"model": msd, "optim": osd, "ema1": self.ema_state(self.ema1), "ema2": self.ema_state(self.ema2)}
         if self.scaling.enabled:
             sd["loss_scale"] = self.scaling.state_dict()
         return sd
+
+    def drop_optimizer_state(self, keep: set[str]) -> None:
+        """Forget the AdamW state of the parameters not named in `keep`: loading a checkpoint initializes every
+        state (by a zero-lr step), also of parameters whose state was not saved (no step applied a gradient yet)."""
+        for name, p in zip(self.names, self.params, strict=True):
+            if name not in keep:
+                self.opt.state.pop(p, None)
 
     def reapply_hparams(self, cfg: TrainConfig) -> None:
         """This run's weight decay and betas on a loaded optimizer state (a checkpoint's must not win)."""

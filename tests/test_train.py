@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from train_helpers import (
 )
 
 from jit_fast.checkpoint import latest_checkpoint, list_checkpoints
+from jit_fast.checkpoint.dcp import load_dcp_keys
 from jit_fast.configs import TrainConfig
 from jit_fast.seeds import mix_seed
 from jit_fast.train import Trainer, TrainingDiverged, main, run_training
@@ -33,16 +35,58 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_resume_is_bitwise(data: Path, tmp_path: Path) -> None:
-    """2N steps == N steps, save, resume, N steps (model, optimizer, both EMAs; crossing an epoch)."""
-    n = 5
+@pytest.mark.parametrize("precision, n", [("fp32", 5), ("fp16", 3)])
+def test_resume_is_bitwise(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, n: int
+                           ) -> None:
+    """2N steps == N steps, save, resume, N steps (model, optimizer, both EMAs; fp32 crosses an epoch).
+
+    fp16 starts at a loss scale the first steps overflow at, so the run only matches if the resumed scale, growth
+    tracker and skipped count are the saved ones, not the initial ones."""
+    monkeypatch.setattr("jit_fast.loss_scale.INIT_SCALE", 2.0**22)
     full, half = tmp_path / "full", tmp_path / "half"
-    assert main(tiny_argv(data, full, "--batch-size", "8", "--max-steps", str(2 * n))) == 0
-    assert main(tiny_argv(data, half, "--batch-size", "8", "--max-steps", str(n))) == 0
+    args = ("--batch-size", "8", "--precision", precision)
+    assert main(tiny_argv(data, full, *args, "--max-steps", str(2 * n))) == 0
+    assert main(tiny_argv(data, half, *args, "--max-steps", str(n))) == 0
     assert latest_checkpoint(half).name.endswith(f"{n:09d}")
-    assert main(tiny_argv(data, half, "--batch-size", "8", "--max-steps", str(2 * n), "--resume", str(half))) == 0
+    assert main(tiny_argv(data, half, *args, "--max-steps", str(2 * n), "--resume", str(half))) == 0
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(half))
     assert read_losses(full) == read_losses(half)
+    if precision == "fp16":
+        rows = [json.loads(r) for r in (half / "metrics.jsonl").read_text().splitlines()]
+        assert 0 < rows[n - 1]["skipped_steps"] and rows[n - 1]["loss_scale"] < 2.0**22
+        scale = [load_dcp_keys(latest_checkpoint(d), {"loss_scale"})["loss_scale"] for d in (full, half)]
+        assert scale[0].keys() == {"scale", "growth_tracker", "skipped"}
+        assert all(torch.equal(scale[0][k], scale[1][k]) for k in scale[0])
+
+
+def test_fp16_overflow_step_is_skipped_and_counted(data: Path, tmp_path: Path) -> None:
+    """An inf in one gradient (fp16 loss scaling): that step leaves the weights, the AdamW state and both EMAs as
+    they were, is counted in the metrics, halves the loss scale; the next step trains again."""
+    cfg, explicit = parse_config(tiny_argv(data, tmp_path / "r", "--batch-size", "8", "--max-steps", "4",
+                                           "--precision", "fp16", "--save-last-freq", "0"))
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def overflow_once(grad: torch.Tensor) -> torch.Tensor:
+        hook.remove()
+        return grad * math.inf
+
+    def spy(tr: Trainer) -> None:
+        nonlocal hook
+        st = tr.state
+        adam = [v for s in st.opt.state.values() for v in s.values()]
+        seen[tr.step] = [t.clone() for t in (*st.local_params(), *st.ema1.shadow, *st.ema2.shadow, *adam)]
+        if tr.step == 2:
+            hook = st.trainable[0].register_hook(overflow_once)
+
+    hook = None
+    assert run_training(cfg, explicit, step_callback=spy) == 0
+    same = [torch.equal(a, b) for a, b in zip(seen[2], seen[3], strict=True)]
+    assert all(same)
+    assert any(not torch.equal(a, b) for a, b in zip(seen[3], seen[4], strict=True))
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())}
+    assert [rows[s]["skipped_steps"] for s in (2, 3, 4)] == [0, 1, 1]
+    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] / 2 and rows[3]["grad_norm"] == 0.0
+    assert math.isfinite(rows[4]["grad_norm"]) and rows[4]["grad_norm"] > 0
 
 
 def test_resume_accepts_checkpoint_dir_and_file(data: Path, trained: Path, tmp_path: Path) -> None:
@@ -310,12 +354,3 @@ def test_compile_blocks_trains(data: Path, tmp_path: Path) -> None:
     la, lb = read_losses(a), read_losses(b)
     for s in la:
         assert lb[s] == pytest.approx(la[s], rel=1e-4)
-
-
-def test_fp16_training_is_refused_until_loss_scaling() -> None:
-    """GPUs without bf16 resolve --precision auto to fp16; without a GradScaler that would train unscaled."""
-    from jit_fast.train import refuse_unscaled_fp16
-
-    refuse_unscaled_fp16("bf16")
-    with pytest.raises(ConfigError, match="loss scaling.*--precision fp32"):
-        refuse_unscaled_fp16("fp16")
