@@ -266,7 +266,7 @@ def _restore_dcp(start: StartPoint, state: TrainState, cfg: TrainConfig, env: D.
     )
 
     path, meta = start.source.path, start.run
-    sd = state.state_dict()
+    sd = state.state_dict(template=True)
     # parameters that never received a gradient (e.g. unused in-context tokens) have no saved
     # optimizer state; they must not get one on resume either
     saved = dcp_keys(path, verify=not cfg.skip_checksum)

@@ -78,13 +78,17 @@ class TrainState:
             out[name] = s
         return out
 
-    def state_dict(self) -> dict:
-        """Everything DCP saves: sharded model, optimizer, both EMAs and (fp16) the loss scaler."""
+    def state_dict(self, template: bool = False) -> dict:
+        """Everything DCP saves: sharded model, optimizer, both EMAs and (fp16) the loss scaler.
+
+        A `template` (what a checkpoint is loaded into) has an AdamW state for every parameter; a saved one only
+        after a step was applied (get_state_dict initializes a fresh AdamW by a zero-lr step; fp16 loss scaling can
+        skip every step before a save)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        fresh = not self.opt.state
+        fresh = not self.opt.state and not template
         msd, osd = get_state_dict(self.net, self.opt)
-        if fresh:  # get_state_dict gave AdamW a state by a zero-lr step; a run whose steps were all skipped has none
+        if fresh:
             self.opt.state.clear()
             osd["state"] = {}
         sd = {"model": msd, "optim": osd, "ema1": self.ema_state(self.ema1), "ema2": self.ema_state(self.ema2)}
