@@ -8,6 +8,10 @@ parameters, writing the verdict to OUTPUT_DIR/ema_check.json.
 `grads`: builds the Trainer the CLI flags describe, perturbs its initial weights (identically at any world
 size), runs one real `train_step` and saves, from rank 0, the loss and every full gradient as the optimizer
 sees it. `first_step_grads` does the same in-process (one rank, no process group).
+
+`overflow ARGS` (fp16): puts an inf into one gradient shard of rank 1 only, at step 2, and writes per rank
+OUTPUT_DIR/overflow_rank<R>.json: skipped steps, whether this rank's weights and EMAs stayed as they were after
+step 1, and the loss scale.
 """
 
 from __future__ import annotations
@@ -93,16 +97,44 @@ def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
     return grads
 
 
+def overflow_check(argv: list[str]) -> int:
+    """Train (fp16) with an inf in rank 1's largest gradient shard at step 2; report what every rank did."""
+    cfg, explicit = parse_config(argv)
+    env = D.init_distributed(cfg.device)
+    try:
+        tr = Trainer(cfg, env, explicit)
+        st = tr.state
+        unscale, target = st.scaling.unscale, max(st.trainable, key=lambda p: p.numel())
+
+        def poisoned_unscale() -> None:
+            if tr.step == 1 and env.rank == 1:  # the second step, before its inf check
+                D.local(target.grad).view(-1)[0] = float("inf")
+            unscale()
+
+        st.scaling.unscale = poisoned_unscale
+        seen: dict[int, list[torch.Tensor]] = {}
+        tr.run(step_callback=lambda t: seen.setdefault(
+            t.step, [x.clone() for x in (*st.local_params(), *st.ema1.shadow, *st.ema2.shadow)]))
+        report = {"skipped": int(st.scaling.skipped.item()), "scale": st.scaling.scaler.get_scale(),
+                  "unchanged": all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))}
+        Path(cfg.output_dir, f"overflow_rank{env.rank}.json").write_text(json.dumps(report))
+    finally:
+        D.shutdown(env)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "ema":
         return ema_check(rest)
+    if mode == "overflow":
+        return overflow_check(rest)
     if mode == "grads":
         grads = first_step_grads(rest[1:])
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(grads, rest[0])
         return 0
-    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT)")
+    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow)")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,17 @@ def test_sigterm_kill_and_resume_is_bitwise(data: Path, cache: Path, ref2: Path,
     assert all(losses[s] == ref[s] for s in range(8, STEPS + 1))
 
 
+def test_fp16_overflow_on_one_rank_is_skipped_on_both(data: Path, cache: Path, tmp_path: Path) -> None:
+    """fp16 under FSDP2: an inf in one gradient shard of rank 1 alone makes both ranks skip that step (weights and
+    EMAs unchanged on each), count it and halve the loss scale; a rank stepping alone would split the model."""
+    out = tmp_path / "overflow"
+    p = torchrun([WORKER, "overflow", *two_rank_args(data, out, "--max-steps", "3", "--precision", "fp16")],
+                 env=subprocess_env(cache))
+    assert p.returncode == 0, describe(p)
+    reports = [json.loads((out / f"overflow_rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1] == {"skipped": 1, "scale": 2.0**15, "unchanged": True}, reports
+
+
 def test_reshard_two_ranks_to_one(data: Path, ref2: Path, tmp_path: Path) -> None:
     """A 2-rank checkpoint resumes on 1 rank with identical state; its next step's loss, computed from that
     bitwise-equal state on the same batch, equals the 2-rank run's up to fp32 summation order (later steps
