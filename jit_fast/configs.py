@@ -248,6 +248,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
+    max_memory_gb: float = 0.0  # GPU memory per rank (GiB) the modeled peak must fit before the first step; 0: no check
     # logging / checkpoints
     log_freq: int = 50
     save_freq_steps: int = 0
@@ -346,6 +347,7 @@ TRAIN_RANGES: dict[str, NumberRange] = {
     "signal_check_freq": INT_POSITIVE, "peak_tflops": NONNEGATIVE, "cfg": NONNEGATIVE,
     "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
     "eval_num_images": INT_NONNEGATIVE, "eval_freq": INT_POSITIVE, "gen_bsz": INT_POSITIVE,
+    "max_memory_gb": NONNEGATIVE,
 }
 
 

@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -301,6 +301,28 @@ def check_fits(p: MemoryPlan, budget: int) -> None:
     hints = " or ".join(h for h in hint if h) or "a smaller model or image size"
     raise MemoryPlanError(f"batch {p.batch} needs {p.peak() / GIB:.2f} GiB per rank (modeled) but "
                           f"{budget / GIB:.2f} GiB are available; try {hints}")
+
+
+def check_training_run(cfg: TrainConfig, precision: str, world_size: int, num_classes: int, device: torch.device,
+                       log: Callable[[str], None]) -> None:
+    """Before a run's first step: log the plan (on a GPU, or on any device with --max-memory-gb) and raise
+    MemoryPlanError when the modeled peak exceeds --max-memory-gb; without the flag a GPU's own memory is the
+    budget and a plan over it is only a warning (the plan is a model, not a measurement)."""
+    if device.type != "cuda" and not cfg.max_memory_gb:
+        return
+    p = plan_training(cfg, precision, world_size, num_classes)
+    if cfg.max_memory_gb:
+        log(p.format(round(cfg.max_memory_gb * GIB)))
+        try:
+            check_fits(p, round(cfg.max_memory_gb * GIB))
+        except MemoryPlanError as e:
+            raise MemoryPlanError(f"--max-memory-gb {cfg.max_memory_gb:g}: {e}") from None
+        return
+    budget = torch.cuda.get_device_properties(device).total_memory
+    log(p.format(budget))
+    if p.peak() > budget:
+        log(f"warning: the modeled peak {p.peak() / GIB:.2f} GiB exceeds this GPU's {budget / GIB:.2f} GiB; pass "
+            "--max-memory-gb to stop such runs before the first step")
 
 
 def main(argv: list[str] | None = None) -> int:

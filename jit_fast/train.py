@@ -34,6 +34,7 @@ from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_conf
 from jit_fast.demo_eval import score_demo_run
 from jit_fast.denoiser import flow_matching_loss, sample_t
 from jit_fast.errors import UserError
+from jit_fast.memory_plan import check_training_run
 from jit_fast.metrics import (
     DROPPED_METRICS_FILE,
     MetricsLogger,
@@ -238,6 +239,8 @@ class Trainer:
                 raise
             raise ConfigError(f"{e} (continuing {self.resume.path} by --auto-resume; pass --overwrite to start "
                               "over or choose another --output-dir)") from None
+        check_training_run(self.cfg, self.precision, env.world_size if self.use_fsdp else 1, self.cfg.num_classes,
+                           self.device, self.log)  # the memory plan: printed, and refused over --max-memory-gb
         net = self.build_model()
         self.has_dropout = self.model_cfg.attn_drop > 0 or self.model_cfg.proj_drop > 0
         self.n_params = sum(p.numel() for p in net.parameters())

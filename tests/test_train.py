@@ -354,3 +354,18 @@ def test_compile_blocks_trains(data: Path, tmp_path: Path) -> None:
     la, lb = read_losses(a), read_losses(b)
     for s in la:
         assert lb[s] == pytest.approx(la[s], rel=1e-4)
+
+
+def test_memory_plan_is_printed_and_a_run_over_max_memory_stops_before_training(data: Path, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """--max-memory-gb: rank 0 prints the modeled plan; a budget below the modeled peak is a one-line error before
+    the first step (no checkpoint, no metrics)."""
+    out = tmp_path / "small"
+    assert main(tiny_argv(data, out, "--max-steps", "1", "--max-memory-gb", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory-gb 0.5: batch 8 needs" in err and "GiB per rank (modeled)" in err
+    assert not (out / "metrics.jsonl").exists() and not list_checkpoints(out)
+    assert main(tiny_argv(data, tmp_path / "big", "--max-steps", "1", "--max-memory-gb", "64")) == 0
+    printed = capsys.readouterr().out
+    assert "memory plan (modeled, per rank): JiT-T/4 at 16px, batch 8 per rank, fp32" in printed
+    assert "largest batch per rank within 64 GiB" in printed
