@@ -12,8 +12,9 @@ Terms (bytes per rank; with FSDP2, world size > 1, every persistent state is sha
   computed from the parameters alone); FSDP2 instead holds its unsharded working set (modeled: the root's fp32
   parameters, two blocks gathered in the autocast dtype, one block's gradients unsharded for the reduce-scatter);
 - activations: the bytes autograd saves for backward (`jit_fast.saved_bytes`, counted on fake tensors, one
-  micro-batch). With activation checkpointing: what is saved outside the blocks, the block inputs the checkpoints
-  hold, and the largest block's saved bytes while it is recomputed in backward;
+  micro-batch). With activation checkpointing: what is saved outside the blocks (with the activations several
+  blocks share, the fused model's SiLU(c)), the block inputs the checkpoints hold, and the largest block's saved
+  bytes while it is recomputed in backward;
 - reserve: CUDA context, cuBLAS workspaces, gradients in flight and allocator slack (an assumed constant).
 Attention is counted as a flash kernel saves it (q, k, v, output, fp32 log-sum-exp; dropout keeps only its RNG
 state), which is what flash-attn and PyTorch's CUDA SDPA kernels save. The sum is the modeled peak: an estimate
@@ -62,7 +63,7 @@ class ActivationCount:
     """Saved-for-backward bytes of one forward of the flow-matching loss at one batch size."""
 
     total: int  # every activation saved (no checkpointing)
-    outside_blocks: int  # saved by the embedders, final layer and loss
+    outside_blocks: int  # saved by the embedders, final layer and loss, and activations shared by several blocks
     block_inputs: int  # activation storages handed to the blocks and not saved outside (what checkpoints hold)
     recompute: tuple[int, ...]  # per block: what it saves beyond its own inputs (allocated again when recomputed)
     weight_copies: int  # saved tensors computed from parameters alone that are not parameters (autocast casts)
@@ -97,16 +98,20 @@ class _BlockSaved(SavedBytes):
             if key not in self.constant_storages:
                 self.inputs[index].add(key)
                 self.nbytes[key] = t.untyped_storage().nbytes()
+                self.alive.append(t.untyped_storage())
 
     def count(self) -> ActivationCount:
         """The totals of a finished forward."""
         acts = self.activations
         size = {**self.nbytes, **acts}
-        outside = self.packed[-1] & acts.keys()
+        # computed outside the blocks and handed to several of them (the fused model's SiLU(c), made once for every
+        # adaLN): the checkpoints keep it for the whole backward, as an activation saved outside the blocks
+        shared = {k for k in set().union(*self.inputs) if sum(k in inputs for inputs in self.inputs) > 1}
+        outside = (self.packed[-1] & acts.keys()) | shared
         held = set().union(*self.inputs) - outside
         recompute = tuple(sum(acts[k] for k in (packed & acts.keys()) - inputs)
                           for packed, inputs in zip(self.packed, self.inputs, strict=False))
-        return ActivationCount(self.activation_bytes, sum(acts[k] for k in outside), sum(size[k] for k in held),
+        return ActivationCount(self.activation_bytes, sum(size[k] for k in outside), sum(size[k] for k in held),
                                recompute, 0)
 
 

@@ -34,6 +34,9 @@ class SavedBytes:
         self.constant_storages = {storage_key(t) for t in constants}
         self.activations: dict[int, int] = {}
         self.weights: dict[int, int] = {}
+        # every storage a key was taken of stays referenced until the count is dropped: a freed storage's address
+        # (its key) can be reused by a later tensor, which would then be counted as that storage
+        self.alive: list[torch.UntypedStorage] = []
 
     @property
     def activation_bytes(self) -> int:
@@ -54,12 +57,14 @@ class SavedBytes:
             ins = [t for t in ins if id(t) not in written]
         if ins and all(storage_key(t) in self.constant_storages for t in ins):
             self.constant_storages.update(storage_key(t) for t in outs)
+            self.alive.extend(t.untyped_storage() for t in outs)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """saved_tensors_hooks pack hook: remember the storage's bytes once, as activation or weight."""
         key = storage_key(t)
         bucket = self.weights if key in self.constant_storages else self.activations
         bucket[key] = t.untyped_storage().nbytes()
+        self.alive.append(t.untyped_storage())
         return t
 
 

@@ -76,9 +76,6 @@ def test_activations_are_affine_in_the_batch_and_largest_batch_fits(tiny_plan):
     assert p.largest_batch(p.fixed_bytes) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="known: since the fused model computes SiLU(c) once for all blocks (issue 16), "
-                   "a checkpointed run saves 1280 bytes more than the plan's outside term on this tiny model; the "
-                   "plan must count that shared activation")
 def test_really_checkpointed_run_saves_the_outside_term_and_the_streams(tiny_plan):
     """With the blocks really checkpointed (`distributed.checkpoint_block_forward`, torch's non-reentrant checkpoint)
     autograd saves exactly the plan's outside-the-blocks term plus each block's residual-stream input, which
