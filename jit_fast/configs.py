@@ -248,7 +248,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
-    max_memory_gb: float = 0.0  # GPU memory per rank (GiB) the modeled peak must fit before the first step; 0: no check
+    max_memory_gb: float = 0.0  # GiB per rank the modeled peak must fit before the first step; 0: a GPU only warns
     # logging / checkpoints
     log_freq: int = 50
     save_freq_steps: int = 0

@@ -79,7 +79,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--keep-last",), "keep_last", int, "checkpoints kept (0: all)"),
     (("--signal-check-freq",), "signal_check_freq", int, "steps between preemption-flag agreements"),
     (("--max-memory-gb",), "max_memory_gb", float, "GPU memory per rank, GiB: print the modeled memory plan and stop "
-                                                   "before the first step if it does not fit (0: no check)"),
+                                                   "before the first step if it does not fit (0: a GPU only warns)"),
     (("--peak-tflops",), "peak_tflops", float, "per-device peak TFLOP/s for MFU (default: from GPU name)"),
     (("--cfg",), "cfg", float, "CFG scale of the evaluations (online, --evaluate-gen, demo)"),
     (("--interval-min",), "interval_min", float, "CFG interval start (evaluations)"),
