@@ -432,6 +432,11 @@ class SampleConfig:
     device: str = "auto"
     overwrite: bool = False
     keep_parts: bool = False
+    # text models (docs/TEXT.md): prompts (image i gets prompt i % P) and the encoder (default: the checkpoint's)
+    prompt: tuple[str, ...] = ()
+    prompts: Path | None = None
+    images_per_prompt: int | None = None
+    text_encoder: str | None = None
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleConfig:
@@ -449,7 +454,7 @@ class SampleConfig:
         if a.num_images is None:
             given["num_images"] = DEFAULT_NUM_IMAGES
         given.update(cfg=tuple(given["cfg"]), interval=tuple(given["interval"]), ema=tuple(given["ema"]),
-                     out=Path(given["out"]))
+                     out=Path(given["out"]), prompt=tuple(given["prompt"] or ()))
         return cls(**given)
 
     def validate(self) -> None:
@@ -468,5 +473,7 @@ class SampleConfig:
             raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
         if self.fid_ref is not None and not self.metrics:
             raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
+        if self.images_per_prompt is not None and self.num_images_given:
+            raise UsageError("--images-per-prompt sets --num-images (prompts x images per prompt): pass one of them")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")

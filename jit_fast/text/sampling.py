@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig
+from jit_fast.errors import UsageError
+from jit_fast.files import atomic_write
 from jit_fast.text.encoder import EncoderError, EncoderSpec, TextEncoder
+from jit_fast.text.prompts import read_prompts
 
 
 def recorded_spec(spec: dict | None, source: str) -> EncoderSpec:
@@ -81,3 +85,39 @@ def demo_condition(encoder: TextEncoder, mcfg: ModelConfig) -> Callable[[torch.T
         return table[rows.to(table.device)]
 
     return condition
+
+
+def text_encoder_for(net: torch.nn.Module, meta, device: torch.device, name: str | None, prompted: bool
+                     ) -> TextEncoder | None:
+    """The matching encoder of a text model (its empty caption set), None for a class model; prompts for a class
+    model are refused."""
+    mcfg = net.cfg
+    if mcfg.conditioning != "text":
+        if prompted:
+            raise UsageError(f"--prompt/--prompts/--images-per-prompt need a text model; {meta.source} is "
+                             "class-conditional")
+        return None
+    encoder = load_matching_encoder(recorded_spec(meta.text_encoder, str(meta.source)), device, name)
+    set_empty_text(net, encoder, mcfg)
+    return encoder
+
+
+def with_empty_text(net: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` completed with the net's empty-caption buffers where it lacks them (EMA weight sets hold parameters)."""
+    own = {k: v for k, v in net.state_dict().items() if k.startswith("y_embedder.empty_")}
+    return {**own, **sd}
+
+
+def sampling_prompts(prompt: tuple[str, ...], prompts_file: Path | None) -> list[str]:
+    """The prompts of a launch: every --prompt, then the lines of --prompts; refused when there are none."""
+    out = list(prompt) + (read_prompts(prompts_file) if prompts_file is not None else [])
+    if not out:
+        raise UsageError("a text model samples from captions: pass --prompt TEXT (repeatable) or --prompts FILE")
+    return out
+
+
+def write_grid_captions(path: Path, prompts: list[str], shown: int, cols: int) -> None:
+    """The caption of every image of the grid (image i has prompt i % P), row by row, beside grid.png."""
+    cols = min(cols, shown)
+    lines = [f"row {i // cols} col {i % cols}\t{prompts[i % len(prompts)]}" for i in range(shown)]
+    atomic_write(path, "\n".join(lines) + "\n")
