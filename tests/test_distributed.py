@@ -310,6 +310,7 @@ def test_fused_table_under_fsdp2_matches_unsharded() -> None:
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
 
 
+@pytest.mark.slow  # torchrun: ~35 s on this machine while shared
 def test_two_ranks_match_one_rank_with_text(cache: Path, tmp_path: Path) -> None:
     """A text model from a caption cache: 2 FSDP2 ranks give the 1-rank loss and gradients (fp32 summation order).
     A rank gathering the cache rows of other samples, or an unreduced text projection, misses by orders."""
