@@ -95,3 +95,17 @@ def test_caches_that_do_not_fit_are_refused(text, run: Path, tmp_path: Path, cap
     assert main(resumed) == 2
     err = capsys.readouterr().err
     assert "index.json" in err and "revision" in err
+
+
+def test_live_frozen_encoder_trains_without_a_cache_and_stays_out_of_the_checkpoint(text, run: Path,
+                                                                                      tmp_path: Path) -> None:
+    """--text-encoder without --text-cache encodes each batch's captions per step (the fork's way): the encoder is
+    recorded, but its weights reach neither the optimizer nor the checkpoint (same keys as the cached run)."""
+    data, cache, _ = text
+    spec = TextCache(cache).spec
+    out = tmp_path / "live"
+    assert main(tiny_argv(data, out, "--model", "JiT-T/4-Text", "--text-encoder", spec.name, "--null-text", "empty",
+                          "--max-steps", "2")) == 0
+    meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())["model_meta"]
+    assert meta["text_encoder"] == spec.to_dict()
+    assert checkpoint_tensors(out).keys() == checkpoint_tensors(run).keys()
