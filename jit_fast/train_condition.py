@@ -75,6 +75,9 @@ class ConditionSource:
                 raise UsageError(f"--text-cache / --text-encoder are for text models; {cfg.model} is class-"
                                  "conditional (use a -Text model or --use-text-conditioning)")
             return src
+        if cfg.online_eval:
+            raise UsageError("--online-eval samples class labels; for a text model evaluate checkpoints with "
+                             "sample.py --ckpt RUN --prompts FILE --fid-ref REF")
         mcfg = text_layout(cfg)
         src.seq_len = mcfg.in_context_len if mcfg.text_tokens == "sequence" else 0
         if cfg.text_cache or not cfg.text_encoder:
