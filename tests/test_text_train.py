@@ -109,3 +109,16 @@ def test_live_frozen_encoder_trains_without_a_cache_and_stays_out_of_the_checkpo
     meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())["model_meta"]
     assert meta["text_encoder"] == spec.to_dict()
     assert checkpoint_tensors(out).keys() == checkpoint_tensors(run).keys()
+
+
+def test_fork_flag_spellings_and_the_unsupported_unfrozen_encoder() -> None:
+    """The fork's flags map onto ours; --text-tokens/--null-text are model args; --no-freeze-llm is refused."""
+    from jit_fast.train_cli import ConfigError, parse_config
+
+    cfg, _ = parse_config(["--preset", "demo", "--use_text_conditioning", "--llm_model_name", "org/llm",
+                           "--max_text_len", "64", "--freeze_llm", "--text-tokens", "sequence", "--null-text", "empty"])
+    assert (cfg.model, cfg.text_encoder, cfg.max_text_len) == ("JiT-T/4-Text", "org/llm", 64)
+    assert cfg.extra_model_args["text_tokens"] == "sequence" and cfg.extra_model_args["null_text"] == "empty"
+    assert cfg.extra_model_args["hidden_size"] == 128  # the preset's model args are kept
+    with pytest.raises(ConfigError, match="--no-freeze-llm .* not supported yet"):
+        parse_config(["--preset", "demo-text", "--no-freeze-llm"])
