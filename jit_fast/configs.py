@@ -276,6 +276,15 @@ class TrainConfig:
     wandb: str = ""  # Weights & Biases project ("": off)
     profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1
     extra_model_args: dict = field(default_factory=dict)
+    # text conditioning (issue 14, docs/TEXT.md): a -Text model reads caption embeddings from --text-cache, or
+    # runs the frozen --text-encoder per step; "" / 0 mean "take it from the cache" (text_tokens and null_text
+    # are --model-arg shorthands, folded into extra_model_args by the parser)
+    use_text_conditioning: bool = False  # the fork's switch: the model's -Text twin
+    text_cache: str = ""
+    text_encoder: str = ""
+    text_encoder_revision: str = ""
+    max_text_len: int = 0
+    freeze_llm: bool = True
 
 
 # Run presets for `train.py --preset NAME`: TrainConfig fields; explicit flags override them.
@@ -298,6 +307,35 @@ RUN_PRESETS: dict[str, dict] = {
         warmup_epochs=1.0,
         epochs=100000,
         max_steps=1500,
+        ema_decay1=0.995,
+        ema_decay2=0.99,
+        log_freq=50,
+        save_freq_steps=500,
+        keep_last=1,
+        num_workers=0,
+        demo_eval=True,
+        eval_steps=10,
+        cfg=2.0,
+        interval_min=0.0,
+        interval_max=1.0,
+    ),
+    # CPU text-to-image demo: the same digits, each captioned in one of six phrasings, a tiny local text encoder
+    # (nothing downloaded) whose embeddings are cached once, then the demo evaluation prompted with captions.
+    "demo-text": dict(
+        model="JiT-T/4-Text",
+        extra_model_args=dict(hidden_size=128, depth=4, num_heads=4, patch_size=8, in_context_len=4,
+                              bottleneck_dim=32),
+        img_size=32,
+        demo_data=True,
+        data_backend="torch",
+        flip=False,
+        output_dir="output/demo-text",
+        auto_resume=True,
+        batch_size=64,
+        lr=1e-3,
+        warmup_epochs=1.0,
+        epochs=100000,
+        max_steps=3000,
         ema_decay1=0.995,
         ema_decay2=0.99,
         log_freq=50,
@@ -348,6 +386,7 @@ TRAIN_RANGES: dict[str, NumberRange] = {
     "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
     "eval_num_images": INT_NONNEGATIVE, "eval_freq": INT_POSITIVE, "gen_bsz": INT_POSITIVE,
     "max_memory_gb": NONNEGATIVE,
+    "max_text_len": INT_NONNEGATIVE,
 }
 
 
@@ -395,6 +434,11 @@ class SampleConfig:
     device: str = "auto"
     overwrite: bool = False
     keep_parts: bool = False
+    # text models (docs/TEXT.md): prompts (image i gets prompt i % P) and the encoder (default: the checkpoint's)
+    prompt: tuple[str, ...] = ()
+    prompts: Path | None = None
+    images_per_prompt: int | None = None
+    text_encoder: str | None = None
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleConfig:
@@ -412,7 +456,7 @@ class SampleConfig:
         if a.num_images is None:
             given["num_images"] = DEFAULT_NUM_IMAGES
         given.update(cfg=tuple(given["cfg"]), interval=tuple(given["interval"]), ema=tuple(given["ema"]),
-                     out=Path(given["out"]))
+                     out=Path(given["out"]), prompt=tuple(given["prompt"] or ()))
         return cls(**given)
 
     def validate(self) -> None:
@@ -431,5 +475,7 @@ class SampleConfig:
             raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
         if self.fid_ref is not None and not self.metrics:
             raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
+        if self.images_per_prompt is not None and self.num_images_given:
+            raise UsageError("--images-per-prompt sets --num-images (prompts x images per prompt): pass one of them")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+from jit_fast.conditioning import Condition
 from jit_fast.configs import TrainConfig
 from jit_fast.data.demo import demo_arrays
 from jit_fast.denoiser import Net
@@ -132,8 +133,11 @@ def evaluate_demo(
     num_images: int = 500,
     batch_size: int = 250,
     device: torch.device | str | None = None,
+    condition: Callable[[torch.Tensor, int], Condition] | None = None,
 ) -> dict:
-    """Sample `num_images` class-balanced digits, write `grid.png` and `demo_eval.json` to out_dir, return metrics."""
+    """Sample `num_images` class-balanced digits, write `grid.png` and `demo_eval.json` to out_dir, return metrics.
+
+    `condition(labels, start)` turns the digits of images start, start+1, ... into a text model's prompts."""
     if num_classes != 10:
         raise ValueError(f"the demo evaluation classifies the 10 digits; the model has num_classes={num_classes}")
     if num_images < 2 * num_classes:
@@ -144,7 +148,8 @@ def evaluate_demo(
     labels = torch.arange(num_images) % num_classes
     chunks = []
     for start in range(0, num_images, batch_size):
-        y = labels[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size]
+        y = y.to(device) if condition is None else condition(y, start)
         chunks.append(sample(net, y, steps=steps, solver=solver, cfg=cfg, interval=interval, noise_scale=noise_scale,
                              seed=seed, num_classes=num_classes, t_eps=t_eps, index_offset=start,
                              img_size=img_size).cpu())
@@ -212,12 +217,14 @@ def summary(result: dict) -> str:
     return text + f"; grid {result['grid']}"
 
 
-def score_demo_run(net: Net, cfg: TrainConfig, out_dir: Path, full_schedule: bool, log: Callable[[str], None]) -> int:
+def score_demo_run(net: Net, cfg: TrainConfig, out_dir: Path, full_schedule: bool, log: Callable[[str], None],
+                   condition: Callable[[torch.Tensor, int], Condition] | None = None) -> int:
     """The demo run's evaluation with its sampling flags; exit code 1 only if the full schedule missed a target.
 
-    A run cut short by --max-steps is scored and reported, but exits 0."""
+    A run cut short by --max-steps is scored and reported, but exits 0. A text run passes its prompts' `condition`."""
     kwargs = dict(cfg=cfg.cfg, interval=(cfg.interval_min, cfg.interval_max), steps=cfg.eval_steps,
-                  solver=cfg.solver, noise_scale=cfg.noise_scale, num_classes=cfg.num_classes,
+                  solver=cfg.solver, noise_scale=cfg.noise_scale,
+                  num_classes=cfg.num_classes if condition is None else 10, condition=condition,
                   seed=cfg.seed, img_size=cfg.img_size, t_eps=cfg.t_eps)
     if cfg.eval_num_images:
         kwargs["num_images"] = cfg.eval_num_images

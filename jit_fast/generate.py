@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,6 +38,7 @@ from jit_fast import distributed as D
 from jit_fast import fid, integrity
 from jit_fast.checkpoint import CheckpointError, ModelMeta, build_model_from_meta, load_weights
 from jit_fast.checkpoint.weights import check_state_dict
+from jit_fast.conditioning import Condition, TextCondition
 from jit_fast.configs import (
     INT_NONNEGATIVE,
     INT_POSITIVE,
@@ -53,7 +55,7 @@ from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.errors import UsageError, UserError
 from jit_fast.files import atomic_write
 from jit_fast.model import JiT
-from jit_fast.outputs import BackgroundWriter, PartStore, write_pngs, write_samples
+from jit_fast.outputs import GRID_COLUMNS, GRID_IMAGES, BackgroundWriter, PartStore, write_pngs, write_samples
 from jit_fast.sampler import (
     SOLVERS,
     StaticSampler,
@@ -61,6 +63,16 @@ from jit_fast.sampler import (
     image_noise,
     nfe_per_image,
     to_uint8,
+)
+from jit_fast.text.encoder import TextEncoder
+from jit_fast.text.prompts import PROMPT_RULE, prompt_conditions, prompt_indices
+from jit_fast.text.sampling import (
+    demo_condition,
+    encode_prompts,
+    sampling_prompts,
+    text_encoder_for,
+    with_empty_text,
+    write_grid_captions,
 )
 
 EMA_NAMES = ("ema1", "ema2", "model")
@@ -105,6 +117,7 @@ def load_weight_set(ckpt: str | Path, which: str, net: JiT | None = None,
     """(state dict, metadata) of weight set `which`; checked against `net` when given."""
     sd, meta = load_weights(ckpt, which, verify)
     if net is not None:
+        sd = with_empty_text(net, sd)
         check_state_dict(net, sd, f"{meta.source or ckpt} [{which}]")
     return sd, meta
 
@@ -194,8 +207,11 @@ class Setting:
 class Evaluator:
     """Sampler, Inception and reference statistics shared by every setting of a launch."""
 
-    def __init__(self, conf: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta, ckpt_info: dict) -> None:
+    def __init__(self, conf: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta, ckpt_info: dict,
+                 texts: tuple[list[str], TextCondition] | None = None) -> None:
         self.conf, self.env = conf, env
+        self.prompts, self.encoded = texts if texts is not None else (None, None)
+        self.text_encoder = meta.text_encoder
         self.rank, self.world, device = env.rank, env.world_size, env.device
         self.device = device
         self.ckpt_info = ckpt_info
@@ -233,7 +249,9 @@ class Evaluator:
         return {
             "ema": s.ema, "cfg": s.cfg, "interval": list(a.interval), "steps": a.steps, "solver": a.solver,
             "seed": a.seed, "num_images": a.num_images, "batch_size": a.batch_size,
-            "noise_scale": self.noise_scale, "t_eps": self.t_eps, "labels": LABEL_RULE,
+            "noise_scale": self.noise_scale, "t_eps": self.t_eps,
+            "labels": LABEL_RULE if self.prompts is None else PROMPT_RULE,
+            **({} if self.prompts is None else {"prompts": self.prompts, "text_encoder": self.text_encoder}),
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
             "compile": bool(a.compile), "device_type": self.device.type,
             "model": dataclasses.asdict(self.mcfg),
@@ -262,9 +280,9 @@ class Evaluator:
                 part = store.load(k, en - st) if done else None
                 if part is None:
                     noise = next(noises) if not done else image_noise(a.seed, range(st, en), shape)
-                    y = class_labels(st, en, self.mcfg.num_classes)
+                    y, labels = self.conditions(st, en)
                     u8 = to_uint8(self.sampler.run(noise, y.to(self.device), s.cfg))
-                    images, labels = u8.cpu().numpy(), y.numpy()
+                    images = u8.cpu().numpy()
                     writer.put(lambda k=k, im=images, lab=labels: store.save(k, im, lab))
                     generated += en - st
                 else:
@@ -296,12 +314,23 @@ class Evaluator:
             shutil.rmtree(store.root, ignore_errors=True)
         return row
 
+    def conditions(self, start: int, end: int) -> tuple[Condition, np.ndarray]:
+        """The condition of images [start, end) and what samples.npz records as their labels (prompt numbers)."""
+        if self.prompts is None:
+            y = class_labels(start, end, self.mcfg.num_classes)
+            return y, y.numpy()
+        return (prompt_conditions(self.encoded, start, end),
+                prompt_indices(start, end, len(self.prompts)).numpy())
+
     def _finish(self, s: Setting, out: Path, store: PartStore, config: dict, feats, generated: int,
                 resumed: int, seconds: float) -> dict:
         a = self.conf
         ks = [k for k, _, _ in chunk_ranges(a.num_images, a.batch_size)]
         image_shape = (self.mcfg.input_size, self.mcfg.input_size, self.mcfg.in_channels)
         write_samples(out, store, ks, image_shape, a.num_images, None if a.no_npz else a.npz_keys, a.batch_size)
+        if self.prompts is not None:
+            write_grid_captions(out / "grid_captions.txt", self.prompts, min(GRID_IMAGES, a.num_images),
+                                GRID_COLUMNS)
         metrics: dict = {"num_images": a.num_images}
         if feats is not None:
             if feats[fid.POOL].shape[0] != a.num_images:
@@ -324,7 +353,9 @@ class Evaluator:
                        "world_size": self.world, "device": str(self.device),
                        "cuda_graph": self.sampler.use_graphs},
             "outputs": {"dir": str(out), "npz": None if a.no_npz else str(out / "samples.npz"),
-                        "grid": str(out / "grid.png"), "png_dir": str(out / "images") if a.png else None},
+                        "grid": str(out / "grid.png"),
+                        "grid_captions": None if self.prompts is None else str(out / "grid_captions.txt"),
+                        "png_dir": str(out / "images") if a.png else None},
             "versions": _versions(),
         }
         atomic_write(out / "metrics.json", json.dumps(row, indent=2) + "\n")
@@ -414,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--prompt", action="append", default=None, help="text models: a caption (repeatable)")
+    p.add_argument("--prompts", type=Path, default=None, help="text models: a file of captions, one per line")
+    p.add_argument("--images-per-prompt", type=INT_POSITIVE, default=None,
+                   help="text models: images of each prompt (image i gets prompt i %% P; default 1)")
+    p.add_argument("--text-encoder", default=None, help="text models: the encoder (hub id or dir; default: the one "
+                   "the checkpoint records, which must match its revision)")
     p.add_argument("--overwrite", action="store_true", help="discard chunks of a different earlier run in OUT")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after finishing")
     return p
@@ -450,11 +487,20 @@ def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     rank, device = env.rank, env.device
     sd, meta = load_weight_set(a.ckpt, a.ema[0], verify=not a.skip_checksum)
     net = build_net(meta, a, device)
+    prompted = bool(a.prompt or a.prompts or a.images_per_prompt)
+    encoder = text_encoder_for(net, meta, device, a.text_encoder, prompted)
+    sd = with_empty_text(net, sd)
     check_state_dict(net, sd, f"{meta.source or a.ckpt} [{a.ema[0]}]")
     swap_weights(net, sd)
     del sd
     if a.preset == "demo":
-        return [run_demo(a, net, env, meta)]
+        return [run_demo(a, net, env, meta, encoder)]
+    texts = None
+    if encoder is not None:
+        prompts = sampling_prompts(a.prompt, a.prompts)
+        texts = (prompts, encode_prompts(encoder, prompts, net.cfg))
+        if not a.num_images_given:
+            a = dataclasses.replace(a, num_images=len(prompts) * (a.images_per_prompt or 1), num_images_given=True)
     err = None
     if rank == 0:  # every further weight set of a sweep must load before hours of sampling start
         for e in a.ema[1:]:
@@ -470,7 +516,7 @@ def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     sha = D.broadcast_object(env, checkpoint_sha256(source) if rank == 0 else None)
     ckpt_info = {"path": str(source), "kind": meta.kind, "sha256": sha,
                  "step": meta.step, "epoch": meta.epoch}
-    ev = Evaluator(a, net, env, meta, ckpt_info)
+    ev = Evaluator(a, net, env, meta, ckpt_info, texts)
     print_nfe(a, rank)
     settings = [Setting(e, c) for e in a.ema for c in a.cfg]
     sweep = len(settings) > 1
@@ -513,12 +559,14 @@ def write_sweep(out: Path, rows: list[dict]) -> None:
               f"({key} {best['metrics'][key]:.4f})", flush=True)
 
 
-def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta) -> dict | None:
-    """`--preset demo`: the demo evaluation of `train.py --preset demo` (class-by-row grid, digit accuracy)."""
+def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta,
+             encoder: TextEncoder | None = None) -> dict | None:
+    """`--preset demo`: the demo evaluation of `train.py --preset demo` or `demo-text` (grid, digit accuracy)."""
     noise_scale, t_eps = recipe(a, meta, net.cfg)
+    condition = None if encoder is None else demo_condition(encoder, net.cfg)
     kwargs = dict(cfg=a.cfg[0], interval=a.interval, steps=a.steps, solver=a.solver, seed=a.seed,
-                  num_classes=net.cfg.num_classes, img_size=net.cfg.input_size, device=env.device,
-                  noise_scale=noise_scale, t_eps=t_eps)
+                  num_classes=net.cfg.num_classes if encoder is None else 10, img_size=net.cfg.input_size,
+                  device=env.device, noise_scale=noise_scale, t_eps=t_eps, condition=condition)
     if a.num_images_given:
         kwargs["num_images"] = a.num_images
     result = None

@@ -20,9 +20,10 @@ from jit_fast.files import atomic_write
 
 ArraySpec = tuple[tuple[int, ...], np.dtype, Callable[[], Iterator[np.ndarray]]]
 GRID_IMAGES = 64
+GRID_COLUMNS = 8
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+def save_grid(images: np.ndarray, path: Path, cols: int = GRID_COLUMNS) -> None:
     """Save uint8 NHWC images as one PNG grid with 2-pixel gaps."""
     Image.fromarray(grid_canvas(images, cols)).save(path)
 

@@ -30,6 +30,7 @@ from jit_fast import distributed as D
 from jit_fast import generate
 from jit_fast.checkpoint.dcp import CheckpointManager
 from jit_fast.checkpoint.meta import ModelMeta
+from jit_fast.conditioning import Condition
 from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_config
 from jit_fast.demo_eval import score_demo_run
 from jit_fast.denoiser import flow_matching_loss, sample_t
@@ -61,6 +62,7 @@ from jit_fast.resume import (
 )
 from jit_fast.seeds import dropout_seed, mix_seed
 from jit_fast.train_cli import ConfigError, parse_config
+from jit_fast.train_condition import ConditionSource, describe_rows, is_text_run
 from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
 
 EXIT_USAGE = 2
@@ -88,9 +90,9 @@ def build_train_loader(cfg: TrainConfig, env: D.DistEnv):
 
     def make():
         if cfg.demo_data:
-            from jit_fast.data import prepare_demo
+            from jit_fast.data import prepare_demo, prepare_demo_text
 
-            root = prepare_demo(size=cfg.img_size)
+            root = (prepare_demo_text if is_text_run(cfg) else prepare_demo)(size=cfg.img_size)
         else:
             root = resolve_data_root(cfg.data_path)
         return build_loader(
@@ -98,6 +100,7 @@ def build_train_loader(cfg: TrainConfig, env: D.DistEnv):
             backend=None if cfg.data_backend == "auto" else cfg.data_backend,
             rank=env.rank, world_size=env.world_size, seed=cfg.seed, epoch=0, shuffle=True, flip=cfg.flip,
             output="float", device=env.device, num_workers=cfg.num_workers, dali_filter=cfg.dali_filter,
+            captions=is_text_run(cfg),
         )
 
     def attempt():
@@ -226,13 +229,14 @@ class Trainer:
             if start is not None:
                 self.cfg = merge_model_meta(self.cfg, self.explicit, start)
             self.loader = build_train_loader(self.cfg, env)
-            self.cfg = fit_num_classes(self.cfg, self.loader.num_classes)
+            self.cond = ConditionSource.build(self.cfg, self.loader, env, start and start.model_meta.text_encoder)
+            self.cfg = self.cond.fit_config(fit_num_classes(self.cfg, self.loader.num_classes))
             self.global_batch = self.cfg.batch_size * env.world_size * self.cfg.grad_accum
             self.base_lr = checked_base_lr(self.cfg, self.global_batch)
             self.steps_per_epoch = count_steps_per_epoch(self.cfg, len(self.loader))
             total = self.cfg.epochs * self.steps_per_epoch
             self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
-            self.model_meta = model_meta(self.cfg)
+            self.model_meta = self.cond.record(model_meta(self.cfg))
             self.model_cfg = train_model_config(self.cfg, self.model_meta, start)
         except ConfigError as e:  # say which run is being continued when the user did not name it
             if self.resume is None or cfg.resume:
@@ -283,7 +287,7 @@ class Trainer:
     def build_model(self) -> JiT:
         """The network to train, with identical initial weights on every rank and at every world size."""
         torch.manual_seed(self.cfg.seed)
-        return JiT(self.model_cfg)
+        return self.cond.prepare(JiT(self.model_cfg))
 
     def _restore(self, start: StartPoint) -> None:
         """Continue from `start`: weights, optimizer, EMAs, RNGs and progress."""
@@ -314,12 +318,12 @@ class Trainer:
         for m in range(cfg.grad_accum):
             x, y = next(batches)
             idx = self.draws.positions_dev[m]
-            loss = self.micro_step(m, x, y, t_all[idx], drop_all[idx])
+            loss = self.micro_step(m, x, self.cond(y), t_all[idx], drop_all[idx])
             self.meters.loss += loss.detach().float() / cfg.grad_accum
         self.meters.grad_norm += self.state.optimizer_step(cfg.grad_clip, self.use_fsdp and self.env.world_size > 1)
         self.meters.steps += 1
 
-    def micro_step(self, m: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, drop: torch.Tensor
+    def micro_step(self, m: int, x: torch.Tensor, y: Condition, t: torch.Tensor, drop: torch.Tensor
                    ) -> torch.Tensor:
         """Loss of micro-batch `m` of this step and its backward (gradients sync on the last one)."""
         cfg, n_micro = self.cfg, self.cfg.grad_accum
@@ -403,7 +407,7 @@ class Trainer:
         # a checkpoint we resumed from counts as this run's save only if it lives in this run's directory
         own = self.resume is not None and self.resume.kind == "dcp" and is_own_checkpoint(self.resume, self.out)
         self.last_save_step = self.step if own else -1
-        self._announce()
+        self.log(describe_run(self))
         if self.resume is not None and self.step >= self.total_steps:
             self.log(f"{self.out} is already trained to step {self.step}: nothing to train"
                      f"{', re-running the demo evaluation' if cfg.demo_eval else ''} (a larger --max-steps "
@@ -480,22 +484,23 @@ class Trainer:
         self.meters = Meters.start(self.device, self.step)
         return ok
 
-    def _announce(self) -> None:
-        cfg, env = self.cfg, self.env
-        mode = f"FSDP2 x{env.world_size}" if self.use_fsdp else ("single process" if env.world_size == 1 else "")
-        self.log(
-            f"{cfg.model} ({self.n_params / 1e6:.2f}M params) {cfg.img_size}px, {cfg.num_classes} classes | "
-            f"{mode}, {self.precision}, {self.device} | global batch {self.global_batch} = {cfg.batch_size} x "
-            f"{env.world_size} ranks x {cfg.grad_accum} | lr {self.base_lr:.3g} | steps {self.step}->"
-            f"{self.total_steps} ({self.steps_per_epoch}/epoch) | {self.out}"
-        )
-
     def demo_eval(self) -> int:
         """Score EMA1 on the demo (grid, accuracy, diversity); 1 if the full schedule missed a target."""
-        net = self.state.ema_model("ema1", self.model_cfg, self.device, self.env.is_main)
+        net = self.cond.prepare(self.state.ema_model("ema1", self.model_cfg, self.device, self.env.is_main))
         full = self.total_steps == self.cfg.epochs * self.steps_per_epoch
-        code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log) if self.env.is_main else 0
+        code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log,
+                              self.cond.demo_condition(self.model_cfg)) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
+
+
+def describe_run(tr: Trainer) -> str:
+    """The run's first log line: model, data, parallelism, batch, lr, steps, output."""
+    cfg, env = tr.cfg, tr.env
+    mode = f"FSDP2 x{env.world_size}" if tr.use_fsdp else ("single process" if env.world_size == 1 else "")
+    return (f"{cfg.model} ({tr.n_params / 1e6:.2f}M params) {cfg.img_size}px, {describe_rows(cfg, tr.cond)} | "
+            f"{mode}, {tr.precision}, {tr.device} | global batch {tr.global_batch} = {cfg.batch_size} x "
+            f"{env.world_size} ranks x {cfg.grad_accum} | lr {tr.base_lr:.3g} | steps {tr.step}->"
+            f"{tr.total_steps} ({tr.steps_per_epoch}/epoch) | {tr.out}")
 
 
 def check_not_diverged(loss: float, gnorm: float, exploded: bool, steps: tuple[int, int],

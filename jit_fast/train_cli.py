@@ -92,6 +92,14 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Any, str]] = [
     (("--fid-ref",), "fid_ref", str, "FID reference: statistics .npz (mu, sigma) or image folder"),
     (("--inception-weights",), "inception_weights", str, "torch-fidelity Inception weights .pth (offline)"),
     (("--wandb",), "wandb", str, "also log scalars and grids to this Weights & Biases project"),
+    (("--text-cache",), "text_cache", str, "text models: caption embeddings from python -m jit_fast.data.encode_text"),
+    (("--text-encoder", "--llm-model-name"), "text_encoder", str, "text models: encoder (hub id or dir); with "
+                                                                  "--text-cache it must be the cache's, without "
+                                                                  "one it runs frozen per step"),
+    (("--text-encoder-revision",), "text_encoder_revision", str, "hub revision of --text-encoder"),
+    (("--max-text-len",), "max_text_len", int, "tokens per caption (0: the cache's, else 77)"),
+    (("--text-tokens",), "text_tokens", str, "text models: pooled | sequence (= --model-arg text_tokens=...)"),
+    (("--null-text",), "null_text", str, "text models: learned | empty (= --model-arg null_text=...)"),
     (("--profile-steps",), "profile_steps", str, "A:B: torch.profiler trace (and CUDA memory snapshot) of "
                                                  "steps A..B-1 in OUTPUT/profile/"),
 ]
@@ -110,6 +118,9 @@ _FLAGS: list[tuple[tuple[str, ...], str, str]] = [
     (("--demo-data",), "demo_data", "train on the built-in digits dataset"),
     (("--flip",), "flip", "random horizontal flip (official recipe; --no-flip for data like digits)"),
     (("--online-eval",), "online_eval", "FID/IS of EMA1 every --eval-freq epochs and at the end (in memory)"),
+    (("--use-text-conditioning",), "use_text_conditioning", "train the -Text twin of --model (the fork's flag)"),
+    (("--freeze-llm",), "freeze_llm", "keep the text encoder frozen (default; --no-freeze-llm is not supported "
+                                      "yet)"),
     (("--evaluate-gen",), "evaluate_gen", "with --resume: only generate and evaluate (as sample.py --ckpt)"),
 ]
 
@@ -154,6 +165,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
         ns.pop(k)
     if "extra_model_args" in ns:
         ns["extra_model_args"] = dict(ns["extra_model_args"])
+    for k in ("text_tokens", "null_text"):  # shorthands of --model-arg KEY=VALUE
+        if k in ns:
+            ns["extra_model_args"] = {**ns.get("extra_model_args", {}), k: ns.pop(k)}
     cfg = TrainConfig()
     name = ns.get("preset", "")
     if name:
@@ -165,6 +179,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if "extra_model_args" in ns:  # explicit overrides extend the preset's
         ns["extra_model_args"] = {**cfg.extra_model_args, **ns["extra_model_args"]}
     cfg = dataclasses.replace(cfg, **ns)
+    if cfg.use_text_conditioning and f"{cfg.model}-Text" in MODEL_PRESETS:
+        cfg = dataclasses.replace(cfg, model=f"{cfg.model}-Text")
+        ns["model"] = cfg.model
     validate_config(cfg)
     return cfg, set(ns)
 
@@ -193,6 +210,9 @@ def validate_config(cfg: TrainConfig) -> None:
         unset = (k == "lr" and v is None) or (k in ("attn_dropout", "proj_dropout") and v == -1.0)
         if not unset and not allowed.contains(v):
             raise ConfigError(f"{_flag(k)} must be {allowed.describe()}, got {v!r}")
+    if not cfg.freeze_llm:
+        raise ConfigError("--no-freeze-llm (training the text encoder) is not supported yet: train.py keeps the "
+                          "encoder frozen and reads its embeddings from --text-cache (or runs it frozen per step)")
     if cfg.interval_min >= cfg.interval_max:
         raise ConfigError(f"--interval-min {cfg.interval_min} must be < --interval-max {cfg.interval_max}")
     if cfg.evaluate_gen:

@@ -26,6 +26,7 @@ from train_helpers import (
     checkpoint_tensors,
     describe,
     free_port,
+    make_text_data,
     read_losses,
     subprocess_env,
     tiny_argv,
@@ -318,3 +319,13 @@ def test_fused_table_under_fsdp2_matches_unsharded() -> None:
     p = subprocess.run([sys.executable, "-c", FUSED_TABLE_UNDER_FSDP], cwd=REPO, env=subprocess_env(None),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
+
+
+@pytest.mark.slow  # torchrun: ~35 s on this machine while shared
+def test_two_ranks_match_one_rank_with_text(cache: Path, tmp_path: Path) -> None:
+    """A text model from a caption cache: 2 FSDP2 ranks give the 1-rank loss and gradients (fp32 summation order).
+    A rank gathering the cache rows of other samples, or an unreduced text projection, misses by orders."""
+    data, _, flags = make_text_data(tmp_path / "text")
+    one = first_step(data, cache, tmp_path / "one", 1, "--precision", "fp32", *flags)
+    assert one["y_embedder.proj.weight"].abs().sum() > 0
+    assert_grads_close(first_step(data, cache, tmp_path / "two", 2, "--precision", "fp32", *flags), one, FP32_RTOL)

@@ -209,7 +209,7 @@ def test_cli_errors_have_no_traceback(tmp_path: Path) -> None:
     env = subprocess_env(cache=tmp_path / "cache")
     p = run_cli(["--preset", "nope"], env=env, timeout=120)
     assert p.returncode == 2, describe(p)
-    assert p.stderr.strip() == "error: unknown preset 'nope'; known presets: demo, imagenette", describe(p)
+    assert p.stderr.strip() == "error: unknown preset 'nope'; known presets: demo, demo-text, imagenette", describe(p)
     p = run_cli(["--model", "JiT-T/4", "--data-path", str(tmp_path), "--resume", str(tmp_path / "x")], env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr, describe(p)
     assert p.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'x'}"], describe(p)

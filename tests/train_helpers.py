@@ -139,3 +139,29 @@ def run_with_timeout(fn, seconds: float, fifo: Path | None = None):
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+COLORS = ("red", "green", "blue", "gray")
+
+
+def make_text_data(root: Path) -> tuple[Path, Path, list[str]]:
+    """A captioned folder (the 64 images of `make_image_folder`, captioned "a red picture" ... by class), a tiny
+    local text encoder made from the captions and their embedding cache; returns (data, cache, train flags)."""
+    from jit_fast.data.encode_text import encode_captions
+    from jit_fast.text.encoder import TextEncoder
+    from jit_fast.text.tiny import build_tiny_encoder
+
+    classes = make_image_folder(root / "classes")
+    data = root / "captioned"
+    (data / "images").mkdir(parents=True)
+    (data / "captions").mkdir()
+    captions = []
+    for c in range(4):
+        for i, img in enumerate(sorted((classes / f"class{c}").iterdir())):
+            caption = f"{'a' if i % 2 else 'the'} {COLORS[c]} picture"
+            os.replace(img, data / "images" / f"c{c}_{i:03d}.jpg")
+            (data / "captions" / f"c{c}_{i:03d}.txt").write_text(caption + "\n")
+            captions.append(caption)
+    encoder = build_tiny_encoder(root / "encoder", captions, hidden_size=16, layers=1, heads=2)
+    cache = encode_captions(data, TextEncoder.load(encoder, device="cpu"), root / "cache", progress=False)
+    return data, cache, ["--model", "JiT-T/4-Text", "--text-cache", str(cache)]

@@ -19,7 +19,9 @@ from jit_fast.errors import UserError
 ARCH_KEYS = ("model", "img_size", "num_classes", "overrides")
 RECIPE_KEYS = ("noise_scale", "t_eps", "P_mean", "P_std")
 PROGRESS_KEYS = ("step", "epoch")
-_ON_DISK = (*ARCH_KEYS, *RECIPE_KEYS, *PROGRESS_KEYS)
+TEXT_KEYS = ("text_encoder",)
+ENCODER_FIELDS = {"name": str, "revision": str, "hidden_size": int, "max_length": int}
+_ON_DISK = (*ARCH_KEYS, *RECIPE_KEYS, *PROGRESS_KEYS, *TEXT_KEYS)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -44,6 +46,7 @@ class ModelMeta:
     P_std: float | None = None
     step: int | None = None
     epoch: int | None = None
+    text_encoder: dict[str, Any] | None = None
     source: str | None = None
     kind: str | None = None
     weights: str | None = None
@@ -72,7 +75,7 @@ class ModelMeta:
     def to_dict(self) -> dict[str, Any]:
         """The on-disk object: known architecture and recipe keys (`overrides` always); no progress or provenance."""
         out: dict[str, Any] = {}
-        for k in (*ARCH_KEYS, *RECIPE_KEYS):
+        for k in (*ARCH_KEYS, *RECIPE_KEYS, *TEXT_KEYS):
             v = getattr(self, k)
             if v is not None:
                 out[k] = dict(v) if k == "overrides" else v
@@ -95,6 +98,11 @@ def _convert(key: str, v: Any) -> Any:
         return v
     if key == "overrides":
         if not isinstance(v, dict):
+            raise TypeError(key)
+        return dict(v)
+    if key == "text_encoder":
+        if not (isinstance(v, dict) and set(v) == set(ENCODER_FIELDS) and all(
+                isinstance(v[f], t) and not isinstance(v[f], bool) for f, t in ENCODER_FIELDS.items())):
             raise TypeError(key)
         return dict(v)
     if isinstance(v, bool) or not isinstance(v, int | float):
