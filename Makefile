@@ -11,7 +11,7 @@ demo: install
 	$(PYTHON) train.py --preset demo
 
 test: install
-	$(PYTHON) -m pytest -m "not bench"
+	$(PYTHON) -m pytest -m "not bench" --durations=25
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not slow"

@@ -69,6 +69,10 @@ BWD_CONFIGS: dict[int, list[triton.Config]] = {
 }
 # sm_75 (T4) fills its 32 warp slots even at 64 registers per thread; the 40-register cap spills there (compile_check).
 arch_override(BWD_CONFIGS[1024][0], 75, maxnreg=64)
+# sm_86 / sm_89: the fp32 residual+bias+dropout variant spills 4 bytes at 40 (compile_check); 48 costs occupancy
+# there (2 of 3 resident programs), not spills.
+arch_override(BWD_CONFIGS[1024][0], 86, maxnreg=48)
+arch_override(BWD_CONFIGS[1024][0], 89, maxnreg=48)
 MAX_D = max(FWD_CONFIGS)
 
 
