@@ -288,66 +288,43 @@ class TrainConfig:
 
 
 # Run presets for `train.py --preset NAME`: TrainConfig fields; explicit flags override them.
+_DEMO: dict = dict(
+    model="JiT-T/4",
+    extra_model_args=dict(hidden_size=128, depth=4, num_heads=4, patch_size=8, in_context_len=4,
+                          bottleneck_dim=32),
+    img_size=32,
+    num_classes=10,
+    demo_data=True,
+    data_backend="torch",
+    flip=False,
+    output_dir="output/demo",
+    auto_resume=True,  # a second `make demo` continues (or re-scores) output/demo; --overwrite starts over
+    batch_size=64,
+    lr=1e-3,
+    warmup_epochs=1.0,
+    epochs=100000,
+    max_steps=1500,
+    ema_decay1=0.995,
+    ema_decay2=0.99,
+    log_freq=50,
+    save_freq_steps=500,
+    keep_last=1,
+    num_workers=0,
+    demo_eval=True,
+    eval_steps=10,
+    cfg=2.0,
+    interval_min=0.0,
+    interval_max=1.0,
+)
+
 RUN_PRESETS: dict[str, dict] = {
     # CPU demo: a tiny JiT on the digits (1797 images, 32x32), a few minutes on 2 cores, then the
     # demo evaluation (sample grid + class-conditional accuracy).
-    "demo": dict(
-        model="JiT-T/4",
-        extra_model_args=dict(hidden_size=128, depth=4, num_heads=4, patch_size=8, in_context_len=4,
-                              bottleneck_dim=32),
-        img_size=32,
-        num_classes=10,
-        demo_data=True,
-        data_backend="torch",
-        flip=False,
-        output_dir="output/demo",
-        auto_resume=True,  # a second `make demo` continues (or re-scores) output/demo; --overwrite starts over
-        batch_size=64,
-        lr=1e-3,
-        warmup_epochs=1.0,
-        epochs=100000,
-        max_steps=1500,
-        ema_decay1=0.995,
-        ema_decay2=0.99,
-        log_freq=50,
-        save_freq_steps=500,
-        keep_last=1,
-        num_workers=0,
-        demo_eval=True,
-        eval_steps=10,
-        cfg=2.0,
-        interval_min=0.0,
-        interval_max=1.0,
-    ),
+    "demo": _DEMO,
     # CPU text-to-image demo: the same digits, each captioned in one of six phrasings, a tiny local text encoder
     # (nothing downloaded) whose embeddings are cached once, then the demo evaluation prompted with captions.
-    "demo-text": dict(
-        model="JiT-T/4-Text",
-        extra_model_args=dict(hidden_size=128, depth=4, num_heads=4, patch_size=8, in_context_len=4,
-                              bottleneck_dim=32),
-        img_size=32,
-        demo_data=True,
-        data_backend="torch",
-        flip=False,
-        output_dir="output/demo-text",
-        auto_resume=True,
-        batch_size=64,
-        lr=1e-3,
-        warmup_epochs=1.0,
-        epochs=100000,
-        max_steps=3000,
-        ema_decay1=0.995,
-        ema_decay2=0.99,
-        log_freq=50,
-        save_freq_steps=500,
-        keep_last=1,
-        num_workers=0,
-        demo_eval=True,
-        eval_steps=10,
-        cfg=2.0,
-        interval_min=0.0,
-        interval_max=1.0,
-    ),
+    "demo-text": {k: v for k, v in _DEMO.items() if k != "num_classes"} | dict(
+        model="JiT-T/4-Text", output_dir="output/demo-text", max_steps=3000),
     # One consumer GPU (16 GB, e.g. a free-tier T4): JiT-B/16 at 256 px on ImageNette (10 ImageNet classes, 9469
     # training images), fetched and pre-cropped by `python -m jit_fast.data.prepare --imagenette data/imagenette`.
     # Precision auto (fp16 on GPUs without bf16), the fused kernels where the GPU runs them (the torch ops
