@@ -16,6 +16,7 @@ step 1, and the loss scale.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -138,5 +139,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()
     torch.set_num_threads(1)
     sys.exit(main(sys.argv[1:]))
