@@ -16,10 +16,12 @@ step 1, and the loss scale.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,13 +34,21 @@ PERTURB_STD = 0.05
 PERTURB_SEED = 1234
 
 
+@contextlib.contextmanager
+def trainer(argv: list[str]) -> Iterator[Trainer]:
+    """The Trainer the CLI flags describe, in the process group train.py would make (shut down afterwards)."""
+    cfg, explicit = parse_config(argv)
+    env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
+    try:
+        yield Trainer(cfg, env, explicit)
+    finally:
+        D.shutdown(env)
+
+
 def ema_check(argv: list[str]) -> int:
     """Train with the CLI flags given; write OUTPUT_DIR/ema_check.json comparing both EMAs with the closed form."""
-    cfg, explicit = parse_config(argv)
-    env = D.init_distributed(cfg.device)
-    try:
-        tr = Trainer(cfg, env, explicit)
-        st = tr.state
+    with trainer(argv) as tr:
+        cfg, env, st = tr.cfg, tr.env, tr.state
         history = [[D.full_tensor(p).detach().double() for p in st.params]]
         tr.run(step_callback=lambda t: history.append([D.full_tensor(p).detach().double() for p in t.state.params]))
         report = {"world_size": env.world_size, "sharded": [], "max_err": {}}
@@ -60,8 +70,6 @@ def ema_check(argv: list[str]) -> int:
             report["max_err"][name] = err
         if env.is_main:
             Path(cfg.output_dir, "ema_check.json").write_text(json.dumps(report))
-    finally:
-        D.shutdown(env)
     return 0
 
 
@@ -71,10 +79,8 @@ def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
     The zero-initialised adaLN and final layers would leave most block gradients exactly zero at step 1;
     the seeded perturbation (the same full tensors on every rank) makes every parameter matter.
     """
-    cfg, explicit = parse_config(argv)
-    env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
-    try:
-        tr = Trainer(cfg, env, explicit)
+    with trainer(argv) as tr:
+        env = tr.env
         g = torch.Generator().manual_seed(PERTURB_SEED)
         with torch.no_grad():
             for p in tr.state.trainable:
@@ -93,18 +99,13 @@ def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
         tr.state.opt.step = capture
         tr.train_step(tr._epoch_batches())
         grads["loss"] = D.all_reduce_mean(env, tr.meters.loss.detach()).double().cpu()
-    finally:
-        D.shutdown(env)
     return grads
 
 
 def overflow_check(argv: list[str]) -> int:
     """Train (fp16) with an inf in rank 1's largest gradient shard at step 2; report what every rank did."""
-    cfg, explicit = parse_config(argv)
-    env = D.init_distributed(cfg.device)
-    try:
-        tr = Trainer(cfg, env, explicit)
-        st = tr.state
+    with trainer(argv) as tr:
+        cfg, env, st = tr.cfg, tr.env, tr.state
         unscale, target = st.scaling.unscale, max(st.trainable, key=lambda p: p.numel())
 
         def poisoned_unscale() -> None:
@@ -119,8 +120,6 @@ def overflow_check(argv: list[str]) -> int:
         report = {"skipped": int(st.scaling.skipped.item()), "scale": st.scaling.scaler.get_scale(),
                   "unchanged": all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))}
         Path(cfg.output_dir, f"overflow_rank{env.rank}.json").write_text(json.dumps(report))
-    finally:
-        D.shutdown(env)
     return 0
 
 
