@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import faulthandler
 import math
 import os
 import signal
@@ -567,7 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: one-line errors (exit 2) for bad flags, data or checkpoints; exit 3 on NaN/Inf."""
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    faulthandler.enable()  # a native crash (SIGSEGV/SIGABRT) on any rank still prints that rank's Python stack
     try:
         cfg, explicit = parse_config(argv)
         return run_training(cfg, explicit)
