@@ -4,9 +4,11 @@
     python sample.py --preset demo --ckpt output/demo/checkpoint-last.pth
 """
 
+import faulthandler
 import sys
 
 from jit_fast.generate import main
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a native crash on any rank still prints that rank's Python stack
     sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import json
 import os
 import sys
@@ -140,4 +141,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     faulthandler.enable()
     torch.set_num_threads(1)
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    gc.collect()  # free the Trainer (a reference cycle holds it) before the interpreter finalizes; see native_crash
+    sys.exit(code)
