@@ -1,4 +1,4 @@
-"""Install jit_fast (JiT training/sampling) and kernels (fused Triton ops for the JiT block)."""
+"""Install jit_fast (JiT training/sampling) and jit_kernels (fused Triton ops for the JiT block)."""
 
 from setuptools import find_packages, setup
 
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["jit_fast", "jit_fast.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["jit_fast", "jit_fast.*", "jit_kernels", "jit_kernels.*"]),
     # torch/torchvision ranges admit the 2.14.1 / 0.29.1 builds that pip takes from local disk;
     # install those two first (see README) so that pip never fetches another multi-GB torch.
     install_requires=[

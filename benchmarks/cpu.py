@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from benchmarks.workloads import op_inputs
-from kernels import get_ops
+from jit_kernels import get_ops
 
 
 def time_fn(fn: Callable[[], object], repeats: int = 5, number: int = 1, warmup: int = 1) -> dict[str, float]:

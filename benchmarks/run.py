@@ -33,7 +33,7 @@ from benchmarks.roofline import (
 from benchmarks.traffic import NON_GEMM, compare, count_block, count_call, count_forward, count_train_step
 from benchmarks.workloads import OP_NAMES, op_inputs
 from jit_fast.configs import model_config
-from kernels import get_ops
+from jit_kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BLOCK_MODELS = ("JiT-B/16", "JiT-L/16", "JiT-H/16")

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.cpu import decode_workload, reference_op_workloads, sampler_workloads
 from benchmarks.workloads import OP_NAMES, op_inputs
-from kernels import get_ops
+from jit_kernels import get_ops
 
 pytestmark = pytest.mark.bench
 

@@ -13,7 +13,7 @@ Conventions (the modeled GPU execution):
 - A `jit_fast::*` custom op (a fused Triton kernel) is opaque: its inputs read plus outputs written,
   one launch, plus the scratch its launch allocates (`fused_workspace`: each op module's `bwd_workspace`,
   the two-stage reduction buffers and the launches reading them). `count_block(..., launch_helpers=True)`
-  instead routes each custom op to its CUDA kernel on the fake tensors (`kernels.ops.LaunchHelpers`) and
+  instead routes each custom op to its CUDA kernel on the fake tensors (`jit_kernels.ops.LaunchHelpers`) and
   records every Triton launch; the tests require both counts to agree.
 - Attention is the flash-attention kernel both paths use on a GPU: the model's `attention` is swapped
   for the counting stand-in of `benchmarks.flash_standin` (one opaque op forward, one backward).
@@ -44,7 +44,7 @@ from jit_fast.configs import model_config
 from jit_fast.saved_bytes import OVERWRITE_OPS, SavedBytes
 
 if TYPE_CHECKING:
-    from kernels._common import Workspace
+    from jit_kernels._common import Workspace
 
 PATH_KERNELS = {"eager": "torch", "fused": "triton"}
 PHASES = ("fwd", "bwd", "opt")
@@ -189,7 +189,7 @@ def fused_workspace(op: str, args: dict) -> Workspace | None:
     launch (`bwd_workspace`: fp32 reduction buffers and the second-stage launches reading them); `args` are the
     op's arguments by schema name. None for ops without scratch. Kept honest by tests/test_traffic.py, which
     counts the launch helpers' real launches."""
-    from kernels import qk_norm_rope, rmsnorm_modulate, swiglu
+    from jit_kernels import qk_norm_rope, rmsnorm_modulate, swiglu
 
     if op == "jit_fast::rmsnorm_modulate_bwd":
         return rmsnorm_modulate.bwd_workspace(args["x_norm"].shape, args["branch_bias"] is not None)
@@ -293,7 +293,7 @@ def record_triton_launches(counter: TrafficCounter) -> Iterator[None]:
     """Record `kernel[grid](...)` launches as one-launch records instead of running them (for fake tensors).
 
     Bytes are the footprints of the distinct tensor arguments: each buffer a kernel is handed is taken
-    to be read or written once. With `kernels.ops.LaunchHelpers`, counts the fused ops launch by launch.
+    to be read or written once. With `jit_kernels.ops.LaunchHelpers`, counts the fused ops launch by launch.
     """
     from triton.runtime.jit import KernelInterface
 
@@ -399,7 +399,7 @@ def count_block(
         counter = TrafficCounter(_constants(net) + list(rope))
         routed = contextlib.nullcontext
         if launch_helpers:
-            from kernels.ops import LaunchHelpers
+            from jit_kernels.ops import LaunchHelpers
 
             routed = LaunchHelpers
         with record_triton_launches(counter) if launch_helpers else contextlib.nullcontext():

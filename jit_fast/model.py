@@ -2,7 +2,7 @@
 
 Parameter names and shapes equal the official release. The op boundaries that the fused
 kernels replace (RMSNorm+modulate with the gated residual folded in, q/k RMSNorm+RoPE,
-SwiGLU, attention) go through the op table `kernels.get_ops(cfg.kernels)`. Each block
+SwiGLU, attention) go through the op table `jit_kernels.get_ops(cfg.kernels)`. Each block
 returns its MLP branch and gate un-added, and the next norm (or the final layer) adds them
 in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMMs
 feeding a fused op (qkv, w12, attention proj) go through the op table too: the fused table runs
@@ -13,7 +13,7 @@ fewer); the torch path keeps the official op stream.
 
 Dropout (blocks depth//4 to 3*depth//4): the torch path keeps `nn.Dropout`, as the official model. The fused
 path drops the attention branch inside norm2's residual op and the SwiGLU output inside the SwiGLU kernel, with
-Philox masks (`kernels.dropout`) keyed by one seed per forward (`set_dropout_seed`) and a site per block and
+Philox masks (`jit_kernels.dropout`) keyed by one seed per forward (`set_dropout_seed`) and a site per block and
 place; the masks are statistically equivalent to torch's, not bitwise equal. Attention dropout is the attention
 backend's own (`dropout_p`) on both paths.
 """
@@ -30,9 +30,9 @@ from jit_fast.attention import attention
 from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig, model_config
 from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
-from kernels import device_support, get_ops
-from kernels.dropout import Dropout
-from kernels.reference import gated_residual
+from jit_kernels import device_support, get_ops
+from jit_kernels.dropout import Dropout
+from jit_kernels.reference import gated_residual
 
 
 class RMSNorm(nn.Module):

@@ -34,7 +34,7 @@ DROPOUT_TAG = 0x4A69545F44524F50  # "JiT_DROP"
 def dropout_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
     """Key of the fused dropout masks of one forward: training `seed`, optimizer `step`, `rank` (each rank drops
     independently for its own samples) and gradient-accumulation `micro`-step. Blocks and sites share it and
-    draw from disjoint Philox counters (`kernels.dropout`), so one key per forward names every mask; a resumed run
+    draw from disjoint Philox counters (`jit_kernels.dropout`), so one key per forward names every mask; a resumed run
     gets the same keys, hence the same masks, as an uninterrupted one."""
     return mix_seed(seed, step, rank, micro, DROPOUT_TAG)
 

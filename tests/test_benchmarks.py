@@ -122,22 +122,22 @@ def test_full_cpu_run_completes(tmp_path) -> None:
 
 
 def test_source_fingerprint_tracks_kernels_and_model(tmp_path) -> None:
-    """The hash covers kernels/*.py and jit_fast/model.py, and any byte change of one of them changes it."""
-    for rel in ("kernels/a.py", "kernels/b.py", "jit_fast/model.py", "jit_fast/train.py"):
+    """The hash covers jit_kernels/*.py and jit_fast/model.py, and any byte change of one of them changes it."""
+    for rel in ("jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model.py", "jit_fast/train.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(f"# {rel}\n")
     assert [p.relative_to(tmp_path).as_posix() for p in report.source_files(tmp_path)] == [
-        "kernels/a.py", "kernels/b.py", "jit_fast/model.py"]
+        "jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model.py"]
     before = report.source_fingerprint(tmp_path)["sources_sha256"]
     (tmp_path / "jit_fast/train.py").write_text("# not a source of the numbers\n")
     assert report.source_fingerprint(tmp_path)["sources_sha256"] == before
-    (tmp_path / "kernels/b.py").write_text("# b.py \n")
+    (tmp_path / "jit_kernels/b.py").write_text("# b.py \n")
     assert report.source_fingerprint(tmp_path)["sources_sha256"] != before
     assert len(before) == 64 and report.source_fingerprint()["commit"] == run.git_commit(short=False)
 
 
 def test_report_warns_on_stale_results(tmp_path, capsys) -> None:
-    """benchmarks.report warns on stderr for a result whose kernels/model hash differs or is missing, not otherwise."""
+    """benchmarks.report warns on stderr for a result whose kernel/model hash differs or is missing, not otherwise."""
     res = json.loads((report.RESULTS_DIR / "JiT-B-16_b128_256_cpu.json").read_text())
     current = report.source_fingerprint()
     results = tmp_path / "results"

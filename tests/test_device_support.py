@@ -12,8 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import jit_fast
 from jit_fast import attention
-from kernels import device_support, reference
-from kernels.compile_check import TARGETS
+from jit_kernels import device_support, reference
+from jit_kernels.compile_check import TARGETS
 
 
 @pytest.mark.parametrize("capability,precision,ok", [
@@ -52,7 +52,7 @@ def test_old_gpu_falls_back_to_torch_ops_with_one_line(monkeypatch):
 
 def test_turing_runs_the_kernels_in_fp16_not_bf16(monkeypatch):
     net, messages = fake_cuda_forward((7, 5), monkeypatch)
-    assert not messages and net.ops.swiglu.__module__ == "kernels.swiglu"
+    assert not messages and net.ops.swiglu.__module__ == "jit_kernels.swiglu"
     for amp, falls_back in ((torch.float16, False), (torch.bfloat16, True)):
         net = jit_fast.build_model("JiT-T/4", img_size=16, num_classes=10, kernels="triton")
         with warnings.catch_warnings(record=True) as caught:

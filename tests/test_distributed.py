@@ -37,7 +37,7 @@ from train_helpers import (
 
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.train import main
-from kernels.numerics import FP32_RTOL, rel_err
+from jit_kernels.numerics import FP32_RTOL, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

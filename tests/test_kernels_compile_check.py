@@ -1,8 +1,8 @@
-"""Ahead-of-time compilation of the kernels for every target, sm_75 to sm_90a (`python -m kernels.compile_check`).
+"""Ahead-of-time compilation of the kernels for every target, sm_75 to sm_90a (`python -m jit_kernels.compile_check`).
 
 Compiles run in subprocesses without TRITON_INTERPRET: with the interpreter on, @triton.jit builds
 interpreter objects that cannot be compiled. The coverage tests need no compiler: they run the real model
-on fake tensors in every dtype regime with each custom op routed to its CUDA kernel (`kernels.ops.LaunchHelpers`),
+on fake tensors in every dtype regime with each custom op routed to its CUDA kernel (`jit_kernels.ops.LaunchHelpers`),
 record the signature of every Triton launch (`compile_check.launch_key`) and require each to be among the
 compile jobs of its dtype class.
 """
@@ -22,13 +22,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.jit import KernelInterface
 
 import jit_fast
-from kernels.compile_check import all_specs, launch_key, spec_key
-from kernels.ops import LaunchHelpers
+from jit_kernels.compile_check import all_specs, launch_key, spec_key
+from jit_kernels.ops import LaunchHelpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # How the model can run the kernels (autocast dtype, block parameter dtype, backward), named as the dtype
-# classes of `kernels.compile_check.DTYPE_CLASSES`. Written from the training / sampling code, not from the specs:
+# classes of `jit_kernels.compile_check.DTYPE_CLASSES`. Written from the training / sampling code, not from the specs:
 # training autocasts bf16 or fp16 (or runs fp32), FSDP2 gathers block parameters in the autocast dtype
 # (`distributed.prepare_model`, root parameters stay fp32), sampling runs the forward of the same regimes.
 REGIMES = {
@@ -43,7 +43,7 @@ REGIMES = {
 def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "kernels.compile_check", *args]
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "jit_kernels.compile_check", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
@@ -166,7 +166,7 @@ def test_compile_check_representative_sample():
 def test_reexecs_without_interpreter():
     """Started with TRITON_INTERPRET=1 it re-runs itself compiled instead of failing or interpreting."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--kernel", "sum_rows", "--arch", "80",
+    res = subprocess.run([sys.executable, "-m", "jit_kernels.compile_check", "--kernel", "sum_rows", "--arch", "80",
                           "--dtype-class", "fp32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "6 compiles, 6 ok" in res.stdout
@@ -176,7 +176,7 @@ def test_spilling_config_is_reported_as_failure():
     """A deliberately oversized tile spills; the checker must flag it (the check can fail)."""
     code = (
         "import triton\n"
-        "from kernels.compile_check import compile_one, format_table, swiglu_specs\n"
+        "from jit_kernels.compile_check import compile_one, format_table, swiglu_specs\n"
         "import dataclasses\n"
         "spec = next(s for s in swiglu_specs() if s.name == 'swiglu_bwd')\n"
         "big = triton.Config({'BLOCK_M': 16, 'BLOCK_H': 512, 'ROWS_PER_PROG': 64}, num_warps=1, num_stages=1)\n"
@@ -198,7 +198,7 @@ def target_rows(stdout: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_compile_check_every_kernel_and_config():
     """Every binary for sm_90a, one launched config per kernel and class for sm_80, sm_89, sm_86 and sm_75 (the
-    full matrix for all five targets, 1928 compiles, is the manual `python -m kernels.compile_check`: too slow for
+    full matrix for all five targets, 1928 compiles, is the manual `python -m jit_kernels.compile_check`: too slow for
     the suite's budget)."""
     res = run("--arch", "90")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -218,9 +218,9 @@ def test_compile_check_every_kernel_and_config():
 def test_per_target_overrides_reach_launches_and_compiles(monkeypatch):
     """A config's per-target options (a register cap ptxas needs on sm_75 only) are what the launch helpers pass on
     such a GPU and what compile_check compiles for that target; other targets keep the config's own."""
-    from kernels import _common
-    from kernels import compile_check as cc
-    from kernels import rmsnorm_modulate as rm
+    from jit_kernels import _common
+    from jit_kernels import compile_check as cc
+    from jit_kernels import rmsnorm_modulate as rm
 
     cfg = rm.BWD_CONFIGS[1024][0]
     assert cfg.maxnreg == 40 and cc._compile_options(cfg, 80)["maxnreg"] == 40

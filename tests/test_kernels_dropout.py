@@ -1,6 +1,6 @@
 """Fused dropout: the Philox mask contract, the CPU twin against the interpreted kernels (bit for bit), the masks'
 statistics and seeding (sites, blocks, steps, ranks, resume), and the fused ops' forward and backward vs float64
-with the identical mask (kernels.numerics rule)."""
+with the identical mask (jit_kernels.numerics rule)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import triton.language as tl
 from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
-import kernels.ops  # noqa: F401  (builds every kernel interpreted now: some tests below unset TRITON_INTERPRET)
+import jit_kernels.ops  # noqa: F401  (builds every kernel interpreted now: some tests below unset TRITON_INTERPRET)
 from jit_fast.seeds import dropout_seed
-from kernels import reference
-from kernels import rmsnorm_modulate as rm
-from kernels import swiglu as sw
-from kernels._common import dropout_keep
-from kernels.dropout import MAX_SITE, Dropout, keep_mask, philox4x32
-from kernels.numerics import assert_within_rule, rel_err
+from jit_kernels import reference
+from jit_kernels import rmsnorm_modulate as rm
+from jit_kernels import swiglu as sw
+from jit_kernels._common import dropout_keep
+from jit_kernels.dropout import MAX_SITE, Dropout, keep_mask, philox4x32
+from jit_kernels.numerics import assert_within_rule, rel_err
 
 use_gpu_bf16_rounding()
 

@@ -21,8 +21,8 @@ from triton_interp import use_gpu_bf16_rounding
 import jit_fast
 from jit_fast.checkpoint.official import official_state_dict_shapes
 from jit_fast.model import SwiGLUFFN
-from kernels import get_ops
-from kernels.numerics import assert_within_rule
+from jit_kernels import get_ops
+from jit_kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 
@@ -92,7 +92,7 @@ def compare(kernel_net, x, t, y, autocast: torch.dtype | None) -> dict[str, floa
 def test_model_through_triton_kernels(autocast):
     """kernels="triton": every block op through the Triton kernels (interpreter) vs float64, fp32 and bf16 autocast."""
     net = tiny("triton")
-    assert net.ops.swiglu.__module__ == "kernels.swiglu"
+    assert net.ops.swiglu.__module__ == "jit_kernels.swiglu"
     compare(net, *batch(), autocast)
 
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 from triton_interp import count_launches, use_gpu_bf16_rounding
 
-from kernels import get_ops
-from kernels.numerics import assert_within_rule, max_abs_err
-from kernels.ops import triton_ops
+from jit_kernels import get_ops
+from jit_kernels.numerics import assert_within_rule, max_abs_err
+from jit_kernels.ops import triton_ops
 
 use_gpu_bf16_rounding()
 
@@ -181,7 +181,7 @@ def test_compiled_graph_keeps_custom_ops_opaque():
 
 def test_sum_rows_writes_each_output_in_its_dtype() -> None:
     """The second reduction stage: sums of strided partial rows into up to five outputs of mixed dtypes."""
-    from kernels._common import sum_rows
+    from jit_kernels._common import sum_rows
 
     g, r, c = 3, 5, 700  # C spans two column blocks, the second one masked
     part = torch.randn(g, r, 5, c, dtype=torch.float64).float()
@@ -207,8 +207,8 @@ def test_sum_rows_writes_each_output_in_its_dtype() -> None:
 
 
 def test_no_atomics_in_any_kernel_source() -> None:
-    """Backward reductions are two-stage so runs are bitwise reproducible: no module of kernels/ names an atomic."""
-    sources = sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py"))
+    """Backward reductions are two-stage so runs are bitwise reproducible: no module of jit_kernels/ names an atomic."""
+    sources = sorted((Path(__file__).resolve().parents[1] / "jit_kernels").glob("*.py"))
     assert len(sources) >= 4
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -1,6 +1,6 @@
 """Fused q/k RMSNorm + RoPE: Triton kernels under the interpreter vs float64.
 
-Rule of kernels.numerics.assert_within_rule: fp32 runs <= 1e-5 relative (norm-wise) and max |error| <= 1e-5 x
+Rule of jit_kernels.numerics.assert_within_rule: fp32 runs <= 1e-5 relative (norm-wise) and max |error| <= 1e-5 x
 max |expected|; bf16 and fp16 runs <= 1.25x the eager path's own norm-wise error in the same dtype and <= 2x its
 max |error|.
 """
@@ -14,9 +14,9 @@ import torch
 import triton
 from triton_interp import run_compiled, use_gpu_bf16_rounding
 
-from kernels import qk_norm_rope as qk
-from kernels import reference
-from kernels.numerics import assert_within_rule
+from jit_kernels import qk_norm_rope as qk
+from jit_kernels import reference
+from jit_kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 

@@ -2,7 +2,7 @@
 
 Error metric: norm-wise relative error ||a - ref||_2 / ||ref||_2 against reference.py run on float64
 copies of the inputs. fp32 runs must be <= 1e-5; bf16 and fp16 runs <= 1.25x the eager path's own error in the
-same dtypes (floored at 1e-5, see kernels.numerics.error_bound).
+same dtypes (floored at 1e-5, see jit_kernels.numerics.error_bound).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 import triton
 from triton_interp import run_compiled, use_gpu_bf16_rounding
 
-from kernels import _common, reference
-from kernels import rmsnorm_modulate as rm
-from kernels.numerics import assert_within_rule
+from jit_kernels import _common, reference
+from jit_kernels import rmsnorm_modulate as rm
+from jit_kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 

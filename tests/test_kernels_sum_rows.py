@@ -21,7 +21,7 @@ import torch
 import triton
 from triton_interp import use_gpu_bf16_rounding
 
-from kernels import _common
+from jit_kernels import _common
 
 use_gpu_bf16_rounding()
 

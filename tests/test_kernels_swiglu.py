@@ -1,7 +1,7 @@
 """Fused SwiGLU: Triton kernels under the interpreter vs float64 (norm-wise relative error).
 
 fp32 runs must be <= 1e-5 relative; bf16 and fp16 runs <= 1.25x the eager path's own error in the same dtype
-(kernels.numerics).
+(jit_kernels.numerics).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import triton
 from triton_interp import run_compiled, use_gpu_bf16_rounding
 
-from kernels import _common, reference
-from kernels import swiglu as sw
-from kernels.numerics import assert_within_rule
+from jit_kernels import _common, reference
+from jit_kernels import swiglu as sw
+from jit_kernels.numerics import assert_within_rule
 
 use_gpu_bf16_rounding()
 

@@ -24,7 +24,7 @@ def test_text_model_through_triton_kernels():
     net = jit_fast.build_model("JiT-B/16-Text", kernels="triton", **TEXT)
     gen = torch.Generator().manual_seed(1)
     net.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()})
-    assert net.ops.swiglu.__module__ == "kernels.swiglu"
+    assert net.ops.swiglu.__module__ == "jit_kernels.swiglu"
     x, t = torch.randn(B, 3, 32, 32, generator=gen), torch.rand(B, generator=gen)
     mask = torch.tensor([[True, True, True, False, False, False]]).expand(B, 6)
     y = TextCondition(torch.randn(B, 24, generator=gen), torch.randn(B, 6, 24, generator=gen), mask,

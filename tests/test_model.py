@@ -17,7 +17,7 @@ import jit_fast
 from jit_fast.checkpoint.official import official_state_dict_shapes
 from jit_fast.embeddings import sincos_pos_embed_2d, timestep_embedding
 from jit_fast.sampler import guidance_scale, in_interval, sample, time_grid
-from kernels import reference
+from jit_kernels import reference
 
 # DESIGN.md section 2 table: depth, hidden, heads, bottleneck, in-context start, patch
 OFFICIAL = {

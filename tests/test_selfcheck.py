@@ -1,4 +1,4 @@
-"""`python -m kernels.selfcheck`: what can be proven on CPU.
+"""`python -m jit_kernels.selfcheck`: what can be proven on CPU.
 
 The check functions run here on CPU tensors at tiny shapes: the op checks through the Triton launch helpers
 under TRITON_INTERPRET=1 (the same kernels the GPU runs, interpreted), the block check with the custom ops
@@ -19,9 +19,9 @@ import pytest
 import torch
 from triton_interp import use_gpu_bf16_rounding
 
-from kernels import get_ops, reference
-from kernels import selfcheck as sc
-from kernels.dropout import keep_mask
+from jit_kernels import get_ops, reference
+from jit_kernels import selfcheck as sc
+from jit_kernels.dropout import keep_mask
 
 use_gpu_bf16_rounding()
 

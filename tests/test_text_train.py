@@ -23,7 +23,7 @@ from jit_fast.text.encoder import TextEncoder
 from jit_fast.text.sampling import encode_prompts
 from jit_fast.text.tiny import build_tiny_encoder
 from jit_fast.train import main
-from kernels.numerics import rel_err
+from jit_kernels.numerics import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

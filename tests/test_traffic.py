@@ -17,7 +17,7 @@ from benchmarks.traffic import (
     count_train_step,
     footprint,
 )
-from kernels import reference
+from jit_kernels import reference
 
 
 def test_rmsnorm_bytes_equal_hand_count() -> None:

@@ -318,7 +318,7 @@ def test_no_host_sync_between_log_steps(data: Path, tmp_path: Path, monkeypatch:
 
         def wrapper(self, *a, **k):
             caller = Path(sys._getframe(1).f_code.co_filename)
-            if caller.name in step_modules and caller.parent.name in ("jit_fast", "kernels"):
+            if caller.name in step_modules and caller.parent.name in ("jit_fast", "jit_kernels"):
                 calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
             return orig(self, *a, **k)
 

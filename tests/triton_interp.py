@@ -2,7 +2,7 @@
 
 Triton's interpreter converts fp32 -> bf16 by truncation (and its optional RTNE path mishandles a
 mantissa carry), whereas the compiled kernels use `cvt.rn.bf16.f32` (round to nearest even; checked
-in the PTX by `kernels.compile_check`). `use_gpu_bf16_rounding()` makes the interpreter round like the GPU.
+in the PTX by `jit_kernels.compile_check`). `use_gpu_bf16_rounding()` makes the interpreter round like the GPU.
 fp32 -> fp16 needs no patch: the interpreter converts it with numpy, which rounds to nearest even like
 `cvt.rn.f16.f32`.
 """

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dropout import Dropout, check_dropout
+from jit_kernels.dropout import Dropout, check_dropout
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,7 +90,7 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 # Options a config launches with on one target only, by config identity and compute capability (e.g. 75): set with
-# `arch_override` beside the config tables, read by `launch_options` and by `kernels.compile_check`.
+# `arch_override` beside the config tables, read by `launch_options` and by `jit_kernels.compile_check`.
 _ARCH_OPTIONS: dict[int, dict[int, dict[str, int]]] = {}
 
 
@@ -132,7 +132,7 @@ def dropout_kernel_args(dropout: Dropout | None, standin: torch.Tensor) -> dict:
 @triton.jit
 def dropout_keep(seed, site, rows, col0, C, p, BLOCK_C: tl.constexpr):
     """Keep mask (len(rows), BLOCK_C) of dropout site `site` for global rows `rows` (int64) and columns
-    col0 + [0, BLOCK_C) (col0 and BLOCK_C multiples of 4), the contract of `kernels.dropout`.
+    col0 + [0, BLOCK_C) (col0 and BLOCK_C multiples of 4), the contract of `jit_kernels.dropout`.
 
     One Philox call gives the words of 4 adjacent columns (`tl.rand4x`), so a quarter-width tile of counters is
     drawn and the four keep tiles are interleaved back to full width (int8, a small layout exchange).

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels._common import (
+from jit_kernels import reference
+from jit_kernels._common import (
     Workspace,
     _sum_store,
     arch_override,

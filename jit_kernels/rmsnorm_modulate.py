@@ -5,7 +5,7 @@ Forward (one read of x and branch, one write of x_out and y):
     y     = x_out * rstd * weight * (1 + scale[b]) + shift[b],  rstd = 1 / sqrt(mean(x_out^2) + eps)
 The bias is that of the GEMM which produced the branch, run without it: adding it here saves the
 GEMM's bias cast under autocast and, in backward, the separate sum of dbranch over tokens.
-drop is the attention branch's dropout (`kernels.dropout`): its Philox mask is drawn in the kernel, in forward
+drop is the attention branch's dropout (`jit_kernels.dropout`): its Philox mask is drawn in the kernel, in forward
 and again in backward, so it is never stored and the proj bias folds in dropout blocks too.
 Backward recomputes rstd from x_out (no saved statistics) and produces dx, dbranch, dgate, dweight,
 dshift, dscale (and dbias); the sums over tokens are two-stage (see `_common`).
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels._common import (
+from jit_kernels import reference
+from jit_kernels._common import (
     Workspace,
     arch_override,
     check_contiguous,
@@ -40,7 +40,7 @@ from kernels._common import (
     sum_rows,
     triton_on_cpu,
 )
-from kernels.dropout import Dropout, from_op_args
+from jit_kernels.dropout import Dropout, from_op_args
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
 # (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates

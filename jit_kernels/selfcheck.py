@@ -1,18 +1,18 @@
 """On-device verification of the fused kernels: run this first on a new GPU, before any timing.
 
-    python -m kernels.selfcheck [--json PATH] [--only SUBSTRING]
+    python -m jit_kernels.selfcheck [--json PATH] [--only SUBSTRING]
 
 On CUDA it checks, at production shapes (JiT-B/H/G widths 768/1280/1664, head dims 64/80/104, SwiGLU widths
 2048/3413/4437, batches whose row sums take several loop steps and whose heads span several programs):
 every fused op forward and backward against float64 references computed on the device, in fp32 and in the
 bf16- and fp16-autocast dtypes (fp16 only on GPUs without bf16, e.g. the T4), with the bounds of the CPU tests
-(`kernels.numerics.assert_within_rule`: norm-wise and element-wise); two backward runs bitwise equal (no atomics:
+(`jit_kernels.numerics.assert_within_rule`: norm-wise and element-wise); two backward runs bitwise equal (no atomics:
 deterministic by construction); a whole JiT-B/16 block through `torch.compile(fullgraph=True)` under the
 device's low-precision autocast (bf16, else fp16) against float64 within the same rule; and CUDA-graph
 capture + replay of the sampler's step bitwise equal to running that step eagerly. Prints one PASS/FAIL
 line per check and exits 1 on any failure. Without CUDA there is nothing to check: it says so, exits 0.
 
-`kernels/` does not import `jit_fast` at module level: the block and sampler checks import it lazily.
+`jit_kernels/` does not import `jit_fast` at module level: the block and sampler checks import it lazily.
 The check functions take a device, sizes and an op table, so the tests run them on CPU tensors under
 TRITON_INTERPRET=1 at tiny shapes (tests/test_selfcheck.py).
 """
@@ -31,9 +31,9 @@ from typing import TextIO
 
 import torch
 
-from kernels import reference
-from kernels.dropout import Dropout, keep_mask
-from kernels.numerics import assert_within_rule, error_bound
+from jit_kernels import reference
+from jit_kernels.dropout import Dropout, keep_mask
+from jit_kernels.numerics import assert_within_rule, error_bound
 
 EPS = 1e-6
 MODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -251,7 +251,7 @@ def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: Simple
 
     Cases are built lazily (inside each check), so a failing allocation is one FAIL line, not a crash."""
     if ops is None:
-        from kernels.ops import triton_ops
+        from jit_kernels.ops import triton_ops
 
         ops = triton_ops()
     checks = []
@@ -327,7 +327,7 @@ def dropout_checks(device: torch.device | str, sizes: Sizes = PRODUCTION,
     run compiled only here), and the residual and SwiGLU ops with dropout meet the rule against float64 with the same
     mask (bf16, or fp16 where the device has no bf16; with bias)."""
     if ops is None:
-        from kernels.ops import triton_ops
+        from jit_kernels.ops import triton_ops
 
         ops = triton_ops()
     low = low_precision(device)
@@ -353,7 +353,7 @@ def _lazy(build: Callable[[], Callable[[], str]]) -> Callable[[], str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Whole-block and sampler checks (import jit_fast lazily: kernels/ must stay importable on its own).
+# Whole-block and sampler checks (import jit_fast lazily: jit_kernels/ must stay importable on its own).
 
 
 def _perturbed_model(kernels: str, device: torch.device | str, overrides: dict, seed: int = 0) -> torch.nn.Module:
@@ -411,7 +411,7 @@ def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: 
     torch.compile(fullgraph=True) under the device's low-precision autocast (bf16, else fp16): output and every
     input / parameter gradient against a float64 eager block, bounded by the eager autocast block's own error (the
     rule of the CPU tests)."""
-    from kernels import get_ops
+    from jit_kernels import get_ops
 
     low = MODE_DTYPES[low_precision(device)]
     net = _perturbed_model("triton", device, sizes.model).train()
@@ -538,7 +538,7 @@ def selfcheck(device: torch.device | str = "cuda", sizes: Sizes = PRODUCTION, ch
     out = out or sys.stdout
     checks = all_checks(device, sizes) if checks is None else checks
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
-    print(f"kernels.selfcheck on {name} (torch {torch.__version__}): {len(checks)} checks", file=out, flush=True)
+    print(f"jit_kernels.selfcheck on {name} (torch {torch.__version__}): {len(checks)} checks", file=out, flush=True)
     start = time.perf_counter()
     width = max((len(c.name) for c in checks), default=0)
     results = run_checks(checks, lambda r: print(format_line(r, width), file=out, flush=True))
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None, checks: list[Check] | None = None) -> in
     args = ap.parse_args(argv)
     if checks is None:
         if not torch.cuda.is_available():
-            print("kernels.selfcheck: CUDA is not available, nothing to check (the fused kernels run on GPUs; "
+            print("jit_kernels.selfcheck: CUDA is not available, nothing to check (the fused kernels run on GPUs; "
                   "on CPU the test suite runs them under TRITON_INTERPRET=1).")
             return 0
         checks = all_checks("cuda")

@@ -5,7 +5,7 @@ The backward recomputes the sigmoid from x1 instead of saving it:
 Rows are the flattened leading dims. An optional bias (the w12 bias, when the GEMM runs without it) is
 added in fp32 on load, and its gradient (column sums of dx12) is reduced in the backward pass that
 writes dx12 anyway: two-stage, deterministic, written in the bias dtype (`linear_swiglu`).
-Optional dropout of h (the MLP's, before w3; `kernels.dropout`): the kernel draws the Philox mask of its tile
+Optional dropout of h (the MLP's, before w3; `jit_kernels.dropout`): the kernel draws the Philox mask of its tile
 in forward and again in backward (dout is masked and scaled on load), so no mask is stored.
 """
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels._common import (
+from jit_kernels import reference
+from jit_kernels._common import (
     Workspace,
     check_contiguous,
     check_dtype,
@@ -33,7 +33,7 @@ from kernels._common import (
     sum_rows,
     triton_on_cpu,
 )
-from kernels.dropout import Dropout, check_dropout, from_op_args
+from jit_kernels.dropout import Dropout, check_dropout, from_op_args
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
 # The first config is launched; the second is a candidate that compile_check also builds. A backward

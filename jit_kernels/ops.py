@@ -3,7 +3,7 @@
 `triton_ops()` is what `get_ops("triton")` returns: torch.library custom ops (`jit_fast::*`) with fake impls and
 autograd, so `torch.compile(fullgraph=True)` sees no graph break. They are the only entry to the kernels: the CUDA
 kernel of each op (forward and backward) is the Triton launch; the CPU kernel is the Triton launch too under
-Triton's interpreter (`TRITON_INTERPRET=1`, checked at call time by `kernels._common.triton_on_cpu`), which is how
+Triton's interpreter (`TRITON_INTERPRET=1`, checked at call time by `jit_kernels._common.triton_on_cpu`), which is how
 the tests and the traffic counter's launch check run the kernels on CPU tensors, and the eager reference otherwise.
 """
 
@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import qk_norm_rope, reference, rmsnorm_modulate, swiglu
+from jit_kernels import qk_norm_rope, reference, rmsnorm_modulate, swiglu
 
 
 def triton_ops() -> SimpleNamespace:
-    """Custom-op table with the names and semantics of `kernels.reference`."""
+    """Custom-op table with the names and semantics of `jit_kernels.reference`."""
     return SimpleNamespace(
         rmsnorm_modulate=rmsnorm_modulate.rmsnorm_modulate,
         residual_rmsnorm_modulate=rmsnorm_modulate.residual_rmsnorm_modulate,

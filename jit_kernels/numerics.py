@@ -3,7 +3,7 @@
 A kernel result is compared with a float64 reference: in fp32 runs within 1e-5 (norm-wise and element-wise), in
 bf16 and fp16 runs within a small multiple of the eager path's own error in the same dtypes against the same
 reference (a fused bf16 or fp16 kernel must be no less accurate than eager bf16 or fp16). Shipped (not under tests/)
-because `kernels.selfcheck` uses it.
+because `jit_kernels.selfcheck` uses it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fused JiT block ops: eager references and Triton kernels behind one op table.
 
-`kernels` imports nothing from `jit_fast`; the model asks `get_ops(name)` for the table
+`jit_kernels` imports nothing from `jit_fast`; the model asks `get_ops(name)` for the table
 of functions that implement the op boundaries of a JiT block, and `device_support` whether
 the fused table runs on its GPU.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kernels import reference
+from jit_kernels import reference
 
 KERNEL_BACKENDS = ("torch", "triton")
 
 
 def device_support(capability: tuple[int, int], precision: str = "fp32") -> tuple[bool, str]:
     """(ok, reason): whether the fused kernels run on a GPU of compute `capability` in `precision` (fp32, bf16,
-    fp16), judged by the targets `kernels.compile_check` builds and checks; the reason says why not, or how."""
-    from kernels.compile_check import TARGETS, UNSUPPORTED
+    fp16), judged by the targets `jit_kernels.compile_check` builds and checks; the reason says why not, or how."""
+    from jit_kernels.compile_check import TARGETS, UNSUPPORTED
 
     major, minor = capability
     arch = 10 * major + minor
@@ -28,7 +28,7 @@ def device_support(capability: tuple[int, int], precision: str = "fp32") -> tupl
     if precision not in runs:
         return False, f"{name} has no {precision} (the fused kernels run {' and '.join(runs)} there); use fp16"
     if arch in TARGETS:
-        return True, f"{name}: a compile-checked target (kernels.compile_check: 0 spills)"
+        return True, f"{name}: a compile-checked target (jit_kernels.compile_check: 0 spills)"
     checked = ", ".join(f"sm_{a}{'a' if a >= 90 else ''}" for a in sorted(TARGETS))
     return True, f"{name} is not a compile-checked target ({checked}); Triton builds the kernels for it at first launch"
 
@@ -46,7 +46,7 @@ def get_ops(name: str) -> SimpleNamespace:
             branch_linear=reference.branch_linear,
         )
     if name == "triton":
-        from kernels.ops import triton_ops
+        from jit_kernels.ops import triton_ops
 
         return triton_ops()
     raise ValueError(f"unknown kernels backend {name!r}; choose one of {KERNEL_BACKENDS}")

@@ -1,10 +1,10 @@
 """Ahead-of-time compile of every fused kernel signature the launch helpers select x every config, for every target.
 
-    python -m kernels.compile_check [--arch 90 80 89 86 75] [--kernel NAME] [--dtype-class NAME] [--sample]
+    python -m jit_kernels.compile_check [--arch 90 80 89 86 75] [--kernel NAME] [--dtype-class NAME] [--sample]
 
 Targets (`TARGETS`): sm_90a (H100), sm_80 (A100), sm_89 (RTX 40, L4), sm_86 (RTX 30, A10), sm_75 (T4, RTX 20),
 each with the precisions it runs (sm_75 has no bf16: fp32 and fp16 only). Older GPUs are no target
-(`UNSUPPORTED`): `kernels.device_support` makes the model run the torch ops there.
+(`UNSUPPORTED`): `jit_kernels.device_support` makes the model run the torch ops there.
 Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 or fp16 autocast over fp32 parameters;
 FSDP2 bf16 or fp16 block parameters) x every bias and dropout variant (dropout: training classes only) x every
 size class
@@ -105,7 +105,7 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# The compile jobs: per dtype class, every signature the launch helpers of kernels/ produce (hand-written
+# The compile jobs: per dtype class, every signature the launch helpers of jit_kernels/ produce (hand-written
 # from the helpers; tests/test_kernels_compile_check.py checks every launch of the model is among them).
 
 
@@ -173,7 +173,7 @@ def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[Ke
     dbias (C = 2h: divisible by 16 for JiT-B and padded widths, not for unpadded L/H/G). Unused output slots
     are padded with output 0, so their pointer types are output 0's.
     """
-    from kernels import _common
+    from jit_kernels import _common
 
     for cls in classes:
         if not cls.backward:
@@ -225,7 +225,7 @@ def rmsnorm_modulate_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Ite
     """
     import triton
 
-    from kernels import rmsnorm_modulate as rm
+    from jit_kernels import rmsnorm_modulate as rm
 
     for cls in classes:
         s, a, p = cls.stream, cls.act, cls.param
@@ -291,7 +291,7 @@ def qk_norm_rope_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterato
     """
     import triton
 
-    from kernels import qk_norm_rope as qk
+    from jit_kernels import qk_norm_rope as qk
 
     for cls in classes:
         a, p = cls.act, cls.param
@@ -333,7 +333,7 @@ def swiglu_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[Kern
     x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
     stands in for it, and dx12 for the (unused) fp32 partials; without dropout x12 stands in for the seed.
     """
-    from kernels import swiglu as sw
+    from jit_kernels import swiglu as sw
 
     for cls in classes:
         a, p = cls.act, cls.param
@@ -481,7 +481,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 def _compile_options(cfg, arch: int | None = None) -> dict[str, int]:
     """triton.compile options of a launch config on target `arch` (None: the config's own; maxnreg becomes the PTX
     .maxnreg directive), with the per-target overrides the launch helpers apply (`_common.arch_override`)."""
-    from kernels._common import arch_options
+    from jit_kernels._common import arch_options
 
     return arch_options(cfg, arch)
 
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "kernels.compile_check", *args_list], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "jit_kernels.compile_check", *args_list], env=env).returncode
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(TARGETS), choices=sorted(TARGETS))
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this string")

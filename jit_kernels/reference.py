@@ -5,7 +5,7 @@ promotions that happen under bf16 autocast), so `kernels="torch"` is the officia
 With the eager backward of each fused op (`*_bwd`, same contract as the Triton backward
 launch) they are the whole eager contract: the CPU kernels of the custom ops (outside the
 Triton interpreter) and the reference the Triton kernels are tested against. No Triton here.
-The fused dropout (`dropout=`, a `kernels.dropout.Dropout`) draws the kernels' own masks through the CPU twin,
+The fused dropout (`dropout=`, a `jit_kernels.dropout.Dropout`) draws the kernels' own masks through the CPU twin,
 so a comparison applies the identical mask on both sides; the official model keeps `nn.Dropout` instead.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import Dropout
-from kernels.dropout import apply as apply_dropout
+from jit_kernels.dropout import Dropout
+from jit_kernels.dropout import apply as apply_dropout
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
