@@ -5,7 +5,7 @@ Each section compares the eager official model (`kernels="torch"`), the official
 `run_gpu_suite` returns the skip message instead. Every bench function takes a `timer` (milliseconds
 per call of a closure) so the wiring can be exercised on CPU by tests; such runs are never reported.
 
-Before timing anything, `run_gpu_suite` runs `jit_kernels.selfcheck` on the device and refuses to time the fused
+Before timing anything, `run_gpu_suite` runs `jit_fast.selfcheck` on the device and refuses to time the fused
 path of any op that failed it (and the fused block, train step and sampling if any check failed): a speed
 of wrong kernels is not reported.
 """
@@ -258,10 +258,11 @@ def bench_data(
 
 
 def _selfcheck() -> dict:
-    """`jit_kernels.selfcheck` on cuda:0 (prints its table), as a report dict."""
+    """`jit_fast.selfcheck` (the fused ops, a block, the sampler) on cuda:0 (prints its table), as a report dict."""
+    from jit_fast.selfcheck import all_checks
     from jit_kernels.selfcheck import selfcheck
 
-    return selfcheck("cuda")
+    return selfcheck("cuda", checks=all_checks("cuda"), prog="jit_fast.selfcheck")
 
 
 def selfcheck_summary(check: dict) -> dict:
@@ -271,7 +272,7 @@ def selfcheck_summary(check: dict) -> dict:
 
 
 def run_gpu_suite(model: str, batch: int, img_size: int, sample_steps: int = 10) -> dict:
-    """jit_kernels.selfcheck, then all GPU sections on cuda:0 (each section's failure is recorded, not raised), fused
+    """jit_fast.selfcheck, then all GPU sections on cuda:0 (each section's failure is recorded, not raised), fused
     paths that failed the selfcheck left out (see `refused_paths`); the skip message without CUDA."""
     if not torch.cuda.is_available():
         return dict(skipped=SKIP_MESSAGE)

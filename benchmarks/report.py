@@ -66,7 +66,7 @@ def _measured_gpu(res: dict) -> list[str]:
     out = [head]
     check = gpu.get("selfcheck")
     if check:
-        out.append(f"`jit_kernels.selfcheck` on this device before timing: {check['checks']} checks, "
+        out.append(f"`jit_fast.selfcheck` on this device before timing: {check['checks']} checks, "
                    + ("all passed." if check["passed"] else
                       f"FAILED {', '.join(check['failed'])}. Not timed (wrong kernels have no speed): "
                       + ", ".join(f"{k} {'/'.join(v)}" for k, v in gpu.get("refused", {}).items()) + "."))

@@ -1,4 +1,4 @@
-"""On-device verification of the fused kernels: run this first on a new GPU, before any timing.
+"""On-device verification of the fused ops alone (`python -m jit_fast.selfcheck` adds the model's checks).
 
     python -m jit_kernels.selfcheck [--json PATH] [--only SUBSTRING]
 
@@ -7,20 +7,17 @@ On CUDA it checks, at production shapes (JiT-B/H/G widths 768/1280/1664, head di
 every fused op forward and backward against float64 references computed on the device, in fp32 and in the
 bf16- and fp16-autocast dtypes (fp16 only on GPUs without bf16, e.g. the T4), with the bounds of the CPU tests
 (`jit_kernels.numerics.assert_within_rule`: norm-wise and element-wise); two backward runs bitwise equal (no atomics:
-deterministic by construction); a whole JiT-B/16 block through `torch.compile(fullgraph=True)` under the
-device's low-precision autocast (bf16, else fp16) against float64 within the same rule; and CUDA-graph
-capture + replay of the sampler's step bitwise equal to running that step eagerly. Prints one PASS/FAIL
-line per check and exits 1 on any failure. Without CUDA there is nothing to check: it says so, exits 0.
+deterministic by construction); the fused dropout's masks equal the CPU twin's bit for bit. Prints one
+PASS/FAIL line per check and exits 1 on any failure. Without CUDA there is nothing to check: it says so, exits 0.
 
-`jit_kernels/` does not import `jit_fast` at module level: the block and sampler checks import it lazily.
-The check functions take a device, sizes and an op table, so the tests run them on CPU tensors under
-TRITON_INTERPRET=1 at tiny shapes (tests/test_selfcheck.py).
+`jit_kernels/` imports nothing from `jit_fast`: the whole-block and sampler checks, which need the model, are
+`jit_fast.selfcheck`'s, built on the runner and report here. The check functions take a device, sizes and an
+op table, so the tests run them on CPU tensors under TRITON_INTERPRET=1 at tiny shapes (tests/test_selfcheck.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -116,7 +113,7 @@ def _run(call: Callable[[dict], tuple], inputs: dict, grad_names: Iterable[str],
     return [o.detach() for o in outs], {k: leaves[k].grad for k in grad_names}
 
 
-def _judge(items: Iterable[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> str:
+def judge(items: Iterable[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> str:
     """Apply the CPU tests' rule to every (name, actual, float64 expected, eager or None) and return the
     tightest margin; raises AssertionError naming the first tensor out of bounds."""
     worst = (0.0, "", 0.0, 0.0)
@@ -137,7 +134,7 @@ def _compare_op(call_kernel, call_ref, inputs: dict, grad_names: tuple[str, ...]
         [None] * len(k_out), dict.fromkeys(grad_names))
     items = [(n, k, r, e) for n, k, r, e in zip(out_names, k_out, r_out, e_out, strict=True)]
     items += [("d" + n, k_grad[n], r_grad[n], e_grad[n]) for n in grad_names]
-    return _judge(items)
+    return judge(items)
 
 
 def _bitwise_twice(call_kernel, inputs: dict, grad_names: tuple[str, ...], upstream: list[torch.Tensor]) -> str:
@@ -352,142 +349,10 @@ def _lazy(build: Callable[[], Callable[[], str]]) -> Callable[[], str]:
     return lambda: build()()
 
 
-# ------------------------------------------------------------------------------------------------
-# Whole-block and sampler checks (import jit_fast lazily: jit_kernels/ must stay importable on its own).
-
-
-def _perturbed_model(kernels: str, device: torch.device | str, overrides: dict, seed: int = 0) -> torch.nn.Module:
-    """JiT-B/16 (with `overrides`) whose parameters are all perturbed: the official init zeroes adaLN and the
-    output layer, which would make the gated branches vanish."""
-    import jit_fast
-
-    torch.manual_seed(seed)
-    net = jit_fast.build_model("JiT-B/16", kernels=kernels, **overrides)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return net.to(device)
-
-
-def _use_table(module: torch.nn.Module, table: SimpleNamespace) -> torch.nn.Module:
-    """Point every submodule's op table at `table` (e.g. the eager reference for the float64 block)."""
-    for m in module.modules():
-        if hasattr(m, "ops"):
-            m.ops = table
-    return module
-
-
-def _block_inputs(net: torch.nn.Module, idx: int, batch: int, device: torch.device | str,
-                  amp: torch.dtype) -> tuple[tuple, dict]:
-    """The positional and keyword inputs block `idx` receives in an `amp`-autocast forward of `net`."""
-    captured = {}
-
-    class _Stop(Exception):
-        pass
-
-    def hook(_m, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _Stop
-
-    cfg = net.cfg
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
-    t = torch.rand(batch, generator=gen).to(device)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
-    handle = net.blocks[idx].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=amp):
-            net(x, t, y)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["args"], captured["kwargs"]
-
-
-def check_block(device: torch.device | str, sizes: Sizes = PRODUCTION, backend: str = "inductor") -> str:
-    """A JiT-B/16 block (after the in-context tokens, with a pending residual) with the fused custom ops through
-    torch.compile(fullgraph=True) under the device's low-precision autocast (bf16, else fp16): output and every
-    input / parameter gradient against a float64 eager block, bounded by the eager autocast block's own error (the
-    rule of the CPU tests)."""
-    from jit_kernels import get_ops
-
-    low = MODE_DTYPES[low_precision(device)]
-    net = _perturbed_model("triton", device, sizes.model).train()
-    idx = min(net.cfg.in_context_start + 1, net.cfg.depth - 1)
-    (x, c, rope, pending, out_dtype, *_), _ = _block_inputs(net, idx, sizes.block_batch, device, low)
-    if pending is None:
-        raise ValueError(f"block {idx} gets no pending residual: use a model with depth > in_context_start + 1")
-    leaves = {"x": x, "c": c, "branch": pending[0], "gate": pending[1]}
-    block = net.blocks[idx]
-    eager = _use_table(copy.deepcopy(block), get_ops("torch"))
-    ref = _use_table(copy.deepcopy(block), get_ops("torch")).double()
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
-    amp = torch.autocast(torch.device(device).type, dtype=low)
-    no_amp = torch.autocast(torch.device(device).type, enabled=False)
-    runs = {"fused": (compiled, block, None, amp, out_dtype), "eager": (eager, eager, None, amp, out_dtype),
-            "float64": (ref, ref, torch.float64, no_amp, None)}
-    gen = torch.Generator().manual_seed(3)
-    upstream = None
-    results = {}
-    for name, (call, params, cast, ctx, out) in runs.items():
-        ins = {k: v.detach().to(cast or v.dtype).requires_grad_() for k, v in leaves.items()}
-        with ctx:
-            outs = call(ins["x"], ins["c"], tuple(r.to(cast or r.dtype) for r in rope), (ins["branch"], ins["gate"]),
-                        out)
-        if upstream is None:
-            upstream = [torch.randn(o.shape, generator=gen).to(device) for o in outs]
-        torch.autograd.backward(list(outs), [u.to(o.dtype) for u, o in zip(upstream, outs, strict=True)])
-        named = {f"out{i}": o.detach() for i, o in enumerate(outs)}
-        named.update({f"d{k}": v.grad for k, v in ins.items()})
-        named.update({f"d{k}": p.grad for k, p in params.named_parameters() if p.requires_grad})
-        results[name] = named
-    fused, eager_t, ref_t = results["fused"], results["eager"], results["float64"]
-    missing = sorted(k for k in ref_t if fused.get(k) is None)
-    if missing:
-        raise AssertionError(f"compiled block produced no {missing}")
-    return f"{len(ref_t)} tensors; " + _judge((k, fused[k], ref_t[k], eager_t[k]) for k in ref_t)
-
-
-def check_sampler_graph(device: torch.device | str, sizes: Sizes = PRODUCTION, graph: bool | None = None) -> str:
-    """The sampler's static step captured in CUDA graphs and replayed (Heun with interval CFG, so guided and
-    unguided step kinds are both captured) gives bitwise the images of running that step eagerly."""
-    from jit_fast.sampler import StaticSampler
-
-    net = _perturbed_model("triton", device, sizes.model).eval()
-    cfg = net.cfg
-    graph = torch.device(device).type == "cuda" if graph is None else graph
-    gen = torch.Generator().manual_seed(4)
-    noise = torch.randn(sizes.sampler_batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
-    y = torch.randint(0, cfg.num_classes, (sizes.sampler_batch,), generator=gen)
-    images = []
-    for use_graph in (False, graph):
-        sampler = StaticSampler(net, sizes.sampler_batch, steps=sizes.sampler_steps, interval=(0.3, 1.0),
-                                num_classes=cfg.num_classes, device=device,
-                                autocast_dtype=MODE_DTYPES[low_precision(device)],
-                                cuda_graph=use_graph)
-        images.append(sampler.run(noise, y.to(device), 2.9))
-        kinds = len(sampler.graphs)
-    if not torch.equal(images[0], images[1]):
-        diff = (images[0].double() - images[1].double()).abs().max().item()
-        raise AssertionError(f"graph replay differs from the eager step: max |diff| {diff:.3e}")
-    how = f"{kinds} step kinds captured + replayed" if graph else "graphs off (no CUDA): eager vs eager"
-    return f"{sizes.sampler_steps} Heun steps, batch {sizes.sampler_batch}: bitwise equal; {how}"
-
-
-def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None,
-               backend: str = "inductor", graph: bool | None = None) -> list[Check]:
-    """Every check of a selfcheck run, in report order."""
-    return [
-        *op_checks(device, sizes, ops),
-        *dropout_checks(device, sizes, ops),
-        Check(f"JiT-B/16 block, torch.compile(fullgraph=True), {low_precision(device)} autocast, fwd+bwd vs float64",
-              ("block",),
-              lambda: check_block(device, sizes, backend)),
-        Check("sampler step: CUDA graph capture + replay vs eager", ("sampler",),
-              lambda: check_sampler_graph(device, sizes, graph)),
-    ]
+def kernel_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None
+                  ) -> list[Check]:
+    """Every check of the fused ops alone (numerics, determinism, dropout masks), in report order."""
+    return [*op_checks(device, sizes, ops), *dropout_checks(device, sizes, ops)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,12 +398,12 @@ def report(results: list[CheckResult], device_name: str, seconds: float) -> dict
 
 
 def selfcheck(device: torch.device | str = "cuda", sizes: Sizes = PRODUCTION, checks: list[Check] | None = None,
-              out: TextIO | None = None) -> dict:
-    """Run the checks (default: `all_checks(device, sizes)`), print the table as it goes, return the report dict."""
+              out: TextIO | None = None, prog: str = "jit_kernels.selfcheck") -> dict:
+    """Run the checks (default: `kernel_checks(device, sizes)`), print the table as it goes, return the report."""
     out = out or sys.stdout
-    checks = all_checks(device, sizes) if checks is None else checks
+    checks = kernel_checks(device, sizes) if checks is None else checks
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
-    print(f"jit_kernels.selfcheck on {name} (torch {torch.__version__}): {len(checks)} checks", file=out, flush=True)
+    print(f"{prog} on {name} (torch {torch.__version__}): {len(checks)} checks", file=out, flush=True)
     start = time.perf_counter()
     width = max((len(c.name) for c in checks), default=0)
     results = run_checks(checks, lambda r: print(format_line(r, width), file=out, flush=True))
@@ -547,23 +412,26 @@ def selfcheck(device: torch.device | str = "cuda", sizes: Sizes = PRODUCTION, ch
     return report(results, name, seconds)
 
 
-def main(argv: list[str] | None = None, checks: list[Check] | None = None) -> int:
+def main(argv: list[str] | None = None, checks: list[Check] | None = None,
+         build: Callable[[str], list[Check]] = kernel_checks, prog: str = "jit_kernels.selfcheck",
+         description: str | None = None) -> int:
     """CLI: exit 0 when every check passes (or there is no CUDA device: nothing to check), 1 otherwise.
 
-    `checks` replaces the device checks (tests inject failing ones to exercise the table and exit code)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    `build(device)` makes the device checks (`jit_fast.selfcheck` adds the model's); `checks` replaces them
+    (tests inject failing ones to exercise the table and exit code)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=description or __doc__.splitlines()[0])
     ap.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     ap.add_argument("--only", default=None, help="only checks whose name contains this string")
     args = ap.parse_args(argv)
     if checks is None:
         if not torch.cuda.is_available():
-            print("jit_kernels.selfcheck: CUDA is not available, nothing to check (the fused kernels run on GPUs; "
+            print(f"{prog}: CUDA is not available, nothing to check (the fused kernels run on GPUs; "
                   "on CPU the test suite runs them under TRITON_INTERPRET=1).")
             return 0
-        checks = all_checks("cuda")
+        checks = build("cuda")
     if args.only:
         checks = [c for c in checks if args.only in c.name]
-    result = selfcheck("cuda" if torch.cuda.is_available() else "cpu", checks=checks)
+    result = selfcheck("cuda" if torch.cuda.is_available() else "cpu", checks=checks, prog=prog)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

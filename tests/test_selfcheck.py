@@ -1,4 +1,4 @@
-"""`python -m jit_kernels.selfcheck`: what can be proven on CPU.
+"""`python -m jit_kernels.selfcheck` and `python -m jit_fast.selfcheck`: what can be proven on CPU.
 
 The check functions run here on CPU tensors at tiny shapes: the op checks through the Triton launch helpers
 under TRITON_INTERPRET=1 (the same kernels the GPU runs, interpreted), the block check with the custom ops
@@ -19,6 +19,7 @@ import pytest
 import torch
 from triton_interp import use_gpu_bf16_rounding
 
+from jit_fast import selfcheck as model_sc
 from jit_kernels import get_ops, reference
 from jit_kernels import selfcheck as sc
 from jit_kernels.dropout import keep_mask
@@ -36,10 +37,20 @@ def by_name(checks: list[sc.Check], prefix: str) -> list[sc.Check]:
     return [c for c in checks if c.name.startswith(prefix)]
 
 
-def test_cpu_main_has_nothing_to_check(capsys, monkeypatch):
+@pytest.mark.parametrize("main", [sc.main, model_sc.main])
+def test_cpu_main_has_nothing_to_check(main, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert sc.main([]) == 0
+    assert main([]) == 0
     assert "nothing to check" in capsys.readouterr().out
+
+
+def test_model_checks_extend_the_kernel_checks(monkeypatch):
+    """`jit_fast.selfcheck` runs every kernel check, in the same order, then the block's and the sampler's."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    kernel = [c.name for c in sc.kernel_checks("cuda", TINY, ops=get_ops("triton"))]
+    full = [c.name for c in model_sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
+    assert full[:len(kernel)] == kernel and [c.split(":")[0].split(",")[0] for c in full[len(kernel):]] == [
+        "JiT-B/16 block", "sampler step"]
 
 
 def test_production_sizes_reach_multi_step_paths():
@@ -95,7 +106,7 @@ def test_op_checks_pass_interpreted(text):
 def test_gpu_without_bf16_checks_fp16(monkeypatch):
     """On a T4 (sm_75, no bf16) the op checks run fp32 and fp16, the determinism and block checks fp16."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    names = [c.name for c in sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
+    names = [c.name for c in model_sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
     assert not [n for n in names if "bf16" in n]
     numerics = [n for n in names if "backward twice" not in n and "block" not in n and "sampler" not in n
                 and "dropout" not in n]
@@ -145,19 +156,19 @@ def test_determinism_check_fails_on_a_nondeterministic_op():
 
 
 def test_sampler_check_runs_on_cpu_without_graphs():
-    detail = sc.check_sampler_graph("cpu", TINY, graph=False)
+    detail = model_sc.check_sampler_graph("cpu", TINY, graph=False)
     assert "bitwise equal" in detail and "graphs off" in detail
 
 
 @pytest.mark.slow
 def test_block_check_traces_fullgraph_on_cpu():
     """fullgraph=True through the custom ops (CPU: their reference implementation) within the rule."""
-    assert "tensors; worst" in sc.check_block("cpu", TINY, backend="aot_eager")
+    assert "tensors; worst" in model_sc.check_block("cpu", TINY, backend="aot_eager")
 
 
 def test_block_check_needs_a_pending_residual():
     with pytest.raises(ValueError, match="pending residual"):
-        sc.check_block("cpu", dataclasses.replace(TINY, model=dict(TINY_MODEL, depth=2)), backend="eager")
+        model_sc.check_block("cpu", dataclasses.replace(TINY, model=dict(TINY_MODEL, depth=2)), backend="eager")
 
 
 def test_dropout_mask_check_passes_interpreted():
