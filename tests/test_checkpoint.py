@@ -289,7 +289,8 @@ def test_export_cli(run4: Path, tmp_path: Path) -> None:
     assert ckpt_main([str(run4), str(tmp_path / "w.npz")]) == 2
 
 
-def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_path: Path) -> None:
+def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_path: Path,
+                                                              one_thread_test: None) -> None:
     """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i (float64) over the parameters after each of 3 steps, a save, a
     resume and 3 more, with d the decay the config asked for (--ema-decay1 / --ema-decay2, distinct), not the EMA's
     own `decay`: an EMA built or restored with the other one's decay, or from the other one's shadow, fails."""

@@ -26,6 +26,8 @@ from train_helpers import tiny_argv
 
 from jit_kernels.numerics import FP32_RTOL, rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLIP = 0.5  # below the unclipped norm (asserted), so every clipped run clips
 NORMALIZE_RATIO = 2.0  # the factor of the normalization bound above
 
@@ -55,7 +57,7 @@ def one_step(data: Path, out: Path, precision: str, clip: float) -> Step:
 
 
 @pytest.fixture(scope="module")
-def steps(data: Path, tmp_path_factory: pytest.TempPathFactory, one_thread) -> dict[tuple[str, bool], Step]:
+def steps(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Step]:
     """(precision, clipped) -> its step, for fp32, bf16 and fp16, with --grad-clip CLIP and without."""
     return {(p, c): one_step(data, tmp_path_factory.mktemp(f"{p}{c}"), p, CLIP if c else 0.0)
             for p in ("fp32", "bf16", "fp16") for c in (False, True)}
