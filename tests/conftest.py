@@ -28,6 +28,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _single_intra_op_thread():
+    """One intra-op thread while the fixture lives, the previous count after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
