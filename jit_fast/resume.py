@@ -5,14 +5,22 @@
 checkpoint's meta.json or an official `.pth`), `merge_model_meta` and `check_architecture` fit the
 config to it, and `restore` loads it into a `TrainState` (a DCP checkpoint resharded to this world
 size, or official weights, EMAs and AdamW state). `checkpoint_meta` and `rank_state` are what a save
-writes: meta.json and the per-rank RNG file are written and read in this module only.
+writes: meta.json and the per-rank file are written and read in this module only.
+
+No RNG state is saved or restored: no training result depends on the state of a global generator (torch's
+CPU and CUDA ones, Python's). t, label drop and noise come from generators seeded by (seed, step, position), the
+loader's order and flips from (seed, epoch) in every backend, and dropout from a seed of (seed, step, rank,
+micro-step) set before each micro-step (`Trainer.micro_step`: torch's generators reseeded for `nn.Dropout` and
+attention dropout, the Philox key of the fused kernels). What does draw from the global generator is reseeded
+first or unused (model init after `torch.manual_seed`, the DataLoader's worker seed). A resume with the global
+RNGs scrambled continues bitwise (`tests/test_train.py::test_training_does_not_depend_on_the_global_rng`); the
+RNG states older checkpoints hold in rank<R>.pt are ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,7 +254,7 @@ def check_architecture(start: StartPoint, meta: ModelMeta) -> None:
 
 def restore(start: StartPoint, state: TrainState, cfg: TrainConfig, model_cfg: ModelConfig, env: D.DistEnv,
             global_batch: int, steps_per_epoch: int, log: Callable[[str], None]) -> Progress:
-    """Load the checkpoint into `state` (and this rank's RNGs); the progress to continue from."""
+    """Load the checkpoint into `state`; the progress to continue from."""
     if start.official is not None:
         progress = _restore_official(start, state, cfg, model_cfg, steps_per_epoch, log)
     else:
@@ -293,12 +301,7 @@ def _restore_dcp(start: StartPoint, state: TrainState, cfg: TrainConfig, env: D.
         )
     if step_in_epoch >= steps_per_epoch:
         epoch, step_in_epoch = epoch + 1, 0
-    rs = read_rank_state(path, env.rank) if int(meta["world_size"]) == env.world_size else None
-    if rs is not None:
-        torch.set_rng_state(rs["torch_cpu_rng"])
-        if env.device.type == "cuda" and rs.get("torch_cuda_rng") is not None:
-            torch.cuda.set_rng_state(rs["torch_cuda_rng"], env.device)
-        random.setstate(rs["python_rng"])
+    read_rank_state(path, env.rank)  # a damaged file is refused (also with --skip-checksum); its contents are unused
     return Progress(step, epoch, step_in_epoch)
 
 
@@ -351,11 +354,6 @@ def checkpoint_meta(cfg: TrainConfig, progress: Progress, *, steps_per_epoch: in
     }
 
 
-def rank_state(device: torch.device, loader_state: dict) -> dict:
-    """This rank's RNG states and loader position (rank<R>.pt), restored on a resume at the same world size."""
-    return {
-        "torch_cpu_rng": torch.get_rng_state(),
-        "torch_cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python_rng": random.getstate(),
-        "loader": loader_state,
-    }
+def rank_state(loader_state: dict) -> dict:
+    """This rank's loader position (rank<R>.pt), a record: a resume takes its position from meta.json."""
+    return {"loader": loader_state}

@@ -290,7 +290,7 @@ class Trainer:
         return self.cond.prepare(JiT(self.model_cfg))
 
     def _restore(self, start: StartPoint) -> None:
-        """Continue from `start`: weights, optimizer, EMAs, RNGs and progress."""
+        """Continue from `start`: weights, optimizer, EMAs and progress (no RNG state: see jit_fast.resume)."""
         p = restore(start, self.state, self.cfg, self.model_cfg, self.env, self.global_batch, self.steps_per_epoch,
                     self.log)
         self.step, self.epoch, self.step_in_epoch = p.step, p.epoch, p.step_in_epoch
@@ -377,7 +377,7 @@ class Trainer:
                                steps_per_epoch=self.steps_per_epoch, world_size=self.env.world_size,
                                global_batch=self.global_batch, lr=self.lr, loader_state=loader_state,
                                meta=self.model_meta, precision=self.precision, fsdp=self.use_fsdp)
-        self.ckpt.save(self.step, self.state.state_dict(), meta, rank_state(self.device, loader_state))
+        self.ckpt.save(self.step, self.state.state_dict(), meta, rank_state(loader_state))
         self.last_save_step = self.step
         if not cfg.async_save:
             self.log(f"saved checkpoint {self.ckpt.last_saved}")

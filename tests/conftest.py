@@ -27,10 +27,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy second core (opt-in per module)."""
+def _single_intra_op_thread():
+    """One intra-op thread while the fixture lives, the previous count after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy second core (opt-in per module)."""
+    yield from _single_intra_op_thread()
+
+
+@pytest.fixture
+def one_thread_test():
+    """`one_thread` for one test only: a module fixture's run, which later tests compare bitwise with their own,
+    must not get the thread count of whichever test happened to request it first (CPU kernels round per count)."""
+    yield from _single_intra_op_thread()

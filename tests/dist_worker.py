@@ -3,7 +3,8 @@ records one training step's gradients.
 
 `ema`: besides a normal run (checkpoints, metrics.jsonl) it gathers the parameters after every step and, at
 the end, checks on rank 0 that both sharded EMAs equal the closed-form recurrence over the gathered
-parameters, writing the verdict to OUTPUT_DIR/ema_check.json.
+parameters with the decay the config asked for (--ema-decay1 / --ema-decay2, not the EMA's own `decay`, which
+would accept an EMA built with the other one), writing the verdict to OUTPUT_DIR/ema_check.json.
 
 `grads`: builds the Trainer the CLI flags describe, perturbs its initial weights (identically at any world
 size), runs one real `train_step` and saves, from rank 0, the loss and every full gradient as the optimizer
@@ -52,7 +53,8 @@ def ema_check(argv: list[str]) -> int:
         cfg, env, st = tr.cfg, tr.env, tr.state
         history = [[D.full_tensor(p).detach().double() for p in st.params]]
         tr.run(step_callback=lambda t: history.append([D.full_tensor(p).detach().double() for p in t.state.params]))
-        report = {"world_size": env.world_size, "sharded": [], "max_err": {}}
+        report = {"world_size": env.world_size, "sharded": [], "max_err": {},
+                  "decay": {"ema1": cfg.ema_decay1, "ema2": cfg.ema_decay2}}
         for name, ema in (("ema1", st.ema1), ("ema2", st.ema2)):
             state = st.ema_state(ema)
             full = [D.full_tensor(state[n]).double() for n in st.names]
@@ -63,7 +65,7 @@ def ema_check(argv: list[str]) -> int:
             split = env.world_size == 1 or any(
                 s.numel() < p.numel() for s, p in zip(ema.shadow, st.params, strict=True))
             report["sharded"].append(same_layout and split)
-            d, k = ema.decay, len(history) - 1
+            d, k = report["decay"][name], len(history) - 1
             err = 0.0
             for j, f in enumerate(full):
                 ref = d**k * history[0][j] + sum((1 - d) * d ** (k - i) * history[i][j] for i in range(1, k + 1))
@@ -74,32 +76,41 @@ def ema_check(argv: list[str]) -> int:
     return 0
 
 
-def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
-    """Loss (key "loss") and full float64 gradients of step 1 from perturbed initial weights, per parameter name.
+def perturb(tr: Trainer) -> None:
+    """Add the seeded perturbation to every trainable weight: the same full tensors at any world size.
 
     The zero-initialised adaLN and final layers would leave most block gradients exactly zero at step 1;
-    the seeded perturbation (the same full tensors on every rank) makes every parameter matter.
-    """
+    perturbed, every parameter matters."""
+    g = torch.Generator().manual_seed(PERTURB_SEED)
+    with torch.no_grad():
+        for p in tr.state.trainable:
+            full = D.full_tensor(p.detach()).cpu()
+            new = full + PERTURB_STD * torch.randn(full.shape, generator=g)
+            D.local(p).copy_(D.shard_like(new, p))
+
+
+def capture_step_grads(tr: Trainer) -> dict[str, torch.Tensor]:
+    """Full float64 gradients per parameter name as AdamW sees them (unscaled, clipped), filled at each step."""
+    grads: dict[str, torch.Tensor] = {}
+    step = tr.state.opt.step
+
+    def capture(*args, **kwargs):
+        for n, p in zip(tr.state.names, tr.state.params, strict=True):
+            if p.grad is not None:
+                grads[n] = D.full_tensor(p.grad).detach().double().cpu()
+        return step(*args, **kwargs)
+
+    tr.state.opt.step = capture
+    return grads
+
+
+def first_step_grads(argv: list[str]) -> dict[str, torch.Tensor]:
+    """Loss (key "loss") and full float64 gradients of step 1 from perturbed initial weights, per parameter name."""
     with trainer(argv) as tr:
-        env = tr.env
-        g = torch.Generator().manual_seed(PERTURB_SEED)
-        with torch.no_grad():
-            for p in tr.state.trainable:
-                full = D.full_tensor(p.detach()).cpu()
-                new = full + PERTURB_STD * torch.randn(full.shape, generator=g)
-                D.local(p).copy_(D.shard_like(new, p))
-        grads: dict[str, torch.Tensor] = {}
-        step = tr.state.opt.step
-
-        def capture(*args, **kwargs):
-            for n, p in zip(tr.state.names, tr.state.params, strict=True):
-                if p.grad is not None:
-                    grads[n] = D.full_tensor(p.grad).detach().double().cpu()
-            return step(*args, **kwargs)
-
-        tr.state.opt.step = capture
+        perturb(tr)
+        grads = capture_step_grads(tr)
         tr.train_step(tr._epoch_batches())
-        grads["loss"] = D.all_reduce_mean(env, tr.meters.loss.detach()).double().cpu()
+        grads["loss"] = D.all_reduce_mean(tr.env, tr.meters.loss.detach()).double().cpu()
     return grads
 
 

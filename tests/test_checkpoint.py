@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from train_helpers import assert_bitwise_equal, checkpoint_tensors, read_losses, tiny_argv
+from train_helpers import assert_bitwise_equal, assert_distinct_decays, checkpoint_tensors, read_losses, tiny_argv
 
 from jit_fast.checkpoint import (
     CheckpointError,
@@ -289,18 +289,31 @@ def test_export_cli(run4: Path, tmp_path: Path) -> None:
     assert ckpt_main([str(run4), str(tmp_path / "w.npz")]) == 2
 
 
-def test_ema_matches_the_closed_form_recurrence(data: Path, tmp_path: Path) -> None:
-    """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i over the parameters after each step (float64 reference)."""
+def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_path: Path,
+                                                              one_thread_test: None) -> None:
+    """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i (float64) over the parameters after each of 3 steps, a save, a
+    resume and 3 more, with d the decay the config asked for (--ema-decay1 / --ema-decay2, distinct), not the EMA's
+    own `decay`: an EMA built or restored with the other one's decay, or from the other one's shadow, fails."""
     from jit_fast.distributed import DistEnv, full_tensor
     from jit_fast.train import Trainer
     from jit_fast.train_cli import parse_config
 
-    cfg, explicit = parse_config(tiny_argv(data, tmp_path / "ema", "--max-steps", "6"))
-    tr = Trainer(cfg, DistEnv(), explicit)
-    history = [[full_tensor(p).detach().double().clone() for p in tr.state.params]]
-    tr.run(step_callback=lambda t: history.append([full_tensor(p).detach().double().clone() for p in t.state.params]))
-    for ema in (tr.state.ema1, tr.state.ema2):
-        d = ema.decay
+    out = tmp_path / "ema"
+    history: list[list[torch.Tensor]] = []
+
+    def record(tr: Trainer) -> None:
+        history.append([full_tensor(p).detach().double().clone() for p in tr.state.params])
+
+    for extra in (("--max-steps", "3"), ("--max-steps", "6", "--resume", str(out))):
+        cfg, explicit = parse_config(tiny_argv(data, out, *extra))
+        tr = Trainer(cfg, DistEnv(), explicit)
+        if not history:
+            record(tr)  # p_0, the weights both EMAs start from
+        tr.run(step_callback=record)
+    assert len(history) == 7 and tr.step == 6
+    assert_distinct_decays(cfg.ema_decay1, cfg.ema_decay2)
+    for ema, d in ((tr.state.ema1, cfg.ema_decay1), (tr.state.ema2, cfg.ema_decay2)):
+        assert ema.decay == d
         k = len(history) - 1
         for j, s in enumerate(ema.shadow):
             ref = d**k * history[0][j] + sum((1 - d) * d ** (k - i) * history[i][j] for i in range(1, k + 1))

@@ -24,6 +24,7 @@ from dist_worker import first_step_grads
 from train_helpers import (
     REPO,
     assert_bitwise_equal,
+    assert_distinct_decays,
     checkpoint_tensors,
     describe,
     free_port,
@@ -162,8 +163,11 @@ def test_bf16_fsdp_gradients_within_ratio_of_plain_autocast(data: Path, cache: P
 
 
 def test_sharded_dual_ema_matches_the_closed_form(ref2: Path) -> None:
+    """Both sharded EMAs follow the closed-form recurrence with the decay each was configured with (distinct ones,
+    so an EMA built with the other's decay is caught); the kill-and-resume test holds the resumed run to these."""
     report = json.loads((ref2 / "ema_check.json").read_text())
     assert report["world_size"] == 2
+    assert_distinct_decays(report["decay"]["ema1"], report["decay"]["ema2"])
     assert report["sharded"] == [True, True], "both EMAs must live as shards laid out like the parameters"
     assert report["max_err"]["ema1"] < 1e-6 and report["max_err"]["ema2"] < 1e-6, report
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny JiT (2 blocks, 16 px, in-context tokens from block 1) on 4 classes x 16 JPEGs (64 images):
 # 8 samples per global batch gives 8 steps per epoch, so 20 steps cross two epoch boundaries.
+# The EMA decays differ from each other and from the defaults (see `assert_distinct_decays`).
 TINY = [
     "--model", "JiT-T/4", "--model-arg", "depth=2", "--model-arg", "in_context_start=1", "--img-size", "16",
     "--data-backend", "torch", "--num-workers", "0", "--lr", "1e-3", "--warmup-epochs", "1",
@@ -79,6 +80,15 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     bad = [k for k in a if not torch.equal(a[k], b[k])]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
     assert any(k.startswith("optim/state/") for k in a) and any(k.startswith("ema2/") for k in a)
+
+
+def assert_distinct_decays(decay1: float, decay2: float) -> None:
+    """The EMA decays of a test differ from each other and from the defaults: an EMA built with the other one's
+    decay (or a default) then fails the closed-form checks against the configured decays."""
+    from jit_fast.configs import TrainConfig
+
+    defaults = {TrainConfig.ema_decay1, TrainConfig.ema_decay2}
+    assert decay1 != decay2 and decay1 not in defaults and decay2 not in defaults, (decay1, decay2)
 
 
 def free_port() -> int:

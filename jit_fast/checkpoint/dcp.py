@@ -3,7 +3,7 @@
 Training checkpoints are torch.distributed.checkpoint (DCP) directories
 ``<run>/checkpoints/step_<N>/`` holding the sharded model, optimizer and both EMAs (resharding
 on load: any world size can resume any other), ``meta.json`` (step, epoch, data position,
-model metadata, recipe), ``rank<R>.pt`` (per-rank RNG and loader state) and ``checksums.json``
+model metadata, recipe), ``rank<R>.pt`` (per-rank loader position; no RNG state) and ``checksums.json``
 (sha256 of every file, `jit_fast.integrity`). A checkpoint is written into ``.tmp-step_<N>`` and
 renamed into place only when complete, so the newest ``step_*`` directory is always whole.
 Every DCP read goes through `jit_fast.safe_dcp.SafeFileSystemReader` (no code from the files,
@@ -175,7 +175,8 @@ def load_dcp_keys(ckpt_dir: str | Path, keys: set[str], verify: bool = True) -> 
 
 
 def read_rank_state(ckpt_dir: str | Path, rank: int) -> dict | None:
-    """Per-rank RNG/loader state saved with a checkpoint (None if absent); weights-only, one-line errors."""
+    """The per-rank file of a checkpoint (None if absent; older ones also hold RNG states); weights-only, one-line
+    errors."""
     p = Path(ckpt_dir) / f"rank{rank:05d}.pt"
     if not p.is_file():
         return None
