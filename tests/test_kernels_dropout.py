@@ -303,6 +303,25 @@ def test_cpu_twin_path_matches_interpreter(monkeypatch):
     assert torch.equal(interp_h == 0, twin_h == 0)
 
 
+def test_cpu_twin_path_backward_applies_the_forward_mask(monkeypatch):
+    """The CPU training path's backward ops (outside the interpreter) mask and scale the incoming gradient with the
+    forward's mask: every gradient equals autograd through the reference forward with the same dropout (the
+    interpreted backward kernels are checked above; this is the other implementation of the ops)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    d = Dropout(0.5, seed_tensor(-77), 21)
+    inputs, _ = residual_inputs(2, 9, 97, "fp32", True)
+    up = [torch.randn(2, 9, 97), torch.randn(2, 9, 97)]
+    _, got = residual_run(rm.residual_rmsnorm_modulate, inputs, None, up, d)
+    _, want = residual_run(reference.residual_rmsnorm_modulate, inputs, None, up, d)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    x12, bias, dout = torch.randn(4, 7, 60), torch.randn(60), torch.randn(4, 7, 30)
+    got = swiglu_run(sw.swiglu, x12, bias, dout, d)
+    want = swiglu_run(reference.swiglu, x12, bias, dout, d)
+    for name, g, w in zip(("h", "dx12", "dbias"), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_bad_dropout_arguments():
     x, v, w = torch.randn(2, 4, 8), torch.zeros(2, 8), torch.ones(8)
     good = seed_tensor(1)

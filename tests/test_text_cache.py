@@ -130,6 +130,21 @@ def test_cache_refuses_other_settings(data, encoder, tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_encoding_changed_captions_into_an_existing_cache_is_refused(data, encoder, tmp_path):
+    """The same keys with a changed caption: encode_text refuses to resume or reuse the cache (its rows hold the old
+    captions' embeddings), and leaves its index as it was."""
+    import shutil
+
+    out = build(data, encoder, tmp_path / "c")
+    index = (out / "index.json").read_text()
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    (changed / "captions" / "03.txt").write_text("a handwritten three , again")
+    with pytest.raises(CacheError, match="other settings.*captions differ"):
+        build(changed, encoder, out)
+    assert (out / "index.json").read_text() == index
+
+
 def test_sequence_cache_shorter_than_the_context_is_named(data, encoder, tmp_path):
     cache = TextCache(build(data, encoder, tmp_path / "c", pooling="sequence", seq_len=4))
     with pytest.raises(CacheError, match="re-encode with --seq-tokens 8"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,13 +17,16 @@ from train_helpers import assert_bitwise_equal, checkpoint_tensors, make_text_da
 from jit_fast import generate
 from jit_fast.checkpoint import latest_checkpoint
 from jit_fast.checkpoint.dcp import load_dcp_keys
-from jit_fast.configs import model_config
+from jit_fast.configs import TrainConfig, model_config
+from jit_fast.data.captions import build_caption_index
 from jit_fast.data.encode_text import encode_captions
+from jit_fast.distributed import DistEnv
 from jit_fast.text.cache import TextCache, caption_digest
 from jit_fast.text.encoder import TextEncoder
 from jit_fast.text.sampling import encode_prompts
 from jit_fast.text.tiny import build_tiny_encoder
 from jit_fast.train import main
+from jit_fast.train_condition import ConditionSource
 from jit_kernels.numerics import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,3 +165,37 @@ def test_sequence_tokens_train_resume_and_sample(text, tmp_path: Path) -> None:
     stored = trained.condition(np.array([row]))
     assert torch.equal(prompted.mask, stored.mask) and int(stored.mask.sum()) > 1
     torch.testing.assert_close(prompted.tokens.float(), stored.tokens.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_each_sample_gets_its_own_captions_embedding_when_the_loader_skips_an_image(text, tmp_path: Path) -> None:
+    """A cache encoded before an image went bad: the loader skips that image, so its sample numbers are no longer
+    the cache's rows; every sample still gets the embedding of its own caption (rows looked up by key)."""
+    data, cache, _ = text
+    part = tmp_path / "part"
+    shutil.copytree(data, part)
+    sorted((part / "images").iterdir())[0].write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping 1"):
+        index = build_caption_index(part, img_size=16, cache=False)
+    assert index.keys == TextCache(cache).keys[1:]
+    source = ConditionSource.build(TrainConfig(model="JiT-T/4-Text", img_size=16, text_cache=str(cache)),
+                                   SimpleNamespace(index=index), DistEnv())
+    samples = [0, 14, 15, 62]  # the first of class 0 left, the first of class 1, the last
+    got = source(torch.tensor(samples)).pooled
+    want = TextEncoder.load(TextCache(cache).spec.name, device="cpu")([index.captions[i] for i in samples]).pooled
+    torch.testing.assert_close(got.float(), want, rtol=2**-10, atol=1e-6)  # float16 storage
+
+
+def test_live_encoder_and_cache_give_the_same_empty_caption(text, tmp_path: Path) -> None:
+    """--null-text empty in sequence mode: the empty caption's pooled and per-token states (its own tokens only, no
+    padding slots) are the same whether captions come from a cache or from the encoder run per step."""
+    data, cache, _ = text
+    name = TextCache(cache).spec.name
+    seq_cache = encode_captions(data, TextEncoder.load(name, device="cpu"), tmp_path / "seq_cache",
+                                pooling="sequence", seq_len=8, progress=False)
+    loader = SimpleNamespace(index=build_caption_index(data, img_size=16, cache=False))
+    model = dict(model="JiT-T/4-Text", img_size=16, extra_model_args={"text_tokens": "sequence", "null_text": "empty"})
+    cached = ConditionSource.build(TrainConfig(**model, text_cache=str(seq_cache)), loader, DistEnv())
+    live = ConditionSource.build(TrainConfig(**model, text_encoder=name), loader, DistEnv())
+    (pooled, tokens), (live_pooled, live_tokens) = cached.empty, live.empty
+    assert tokens.shape == (2, 16)  # [CLS] [SEP]
+    assert torch.equal(pooled, live_pooled) and torch.equal(tokens, live_tokens)

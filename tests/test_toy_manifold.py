@@ -85,3 +85,55 @@ def test_earlier_outputs_are_kept_unless_overwrite(toy, tmp_path: Path, capsys) 
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
         toy.main(["--out", str(tmp_path / "file"), "--quick"])
+
+
+def test_sampling_integrates_the_velocity_of_each_prediction(toy) -> None:
+    """For data at one point x0, the exact x, v and eps predictions all imply the straight flow to x0: Euler (which
+    follows a straight flow exactly once t > 0; eps-prediction's velocity is clamped to 0 at t = 0) ends on x0."""
+    x0 = torch.tensor([0.5, -1.0, 2.0])
+    exact = {
+        "x": lambda z, t: x0.expand_as(z),
+        "v": lambda z, t: (x0 - z) / (1 - t[:, None]),
+        "eps": lambda z, t: (z - t[:, None] * x0) / (1 - t[:, None]),
+    }
+    cfg = toy.ToyConfig(**{**toy.QUICK, "samples": 8, "sample_steps": 3, "solver": "euler"})
+    for prediction, net in exact.items():
+        out = toy.generate(net, 3, prediction, cfg, torch.Generator().manual_seed(0), lambda n: None)
+        torch.testing.assert_close(out, x0.expand(8, 3), rtol=0, atol=1e-5, msg=prediction)
+
+
+def test_training_draws_its_times_from_the_configured_logit_normal(toy, monkeypatch) -> None:
+    """Every step's times come from sample_t with the run's --p-mean and --p-std."""
+    from jit_fast.denoiser import sample_t
+
+    seen = []
+
+    def spy(n, P_mean, P_std, **kw):
+        seen.append((n, P_mean, P_std))
+        return sample_t(n, P_mean, P_std, **kw)
+
+    monkeypatch.setattr(toy, "sample_t", spy)
+    cfg = toy.ToyConfig(**{**toy.QUICK, "steps": 2, "p_mean": 0.3, "p_std": 1.7})
+    g = torch.Generator().manual_seed(0)
+    toy.train(toy.ToyMLP(2, cfg.hidden, cfg.layers), toy.projection(2, g), "v", cfg, g, lambda n: None)
+    assert seen == [(cfg.batch_size, 0.3, 1.7)] * 2
+
+
+def test_training_returns_the_ema_of_the_trained_weights(toy) -> None:
+    """Decay 0: the returned EMA is the final weights exactly (and they moved from the initial ones)."""
+    cfg = toy.ToyConfig(**{**toy.QUICK, "steps": 3, "ema": 0.0})
+    g = torch.Generator().manual_seed(0)
+    net = toy.ToyMLP(2, cfg.hidden, cfg.layers)
+    init = [p.detach().clone() for p in net.parameters()]
+    ema = toy.train(net, toy.projection(2, g), "v", cfg, g, lambda n: None)
+    for shadow, p, p0 in zip(ema.shadow, net.parameters(), init, strict=True):
+        assert torch.equal(shadow, p.detach()) and not torch.equal(p.detach(), p0)
+
+
+def test_mlp_is_linear_layers_with_relu_between(toy) -> None:
+    """`layers` Linear maps, ReLU between them but not after the last: predictions of x, eps or v take any sign."""
+    net = toy.ToyMLP(4, hidden=16, layers=3)
+    kinds = [type(m).__name__ for m in net.net]
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    out = net(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.rand(64))
+    assert (out < 0).any() and (out > 0).any()
