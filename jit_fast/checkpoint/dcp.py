@@ -149,12 +149,13 @@ def dcp_model_meta(run: dict, path: str | Path) -> ModelMeta:
 
 def _safe_reader(ckpt_dir: str | Path, verify: bool, what: str = "read"):
     """A SafeFileSystemReader whose metadata is already parsed (a refusal is a CheckpointError here, not in DCP)."""
+    from jit_fast.checkpoint.sanity import WeightsError
     from jit_fast.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
 
     reader = SafeFileSystemReader(ckpt_dir, verify=verify)
     try:
         reader.read_metadata()
-    except (UnsafeCheckpointError, integrity.ChecksumError) as e:
+    except (UnsafeCheckpointError, integrity.ChecksumError, WeightsError) as e:
         raise CheckpointError(f"cannot {what} checkpoint {ckpt_dir}: {e}") from None
     return reader
 
@@ -207,12 +208,13 @@ def dcp_load(state: dict, ckpt_dir: str | Path, distributed: bool, verify: bool 
 
 
 def _checksum_cause(e: BaseException) -> str | None:
-    """The refusal another rank (the coordinator that verifies checksums) reported, if that is what failed."""
+    """The refusal another rank reported (checksums, allow-lists, weights), if that is what failed."""
+    from jit_fast.checkpoint.sanity import WeightsError
     from jit_fast.safe_dcp import UnsafeCheckpointError
 
     for pair in (getattr(e, "failures", None) or {}).values():
         cause = pair[0] if isinstance(pair, tuple) else pair
-        if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError):
+        if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError | WeightsError):
             return str(cause)
     return None
 
