@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from jit_fast.checkpoint.dcp import state_nbytes
 from jit_fast.checkpoint.meta import RECIPE_KEYS, CheckpointError, ModelMeta, short_error
 from jit_fast.checkpoint.sanity import check_weights
 from jit_fast.configs import ModelConfig
@@ -200,7 +201,7 @@ def export_official_checkpoint(
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), size=state_nbytes(obj))
 
 
 def official_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

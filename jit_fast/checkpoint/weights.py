@@ -38,7 +38,8 @@ def export_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], me
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     on_disk = {**meta.to_dict(), "step": meta.step, "epoch": meta.epoch}
     header = {"format": "jit_fast", "weights": which, "jit_fast_meta": json.dumps(on_disk, sort_keys=True)}
-    atomic_write(path, lambda f: save_file(tensors, f.name, metadata=header))  # safetensors writes by file name
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda f: save_file(tensors, f.name, metadata=header), size=size)  # it writes by file name
 
 
 def load_safetensors(path: str | Path, which: str | None = None) -> tuple[dict[str, torch.Tensor], ModelMeta]:
