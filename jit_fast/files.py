@@ -1,35 +1,172 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a torn one."""
+"""Files the runs write: atomic writes (a reader sees the old file or the complete new one, never a torn one),
+a full disk told as such, stale temporary files of interrupted writes, and checked output directories."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from jit_fast.errors import UsageError, UserError
+
 TMP_PREFIX = ".tmp-"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = tuple(os.strerror(e) for e in _FULL_ERRNOS)  # how C++ and Rust writers word it without an errno
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], fsync: bool = True) -> Path:
+class DiskFullError(UserError, OSError):
+    """A write failed because its file system has no space left (or the quota is used up)."""
+
+
+def temp_name(path: Path) -> Path:
+    """The hidden temporary file `atomic_write` writes beside `path` (`.tmp-NAME.PID.HEX`)."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], fsync: bool = True,
+                 size: int | None = None) -> Path:
     """Write bytes, UTF-8 text or `data(file)`'s output to a temp file beside `path`, fsync, then rename over it.
 
     The temp name is hidden and ends in no image or array suffix, so a crash leaves nothing a reader picks up;
-    on any error the temp file is removed and the old `path` is untouched.
+    on any error the temp file is removed and the old `path` is untouched. A full disk raises DiskFullError
+    naming the disk, its free space and `size` (the bytes `data` writes; known for bytes and text).
     """
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    if not callable(data):
+        data = data.encode() if isinstance(data, str) else data
+        size = len(data)
+    tmp = temp_name(path)
     try:
         with open(tmp, "xb") as f:
             if callable(data):
                 data(f)
             else:
-                f.write(data.encode() if isinstance(data, str) else data)
+                f.write(data)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, path.parent, size, str(path))
+        if full is not None:
+            raise full from None
         raise
     return path
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count for people: 512 B, 4.2 MB, 2.6 GB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing ancestor."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding `path` (or where it would be created)."""
+    p = _existing(Path(path)).resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes this user may still write on the file system holding `path`."""
+    return shutil.disk_usage(_existing(Path(path))).free
+
+
+def _says_disk_full(e: BaseException) -> bool:
+    """True if `e` or an exception it was raised from or during is an ENOSPC/EDQUOT error (by errno or wording)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in _FULL_ERRNOS or any(t in str(e) for t in _FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full_error(e: BaseException, where: str | Path, needed: int | None, what: str) -> DiskFullError | None:
+    """The one-line DiskFullError for a failed write of `what` into `where`, or None if the disk is not the cause.
+
+    The disk is the cause when the error says so (ENOSPC, EDQUOT: torch's zip writer loses the errno, hence the
+    wording and the space check) or when less than `needed` bytes are free once the partial file is gone.
+    """
+    if isinstance(e, DiskFullError):
+        return e
+    free = free_bytes(where)
+    if not (_says_disk_full(e) or (needed is not None and free < needed)):
+        return None
+    need = f"about {format_bytes(needed)} needed" if needed is not None else "more needed"
+    return DiskFullError(f"the disk at {mount_point(where)} is full: {format_bytes(free)} free, {need} to write {what}")
+
+
+def remove_stale_temps(folder: Path, names: Iterable[str]) -> list[tuple[Path, int]]:
+    """Remove `atomic_write` temp files of `names` in `folder` whose writing process is gone; (path, size) of each.
+
+    Only this module's pattern (`.tmp-NAME.PID.HEX` for the given NAMEs) is touched, never another file, and a
+    temp file of a process still running on this host is left to it.
+    """
+    names = set(names)
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(.+)\.(\d+)\.[0-9a-f]{{8}}")
+    removed = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m is None or m.group(1) not in names or _alive(int(m.group(2))) or not p.is_file() or p.is_symlink():
+            continue
+        size = p.stat().st_size
+        p.unlink(missing_ok=True)
+        removed.append((p, size))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_output_dir(out: str | Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> list[str]:
+    """Refuse an output directory that cannot be created (a dangling symlink); warnings for one inside an input.
+
+    `inputs` are (flag, folder) pairs whose folders are scanned for files (training data, an FID reference
+    folder): an output written inside one would be scanned as input next time. Returns the warnings.
+    """
+    out = Path(out).expanduser()
+    for p in (out, *out.parents):
+        if p.is_symlink() and not p.exists():
+            target = os.readlink(p)
+            raise UsageError(f"{flag} {out}: {p} is a symlink to {target}, which does not exist; create "
+                             f"{target} or pass another {flag}")
+    warnings = []
+    for in_flag, folder in inputs:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        root = Path(folder).expanduser().resolve()
+        if out.resolve() == root or root in out.resolve().parents:
+            warnings.append(f"warning: {flag} {out} is inside {in_flag} {folder}: the next scan of {folder} "
+                            f"would take what this run writes there (samples, grids, checkpoints) for input; "
+                            f"choose a {flag} outside it")
+    return warnings

@@ -1,4 +1,8 @@
-"""What `sample.py` writes: resumable chunk parts, the streamed samples.npz, PNGs and the grid (atomic files)."""
+"""What `sample.py` writes: resumable chunk parts, the streamed samples.npz, PNGs and the grid.
+
+Every file is written atomically (`jit_fast.files.atomic_write`) with its size, so a kill leaves no torn file
+and a full disk is one line naming the file and the space it needs.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +27,14 @@ GRID_IMAGES = 64
 GRID_COLUMNS = 8
 
 
+def save_png(path: Path, image: np.ndarray, fsync: bool = True) -> None:
+    """Write one uint8 HWC image as a PNG, atomically (its raw size as the space needed)."""
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), fsync=fsync, size=image.nbytes)
+
+
 def save_grid(images: np.ndarray, path: Path, cols: int = GRID_COLUMNS) -> None:
     """Save uint8 NHWC images as one PNG grid with 2-pixel gaps."""
-    Image.fromarray(grid_canvas(images, cols)).save(path)
+    save_png(path, grid_canvas(images, cols))
 
 
 def grid_canvas(images: np.ndarray, cols: int = 8) -> np.ndarray:
@@ -62,7 +71,8 @@ def write_npz_streaming(path: Path, arrays: dict[str, ArraySpec]) -> None:
                     if written != shape[0]:
                         raise RuntimeError(f"{key}: wrote {written} rows, expected {shape[0]}")
 
-    atomic_write(path, write)
+    size = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in arrays.values())
+    atomic_write(path, write, size=size)
 
 
 def write_pngs(folder: Path, images: np.ndarray, start: int) -> None:
@@ -70,7 +80,7 @@ def write_pngs(folder: Path, images: np.ndarray, start: int) -> None:
     for j, img in enumerate(images):
         p = folder / f"{start + j:06d}.png"
         if not p.exists():
-            Image.fromarray(img).save(p)
+            save_png(p, img, fsync=False)
 
 
 class PartStore:
@@ -120,7 +130,8 @@ class PartStore:
 
     def save(self, k: int, images: np.ndarray, labels: np.ndarray) -> None:
         """Store chunk k atomically."""
-        atomic_write(self.path(k), lambda f: np.savez(f, images=images, labels=labels), fsync=False)
+        atomic_write(self.path(k), lambda f: np.savez(f, images=images, labels=labels), fsync=False,
+                     size=images.nbytes + labels.nbytes)
 
     def chunks(self, ks: list[int], key: str) -> Callable[[], Iterator[np.ndarray]]:
         """Factory of an iterator over array `key` of chunks ks, in order, one file open at a time."""

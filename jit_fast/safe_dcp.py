@@ -6,6 +6,8 @@ a crafted checkpoint directory runs code under both. `SafeFileSystemReader` unpi
 with an allow-list of the classes DCP metadata is made of, loads the non-tensor entries with
 `weights_only=True`, and (unless told not to) verifies every file against `checksums.json`
 (`jit_fast.integrity`): `.metadata` before it is parsed, the data files once on the coordinator.
+Weight tensors (model and EMAs) must be floating point (checked in `.metadata`) and finite (checked as
+they are read), the rule of `jit_fast.checkpoint.sanity`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from jit_fast import integrity
+from jit_fast.checkpoint.sanity import (
+    WeightsError,
+    count_nonfinite,
+    dcp_weight_name,
+    dtype_problem,
+    nonfinite_problem,
+)
 from jit_fast.errors import UserError
 
 METADATA_FILE = ".metadata"
@@ -77,6 +86,16 @@ def load_metadata(path: str | Path) -> Metadata:
     return md
 
 
+def check_weight_dtypes(md: Metadata, path: Path) -> None:
+    """WeightsError naming the first model/EMA tensor that `.metadata` records with a non-float dtype."""
+    for fqn, entry in md.state_dict_metadata.items():
+        named = dcp_weight_name(fqn)
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        why = dtype_problem(named[1], dtype, named[0]) if named and isinstance(dtype, torch.dtype) else None
+        if why is not None:
+            raise WeightsError(f"{why} (as recorded in {path.name})")
+
+
 def _one_line(e: BaseException) -> str:
     """One short line for an unpickling error (torch's weights-only errors name the global mid-text)."""
     text = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -99,6 +118,7 @@ class SafeFileSystemReader(FileSystemReader):
         self.verify = verify
         self.error: str | None = None
         self._metadata: Metadata | None = None
+        self.nonfinite: dict[str, list] = {}  # DCP key -> [NaN/Inf count, elements read, file] of this read
 
     def reset(self, checkpoint_id: str | Path | None = None) -> None:
         """DCP's reset (a new load, perhaps of another directory): forget the parsed metadata and refusal."""
@@ -119,7 +139,8 @@ class SafeFileSystemReader(FileSystemReader):
             if self.verify:
                 integrity.verify_files(self.dir, [path.name])
             md = load_metadata(path)
-        except (integrity.ChecksumError, UnsafeCheckpointError) as e:
+            check_weight_dtypes(md, path)
+        except (integrity.ChecksumError, UnsafeCheckpointError, WeightsError) as e:
             self._refuse(str(e))
             raise
         if getattr(md, "storage_meta", None) is None:
@@ -151,8 +172,25 @@ class SafeFileSystemReader(FileSystemReader):
             raise
 
     def read_data(self, plan, planner):
-        """DCP's read, with non-tensor entries loaded weights-only instead of by plain unpickling."""
-        return super().read_data(plan, _WeightsOnlyBytes(planner, self))
+        """DCP's read, with non-tensor entries loaded weights-only and weights refused when not finite."""
+        self.nonfinite = {}
+        fut = super().read_data(plan, _WeightsOnlyBytes(planner, self))
+        bad = next((k for k, v in self.nonfinite.items() if v[0]), None)
+        if bad is not None:
+            (count, numel, file), (entry, name) = self.nonfinite[bad], dcp_weight_name(bad)
+            msg = f"{nonfinite_problem(name, count, numel, entry)}, stored in {file}"
+            self._refuse(msg)
+            raise WeightsError(msg)
+        return fut
+
+    def count_weight(self, read_item, tensor: torch.Tensor) -> None:
+        """Add the NaN/Inf count of a model/EMA chunk just read (a tensor may come in several chunks)."""
+        if dcp_weight_name(read_item.dest_index.fqn) is None or not tensor.is_floating_point():
+            return
+        seen = self.nonfinite.setdefault(read_item.dest_index.fqn,
+                                         [0, 0, self.storage_data[read_item.storage_index].relative_path])
+        seen[0] += count_nonfinite(tensor)
+        seen[1] += tensor.numel()
 
 
 class _WeightsOnlyBytes:
@@ -163,6 +201,10 @@ class _WeightsOnlyBytes:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._planner, name)
+
+    def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
+        self._reader.count_weight(read_item, tensor)
+        self._planner.commit_tensor(read_item, tensor)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:

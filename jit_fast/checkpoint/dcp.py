@@ -5,7 +5,8 @@ Training checkpoints are torch.distributed.checkpoint (DCP) directories
 on load: any world size can resume any other), ``meta.json`` (step, epoch, data position,
 model metadata, recipe), ``rank<R>.pt`` (per-rank loader position; no RNG state) and ``checksums.json``
 (sha256 of every file, `jit_fast.integrity`). A checkpoint is written into ``.tmp-step_<N>`` and
-renamed into place only when complete, so the newest ``step_*`` directory is always whole.
+renamed into place only when complete, so the newest ``step_*`` directory is always whole; a save that
+fails for want of space is one DiskFullError line (disk, free space, the checkpoint's size).
 Every DCP read goes through `jit_fast.safe_dcp.SafeFileSystemReader` (no code from the files,
 checksums verified unless `verify=False`).
 """
@@ -26,15 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 
+from jit_fast import distributed as D
 from jit_fast import integrity
 from jit_fast.checkpoint.meta import ARCH_KEYS, RECIPE_KEYS, CheckpointError, ModelMeta, short_error
-from jit_fast.files import TMP_PREFIX
+from jit_fast.files import TMP_PREFIX, DiskFullError, disk_full_error
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
 FORMAT = "jit_fast-dcp-v1"
+TENSOR_OVERHEAD = 2048  # bytes a checkpoint file spends per tensor beyond its data (serialization, .metadata)
 _SINGLE_PROCESS_WARNING = r"torch.distributed is (disabled, )?unavailable or uninitialized"
 
 
@@ -149,12 +154,13 @@ def dcp_model_meta(run: dict, path: str | Path) -> ModelMeta:
 
 def _safe_reader(ckpt_dir: str | Path, verify: bool, what: str = "read"):
     """A SafeFileSystemReader whose metadata is already parsed (a refusal is a CheckpointError here, not in DCP)."""
+    from jit_fast.checkpoint.sanity import WeightsError
     from jit_fast.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
 
     reader = SafeFileSystemReader(ckpt_dir, verify=verify)
     try:
         reader.read_metadata()
-    except (UnsafeCheckpointError, integrity.ChecksumError) as e:
+    except (UnsafeCheckpointError, integrity.ChecksumError, WeightsError) as e:
         raise CheckpointError(f"cannot {what} checkpoint {ckpt_dir}: {e}") from None
     return reader
 
@@ -208,12 +214,13 @@ def dcp_load(state: dict, ckpt_dir: str | Path, distributed: bool, verify: bool 
 
 
 def _checksum_cause(e: BaseException) -> str | None:
-    """The refusal another rank (the coordinator that verifies checksums) reported, if that is what failed."""
+    """The refusal another rank reported (checksums, allow-lists, weights), if that is what failed."""
+    from jit_fast.checkpoint.sanity import WeightsError
     from jit_fast.safe_dcp import UnsafeCheckpointError
 
     for pair in (getattr(e, "failures", None) or {}).values():
         cause = pair[0] if isinstance(pair, tuple) else pair
-        if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError):
+        if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError | WeightsError):
             return str(cause)
     return None
 
@@ -225,6 +232,8 @@ class CheckpointManager:
     meta.json and `checksums.json` and renames the directory to `step_<N>` once every rank's data
     is on disk. With `async_save` the write, and rank 0's hashing of the written files, continue in
     background threads and are finalized by `poll()` at a later step boundary (or `wait()`).
+    A save that fails for want of space raises DiskFullError (at the next `wait()` when asynchronous, on
+    every rank); the previous checkpoint is never touched by a failed save.
     """
 
     def __init__(self, run_dir: str | Path, env, keep_last: int = 3, async_save: bool = False) -> None:
@@ -232,9 +241,10 @@ class CheckpointManager:
         self.env = env
         self.keep_last = keep_last
         self.async_save = async_save
-        self.pending: tuple[Any, Path, Path, dict] | None = None
+        self.pending: tuple[Any, Path, Path, dict, int] | None = None  # (future, tmp, final, meta, bytes needed)
         self.last_saved: Path | None = None
         self.last_error: str | None = None
+        self.failure: DiskFullError | None = None  # an asynchronous save that found the disk full, for wait()
         self._hasher = ThreadPoolExecutor(max_workers=1) if async_save and env.is_main else None
         if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -251,18 +261,19 @@ class CheckpointManager:
     def save(self, step: int, state: dict, meta: dict, rank_state: dict) -> None:
         """Write checkpoint `step` (collective). Raises if a synchronous write fails."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
 
         self.wait()
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f"{TMP_PREFIX}{final.name}"
+        needed = state_nbytes(state)
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
         try:
-            torch.save(rank_state, tmp / f"rank{self.env.rank:05d}.pt")
-            writer = FileSystemWriter(str(tmp), thread_count=2)
+            with open(tmp / f"rank{self.env.rank:05d}.pt", "wb") as f:  # a Python file keeps ENOSPC's errno
+                torch.save(rank_state, f)
+            writer = _CheckedWriter(str(tmp), thread_count=2)
             dist_kw: dict[str, Any] = {"no_dist": not self.env.distributed}
             with _quiet_dcp():
                 if self.async_save:
@@ -273,18 +284,34 @@ class CheckpointManager:
                     fut = dcp.async_save(state, storage_writer=writer, **dist_kw)
                     if self._hasher is not None:  # rank 0 hashes the files once every rank has written them
                         fut = self._hasher.submit(_digest_when_written, fut, tmp)
-                    self.pending = (fut, tmp, final, meta)
+                    self.pending = (fut, tmp, final, meta, needed)
                     return
                 dcp.save(state, storage_writer=writer, **dist_kw)
         except _dcp_errors() as e:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"saving checkpoint {final} failed: {short_error(e)}; "
-                                  f"the newest complete checkpoint is {latest_checkpoint(self.dir)}") from e
-        self.pending = (None, tmp, final, meta)
+            raise self._failed(e, final, needed) from None
+        self.pending = (None, tmp, final, meta, needed)
         self._barrier()  # every rank's files are on disk
-        self._finalize()
-        self._barrier()
+        failed = None
+        try:
+            self._finalize()
+        except OSError as e:  # rank 0's meta.json, checksums.json or rename
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = self._failed(e, final, needed)
+        if D.any_rank(self.env, failed is not None):  # every rank stops with rank 0
+            raise failed or CheckpointError(f"saving checkpoint {final} failed on rank 0")
+
+    def _failed(self, e: BaseException, final: Path, needed: int) -> CheckpointError | DiskFullError:
+        """The one-line error of a failed save of `final` (after its temporary directory is gone)."""
+        prev = latest_checkpoint(self.dir)
+        for cause in _causes(e):
+            full = disk_full_error(cause, self.dir, needed, f"checkpoint {final}")
+            if full is not None:
+                kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+                return DiskFullError(f"{full}; {kept}")
+        return CheckpointError(f"saving checkpoint {final} failed: {short_error(e)}; "
+                               f"the newest complete checkpoint is {prev}")
 
     def poll(self) -> None:
         """Finalize a finished asynchronous save (cheap; call at step boundaries)."""
@@ -296,34 +323,44 @@ class CheckpointManager:
         self._complete(fut)
 
     def wait(self) -> None:
-        """Block until an asynchronous save is written and finalized (all ranks)."""
-        if self.pending is None:
-            return
-        if self.pending[0] is not None:
+        """Block until an asynchronous save is written and finalized (collective: every rank calls it).
+
+        Raises DiskFullError on every rank if an asynchronous save on any rank found its disk full.
+        """
+        if self.pending is not None and self.pending[0] is not None:
             fut = _future(self.pending[0])
             with contextlib.suppress(*_dcp_errors()):
                 fut.result()  # a failure is reported by _complete
             self._complete(fut)
-        self._barrier()
+        if D.any_rank(self.env, self.failure is not None):
+            failure, self.failure = self.failure, None
+            raise failure or DiskFullError("a checkpoint could not be saved on another rank: its disk is full")
 
     def _complete(self, fut: Future) -> None:
+        _fut, tmp, final, _meta, needed = self.pending
         err = fut.exception()
-        if err is not None:
-            _fut, tmp, final, _meta = self.pending
-            self.pending = None
-            self.last_error = f"checkpoint {final.name} failed: {short_error(err)}"
-            if self.env.is_main:
-                print(f"warning: {self.last_error}; the previous checkpoint stays the latest", file=sys.stderr)
-                shutil.rmtree(tmp, ignore_errors=True)
+        if err is None:
+            try:
+                self._finalize(fut.result() if self._hasher is not None else None)
+                return
+            except OSError as e:
+                err = e
+        self.pending = None
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failed = self._failed(err, final, needed)
+        if isinstance(failed, DiskFullError):
+            self.failure = failed
             return
-        self._finalize(fut.result() if self._hasher is not None else None)
+        self.last_error = f"checkpoint {final.name} failed: {short_error(err)}"
+        if self.env.is_main:
+            print(f"warning: {self.last_error}; the previous checkpoint stays the latest", file=sys.stderr)
 
     def _finalize(self, digests: dict[str, dict] | None = None) -> None:
         """Rank 0: meta.json, then checksums.json (`digests` of the data files if hashed already), then rename."""
-        _fut, tmp, final, meta = self.pending
-        self.pending = None
-        self.last_saved = final
+        _fut, tmp, final, meta, _needed = self.pending
         if not self.env.is_main:
+            self.pending, self.last_saved = None, final
             return
         meta = {**meta, "format": FORMAT, "saved_at": time.time()}
         mpath = tmp / META_FILE
@@ -342,6 +379,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        self.pending, self.last_saved = None, final
         _fsync_dir(self.dir)
         self._prune()
 
@@ -350,6 +388,71 @@ class CheckpointManager:
             return
         for _step, d in list_checkpoints(self.dir)[: -self.keep_last]:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class _RecordingFileSystem(FileSystem):
+    """DCP's file system; while `collect` is set, an error writing a file is recorded and not raised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collect = False
+        self.errors: list[BaseException] = []
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except Exception as e:
+            if not self.collect:
+                raise
+            self.errors.append(e)
+
+
+class _CheckedWriter(FileSystemWriter):
+    """FileSystemWriter whose data-file errors reach the caller.
+
+    DCP's extra writer threads print an error (a traceback on the console) and drop the file they were
+    writing; the save then "succeeds" with those entries missing from `.metadata`. Here every writer thread's
+    error is recorded and the first one is raised by `write_data`, before any `.metadata` is written.
+    """
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.fs = _RecordingFileSystem()
+
+    def write_data(self, plan, planner):
+        """DCP's write of this rank's items; raises the first file error of any writer thread."""
+        self.fs.errors.clear()
+        self.fs.collect = True
+        try:
+            fut = super().write_data(plan, planner)
+        finally:
+            self.fs.collect = False
+        if self.fs.errors:
+            raise self.fs.errors[0]
+        written = len(fut.wait())
+        if written != len(plan.items):
+            raise CheckpointError(f"DCP wrote {written} of {len(plan.items)} items")
+        return fut
+
+
+def state_nbytes(tree: Any) -> int:
+    """Bytes a checkpoint of `tree` (DCP or torch.save) takes on disk over all ranks: global tensor sizes (a
+    DTensor counts its full shape once) plus `TENSOR_OVERHEAD` each."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size() + TENSOR_OVERHEAD
+    if isinstance(tree, dict):
+        return sum(state_nbytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(state_nbytes(v) for v in tree)
+    return 0
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and, for DCP's CheckpointException, each rank's exception."""
+    failures = getattr(e, "failures", None) or {}
+    return [e, *(pair[0] if isinstance(pair, tuple) else pair for pair in failures.values())]
 
 
 def _future(obj):

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from jit_fast.checkpoint.dcp import state_nbytes
 from jit_fast.checkpoint.meta import RECIPE_KEYS, CheckpointError, ModelMeta, short_error
+from jit_fast.checkpoint.sanity import check_weights
 from jit_fast.configs import ModelConfig
 from jit_fast.files import atomic_write
 
@@ -58,7 +60,10 @@ def add_net_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_official_checkpoint(path: str | Path) -> dict:
-    """Read an official checkpoint: {"model", "model_ema1", "model_ema2", ...}, keys without "net."."""
+    """Read an official checkpoint: {"model", "model_ema1", "model_ema2", ...}, keys without "net.".
+
+    Every weight is checked floating point and finite (`jit_fast.checkpoint.sanity`), naming the tensor.
+    """
     ckpt = safe_load(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path} has no 'model' entry (keys: {sorted(ckpt)[:8]})")
@@ -68,6 +73,7 @@ def load_official_checkpoint(path: str | Path) -> dict:
             if not isinstance(ckpt[key], dict):
                 raise CheckpointError(f"{path}: '{key}' is a {type(ckpt[key]).__name__}, expected a state dict")
             out[key] = strip_net_prefix(ckpt[key])
+            check_weights(out[key], f"checkpoint {path}", key)
     return out
 
 
@@ -195,7 +201,7 @@ def export_official_checkpoint(
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), size=state_nbytes(obj))
 
 
 def official_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

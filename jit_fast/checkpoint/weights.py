@@ -21,6 +21,7 @@ from jit_fast.checkpoint.official import (
     optimizer_to_official,
     strip_net_prefix,
 )
+from jit_fast.checkpoint.sanity import check_weights
 from jit_fast.files import atomic_write
 
 WEIGHT_SETS = ("ema1", "ema2", "model")
@@ -37,11 +38,15 @@ def export_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], me
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     on_disk = {**meta.to_dict(), "step": meta.step, "epoch": meta.epoch}
     header = {"format": "jit_fast", "weights": which, "jit_fast_meta": json.dumps(on_disk, sort_keys=True)}
-    atomic_write(path, lambda f: save_file(tensors, f.name, metadata=header))  # safetensors writes by file name
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda f: save_file(tensors, f.name, metadata=header), size=size)  # it writes by file name
 
 
 def load_safetensors(path: str | Path, which: str | None = None) -> tuple[dict[str, torch.Tensor], ModelMeta]:
-    """(state_dict, model meta) from a safetensors file written by `export_safetensors` (or bare weights)."""
+    """(state_dict, model meta) from a safetensors file written by `export_safetensors` (or bare weights).
+
+    Every tensor is checked floating point and finite (`jit_fast.checkpoint.sanity`), naming the tensor.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -54,6 +59,7 @@ def load_safetensors(path: str | Path, which: str | None = None) -> tuple[dict[s
     held = header.get("weights")
     if which is not None and held is not None and held != which:
         raise CheckpointError(f"{path} holds the {held} weights, not {which}")
+    check_weights(sd, f"checkpoint {path}", held)
     try:
         meta = json.loads(header["jit_fast_meta"]) if "jit_fast_meta" in header else {}
     except json.JSONDecodeError as e:
