@@ -428,3 +428,29 @@ def test_finite_but_exploded_weights_stop_the_run(data: Path, tmp_path: Path) ->
         run_training(cfg, explicit, step_callback=explode)
     assert [s for s, _ in list_checkpoints(out)] == [2]
     assert all(v.abs().max() < 1e6 for v in checkpoint_tensors(out).values() if v.is_floating_point())
+
+
+def test_verified_digests_are_reused_only_while_size_mtime_and_record_match(tmp_path: Path) -> None:
+    """The per-process cache of verified digests skips re-hashing a file only while its size and mtime are those
+    it was hashed at AND the manifest still records that digest: a same-size rewrite with a new mtime is hashed
+    again, and a manifest whose digest changed is checked against the file, not waved through."""
+    from jit_fast import integrity
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"x" * 64)
+    integrity.write_manifest(d, integrity.digest_files(d, ["a.bin"]))
+    assert integrity.verify_files(d)
+    old = integrity.file_digest(d / "a.bin")
+    st = (d / "a.bin").stat()
+    (d / "a.bin").write_bytes(b"y" * 64)
+    os.utime(d / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert integrity.known_digest(d / "a.bin") == integrity.file_digest(d / "a.bin") != old
+    (d / "a.bin").write_bytes(b"x" * 64)
+    os.utime(d / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert integrity.verify_files(d)  # back to the verified bytes, size and mtime: cached
+    entries = integrity.read_manifest(d)
+    entries["a.bin"] = dict(entries["a.bin"], sha256="0" * 64)
+    integrity.write_manifest(d, entries)
+    with pytest.raises(integrity.ChecksumError, match="a.bin is corrupt"):
+        integrity.verify_files(d)

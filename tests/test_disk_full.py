@@ -58,7 +58,9 @@ class InjectedDisk:
             if buffering == 0:
                 return raw
             buf = (io.BufferedRandom if "+" in mode else io.BufferedWriter)(raw)
-            return buf if "b" in mode else io.TextIOWrapper(buf, encoding, errors, newline, line_buffering=buffering == 1)
+            if "b" in mode:
+                return buf
+            return io.TextIOWrapper(buf, encoding, errors, newline, line_buffering=buffering == 1)
 
         def statvfs(path):
             st = real_statvfs(path)

@@ -171,3 +171,22 @@ def test_imagenette_preset_fits_a_t4(kernels):
     assert p.batch == 32 and not p.checkpointing
     mp.check_fits(p, 15 * GIB)
     assert p.largest_batch(15 * GIB) > p.batch
+
+
+def test_training_plan_takes_the_runs_world_size_and_class_count():
+    """plan_training passes world size and class count through to the plan in their own places (a swap of the two
+    positional arguments would plan 10 ranks and 2 classes)."""
+    from jit_fast.configs import TrainConfig
+
+    cfg = TrainConfig(model="JiT-T/4", img_size=32, batch_size=4)
+    p = mp.plan_training(cfg, "fp32", 2, 10)
+    assert p.world_size == 2
+    expected = mp.parameter_counts(jit_fast.model_config("JiT-T/4", img_size=32, num_classes=10))
+    assert p.params.total == expected.total
+
+
+def test_checkpointed_peak_holds_the_largest_recomputed_block():
+    """With checkpointing the peak holds the outside term, the block inputs and the LARGEST block being recomputed
+    (one block at a time, but any of them)."""
+    count = mp.ActivationCount(total=1000, outside_blocks=100, block_inputs=40, recompute=(3, 9, 5), weight_copies=0)
+    assert count.activations(False) == 1000 and count.activations(True) == 100 + 40 + 9
