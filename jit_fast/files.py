@@ -1,18 +1,17 @@
 """Files the runs write: atomic writes (a reader sees the old file or the complete new one, never a torn one),
-a full disk told as such, stale temporary files of interrupted writes, and checked output directories."""
+and a full disk told as such."""
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from jit_fast.errors import UsageError, UserError
+from jit_fast.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -21,11 +20,6 @@ _FULL_TEXTS = tuple(os.strerror(e) for e in _FULL_ERRNOS)  # how C++ and Rust wr
 
 class DiskFullError(UserError, OSError):
     """A write failed because its file system has no space left (or the quota is used up)."""
-
-
-def temp_name(path: Path) -> Path:
-    """The hidden temporary file `atomic_write` writes beside `path` (`.tmp-NAME.PID.HEX`)."""
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], fsync: bool = True,
@@ -40,7 +34,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], obje
     if not callable(data):
         data = data.encode() if isinstance(data, str) else data
         size = len(data)
-    tmp = temp_name(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         with open(tmp, "xb") as f:
             if callable(data):
@@ -114,59 +108,3 @@ def disk_full_error(e: BaseException, where: str | Path, needed: int | None, wha
         return None
     need = f"about {format_bytes(needed)} needed" if needed is not None else "more needed"
     return DiskFullError(f"the disk at {mount_point(where)} is full: {format_bytes(free)} free, {need} to write {what}")
-
-
-def remove_stale_temps(folder: Path, names: Iterable[str]) -> list[tuple[Path, int]]:
-    """Remove `atomic_write` temp files of `names` in `folder` whose writing process is gone; (path, size) of each.
-
-    Only this module's pattern (`.tmp-NAME.PID.HEX` for the given NAMEs) is touched, never another file, and a
-    temp file of a process still running on this host is left to it.
-    """
-    names = set(names)
-    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(.+)\.(\d+)\.[0-9a-f]{{8}}")
-    removed = []
-    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-        m = pattern.fullmatch(p.name)
-        if m is None or m.group(1) not in names or _alive(int(m.group(2))) or not p.is_file() or p.is_symlink():
-            continue
-        size = p.stat().st_size
-        p.unlink(missing_ok=True)
-        removed.append((p, size))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def check_output_dir(out: str | Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> list[str]:
-    """Refuse an output directory that cannot be created (a dangling symlink); warnings for one inside an input.
-
-    `inputs` are (flag, folder) pairs whose folders are scanned for files (training data, an FID reference
-    folder): an output written inside one would be scanned as input next time. Returns the warnings.
-    """
-    out = Path(out).expanduser()
-    for p in (out, *out.parents):
-        if p.is_symlink() and not p.exists():
-            target = os.readlink(p)
-            raise UsageError(f"{flag} {out}: {p} is a symlink to {target}, which does not exist; create "
-                             f"{target} or pass another {flag}")
-    warnings = []
-    for in_flag, folder in inputs:
-        if folder is None or not Path(folder).is_dir():
-            continue
-        root = Path(folder).expanduser().resolve()
-        if out.resolve() == root or root in out.resolve().parents:
-            warnings.append(f"warning: {flag} {out} is inside {in_flag} {folder}: the next scan of {folder} "
-                            f"would take what this run writes there (samples, grids, checkpoints) for input; "
-                            f"choose a {flag} outside it")
-    return warnings

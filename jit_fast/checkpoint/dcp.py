@@ -218,8 +218,7 @@ def _checksum_cause(e: BaseException) -> str | None:
     from jit_fast.checkpoint.sanity import WeightsError
     from jit_fast.safe_dcp import UnsafeCheckpointError
 
-    for pair in (getattr(e, "failures", None) or {}).values():
-        cause = pair[0] if isinstance(pair, tuple) else pair
+    for cause in _causes(e)[1:]:
         if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError | WeightsError):
             return str(cause)
     return None
