@@ -13,7 +13,7 @@ Conventions (the modeled GPU execution):
 - A `jit_fast::*` custom op (a fused Triton kernel) is opaque: its inputs read plus outputs written,
   one launch, plus the scratch its launch allocates (`fused_workspace`: each op module's `bwd_workspace`,
   the two-stage reduction buffers and the launches reading them). `count_block(..., launch_helpers=True)`
-  instead routes each custom op to its CUDA kernel on the fake tensors (`jit_kernels.ops.LaunchHelpers`) and
+  instead routes each custom op to its CUDA kernel on the fake tensors (`jit_kernels.spec.LaunchHelpers`) and
   records every Triton launch; the tests require both counts to agree.
 - Attention is the flash-attention kernel both paths use on a GPU: the model's `attention` is swapped
   for the counting stand-in of `benchmarks.flash_standin` (one opaque op forward, one backward).
@@ -27,6 +27,7 @@ Conventions (the modeled GPU execution):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ from benchmarks.flash_standin import BENCH_NAMESPACE, flash_attention_standin
 from benchmarks.flops import attention_flops, gemm_flops
 from jit_fast.configs import model_config
 from jit_fast.saved_bytes import OVERWRITE_OPS, SavedBytes
+from jit_kernels.table import FUNCTIONS
 
 if TYPE_CHECKING:
     from jit_kernels._common import Workspace
@@ -185,19 +187,13 @@ def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def fused_workspace(op: str, args: dict) -> Workspace | None:
-    """Scratch of a fused op beyond its inputs read and outputs written, as the op's module sizes it for its
-    launch (`bwd_workspace`: fp32 reduction buffers and the second-stage launches reading them); `args` are the
-    op's arguments by schema name. None for ops without scratch. Kept honest by tests/test_traffic.py, which
+    """Scratch of a fused op beyond its inputs read and outputs written, as the op's spec declares it for its
+    launch (`LibraryOp.workspace`: fp32 reduction buffers and the second-stage launches reading them); `args` are
+    the op's arguments by schema name. None for ops without scratch. Kept honest by tests/test_traffic.py, which
     counts the launch helpers' real launches."""
-    from jit_kernels import qk_norm_rope, rmsnorm_modulate, swiglu
+    from jit_kernels import op_specs
 
-    if op == "jit_fast::rmsnorm_modulate_bwd":
-        return rmsnorm_modulate.bwd_workspace(args["x_norm"].shape, args["branch_bias"] is not None)
-    if op == "jit_fast::qk_norm_rope_bwd":
-        return qk_norm_rope.bwd_workspace(args["qkv"].shape, args["num_heads"], args["bias"] is not None)
-    if op == "jit_fast::swiglu_bwd":
-        return swiglu.bwd_workspace(args["x12"].shape, args["bias"] is not None)
-    return None
+    return next((w for spec in op_specs() if (w := spec.workspace(op, args)) is not None), None)
 
 
 def _named_args(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict:
@@ -293,7 +289,7 @@ def record_triton_launches(counter: TrafficCounter) -> Iterator[None]:
     """Record `kernel[grid](...)` launches as one-launch records instead of running them (for fake tensors).
 
     Bytes are the footprints of the distinct tensor arguments: each buffer a kernel is handed is taken
-    to be read or written once. With `jit_kernels.ops.LaunchHelpers`, counts the fused ops launch by launch.
+    to be read or written once. With `jit_kernels.spec.LaunchHelpers`, counts the fused ops launch by launch.
     """
     from triton.runtime.jit import KernelInterface
 
@@ -331,7 +327,7 @@ def track_regions(counter: TrafficCounter, root: torch.nn.Module) -> Iterator[No
         handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: counter.regions.append(n)))
         handles.append(mod.register_forward_hook(lambda _m, _a, _o: _pop(counter.regions)))
     ops = getattr(root, "ops", None)
-    originals = dict(vars(ops)) if ops is not None else {}
+    holders = [m for m in root.modules() if ops is not None and getattr(m, "ops", None) is ops]
 
     def wrap(fname: str, fn: Callable) -> Callable:
         def wrapped(*a, **kw):
@@ -341,15 +337,17 @@ def track_regions(counter: TrafficCounter, root: torch.nn.Module) -> Iterator[No
 
         return wrapped
 
-    for fname, fn in originals.items():
-        setattr(ops, fname, wrap(fname, fn))
+    if holders:  # the table is frozen: the modules get a labelling copy of it for the count
+        labelled = dataclasses.replace(ops, **{f: wrap(f, getattr(ops, f)) for f in FUNCTIONS})
+        for m in holders:
+            m.ops = labelled
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for fname, fn in originals.items():
-            setattr(ops, fname, fn)
+        for m in holders:
+            m.ops = ops
 
 
 def _pop(stack: list[str]) -> None:
@@ -399,7 +397,7 @@ def count_block(
         counter = TrafficCounter(_constants(net) + list(rope))
         routed = contextlib.nullcontext
         if launch_helpers:
-            from jit_kernels.ops import LaunchHelpers
+            from jit_kernels.spec import LaunchHelpers
 
             routed = LaunchHelpers
         with record_triton_launches(counter) if launch_helpers else contextlib.nullcontext():

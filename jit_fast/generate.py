@@ -127,7 +127,8 @@ def build_net(meta: ModelMeta, a: SampleConfig, device: torch.device) -> JiT:
     given = {"model": a.model, "img_size": a.img_size, "num_classes": a.num_classes}
     meta = meta.replace(**{k: v for k, v in given.items() if v is not None})
     try:
-        net = build_model_from_meta(meta, kernels=a.kernels)
+        precision, _ = D.resolve_precision(a.precision, device)
+        net = build_model_from_meta(meta, kernels=a.kernels, device=device, precision=precision)
     except ValueError as e:  # unknown preset, impossible shapes
         raise CheckpointError(str(e)) from None
     return net.to(device).eval().requires_grad_(False)

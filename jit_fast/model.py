@@ -2,25 +2,24 @@
 
 Parameter names and shapes equal the official release. The op boundaries that the fused
 kernels replace (RMSNorm+modulate with the gated residual folded in, q/k RMSNorm+RoPE,
-SwiGLU, attention) go through the op table `jit_kernels.get_ops(cfg.kernels)`. Each block
+SwiGLU, attention) go through an op table (`jit_kernels.OpTable`, `select_ops(cfg.kernels, device, precision)`),
+whose declared capabilities, not its name, shape the forward. Each block
 returns its MLP branch and gate un-added, and the next norm (or the final layer) adds them
 in its fused residual, so no gated residual ever makes its own pass over the tokens. The GEMMs
 feeding a fused op (qkv, w12, attention proj) go through the op table too: the fused table runs
 them without their bias and the op it feeds adds it (qk_norm_rope, SwiGLU, norm2's residual); the
 reference table adds it in the GEMM, as the official model does. The fused path also computes the adaLN SiLU of
-the conditioning once for all blocks and the final layer (it is the same tensor for each: 2 launches per block
-fewer); the torch path keeps the official op stream.
+the conditioning once for all blocks and the final layer (`activated_conditioning`: it is the same tensor for each,
+2 launches per block fewer); the torch path keeps the official op stream.
 
 Dropout (blocks depth//4 to 3*depth//4): the torch path keeps `nn.Dropout`, as the official model. The fused
-path drops the attention branch inside norm2's residual op and the SwiGLU output inside the SwiGLU kernel, with
-Philox masks (`jit_kernels.dropout`) keyed by one seed per forward (`set_dropout_seed`) and a site per block and
-place; the masks are statistically equivalent to torch's, not bitwise equal. Attention dropout is the attention
-backend's own (`dropout_p`) on both paths.
+path (`fused_dropout`) drops the attention branch inside norm2's residual op and the SwiGLU output inside the
+SwiGLU kernel, with Philox masks (`jit_kernels.dropout`) keyed by one seed per forward (`set_dropout_seed`) and a
+site per block and place; the masks are statistically equivalent to torch's, not bitwise equal. Attention dropout is
+the attention backend's own (`dropout_p`) on both paths.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
@@ -30,7 +29,7 @@ from jit_fast.attention import attention
 from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig, model_config
 from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
-from jit_kernels import device_support, get_ops
+from jit_kernels import OpTable, device_support, get_ops, select_ops
 from jit_kernels.dropout import Dropout
 from jit_kernels.reference import gated_residual
 
@@ -154,7 +153,7 @@ class TextEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with QK-RMSNorm and 2D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, ops) -> None:
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, ops: OpTable) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -190,7 +189,7 @@ class SwiGLUFFN(nn.Module):
     the official (2h, D) / (D, h) tensors and official weights load through the padding.
     """
 
-    def __init__(self, dim: int, hidden: int, drop: float, ops, pad_hidden_to: int = 1) -> None:
+    def __init__(self, dim: int, hidden: int, drop: float, ops: OpTable, pad_hidden_to: int = 1) -> None:
         super().__init__()
         self.hidden = hidden
         self.hidden_padded = -(-hidden // pad_hidden_to) * pad_hidden_to
@@ -258,11 +257,11 @@ Pending = tuple[torch.Tensor, torch.Tensor] | None
 class JiTBlock(nn.Module):
     """adaLN-Zero transformer block; its MLP residual is handed to the next norm, not added here."""
 
-    def __init__(self, cfg: ModelConfig, attn_drop: float, proj_drop: float, ops, index: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, attn_drop: float, proj_drop: float, ops: OpTable, index: int = 0) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.index = index
-        self.c_activated = cfg.kernels != "torch"  # the fused model hands its blocks SiLU(c), computed once
+        self.c_activated = ops.activated_conditioning  # the model then hands its blocks SiLU(c), computed once
         self.norm1 = RMSNorm(d)
         self.attn = Attention(d, cfg.num_heads, attn_drop, proj_drop, ops)
         self.norm2 = RMSNorm(d)
@@ -276,7 +275,7 @@ class JiTBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (x, mlp_branch, gate_mlp); the block output is x + gate_mlp * mlp_branch.
 
-        `c` is the conditioning, or SiLU of it on the fused path (`c_activated`). `dropout_seed` (fused path,
+        `c` is the conditioning, or SiLU of it (`c_activated`). `dropout_seed` (fused path,
         training) moves the block's proj dropout into the fused ops: the attention branch's into norm2's residual
         op (site 2 * index), the MLP's into SwiGLU (site 2 * index + 1).
         """
@@ -313,14 +312,18 @@ class FinalLayer(nn.Module):
 
 
 class JiT(nn.Module):
-    """Pixel-space x-prediction transformer: forward(z, t, y) -> predicted clean image."""
+    """Pixel-space x-prediction transformer: forward(z, t, y) -> predicted clean image.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `ops` is the op table (default `get_ops(cfg.kernels)`); build it with `jit_kernels.select_ops` for the device
+    and precision the model will run in, which decides the fallback to the torch ops once, before the model exists.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: OpTable | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.ops = get_ops(cfg.kernels)
-        self.kernels_checked = cfg.kernels != "triton"
+        self.ops = get_ops(cfg.kernels) if ops is None else ops
+        self.device_checked = False
         d, n = cfg.hidden_size, cfg.grid_size**2
         self.t_embedder = TimestepEmbedder(d)
         if cfg.conditioning == "text":
@@ -344,8 +347,8 @@ class JiT(nn.Module):
         )
         # the fused path's dropout key: set per forward by the training loop (`set_dropout_seed`), or drawn from
         # torch's generator in each training forward while unset
-        self.fused_dropout = cfg.kernels != "torch" and cfg.proj_drop > 0
-        self.c_activated = cfg.kernels != "torch"  # see JiTBlock.c_activated
+        self.fused_dropout = self.ops.fused_dropout and cfg.proj_drop > 0
+        self.c_activated = self.ops.activated_conditioning  # see JiTBlock.c_activated
         self.register_buffer("dropout_seed", torch.zeros(1, dtype=torch.int64), persistent=False)
         self.dropout_seed_set = False
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.in_channels)
@@ -421,15 +424,18 @@ class JiT(nn.Module):
         return torch.randint(info.min, info.max, (1,), device=self.dropout_seed.device, dtype=torch.int64)
 
     @torch.compiler.disable
-    def check_kernels(self, device: torch.device, amp_dtype: torch.dtype | None) -> None:
-        """First CUDA forward with kernels="triton": on a GPU the fused kernels do not support (in this precision),
-        switch every module to the torch ops, saying why in one line."""
-        self.kernels_checked = True
+    def check_device(self, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        """First CUDA forward with the fused table: refuse, naming the reason, a GPU whose fused kernels do not run in
+        this precision (a model built by `select_ops` for its device and precision never gets here with one)."""
+        self.device_checked = True
+        if self.ops.name != "triton":
+            return
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
         ok, reason = device_support(torch.cuda.get_device_capability(device), precision)
         if not ok:
-            warnings.warn(f"kernels=triton falls back to the torch ops: {reason}", stacklevel=3)
-            vars(self.ops).update(vars(get_ops("torch")))
+            raise RuntimeError(f"the fused kernels cannot run here: {reason}; build the model with "
+                               f"jit_kernels.select_ops('triton', device, {precision!r}), which falls back "
+                               "to the torch ops, or with kernels='torch'")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
@@ -445,8 +451,8 @@ class JiT(nn.Module):
                 f"expected images (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), got {tuple(x.shape)}"
             )
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        if not self.kernels_checked and x.is_cuda:
-            self.check_kernels(x.device, out_dtype)
+        if not self.device_checked and x.is_cuda:
+            self.check_device(x.device, out_dtype)
         text_ctx = None
         if cfg.conditioning == "text":
             y_emb, text_ctx = self.y_embedder(y, cfg.in_context_len)
@@ -485,7 +491,10 @@ class JiT(nn.Module):
 
 
 def build_model(
-    name: str, img_size: int = 256, num_classes: int = 1000, kernels: str = "torch", **overrides
+    name: str, img_size: int = 256, num_classes: int = 1000, kernels: str = "torch",
+    device: torch.device | str | None = None, precision: str = "fp32", **overrides,
 ) -> JiT:
-    """Build JiT preset `name` (e.g. "JiT-B/16") with official-constructor overrides."""
-    return JiT(model_config(name, img_size=img_size, num_classes=num_classes, kernels=kernels, **overrides))
+    """Build JiT preset `name` (e.g. "JiT-B/16") with official-constructor overrides; its op table is
+    `select_ops(kernels, device, precision)` (kernels="triton" on a GPU that does not run them: the torch ops)."""
+    cfg = model_config(name, img_size=img_size, num_classes=num_classes, kernels=kernels, **overrides)
+    return JiT(cfg, select_ops(kernels, device, precision))

@@ -20,7 +20,7 @@ import torch
 
 from jit_fast.model import build_model
 from jit_fast.sampler import StaticSampler
-from jit_kernels import get_ops
+from jit_kernels import OpTable, get_ops
 from jit_kernels.selfcheck import (
     MODE_DTYPES,
     PRODUCTION,
@@ -45,7 +45,7 @@ def _perturbed_model(kernels: str, device: torch.device | str, overrides: dict, 
     return net.to(device)
 
 
-def _use_table(module: torch.nn.Module, table: SimpleNamespace) -> torch.nn.Module:
+def _use_table(module: torch.nn.Module, table: OpTable) -> torch.nn.Module:
     """Point every submodule's op table at `table` (e.g. the eager reference for the float64 block)."""
     for m in module.modules():
         if hasattr(m, "ops"):

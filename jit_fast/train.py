@@ -64,6 +64,7 @@ from jit_fast.seeds import dropout_seed, mix_seed
 from jit_fast.train_cli import ConfigError, parse_config
 from jit_fast.train_condition import ConditionSource, describe_rows, is_text_run
 from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
+from jit_kernels import select_ops
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -287,7 +288,7 @@ class Trainer:
     def build_model(self) -> JiT:
         """The network to train, with identical initial weights on every rank and at every world size."""
         torch.manual_seed(self.cfg.seed)
-        return self.cond.prepare(JiT(self.model_cfg))
+        return self.cond.prepare(JiT(self.model_cfg, select_ops(self.model_cfg.kernels, self.device, self.precision)))
 
     def _restore(self, start: StartPoint) -> None:
         """Continue from `start`: weights, optimizer, EMAs and progress (no RNG state: see jit_fast.resume)."""

@@ -8,7 +8,7 @@ each with the precisions it runs (sm_75 has no bf16: fp32 and fp16 only). Older 
 Signatures: every dtype class of `DTYPE_CLASSES` (fp32; bf16 or fp16 autocast over fp32 parameters;
 FSDP2 bf16 or fp16 block parameters) x every bias and dropout variant (dropout: training classes only) x every
 size class
-of the JiT widths, head dims and head counts, as the tables below (`*_specs`) derive them from each op's launch
+of the JiT widths, head dims and head counts, as each op's `OpSpec.compile_jobs` derives them from its launch
 helper. Jobs that compile to the same binary (same kernel, argument types, divisibility hints, constexprs
 and options, e.g. D=768 and D=1024) are compiled once per target; the summary counts them per signature class.
 
@@ -30,11 +30,9 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    import triton
+from jit_kernels.spec import DTYPE_CLASSES, DtypeClass, KernelSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Compile targets (compute capability as Triton's GPUTarget takes it) and the precisions each GPU runs.
@@ -105,58 +103,11 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# The compile jobs: per dtype class, every signature the launch helpers of jit_kernels/ produce (hand-written
-# from the helpers; tests/test_kernels_compile_check.py checks every launch of the model is among them).
+# The compile jobs: per dtype class, every signature the launch helpers produce, declared by each op's
+# `OpSpec.compile_jobs` (tests/test_kernels_compile_check.py checks every launch of the model is among them), and
+# those of the shared row sum.
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """One ahead-of-time compile job: a kernel, its argument types and constexprs, and one launch config."""
-
-    name: str
-    fn: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    config: triton.Config
-    int_args: dict[str, int] = field(default_factory=dict)
-    label: str = ""
-    dtype_class: str = ""
-    bias: bool | None = None
-    dropout: bool = False
-
-
-@dataclass(frozen=True)
-class DtypeClass:
-    """Tensor dtypes (Triton names) the model hands the fused ops in one way of running it.
-
-    stream: the residual stream x; act: GEMM outputs and adaLN chunks (the autocast dtype); param: block
-    parameters (norm weights, folded biases); root_param: the final layer's norm weight (FSDP2 gathers the
-    root's parameters in fp32); backward: whether backward kernels run (training) or only forward (sampling).
-    """
-
-    name: str
-    stream: str
-    act: str
-    param: str
-    root_param: str
-    backward: bool = True
-
-    @property
-    def precision(self) -> str:
-        """The run's precision (`TARGETS` lists which ones a GPU runs): its autocast dtype."""
-        return self.act
-
-
-# Every way the model runs the kernels: fp32; bf16 or fp16 autocast over fp32 parameters (training and sampling);
-# FSDP2's bf16- or fp16-gathered block parameters under autocast of the same dtype (stream and root stay fp32,
-# `distributed.prepare_model`).
-DTYPE_CLASSES = (
-    DtypeClass("fp32", "fp32", "fp32", "fp32", "fp32"),
-    DtypeClass("bf16-act+fp32-param", "fp32", "bf16", "fp32", "fp32"),
-    DtypeClass("bf16-param", "fp32", "bf16", "bf16", "fp32"),
-    DtypeClass("fp16-act+fp32-param", "fp32", "fp16", "fp32", "fp32"),
-    DtypeClass("fp16-param", "fp32", "fp16", "fp16", "fp32"),
-)
 CLASS_PRECISION = {c.name: c.precision for c in DTYPE_CLASSES}
 
 
@@ -208,164 +159,16 @@ def sum_rows_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[Ke
             )
 
 
-def _dropout_sig(dropout: bool, standin: str) -> dict[str, str]:
-    """Signature of the dropout arguments: the int64 seed pointer (or the stand-in tensor the helpers pass without
-    dropout), the site id and the fp32 probability and scale."""
-    return {"SEED": "*i64" if dropout else f"*{standin}", "SITE": "i32", "drop_p": "fp32", "drop_scale": "fp32"}
-
-
-def rmsnorm_modulate_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Every (kernel, dtype class, variant, D, config) the launch helpers select when the model runs them.
-
-    Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
-    are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
-    weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
-    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch,
-    x or x_norm for the dropout seed). Dropout (the attention branch into norm2, training only) has an int64 seed.
-    """
-    import triton
-
-    from jit_kernels import rmsnorm_modulate as rm
-
-    for cls in classes:
-        s, a, p = cls.stream, cls.act, cls.param
-        for d in (768, 1024, 1280, 1664):
-            block_d = triton.next_power_of_2(d)
-            size = min(c for c in rm.FWD_CONFIGS if c >= block_d)
-            ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
-            # (label, residual, bias, dropout, branch, gate, bias-or-weight, weight)
-            fwd_variants = [
-                ("plain", False, False, False, s, a, p, p),
-                ("residual", True, False, False, a, a, p, p),
-                ("residual", True, True, False, a, a, p, p),
-                ("residual final-layer", True, False, False, a, a, cls.root_param, cls.root_param),
-            ]
-            if cls.backward:
-                fwd_variants += [("residual", True, bias, True, a, a, p, p) for bias in (False, True)]
-            for what, residual, bias, dropout, branch, gate, bias_t, w in fwd_variants:
-                sig = {
-                    "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
-                    "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
-                    "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
-                    **_dropout_sig(dropout, s),
-                }
-                for cfg in rm.FWD_CONFIGS[size]:
-                    yield KernelSpec(
-                        "rmsnorm_modulate_fwd", rm.rmsnorm_modulate_fwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "HAS_DROPOUT": dropout, "BLOCK_D": block_d},
-                        cfg, ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
-                    )
-            if not cls.backward:
-                continue
-            # (label, residual, dx_out, bias, dropout, dxo, branch, gate, bias-or-weight, weight, dbranch)
-            bwd_variants = [
-                ("plain", False, False, False, False, a, a, a, p, p, s),
-                ("residual", True, True, False, False, s, a, a, p, p, a),
-                ("residual", True, True, True, False, s, a, a, p, p, a),
-                ("residual final-layer", True, False, False, False, a, a, a, cls.root_param, cls.root_param, a),
-                ("residual no-dx_out", True, False, True, False, a, a, a, p, p, a),
-            ]
-            bwd_variants += [("residual", True, True, bias, True, s, a, a, p, p, a) for bias in (False, True)]
-            for what, residual, has_dxo, bias, dropout, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
-                sig = {
-                    "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
-                    "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
-                    "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
-                    "eps": "fp32", **_dropout_sig(dropout, s),
-                }
-                for cfg in rm.BWD_CONFIGS[size]:
-                    yield KernelSpec(
-                        "rmsnorm_modulate_bwd", rm.rmsnorm_modulate_bwd_kernel, sig,
-                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "HAS_DROPOUT": dropout,
-                         "BLOCK_D": block_d}, cfg,
-                        ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
-                    )
-
-
-def qk_norm_rope_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Every (kernel, dtype class, head dim, heads, bias, config) the launch helpers select for the JiT presets.
-
-    qkv, q, k, v and their gradients are the act dtype (the qkv GEMM's output), the q/k norm weights and the
-    folded bias the parameter dtype (the q weight stands in for an absent bias), the RoPE tables fp32.
-    Head counts matter: H = 12 (JiT-B) and 16 compile differently (divisibility by 16), as do Dh 104 and 80.
-    """
-    import triton
-
-    from jit_kernels import qk_norm_rope as qk
-
-    for cls in classes:
-        a, p = cls.act, cls.param
-        for head_dim, heads in ((64, 12), (64, 16), (80, 16), (104, 16), (128, 16)):
-            block_dh = triton.next_power_of_2(head_dim)
-            ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
-            fwd_sig = {
-                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
-                "Q": f"*{a}", "K": f"*{a}", "V": f"*{a}", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
-                "eps": "fp32",
-            }
-            bwd_sig = {
-                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
-                "DQ": f"*{a}", "DK": f"*{a}", "DV": f"*{a}", "DQKV": f"*{a}", "PART": "*fp32", "T": "i32",
-                "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
-            }
-            sum_sig = {"PART": "*fp32", "DQW": f"*{p}", "DKW": f"*{p}", "DBIAS": f"*{p}", "P": "i32", "H": "i32",
-                       "DH": "i32"}
-            for bias in (False, True):
-                variant = f"Dh={head_dim} H={heads} bias={bias}"
-                constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
-                for cfg in qk.FWD_CONFIGS[block_dh]:
-                    yield KernelSpec("qk_norm_rope_fwd", qk.qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints,
-                                     variant, cls.name, bias)
-                if not cls.backward:
-                    continue
-                for cfg in qk.BWD_CONFIGS[block_dh]:
-                    yield KernelSpec("qk_norm_rope_bwd", qk.qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
-                                     dict(ints, T=256 * 288), variant, cls.name, bias)
-                yield KernelSpec("qk_sum", qk.qk_sum_kernel, sum_sig, constexprs, qk.SUM_CONFIG,
-                                 {"P": 288, "H": heads, "DH": head_dim}, variant, cls.name, bias)
-
-
-def swiglu_specs(classes: Sequence[DtypeClass] = DTYPE_CLASSES) -> Iterator[KernelSpec]:
-    """Both kernels x every config x dtype class x bias and dropout variant (dropout: training classes), at a
-    hidden width divisible by 16 (JiT-B, padded widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437),
-    which compile differently.
-
-    x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
-    stands in for it, and dx12 for the (unused) fp32 partials; without dropout x12 stands in for the seed.
-    """
-    from jit_kernels import swiglu as sw
-
-    for cls in classes:
-        a, p = cls.act, cls.param
-        for h in (2048, 4480, 2730, 3413, 4437):
-            ints = {"M": 256 * 288, "H": h}
-            for bias in (False, True):
-                for dropout in (False, True) if cls.backward else (False,):
-                    bias_t, drop = p if bias else a, _dropout_sig(dropout, a)
-                    label = f"h={h} bias={bias}{' dropout' if dropout else ''}"
-                    constexprs = {"HAS_BIAS": bias, "HAS_DROPOUT": dropout}
-                    for cfg in sw.FWD_CONFIGS:
-                        yield KernelSpec("swiglu_fwd", sw.swiglu_fwd_kernel,
-                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32",
-                                          "H": "i32", **drop},
-                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
-                    if not cls.backward:
-                        continue
-                    for cfg in sw.BWD_CONFIGS:
-                        yield KernelSpec("swiglu_bwd", sw.swiglu_bwd_kernel,
-                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
-                                          "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32", **drop},
-                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
-
-
 def all_specs(dtype_classes: Iterable[str] | None = None) -> Iterator[KernelSpec]:
-    """Every compile job of every fused op, optionally of some dtype classes only (kernel modules are imported
-    lazily: kernels must not be built interpreted)."""
+    """Every compile job of every registered fused op (`OpSpec.compile_jobs`) and of the shared row sum, optionally
+    of some dtype classes only (kernel modules are imported here, not at import: kernels must not be built
+    interpreted)."""
+    from jit_kernels.table import op_specs
+
     wanted = None if dtype_classes is None else set(dtype_classes)
     classes = [c for c in DTYPE_CLASSES if wanted is None or c.name in wanted]
-    yield from rmsnorm_modulate_specs(classes)
-    yield from qk_norm_rope_specs(classes)
-    yield from swiglu_specs(classes)
+    for spec in op_specs():
+        yield from spec.compile_jobs(classes)
     yield from sum_rows_specs(classes)
 
 

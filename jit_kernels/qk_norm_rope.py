@@ -13,7 +13,7 @@ rows (see `_common`), finished together by one `qk_sum_kernel` launch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,18 @@ from jit_kernels._common import (
     device_guard,
     launch_options,
     select_config,
-    triton_on_cpu,
+)
+from jit_kernels.spec import (
+    EPS,
+    MODE_DTYPES,
+    CaseData,
+    DtypeClass,
+    KernelSpec,
+    LibraryOp,
+    OpCase,
+    OpSpec,
+    define,
+    randn,
 )
 
 MAX_HEAD_DIM = 128
@@ -436,73 +447,44 @@ def bwd_workspace(
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
-# (`triton_on_cpu`), else the eager reference.
+# torch.library ops (`spec.define`): the CUDA kernel is the launch; the CPU kernel the launch under the
+# interpreter, else the eager reference.
 
 
-@torch.library.custom_op("jit_fast::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(
-    qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float,
-    bias: torch.Tensor | None = None,
+def _launch(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    num_heads: int, eps: float, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if triton_on_cpu():
-        return _qk_norm_rope_launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
+    return qk_norm_rope_fwd(qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
+                            num_heads, eps, None if bias is None else bias.contiguous())
+
+
+def _reference(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     q, k, v = reference.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
     return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)
 
 
-def _qk_norm_rope_launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
-    """The op through the Triton launch helper (its CUDA kernel)."""
-    return qk_norm_rope_fwd(
-        qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(), *_tables(cos, sin),
-        num_heads, eps, None if bias is None else bias.contiguous(),
-    )
-
-
-@_qk_norm_rope_op.register_fake
-def _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+def _fake(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     b, n, c3 = qkv.shape
     shape = (b, n, num_heads, c3 // (3 * num_heads))
     return tuple(qkv.new_empty(shape) for _ in range(3))
 
 
-@torch.library.custom_op("jit_fast::qk_norm_rope_bwd", mutates_args=())
-def _bwd_op(
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float,
+def _launch_bwd(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
     bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    if triton_on_cpu():
-        return _bwd_launch(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
-    grads = reference.qk_norm_rope_bwd(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias)
-    return [g for g in grads if g is not None]
+    grads = qk_norm_rope_bwd(dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
+                             *_tables(cos, sin), num_heads, eps, None if bias is None else bias.contiguous())
+    return [g for g in grads if g is not None]  # an absent bias gradient is left out
 
 
-def _bwd_launch(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
-    """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
-    grads = qk_norm_rope_bwd(
-        dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), q_weight, k_weight,
-        *_tables(cos, sin), num_heads, eps, None if bias is None else bias.contiguous(),
-    )
-    return [g for g in grads if g is not None]
+def _reference_bwd(*args):
+    return [g for g in reference.qk_norm_rope_bwd(*args) if g is not None]
 
 
-@_bwd_op.register_fake
-def _bwd_fake(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+def _fake_bwd(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     grads = [torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)]
     return grads + ([] if bias is None else [torch.empty_like(bias)])
 
@@ -524,20 +506,16 @@ def _backward(ctx, dq, dk, dv):
     return dqkv, dqw, dkw, None, None, None, None, dbias[0] if dbias else None
 
 
-_qk_norm_rope_op.register_kernel("cuda", _qk_norm_rope_launch)
-_bwd_op.register_kernel("cuda", _bwd_launch)
-_qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
+LIBRARY_OPS = define([
+    LibraryOp("qk_norm_rope", _launch, _reference, _fake, _backward, _setup),
+    LibraryOp("qk_norm_rope_bwd", _launch_bwd, _reference_bwd, _fake_bwd,
+              workspace=lambda a: bwd_workspace(a["qkv"].shape, a["num_heads"], a["bias"] is not None)),
+])
 
 
 def qk_norm_rope(
-    qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float = 1e-6,
-    bias: torch.Tensor | None = None,
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    num_heads: int, eps: float = 1e-6, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused op (contract of reference.qk_norm_rope, outputs contiguous): validates, dispatches the custom op."""
     _check_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, bias)
@@ -545,15 +523,100 @@ def qk_norm_rope(
 
 
 def linear_qk_norm_rope(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    num_heads: int,
-    eps: float = 1e-6,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The qkv GEMM without its bias, then the fused op adding it (contract of reference.linear_qk_norm_rope)."""
     return qk_norm_rope(F.linear(x, weight), q_weight, k_weight, cos, sin, num_heads, eps, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile jobs.
+
+
+def compile_jobs(classes: Sequence[DtypeClass]) -> Iterator[KernelSpec]:
+    """Every (kernel, dtype class, head dim, heads, bias, config) the launch helpers select for the JiT presets.
+
+    qkv, q, k, v and their gradients are the act dtype (the qkv GEMM's output), the q/k norm weights and the
+    folded bias the parameter dtype (the q weight stands in for an absent bias), the RoPE tables fp32.
+    Head counts matter: H = 12 (JiT-B) and 16 compile differently (divisibility by 16), as do Dh 104 and 80.
+    """
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for head_dim, heads in ((64, 12), (64, 16), (80, 16), (104, 16), (128, 16)):
+            block_dh = triton.next_power_of_2(head_dim)
+            ints = {"R": 256 * 288 * heads, "N": 288, "H": heads, "DH": head_dim}
+            fwd_sig = {
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "Q": f"*{a}", "K": f"*{a}", "V": f"*{a}", "R": "i32", "N": "i32", "H": "i32", "DH": "i32",
+                "eps": "fp32",
+            }
+            bwd_sig = {
+                "QKV": f"*{a}", "BIAS": f"*{p}", "QW": f"*{p}", "KW": f"*{p}", "COS": "*fp32", "SIN": "*fp32",
+                "DQ": f"*{a}", "DK": f"*{a}", "DV": f"*{a}", "DQKV": f"*{a}", "PART": "*fp32", "T": "i32",
+                "N": "i32", "H": "i32", "DH": "i32", "eps": "fp32",
+            }
+            sum_sig = {"PART": "*fp32", "DQW": f"*{p}", "DKW": f"*{p}", "DBIAS": f"*{p}", "P": "i32", "H": "i32",
+                       "DH": "i32"}
+            for bias in (False, True):
+                variant = f"Dh={head_dim} H={heads} bias={bias}"
+                constexprs = {"HAS_BIAS": bias, "BLOCK_DH": block_dh}
+                for cfg in FWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_fwd", qk_norm_rope_fwd_kernel, fwd_sig, constexprs, cfg, ints,
+                                     variant, cls.name, bias)
+                if not cls.backward:
+                    continue
+                for cfg in BWD_CONFIGS[block_dh]:
+                    yield KernelSpec("qk_norm_rope_bwd", qk_norm_rope_bwd_kernel, bwd_sig, constexprs, cfg,
+                                     dict(ints, T=256 * 288), variant, cls.name, bias)
+                yield KernelSpec("qk_sum", qk_sum_kernel, sum_sig, constexprs, SUM_CONFIG,
+                                 {"P": 288, "H": heads, "DH": head_dim}, variant, cls.name, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases (selfcheck, benchmarks.ops): qkv in the mode's autocast dtype, fp32 norm weights, bias and RoPE tables.
+
+
+def _rope(gen: torch.Generator, n: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of random angles, each repeated for an interleaved pair (as the model's tables)."""
+    ang = (3 * torch.rand(n, head_dim // 2, generator=gen)).repeat_interleave(2, dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _case(b: int, n: int, heads: int, head_dim: int, bias: bool, kind: str = "numerics") -> OpCase:
+    def make(device: torch.device | str, mode: str, seed: int) -> CaseData:
+        gen = torch.Generator().manual_seed(seed)
+        c = heads * head_dim
+        cos, sin = _rope(gen, n, head_dim)
+        t = {"qkv": randn(gen, b, n, 3 * c).to(MODE_DTYPES[mode]),
+             "q_weight": randn(gen, head_dim, scale=0.2, shift=1.0),
+             "k_weight": randn(gen, head_dim, scale=0.2, shift=1.0), "cos": cos, "sin": sin}
+        if bias:
+            t["bias"] = randn(gen, 3 * c, scale=0.5)
+        up = [randn(gen, b, n, heads, head_dim).to(device) for _ in range(3)]
+
+        # the reference keeps qkv's dtype: its bf16 / fp16 run is the eager path, its float64 run the ground truth
+        def call(table, v, _out):
+            return table.qk_norm_rope(v["qkv"], v["q_weight"], v["k_weight"], v["cos"], v["sin"], heads, EPS,
+                                      v.get("bias"))
+
+        grads = tuple(k for k in t if k not in ("cos", "sin"))
+        return CaseData({k: v.to(device) for k, v in t.items()}, grads, ("q", "k", "v"), up, call)
+
+    return OpCase("qk_norm_rope", f"B={b} N={n} H={heads} Dh={head_dim}{' bias' if bias else ''}", make, kind)
+
+
+def _cases(sizes) -> list[OpCase]:
+    b, n = sizes.qk_batch, sizes.tokens
+    heads, head_dim = sizes.heads[-1]
+    return [_case(b, n, h, dh, bias) for h, dh in sizes.heads for bias in (False, True)] + [
+        _case(b, n, heads, head_dim, True, kind="determinism")]
+
+
+SPEC = OpSpec(
+    name="qk_norm_rope",
+    entries={"qk_norm_rope": qk_norm_rope, "linear_qk_norm_rope": linear_qk_norm_rope},
+    library_ops=LIBRARY_OPS,
+    compile_jobs=compile_jobs,
+    cases=_cases,
+)

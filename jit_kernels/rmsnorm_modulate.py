@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -38,9 +38,21 @@ from jit_kernels._common import (
     rowwise,
     select_config,
     sum_rows,
-    triton_on_cpu,
 )
 from jit_kernels.dropout import Dropout, from_op_args
+from jit_kernels.spec import (
+    EPS,
+    MODE_DTYPES,
+    CaseData,
+    DtypeClass,
+    KernelSpec,
+    LibraryOp,
+    OpCase,
+    OpSpec,
+    define,
+    dropout_signature,
+    randn,
+)
 
 # Size classes keyed by BLOCK_D = next_pow2(D); the first config of a class is the one launched
 # (a fixed choice keeps reductions bitwise reproducible across runs), the others are candidates
@@ -233,17 +245,9 @@ def rmsnorm_modulate_bwd_kernel(
 
 
 def _launch_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    branch: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    branch_bias: torch.Tensor | None,
-    eps: float,
-    out_dtype: torch.dtype | None,
-    config: triton.Config | None,
-    dropout: Dropout | None = None,
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, branch: torch.Tensor | None,
+    gate: torch.Tensor | None, branch_bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None,
+    config: triton.Config | None, dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_modulate_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout, MAX_D)
     for name, t in (("x", x), ("weight", weight), ("branch", branch), ("branch_bias", branch_bias)):
@@ -261,38 +265,17 @@ def _launch_fwd(
     grid = (triton.cdiv(n, cfg.kwargs["BLOCK_M"]), b)
     with device_guard(x):
         rmsnorm_modulate_fwd_kernel[grid](
-            x,
-            branch if residual else x,
-            gate if residual else shift,
-            weight if branch_bias is None else branch_bias,
-            weight,
-            shift,
-            scale,
-            x_out,
-            y,
-            n,
-            d,
-            gate.stride(0) if residual else 0,
-            shift.stride(0),
-            scale.stride(0),
-            eps,
-            HAS_RESIDUAL=residual,
-            HAS_BIAS=branch_bias is not None,
-            BLOCK_D=triton.next_power_of_2(d),
-            **dropout_kernel_args(dropout, x),
-            **launch_options(cfg),
+            x, branch if residual else x, gate if residual else shift, weight if branch_bias is None else branch_bias,
+            weight, shift, scale, x_out, y, n, d, gate.stride(0) if residual else 0, shift.stride(0), scale.stride(0),
+            eps, HAS_RESIDUAL=residual, HAS_BIAS=branch_bias is not None, BLOCK_D=triton.next_power_of_2(d),
+            **dropout_kernel_args(dropout, x), **launch_options(cfg),
         )
     return x_out, y
 
 
 def rmsnorm_modulate_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
-    config: triton.Config | None = None,
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None, config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Triton launch: y = modulate(RMSNorm(x)) on any device Triton runs on (CUDA, or CPU when interpreted)."""
     return _launch_fwd(x, weight, shift, scale, None, None, None, eps, out_dtype, config)[1]
@@ -358,28 +341,11 @@ def rmsnorm_modulate_bwd(
     partials = torch.empty(part_shape, device=x_norm.device, dtype=torch.float32)
     with device_guard(x_norm):
         rmsnorm_modulate_bwd_kernel[(num_p, b)](
-            x_norm,
-            dy,
-            dx_out if dx_out is not None else dy,
-            branch if residual else dy,
-            gate if residual else scale,
-            branch_bias if has_bias else weight,
-            weight,
-            scale,
-            dx,
-            dbranch if residual else dx,
-            partials,
-            n,
-            d,
-            gate.stride(0) if residual else 0,
-            scale.stride(0),
-            eps,
-            HAS_RESIDUAL=residual,
-            HAS_DXO=dx_out is not None,
-            HAS_BIAS=has_bias,
-            BLOCK_D=triton.next_power_of_2(d),
-            **dropout_kernel_args(dropout, x_norm),
-            **launch_options(cfg),
+            x_norm, dy, dx_out if dx_out is not None else dy, branch if residual else dy, gate if residual else scale,
+            branch_bias if has_bias else weight, weight, scale, dx, dbranch if residual else dx, partials, n, d,
+            gate.stride(0) if residual else 0, scale.stride(0), eps, HAS_RESIDUAL=residual,
+            HAS_DXO=dx_out is not None, HAS_BIAS=has_bias, BLOCK_D=triton.next_power_of_2(d),
+            **dropout_kernel_args(dropout, x_norm), **launch_options(cfg),
         )
     # stage 2 sums each sample's partial rows into dshift, dscale and dgate (final dtypes) and fp32
     # per-sample dweight (and dbias) rows; stage 3 sums those over the batch into dweight (and dbias)
@@ -415,132 +381,67 @@ def bwd_workspace(x_shape: Sequence[int], has_bias: bool, config: triton.Config 
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
-# (`triton_on_cpu`), else the eager reference.
+# torch.library ops (`spec.define`): the CUDA kernel is the launch; the CPU kernel the launch under the
+# interpreter, else the eager reference. Their arguments are the schema: tensors and scalars only (dropout as
+# seed, site, p).
 
 
-@torch.library.custom_op("jit_fast::rmsnorm_modulate", mutates_args=())
-def _rmsnorm_modulate_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
+def _launch_plain(
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
     out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    if triton_on_cpu():
-        return _rmsnorm_modulate_launch(x, weight, shift, scale, eps, out_dtype)
-    return reference.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
-
-
-def _rmsnorm_modulate_launch(x, weight, shift, scale, eps, out_dtype):
-    """The op through the Triton launch helper (its CUDA kernel)."""
     return rmsnorm_modulate_fwd(x.contiguous(), weight.contiguous(), rowwise(shift), rowwise(scale), eps, out_dtype)
 
 
-@_rmsnorm_modulate_op.register_fake
-def _rmsnorm_modulate_fake(x, weight, shift, scale, eps, out_dtype):
+def _fake_plain(x, weight, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype or promoted_dtype(x, shift, scale))
 
 
-@torch.library.custom_op("jit_fast::residual_rmsnorm_modulate", mutates_args=())
-def _residual_op(
-    x: torch.Tensor,
-    branch: torch.Tensor,
-    gate: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    out_dtype: torch.dtype | None,
-    branch_bias: torch.Tensor | None = None,
-    dropout_seed: torch.Tensor | None = None,
-    dropout_site: int = 0,
-    dropout_p: float = 0.0,
+def _launch_residual(
+    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
+    scale: torch.Tensor, eps: float, out_dtype: torch.dtype | None, branch_bias: torch.Tensor | None = None,
+    dropout_seed: torch.Tensor | None = None, dropout_site: int = 0, dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton_on_cpu():
-        return _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout_seed,
-                                dropout_site, dropout_p)
-    dropout = from_op_args(dropout_seed, dropout_site, dropout_p)
-    return reference.residual_rmsnorm_modulate(
-        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout
-    )
-
-
-def _residual_launch(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
-                     dropout_site=0, dropout_p=0.0):
-    """The residual op through the Triton launch helper (its CUDA kernel)."""
     return residual_rmsnorm_modulate_fwd(
-        x.contiguous(),
-        branch.contiguous(),
-        rowwise(gate),
-        weight.contiguous(),
-        rowwise(shift),
-        rowwise(scale),
-        eps,
-        out_dtype,
-        None if branch_bias is None else branch_bias.contiguous(),
+        x.contiguous(), branch.contiguous(), rowwise(gate), weight.contiguous(), rowwise(shift), rowwise(scale), eps,
+        out_dtype, None if branch_bias is None else branch_bias.contiguous(),
         dropout=from_op_args(dropout_seed, dropout_site, dropout_p),
     )
 
 
-@_residual_op.register_fake
-def _residual_fake(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
-                   dropout_site=0, dropout_p=0.0):
+def _reference_residual(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias=None, dropout_seed=None,
+                        dropout_site=0, dropout_p=0.0):
+    return reference.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias,
+                                               from_op_args(dropout_seed, dropout_site, dropout_p))
+
+
+def _fake_residual(x, branch, gate, weight, shift, scale, eps, out_dtype, *_bias_and_dropout):
     x_out = x.new_empty(x.shape, dtype=promoted_dtype(x, gate, branch))
     return x_out, x.new_empty(x.shape, dtype=out_dtype or promoted_dtype(x_out, shift, scale))
 
 
-@torch.library.custom_op("jit_fast::rmsnorm_modulate_bwd", mutates_args=())
-def _bwd_op(
-    dy: torch.Tensor,
-    x_norm: torch.Tensor,
-    dx_out: torch.Tensor | None,
-    branch: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-    branch_bias: torch.Tensor | None = None,
-    dropout_seed: torch.Tensor | None = None,
-    dropout_site: int = 0,
-    dropout_p: float = 0.0,
+def _launch_bwd(
+    dy: torch.Tensor, x_norm: torch.Tensor, dx_out: torch.Tensor | None, branch: torch.Tensor | None,
+    gate: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor, eps: float, x_dtype: torch.dtype,
+    shift_dtype: torch.dtype, branch_bias: torch.Tensor | None = None, dropout_seed: torch.Tensor | None = None,
+    dropout_site: int = 0, dropout_p: float = 0.0,
 ) -> list[torch.Tensor]:
-    if triton_on_cpu():
-        return _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias,
-                           dropout_seed, dropout_site, dropout_p)
-    grads = reference.rmsnorm_modulate_bwd(
-        dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias,
-        from_op_args(dropout_seed, dropout_site, dropout_p),
-    )
-    return [g for g in grads if g is not None]
-
-
-def _bwd_launch(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None,
-                dropout_seed=None, dropout_site=0, dropout_p=0.0):
-    """The backward op through the Triton launch helper (its CUDA kernel); absent gradients are left out."""
     grads = rmsnorm_modulate_bwd(
-        dy.contiguous(),
-        x_norm.contiguous(),
-        None if dx_out is None else dx_out.contiguous(),
-        None if branch is None else branch.contiguous(),
-        None if gate is None else rowwise(gate),
-        weight.contiguous(),
-        rowwise(scale),
-        eps,
-        x_dtype,
-        shift_dtype,
-        None if branch_bias is None else branch_bias.contiguous(),
+        dy.contiguous(), x_norm.contiguous(), None if dx_out is None else dx_out.contiguous(),
+        None if branch is None else branch.contiguous(), None if gate is None else rowwise(gate), weight.contiguous(),
+        rowwise(scale), eps, x_dtype, shift_dtype, None if branch_bias is None else branch_bias.contiguous(),
         dropout=from_op_args(dropout_seed, dropout_site, dropout_p),
     )
+    return [g for g in grads if g is not None]  # absent gradients are left out
+
+
+def _reference_bwd(*args):
+    grads = reference.rmsnorm_modulate_bwd(*args[:11], from_op_args(*args[11:14]) if len(args) > 11 else None)
     return [g for g in grads if g is not None]
 
 
-@_bwd_op.register_fake
-def _bwd_fake(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None,
-              dropout_seed=None, dropout_site=0, dropout_p=0.0):
+def _fake_bwd(dy, x_norm, dx_out, branch, gate, weight, scale, eps, x_dtype, shift_dtype, branch_bias=None,
+              *_dropout):
     b, _, d = x_norm.shape
     grads = [x_norm.new_empty(x_norm.shape, dtype=x_dtype)]
     if branch is not None:
@@ -587,44 +488,155 @@ def _backward_residual(ctx, dx_out, dy):
     return dx, dbranch, dgate, dweight, dshift, dscale, None, None, dbias[0] if dbias else None, None, None, None
 
 
-_rmsnorm_modulate_op.register_kernel("cuda", _rmsnorm_modulate_launch)
-_residual_op.register_kernel("cuda", _residual_launch)
-_bwd_op.register_kernel("cuda", _bwd_launch)
-_rmsnorm_modulate_op.register_autograd(_backward_plain, setup_context=_setup_plain)
-_residual_op.register_autograd(_backward_residual, setup_context=_setup_residual)
+LIBRARY_OPS = define([
+    LibraryOp("rmsnorm_modulate", _launch_plain, reference.rmsnorm_modulate, _fake_plain, _backward_plain,
+              _setup_plain),
+    LibraryOp("residual_rmsnorm_modulate", _launch_residual, _reference_residual, _fake_residual, _backward_residual,
+              _setup_residual),
+    LibraryOp("rmsnorm_modulate_bwd", _launch_bwd, _reference_bwd, _fake_bwd,
+              workspace=lambda a: bwd_workspace(a["x_norm"].shape, a["branch_bias"] is not None)),
+])
 
 
-def rmsnorm_modulate(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def rmsnorm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused op (same contract as reference.rmsnorm_modulate): validates, then dispatches the custom op."""
     check_modulate_inputs(x, weight, shift, scale, max_d=MAX_D)
     return torch.ops.jit_fast.rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype)
 
 
 def residual_rmsnorm_modulate(
-    x: torch.Tensor,
-    branch: torch.Tensor,
-    gate: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    out_dtype: torch.dtype | None = None,
-    branch_bias: torch.Tensor | None = None,
-    dropout: Dropout | None = None,
+    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
+    scale: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None, dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused op (same contract as reference.residual_rmsnorm_modulate) via the custom op."""
     check_modulate_inputs(x, weight, shift, scale, branch, gate, branch_bias, dropout, MAX_D)
-    if dropout is None:
-        return torch.ops.jit_fast.residual_rmsnorm_modulate(
-            x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias
-        )
-    return torch.ops.jit_fast.residual_rmsnorm_modulate(
-        x, branch, gate, weight, shift, scale, eps, out_dtype, branch_bias, dropout.seed, dropout.site, dropout.p
-    )
+    drop = () if dropout is None else (dropout.seed, dropout.site, dropout.p)
+    return torch.ops.jit_fast.residual_rmsnorm_modulate(x, branch, gate, weight, shift, scale, eps, out_dtype,
+                                                        branch_bias, *drop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile jobs: every (kernel, dtype class, variant, D, config) the launch helpers select.
+
+
+def compile_jobs(classes: Sequence[DtypeClass]) -> Iterator[KernelSpec]:
+    """Pointer types follow the launch helpers: the residual stream is x and x_out, GEMM outputs and adaLN chunks
+    are the act dtype, norm weights and the folded branch bias the parameter dtype (the final layer's norm
+    weight the root's), y is the act dtype; absent operands are replaced by the stand-ins the helpers pass
+    (x for branch, shift or scale for gate, weight for the bias, dy for dx_out and branch, dx for dbranch,
+    x or x_norm for the dropout seed). Dropout (the attention branch into norm2, training only) has an int64 seed.
+    """
+    for cls in classes:
+        s, a, p = cls.stream, cls.act, cls.param
+        for d in (768, 1024, 1280, 1664):
+            block_d = triton.next_power_of_2(d)
+            size = min(c for c in FWD_CONFIGS if c >= block_d)
+            ints = {"N": 288, "D": d, "stride_gate": 6 * d, "stride_shift": 6 * d, "stride_scale": 6 * d}
+            # (label, residual, bias, dropout, branch, gate, bias-or-weight, weight)
+            fwd_variants = [
+                ("plain", False, False, False, s, a, p, p),
+                ("residual", True, False, False, a, a, p, p),
+                ("residual", True, True, False, a, a, p, p),
+                ("residual final-layer", True, False, False, a, a, cls.root_param, cls.root_param),
+            ]
+            if cls.backward:
+                fwd_variants += [("residual", True, bias, True, a, a, p, p) for bias in (False, True)]
+            for what, residual, bias, dropout, branch, gate, bias_t, w in fwd_variants:
+                sig = {
+                    "X": f"*{s}", "BRANCH": f"*{branch}", "GATE": f"*{gate}", "BIAS": f"*{bias_t}", "W": f"*{w}",
+                    "SHIFT": f"*{a}", "SCALE": f"*{a}", "XOUT": f"*{s}", "Y": f"*{a}", "N": "i32", "D": "i32",
+                    "stride_gate": "i32", "stride_shift": "i32", "stride_scale": "i32", "eps": "fp32",
+                    **dropout_signature(dropout, s),
+                }
+                for cfg in FWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_fwd", rmsnorm_modulate_fwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_BIAS": bias, "HAS_DROPOUT": dropout, "BLOCK_D": block_d},
+                        cfg, ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
+                    )
+            if not cls.backward:
+                continue
+            # (label, residual, dx_out, bias, dropout, dxo, branch, gate, bias-or-weight, weight, dbranch)
+            bwd_variants = [
+                ("plain", False, False, False, False, a, a, a, p, p, s),
+                ("residual", True, True, False, False, s, a, a, p, p, a),
+                ("residual", True, True, True, False, s, a, a, p, p, a),
+                ("residual final-layer", True, False, False, False, a, a, a, cls.root_param, cls.root_param, a),
+                ("residual no-dx_out", True, False, True, False, a, a, a, p, p, a),
+            ]
+            bwd_variants += [("residual", True, True, bias, True, s, a, a, p, p, a) for bias in (False, True)]
+            for what, residual, has_dxo, bias, dropout, dxo, branch, gate, bias_t, w, dbranch in bwd_variants:
+                sig = {
+                    "XN": f"*{s}", "DY": f"*{a}", "DXO": f"*{dxo}", "BRANCH": f"*{branch}", "GATE": f"*{gate}",
+                    "BIAS": f"*{bias_t}", "W": f"*{w}", "SCALE": f"*{a}", "DX": f"*{s}", "DBRANCH": f"*{dbranch}",
+                    "PART": "*fp32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_scale": "i32",
+                    "eps": "fp32", **dropout_signature(dropout, s),
+                }
+                for cfg in BWD_CONFIGS[size]:
+                    yield KernelSpec(
+                        "rmsnorm_modulate_bwd", rmsnorm_modulate_bwd_kernel, sig,
+                        {"HAS_RESIDUAL": residual, "HAS_DXO": has_dxo, "HAS_BIAS": bias, "HAS_DROPOUT": dropout,
+                         "BLOCK_D": block_d}, cfg,
+                        ints, f"D={d} {what} bias={bias}{' dropout' if dropout else ''}", cls.name, bias, dropout,
+                    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases (selfcheck numerics and determinism, benchmarks.ops): fp32 stream, the mode's autocast dtype elsewhere.
+
+
+def _case(entry: str, b: int, n: int, d: int, bias: bool = False, dropout_site: int | None = None,
+          kind: str = "numerics") -> OpCase:
+    """rmsnorm_modulate (entry "rmsnorm_modulate") or the residual op, optionally with the folded branch bias and
+    dropout 0.2 at `dropout_site` (the reference draws the same mask)."""
+    residual = entry == "residual_rmsnorm_modulate"
+    label = f"B={b} N={n} D={d}{' bias' if bias else ''}{' dropout 0.2' if dropout_site is not None else ''}"
+
+    def make(device: torch.device | str, mode: str, seed: int) -> CaseData:
+        gen = torch.Generator().manual_seed(seed)
+        act = MODE_DTYPES[mode]
+        t = {"x": randn(gen, b, n, d), "weight": randn(gen, d, scale=0.2, shift=1.0),
+             "shift": randn(gen, b, d, scale=0.3).to(act), "scale": randn(gen, b, d, scale=0.3).to(act)}
+        if residual:
+            t["branch"] = randn(gen, b, n, d).to(act)
+            t["gate"] = randn(gen, b, d, scale=0.5).to(act)
+        if bias:
+            t["branch_bias"] = randn(gen, d, scale=0.5)
+        up = [randn(gen, b, n, d).to(device) for _ in range(2 if residual else 1)]
+        drop = None if dropout_site is None else Dropout(
+            0.2, torch.tensor([-12345], dtype=torch.int64, device=device), dropout_site)
+
+        def call(table, v, out):
+            if not residual:
+                return (table.rmsnorm_modulate(v["x"], v["weight"], v["shift"], v["scale"], EPS, out),)
+            args = (v["x"], v["branch"], v["gate"], v["weight"], v["shift"], v["scale"], EPS, out, v.get("branch_bias"))
+            return table.residual_rmsnorm_modulate(*args) if drop is None else table.residual_rmsnorm_modulate(
+                *args, drop)
+
+        return CaseData({k: v.to(device) for k, v in t.items()}, tuple(t), ("x_out", "y") if residual else ("y",),
+                        up, call)
+
+    return OpCase(entry, label, make, kind)
+
+
+def _cases(sizes) -> list[OpCase]:
+    b, n = sizes.norm_batch, sizes.tokens
+    out = []
+    for d in sizes.widths:
+        out += [_case("rmsnorm_modulate", b, n, d), _case("residual_rmsnorm_modulate", b, n, d),
+                _case("residual_rmsnorm_modulate", b, n, d, bias=True)]
+    d = sizes.widths[-1]
+    return out + [_case("rmsnorm_modulate", b, n, d, kind="determinism"),
+                  _case("residual_rmsnorm_modulate", b, n, d, bias=True, kind="determinism"),
+                  _case("residual_rmsnorm_modulate", b, n, d, bias=True, dropout_site=5, kind="dropout")]
+
+
+SPEC = OpSpec(
+    name="rmsnorm_modulate",
+    entries={"rmsnorm_modulate": rmsnorm_modulate, "residual_rmsnorm_modulate": residual_rmsnorm_modulate},
+    library_ops=LIBRARY_OPS,
+    compile_jobs=compile_jobs,
+    cases=_cases,
+)

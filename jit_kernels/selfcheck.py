@@ -23,17 +23,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import TextIO
 
 import torch
 
-from jit_kernels import reference
 from jit_kernels.dropout import Dropout, keep_mask
 from jit_kernels.numerics import assert_within_rule, error_bound
+from jit_kernels.spec import EPS, MODE_DTYPES, OpCase
+from jit_kernels.table import OpTable, get_ops, op_specs
 
-EPS = 1e-6
-MODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = tuple(MODE_DTYPES)
 
 
@@ -93,11 +91,6 @@ class Check:
 # Shared machinery: inputs, forward + backward, the rule.
 
 
-def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-    """shift + scale * N(0, 1) drawn on the CPU generator (same draws on every device)."""
-    return shift + scale * torch.randn(*shape, generator=gen)
-
-
 def _run(call: Callable[[dict], tuple], inputs: dict, grad_names: Iterable[str], upstream: list[torch.Tensor],
          cast: torch.dtype | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Forward `call(leaves)` then backward with `upstream` (cast to each output's dtype); (outputs, grads)."""
@@ -149,148 +142,50 @@ def _bitwise_twice(call_kernel, inputs: dict, grad_names: tuple[str, ...], upstr
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-op cases: (inputs, gradient names, output names, upstream gradients, kernel call, reference call).
+# The checks: every case every registered op declares (`OpSpec.cases`), then the dropout masks.
 
 
-def _rmsnorm_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, d: int, mode: str, variant: str,
-                  seed: int = 0, dropout: Dropout | None = None) -> tuple:
-    """rmsnorm_modulate / residual_rmsnorm_modulate case in the autocast dtypes of `mode` (fp32 stream); `dropout`
-    on the residual branch (the reference draws the same mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    act = MODE_DTYPES[mode]
-    out_dtype = None if mode == "fp32" else act
-    t = {"x": _randn(gen, b, n, d), "weight": _randn(gen, d, scale=0.2, shift=1.0),
-         "shift": _randn(gen, b, d, scale=0.3).to(act), "scale": _randn(gen, b, d, scale=0.3).to(act)}
-    residual = variant != "plain"
-    if residual:
-        t["branch"] = _randn(gen, b, n, d).to(act)
-        t["gate"] = _randn(gen, b, d, scale=0.5).to(act)
-    if variant == "residual+bias":
-        t["branch_bias"] = _randn(gen, d, scale=0.5)
-    up = [_randn(gen, b, n, d) for _ in range(2 if residual else 1)]
-    t, up = {k: v.to(device) for k, v in t.items()}, [u.to(device) for u in up]
-
-    def call(table, leaves, out):
-        if not residual:
-            return (table.rmsnorm_modulate(leaves["x"], leaves["weight"], leaves["shift"], leaves["scale"], EPS, out),)
-        args = (leaves["x"], leaves["branch"], leaves["gate"], leaves["weight"], leaves["shift"], leaves["scale"], EPS,
-                out, leaves.get("branch_bias"))
-        return table.residual_rmsnorm_modulate(*args) if dropout is None else table.residual_rmsnorm_modulate(
-            *args, dropout)
-
-    names = ("x_out", "y") if residual else ("y",)
-    return (t, tuple(t), names, up, lambda leaves: call(ops, leaves, out_dtype),
-            lambda leaves, out: call(reference, leaves, out))
-
-
-def _rope(gen: torch.Generator, n: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of random angles, each repeated for an interleaved pair (as the model's tables)."""
-    ang = (3 * torch.rand(n, head_dim // 2, generator=gen)).repeat_interleave(2, dim=-1)
-    return ang.cos(), ang.sin()
-
-
-def _qk_case(ops: SimpleNamespace, device: torch.device | str, b: int, n: int, heads: int, head_dim: int, mode: str,
-             bias: bool, seed: int = 0) -> tuple:
-    """qk_norm_rope case: qkv in the act dtype, fp32 norm weights, bias and RoPE tables."""
-    gen = torch.Generator().manual_seed(seed)
-    act = MODE_DTYPES[mode]
-    c = heads * head_dim
-    cos, sin = _rope(gen, n, head_dim)
-    t = {"qkv": _randn(gen, b, n, 3 * c).to(act), "q_weight": _randn(gen, head_dim, scale=0.2, shift=1.0),
-         "k_weight": _randn(gen, head_dim, scale=0.2, shift=1.0), "cos": cos, "sin": sin}
-    if bias:
-        t["bias"] = _randn(gen, 3 * c, scale=0.5)
-    up = [_randn(gen, b, n, heads, head_dim) for _ in range(3)]
-    t, up = {k: v.to(device) for k, v in t.items()}, [u.to(device) for u in up]
-
-    def call(table, leaves):
-        return table.qk_norm_rope(leaves["qkv"], leaves["q_weight"], leaves["k_weight"], leaves["cos"], leaves["sin"],
-                                  heads, EPS, leaves.get("bias"))
-
-    grads = tuple(k for k in t if k not in ("cos", "sin"))
-    # the reference keeps qkv's dtype: its bf16 / fp16 run is the eager path, its float64 run the ground truth
-    return t, grads, ("q", "k", "v"), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
-
-
-def _swiglu_case(ops: SimpleNamespace, device: torch.device | str, rows: int, h: int, mode: str, bias: bool,
-                 seed: int = 0, dropout: Dropout | None = None) -> tuple:
-    """swiglu case: x12 in the act dtype, fp32 bias, optional `dropout` of h."""
-    gen = torch.Generator().manual_seed(seed)
-    act = MODE_DTYPES[mode]
-    t = {"x12": _randn(gen, rows, 2 * h).to(act)}
-    if bias:
-        t["bias"] = _randn(gen, 2 * h, scale=0.5)
-    up = [_randn(gen, rows, h).to(device)]
-    t = {k: v.to(device) for k, v in t.items()}
-
-    def call(table, leaves):
-        args = (leaves["x12"], leaves.get("bias"))
-        return (table.swiglu(*args) if dropout is None else table.swiglu(*args, dropout),)
-
-    return t, tuple(t), ("h",), up, lambda leaves: call(ops, leaves), lambda leaves, _out: call(reference, leaves)
-
-
-def _numerics(case: tuple, mode: str) -> Callable[[], str]:
+def _numerics(case: OpCase, device: torch.device | str, mode: str, table: OpTable) -> Callable[[], str]:
     """Check function comparing a case's kernel with its float64 reference (and the eager path, outside fp32)."""
-    inputs, grads, outs, up, kernel, ref = case
-    return lambda: _compare_op(kernel, ref, inputs, grads, outs, up, None if mode == "fp32" else MODE_DTYPES[mode])
+    def run() -> str:
+        data = case.make(device, mode, 0)
+        low = None if mode == "fp32" else MODE_DTYPES[mode]
+        ref = get_ops("torch")
+        return _compare_op(lambda v: data.call(table, v, low), lambda v, out: data.call(ref, v, out), data.inputs,
+                           data.grads, data.outs, data.upstream, low)
+
+    return run
 
 
-def _determinism(case: tuple) -> Callable[[], str]:
+def _determinism(case: OpCase, device: torch.device | str, mode: str, table: OpTable) -> Callable[[], str]:
     """Check function running a case's kernel forward + backward twice."""
-    inputs, grads, _outs, up, kernel, _ref = case
-    return lambda: _bitwise_twice(kernel, inputs, grads, up)
+    def run() -> str:
+        data = case.make(device, mode, 1)
+        low = None if mode == "fp32" else MODE_DTYPES[mode]
+        return _bitwise_twice(lambda v: data.call(table, v, low), data.inputs, data.grads, data.upstream)
+
+    return run
 
 
-def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None) -> list[Check]:
+def _cases(sizes: Sizes, kind: str) -> list[OpCase]:
+    """Every registered op's cases of `kind`, in registry order."""
+    return [case for spec in op_specs() for case in spec.cases(sizes) if case.kind == kind]
+
+
+def op_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: OpTable | None = None) -> list[Check]:
     """Numerics (the device's modes of fp32, bf16, fp16; every width / head dim / bias variant) and determinism of
     every fused op (in the device's low precision).
 
     Cases are built lazily (inside each check), so a failing allocation is one FAIL line, not a crash."""
-    if ops is None:
-        from jit_kernels.ops import triton_ops
-
-        ops = triton_ops()
-    checks = []
-    n = sizes.tokens
+    ops = ops or get_ops("triton")
     modes, low = device_modes(device), low_precision(device)
-    for d in sizes.widths:
-        for variant in ("plain", "residual", "residual+bias"):
-            op = "rmsnorm_modulate" if variant == "plain" else "residual_rmsnorm_modulate"
-            for mode in modes:
-                checks.append(Check(
-                    f"{op} {mode} B={sizes.norm_batch} N={n} D={d}{' bias' if variant.endswith('bias') else ''}",
-                    (op,), _lazy(lambda d=d, v=variant, m=mode: _numerics(
-                        _rmsnorm_case(ops, device, sizes.norm_batch, n, d, m, v), m))))
-    for heads, head_dim in sizes.heads:
-        for bias in (False, True):
-            for mode in modes:
-                checks.append(Check(
-                    f"qk_norm_rope {mode} B={sizes.qk_batch} N={n} H={heads} Dh={head_dim}{' bias' if bias else ''}",
-                    ("qk_norm_rope",), _lazy(lambda h=heads, dh=head_dim, b=bias, m=mode: _numerics(
-                        _qk_case(ops, device, sizes.qk_batch, n, h, dh, m, b), m))))
-    for h in sizes.hidden:
-        for bias in (False, True):
-            for mode in modes:
-                checks.append(Check(
-                    f"swiglu {mode} M={sizes.swiglu_rows} h={h}{' bias' if bias else ''}", ("swiglu",),
-                    _lazy(lambda h=h, b=bias, m=mode: _numerics(
-                        _swiglu_case(ops, device, sizes.swiglu_rows, h, m, b), m))))
-    d, (heads, head_dim), h = sizes.widths[-1], sizes.heads[-1], sizes.hidden[-1]
-    det = {
-        "rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low, "plain", seed=1),
-        "residual_rmsnorm_modulate": lambda: _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low,
-                                                           "residual+bias", seed=1),
-        "qk_norm_rope": lambda: _qk_case(ops, device, sizes.qk_batch, n, heads, head_dim, low, True, seed=1),
-        "swiglu": lambda: _swiglu_case(ops, device, sizes.swiglu_rows, h, low, True, seed=1),
-    }
-    for op, make in det.items():
-        checks.append(Check(f"{op} {low} backward twice: bitwise", (op,),
-                            _lazy(lambda make=make: _determinism(make()))))
-    return checks
+    checks = [Check(f"{c.entry} {mode} {c.label}", (c.entry,), _numerics(c, device, mode, ops))
+              for c in _cases(sizes, "numerics") for mode in modes]
+    return checks + [Check(f"{c.entry} {low} backward twice: bitwise", (c.entry,), _determinism(c, device, low, ops))
+                     for c in _cases(sizes, "determinism")]
 
 
-def _dropout_masks(ops: SimpleNamespace, device: torch.device | str, sizes: Sizes) -> str:
+def _dropout_masks(ops: OpTable, device: torch.device | str, sizes: Sizes) -> str:
     """The masks the kernels apply, read off their outputs and gradients, equal the CPU twin's bit for bit: residual
     op with x = 0, gate = branch = 1 (x_out and, with dx_out = 1 and dy = 0, dbranch are keep * scale) and SwiGLU
     with x1 = 4, x2 = 1 (h and, with dh = 1, dx2 are nonzero exactly where kept)."""
@@ -318,39 +213,19 @@ def _dropout_masks(ops: SimpleNamespace, device: torch.device | str, sizes: Size
     return f"4 masks ({b * n} x {d}, {rows} x {h}) bitwise equal to the twin's"
 
 
-def dropout_checks(device: torch.device | str, sizes: Sizes = PRODUCTION,
-                   ops: SimpleNamespace | None = None) -> list[Check]:
+def dropout_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: OpTable | None = None) -> list[Check]:
     """Fused dropout on the device: the kernels draw the CPU twin's masks (the Philox words and their layout exchange
-    run compiled only here), and the residual and SwiGLU ops with dropout meet the rule against float64 with the same
-    mask (bf16, or fp16 where the device has no bf16; with bias)."""
-    if ops is None:
-        from jit_kernels.ops import triton_ops
-
-        ops = triton_ops()
+    run compiled only here), and the ops' dropout cases meet the rule against float64 with the same mask (bf16, or
+    fp16 where the device has no bf16)."""
+    ops = ops or get_ops("triton")
     low = low_precision(device)
-
-    def drop(site: int) -> Dropout:  # built when the check runs: listing the checks touches no device
-        return Dropout(0.2, torch.tensor([-12345], dtype=torch.int64, device=device), site)
-
-    n, d, h = sizes.tokens, sizes.widths[-1], sizes.hidden[-1]
-    return [
-        Check("dropout masks: kernels (forward and backward) vs CPU twin, bitwise",
-              ("residual_rmsnorm_modulate", "swiglu"), lambda: _dropout_masks(ops, device, sizes)),
-        Check(f"residual_rmsnorm_modulate {low} B={sizes.norm_batch} N={n} D={d} bias dropout 0.2",
-              ("residual_rmsnorm_modulate",), _lazy(lambda: _numerics(
-                  _rmsnorm_case(ops, device, sizes.norm_batch, n, d, low, "residual+bias", dropout=drop(5)), low))),
-        Check(f"swiglu {low} M={sizes.swiglu_rows} h={h} bias dropout 0.2", ("swiglu",), _lazy(lambda: _numerics(
-            _swiglu_case(ops, device, sizes.swiglu_rows, h, low, True, dropout=drop(6)), low))),
-    ]
+    masks = Check("dropout masks: kernels (forward and backward) vs CPU twin, bitwise",
+                  ("residual_rmsnorm_modulate", "swiglu"), lambda: _dropout_masks(ops, device, sizes))
+    return [masks] + [Check(f"{c.entry} {low} {c.label}", (c.entry,), _numerics(c, device, low, ops))
+                      for c in _cases(sizes, "dropout")]
 
 
-def _lazy(build: Callable[[], Callable[[], str]]) -> Callable[[], str]:
-    """Defer building a check's inputs to when it runs."""
-    return lambda: build()()
-
-
-def kernel_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None
-                  ) -> list[Check]:
+def kernel_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: OpTable | None = None) -> list[Check]:
     """Every check of the fused ops alone (numerics, determinism, dropout masks), in report order."""
     return [*op_checks(device, sizes, ops), *dropout_checks(device, sizes, ops)]
 

@@ -12,7 +12,7 @@ in forward and again in backward (dout is masked and scaled on load), so no mask
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,20 @@ from jit_kernels._common import (
     dropout_kernel_args,
     launch_options,
     sum_rows,
-    triton_on_cpu,
 )
 from jit_kernels.dropout import Dropout, check_dropout, from_op_args
+from jit_kernels.spec import (
+    MODE_DTYPES,
+    CaseData,
+    DtypeClass,
+    KernelSpec,
+    LibraryOp,
+    OpCase,
+    OpSpec,
+    define,
+    dropout_signature,
+    randn,
+)
 
 # One size class: the kernel is elementwise, so the tile only trades registers for fewer programs.
 # The first config is launched; the second is a candidate that compile_check also builds. A backward
@@ -230,57 +241,37 @@ def bwd_workspace(x12_shape: Sequence[int], has_bias: bool, config: triton.Confi
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops, the only entry: CUDA -> Triton launch; CPU -> Triton launch under the interpreter
-# (`triton_on_cpu`), else the eager reference.
+# torch.library ops (`spec.define`): the CUDA kernel is the launch; the CPU kernel the launch under the
+# interpreter, else the eager reference. Dropout travels as (seed, site, p).
 
 
-@torch.library.custom_op("jit_fast::swiglu", mutates_args=())
-def _swiglu_op(
-    x12: torch.Tensor,
-    bias: torch.Tensor | None,
-    dropout_seed: torch.Tensor | None = None,
-    dropout_site: int = 0,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    if triton_on_cpu():
-        return _swiglu_launch(x12, bias, dropout_seed, dropout_site, dropout_p)
-    return reference.swiglu(x12, bias, from_op_args(dropout_seed, dropout_site, dropout_p))
-
-
-def _swiglu_launch(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
-    """The op through the Triton launch helper (its CUDA kernel)."""
+def _launch(x12: torch.Tensor, bias: torch.Tensor | None, dropout_seed: torch.Tensor | None = None,
+            dropout_site: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
     return swiglu_fwd(x12.contiguous(), bias, dropout=from_op_args(dropout_seed, dropout_site, dropout_p))
 
 
-@_swiglu_op.register_fake
-def _swiglu_fake(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
+def _reference(x12, bias, dropout_seed=None, dropout_site=0, dropout_p=0.0):
+    return reference.swiglu(x12, bias, from_op_args(dropout_seed, dropout_site, dropout_p))
+
+
+def _fake(x12, bias, *_dropout):
     return x12.new_empty(x12.shape[:-1] + (x12.shape[-1] // 2,))
 
 
-@torch.library.custom_op("jit_fast::swiglu_bwd", mutates_args=())
-def _bwd_op(
-    x12: torch.Tensor,
-    bias: torch.Tensor | None,
-    dout: torch.Tensor,
-    dropout_seed: torch.Tensor | None = None,
-    dropout_site: int = 0,
-    dropout_p: float = 0.0,
-) -> list[torch.Tensor]:
-    if triton_on_cpu():
-        return _bwd_launch(x12, bias, dout, dropout_seed, dropout_site, dropout_p)
+def _launch_bwd(x12: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor,
+                dropout_seed: torch.Tensor | None = None, dropout_site: int = 0,
+                dropout_p: float = 0.0) -> list[torch.Tensor]:
+    dropout = from_op_args(dropout_seed, dropout_site, dropout_p)
+    grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=dropout)
+    return [g for g in grads if g is not None]  # an absent bias gradient is left out
+
+
+def _reference_bwd(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
     grads = reference.swiglu_bwd(x12, bias, dout, from_op_args(dropout_seed, dropout_site, dropout_p))
     return [g for g in grads if g is not None]
 
 
-def _bwd_launch(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
-    """The backward op through the Triton launch helper (its CUDA kernel); an absent bias gradient is left out."""
-    dropout = from_op_args(dropout_seed, dropout_site, dropout_p)
-    grads = swiglu_bwd(x12.contiguous(), bias, dout.contiguous(), dropout=dropout)
-    return [g for g in grads if g is not None]
-
-
-@_bwd_op.register_fake
-def _bwd_fake(x12, bias, dout, dropout_seed=None, dropout_site=0, dropout_p=0.0):
+def _fake_bwd(x12, bias, dout, *_dropout):
     return [torch.empty_like(x12)] + ([] if bias is None else [torch.empty_like(bias)])
 
 
@@ -297,17 +288,18 @@ def _backward(ctx, dout):
     return grads[0], (grads[1] if bias is not None else None), None, None, None
 
 
-_swiglu_op.register_kernel("cuda", _swiglu_launch)
-_bwd_op.register_kernel("cuda", _bwd_launch)
-_swiglu_op.register_autograd(_backward, setup_context=_setup)
+LIBRARY_OPS = define([
+    LibraryOp("swiglu", _launch, _reference, _fake, _backward, _setup),
+    LibraryOp("swiglu_bwd", _launch_bwd, _reference_bwd, _fake_bwd,
+              workspace=lambda a: bwd_workspace(a["x12"].shape, a["bias"] is not None)),
+])
 
 
 def swiglu(x12: torch.Tensor, bias: torch.Tensor | None = None, dropout: Dropout | None = None) -> torch.Tensor:
     """Fused op (contract of reference.swiglu): validates, then dispatches the custom op."""
     _check_inputs(x12, bias, dropout)
-    if dropout is None:
-        return torch.ops.jit_fast.swiglu(x12, bias)
-    return torch.ops.jit_fast.swiglu(x12, bias, dropout.seed, dropout.site, dropout.p)
+    drop = () if dropout is None else (dropout.seed, dropout.site, dropout.p)
+    return torch.ops.jit_fast.swiglu(x12, bias, *drop)
 
 
 def linear_swiglu(
@@ -316,3 +308,77 @@ def linear_swiglu(
     """The w12 GEMM without its bias, then SwiGLU with the bias folded in (and the MLP's dropout): the bias gradient
     comes out of the SwiGLU backward, which writes dx12 anyway, instead of a separate pass over dx12."""
     return swiglu(F.linear(x, weight), bias, dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile jobs.
+
+
+def compile_jobs(classes: Sequence[DtypeClass]) -> Iterator[KernelSpec]:
+    """Both kernels x every config x dtype class x bias and dropout variant (dropout: training classes), at a
+    hidden width divisible by 16 (JiT-B, padded widths) and one that is not (unpadded JiT-L/H/G: 2730, 3413, 4437),
+    which compile differently.
+
+    x12, h and their gradients are the act dtype, the folded w12 bias the parameter dtype; without a bias x12
+    stands in for it, and dx12 for the (unused) fp32 partials; without dropout x12 stands in for the seed.
+    """
+    for cls in classes:
+        a, p = cls.act, cls.param
+        for h in (2048, 4480, 2730, 3413, 4437):
+            ints = {"M": 256 * 288, "H": h}
+            for bias in (False, True):
+                for dropout in (False, True) if cls.backward else (False,):
+                    bias_t, drop = p if bias else a, dropout_signature(dropout, a)
+                    label = f"h={h} bias={bias}{' dropout' if dropout else ''}"
+                    constexprs = {"HAS_BIAS": bias, "HAS_DROPOUT": dropout}
+                    for cfg in FWD_CONFIGS:
+                        yield KernelSpec("swiglu_fwd", swiglu_fwd_kernel,
+                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "OUT": f"*{a}", "M": "i32",
+                                          "H": "i32", **drop},
+                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
+                    if not cls.backward:
+                        continue
+                    for cfg in BWD_CONFIGS:
+                        yield KernelSpec("swiglu_bwd", swiglu_bwd_kernel,
+                                         {"X12": f"*{a}", "BIAS": f"*{bias_t}", "DOUT": f"*{a}", "DX12": f"*{a}",
+                                          "PART": "*fp32" if bias else f"*{a}", "M": "i32", "H": "i32", **drop},
+                                         constexprs, cfg, ints, label, cls.name, bias, dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases (selfcheck, benchmarks.ops): x12 in the mode's autocast dtype, fp32 bias, optional dropout of h.
+
+
+def _case(rows: int, h: int, bias: bool, dropout_site: int | None = None, kind: str = "numerics") -> OpCase:
+    def make(device: torch.device | str, mode: str, seed: int) -> CaseData:
+        gen = torch.Generator().manual_seed(seed)
+        t = {"x12": randn(gen, rows, 2 * h).to(MODE_DTYPES[mode])}
+        if bias:
+            t["bias"] = randn(gen, 2 * h, scale=0.5)
+        up = [randn(gen, rows, h).to(device)]
+        drop = None if dropout_site is None else Dropout(
+            0.2, torch.tensor([-12345], dtype=torch.int64, device=device), dropout_site)
+
+        def call(table, v, _out):
+            args = (v["x12"], v.get("bias"))
+            return (table.swiglu(*args) if drop is None else table.swiglu(*args, drop),)
+
+        return CaseData({k: v.to(device) for k, v in t.items()}, tuple(t), ("h",), up, call)
+
+    label = f"M={rows} h={h}{' bias' if bias else ''}{' dropout 0.2' if dropout_site is not None else ''}"
+    return OpCase("swiglu", label, make, kind)
+
+
+def _cases(sizes) -> list[OpCase]:
+    rows, h = sizes.swiglu_rows, sizes.hidden[-1]
+    return [_case(rows, hid, bias) for hid in sizes.hidden for bias in (False, True)] + [
+        _case(rows, h, True, kind="determinism"), _case(rows, h, True, dropout_site=6, kind="dropout")]
+
+
+SPEC = OpSpec(
+    name="swiglu",
+    entries={"swiglu": swiglu, "linear_swiglu": linear_swiglu},
+    library_ops=LIBRARY_OPS,
+    compile_jobs=compile_jobs,
+    cases=_cases,
+)

@@ -2,7 +2,7 @@
 
 Compiles run in subprocesses without TRITON_INTERPRET: with the interpreter on, @triton.jit builds
 interpreter objects that cannot be compiled. The coverage tests need no compiler: they run the real model
-on fake tensors in every dtype regime with each custom op routed to its CUDA kernel (`jit_kernels.ops.LaunchHelpers`),
+on fake tensors in every dtype regime with each custom op routed to its CUDA kernel (`jit_kernels.spec.LaunchHelpers`),
 record the signature of every Triton launch (`compile_check.launch_key`) and require each to be among the
 compile jobs of its dtype class.
 """
@@ -23,7 +23,7 @@ from triton.runtime.jit import KernelInterface
 
 import jit_fast
 from jit_kernels.compile_check import all_specs, launch_key, spec_key
-from jit_kernels.ops import LaunchHelpers
+from jit_kernels.spec import LaunchHelpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,9 +176,11 @@ def test_spilling_config_is_reported_as_failure():
     """A deliberately oversized tile spills; the checker must flag it (the check can fail)."""
     code = (
         "import triton\n"
-        "from jit_kernels.compile_check import compile_one, format_table, swiglu_specs\n"
+        "from jit_kernels.compile_check import compile_one, format_table\n"
+        "from jit_kernels.spec import DTYPE_CLASSES\n"
+        "from jit_kernels.swiglu import compile_jobs\n"
         "import dataclasses\n"
-        "spec = next(s for s in swiglu_specs() if s.name == 'swiglu_bwd')\n"
+        "spec = next(s for s in compile_jobs(DTYPE_CLASSES) if s.name == 'swiglu_bwd')\n"
         "big = triton.Config({'BLOCK_M': 16, 'BLOCK_H': 512, 'ROWS_PER_PROG': 64}, num_warps=1, num_stages=1)\n"
         "r = compile_one(dataclasses.replace(spec, config=big), 80)\n"
         "print(format_table([r]))\n"

@@ -11,9 +11,8 @@ import triton.language as tl
 from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
-import jit_kernels.ops  # noqa: F401  (builds every kernel interpreted now: some tests below unset TRITON_INTERPRET)
 from jit_fast.seeds import dropout_seed
-from jit_kernels import reference
+from jit_kernels import op_specs, reference
 from jit_kernels import rmsnorm_modulate as rm
 from jit_kernels import swiglu as sw
 from jit_kernels._common import dropout_keep
@@ -21,6 +20,7 @@ from jit_kernels.dropout import MAX_SITE, Dropout, keep_mask, philox4x32
 from jit_kernels.numerics import assert_within_rule, rel_err
 
 use_gpu_bf16_rounding()
+op_specs()  # builds every kernel interpreted now: some tests below unset TRITON_INTERPRET
 
 EPS = 1e-6
 # Backward configs of 4 rows per program (the launched ones take 32 / 64): the same kernel code, many programs and

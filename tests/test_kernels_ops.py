@@ -17,7 +17,6 @@ from triton_interp import count_launches, use_gpu_bf16_rounding
 
 from jit_kernels import get_ops
 from jit_kernels.numerics import assert_within_rule, max_abs_err
-from jit_kernels.ops import triton_ops
 
 use_gpu_bf16_rounding()
 
@@ -63,10 +62,31 @@ def grads_of(fn, inputs: list[torch.Tensor], cast=None) -> tuple[torch.Tensor, l
     return loss.detach(), [t.grad for t in leaves if t.requires_grad]
 
 
-def test_tables_share_names_and_signatures():
-    for table in (get_ops("triton"), triton_ops()):
-        assert sorted(vars(table)) == sorted(TABLE)
-    assert sorted(vars(get_ops("torch"))) == sorted(TABLE)
+def test_tables_share_names_and_declare_capabilities():
+    """Both tables fill every function the model calls; the fused one declares what changes the model's forward,
+    and its branch GEMM is the deferred-bias one that declaration names."""
+    from jit_kernels import reference
+    from jit_kernels.table import FUNCTIONS
+
+    assert sorted(FUNCTIONS) == sorted(TABLE)
+    fused, eager = get_ops("triton"), get_ops("torch")
+    for table in (fused, eager):
+        assert all(callable(getattr(table, name)) for name in TABLE)
+    assert (fused.fused_dropout, fused.deferred_bias, fused.activated_conditioning) == (True, True, True)
+    assert (eager.fused_dropout, eager.deferred_bias, eager.activated_conditioning) == (False, False, False)
+    assert fused.branch_linear is reference.branch_linear_deferred_bias
+    assert eager.branch_linear is reference.branch_linear
+    assert all(getattr(eager, name) is getattr(reference, name) for name in TABLE)
+    assert all(getattr(fused, name).__module__.startswith("jit_kernels.") and getattr(fused, name) is not
+               getattr(reference, name) for name in NAMES)
+
+
+def test_tables_are_frozen():
+    """Nothing can swap an op of a table at run time (the old fallback overwrote the fused table in place)."""
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_ops("triton").swiglu = get_ops("torch").swiglu
 
 
 def test_triton_table_block_matches_float64():
@@ -148,7 +168,7 @@ def test_torch_compile_fullgraph(backend):
     """fullgraph=True fails on any graph break; compiled forward and gradients match eager."""
     torch._dynamo.reset()
     inputs = block_inputs()
-    ops = triton_ops()
+    ops = get_ops("triton")
     compiled = torch.compile(lambda *a: block(ops, *a), fullgraph=True, backend=backend)
     loss_c, grads_c = grads_of(compiled, inputs)
     loss_e, grads_e = grads_of(lambda *a: block(ops, *a), inputs)
@@ -172,7 +192,7 @@ def test_compiled_graph_keeps_custom_ops_opaque():
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
 
-    ops = triton_ops()
+    ops = get_ops("triton")
     compiled = torch.compile(lambda *a: block(ops, *a), fullgraph=True, backend=backend)
     grads_of(compiled, block_inputs())
     for op in NAMES + ("rmsnorm_modulate_bwd", "qk_norm_rope_bwd", "swiglu_bwd"):

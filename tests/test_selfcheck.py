@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,9 +133,8 @@ def off_by(fn, factor: float):
 
 
 def test_numerics_check_fails_on_a_wrong_op():
-    ops = SimpleNamespace(**vars(get_ops("triton")))
-    ops.swiglu = off_by(reference.swiglu, 1.01)
-    ops.residual_rmsnorm_modulate = off_by(reference.residual_rmsnorm_modulate, 1.0 + 2**-7)
+    ops = dataclasses.replace(get_ops("triton"), swiglu=off_by(reference.swiglu, 1.01),
+                              residual_rmsnorm_modulate=off_by(reference.residual_rmsnorm_modulate, 1.0 + 2**-7))
     results = sc.run_checks([c for c in sc.op_checks("cpu", TINY, ops=ops) if " fp32 " in c.name])
     failed = {r.name.split()[0] for r in results if not r.passed}
     assert failed == {"swiglu", "residual_rmsnorm_modulate"}, [sc.format_line(r) for r in results]
@@ -147,8 +145,7 @@ def test_determinism_check_fails_on_a_nondeterministic_op():
         out = reference.swiglu(x12, bias)
         return out + 1e-3 * torch.randn_like(out)
 
-    ops = SimpleNamespace(**vars(get_ops("triton")))
-    ops.swiglu = noisy_swiglu
+    ops = dataclasses.replace(get_ops("triton"), swiglu=noisy_swiglu)
     [check] = by_name(sc.op_checks("cpu", TINY, ops=ops), "swiglu bf16 backward twice")
     [result] = sc.run_checks([check])
     assert not result.passed and "differ between two identical runs" in result.detail

@@ -97,21 +97,23 @@ def load_weights(path: str | Path, which: str = "ema1", verify: bool = True) -> 
     return sd, meta.replace(source=str(r.path), kind=r.kind, weights=which)
 
 
-def build_model_from_meta(meta: ModelMeta, kernels: str = "torch", **overrides):
-    """Rebuild the network a checkpoint was trained with from `load_weights` metadata."""
+def build_model_from_meta(meta: ModelMeta, kernels: str = "torch", device: torch.device | str | None = None,
+                          precision: str = "fp32", **overrides):
+    """Rebuild the network a checkpoint was trained with from `load_weights` metadata, its op table chosen for
+    `device` and `precision` (`jit_kernels.select_ops`)."""
     from jit_fast.model import build_model
 
     missing = [k for k in ("model", "img_size", "num_classes") if getattr(meta, k) is None]
     if missing:
         raise CheckpointError(f"{meta.source or 'checkpoint'} does not record {missing}; pass them explicitly")
     return build_model(meta.model, img_size=meta.img_size, num_classes=meta.num_classes, kernels=kernels,
-                       **{**meta.overrides, **overrides})
+                       device=device, precision=precision, **{**meta.overrides, **overrides})
 
 
 def load_model(path: str | Path, which: str = "ema1", kernels: str = "torch", device="cpu", verify: bool = True):
     """(net in eval mode with weights `which`, meta) from any checkpoint kind."""
     sd, meta = load_weights(path, which, verify)
-    net = build_model_from_meta(meta, kernels=kernels)
+    net = build_model_from_meta(meta, kernels=kernels, device=device)
     check_state_dict(net, sd, str(meta.source))
     net.load_state_dict(sd, strict=True)
     return net.to(device).eval(), meta
