@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.workloads import op_inputs
+from benchmarks.ops import model_cases
 from jit_kernels import get_ops
 
 
@@ -36,9 +36,13 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, number: int = 1, warmup:
 def reference_op_workloads(
     model: str = "JiT-B/16", batch: int = 2, img_size: int = 256
 ) -> dict[str, Callable[[], object]]:
-    """Closures running each eager reference op once on block-shaped CPU tensors (see `workloads.op_inputs`)."""
-    ops = get_ops("torch")
-    return {name: partial(getattr(ops, name), *args) for name, args in op_inputs(model, batch, img_size).items()}
+    """Closures running each eager reference op once on block-shaped CPU tensors, one per registered case
+    (`benchmarks.ops.model_cases`: fp32 residual stream, bf16 GEMM outputs), keyed "entry case"."""
+    ops, out = get_ops("torch"), {}
+    for case in model_cases(model, batch, img_size):
+        data = case.make("cpu", "bf16", 0)
+        out[f"{case.entry} {case.label}"] = partial(data.call, ops, data.inputs, torch.bfloat16)
+    return out
 
 
 def sampler_workloads(batch: int = 4) -> dict[str, Callable[[], object]]:

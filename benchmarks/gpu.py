@@ -1,4 +1,5 @@
-"""GPU timings with `triton.testing.do_bench`: fused ops, a block, a train step, sampling and the data loader.
+"""GPU timings with `triton.testing.do_bench`: fused ops (`benchmarks.ops`), a block, a train step, sampling and the
+data loader.
 
 Each section compares the eager official model (`kernels="torch"`), the official release as shipped
 (its blocks wrapped in `torch.compile`) and the fused Triton path. Without CUDA nothing is timed and
@@ -23,11 +24,10 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, model_batch
+from benchmarks.ops import bench_ops, case_entries
 from benchmarks.roofline import GPUS, GPUSpec
-from benchmarks.traffic import PATH_KERNELS, count_block, count_call, count_train_step
-from benchmarks.workloads import OP_NAMES, op_inputs
+from benchmarks.traffic import PATH_KERNELS, count_block, count_train_step
 from jit_fast.model import build_model
-from jit_kernels import get_ops
 
 SKIP_MESSAGE = "CUDA is not available on this machine: GPU timings were not taken."
 PATHS = ("eager", "compiled", "fused")
@@ -73,49 +73,13 @@ def _fwd_bwd(fn: Callable, args: tuple, params: list[torch.Tensor] = ()) -> Call
     return run
 
 
-def op_path_functions(name: str, paths: tuple[str, ...] = PATHS) -> dict[str, Callable]:
-    """The eager reference, its torch.compile, and the fused custom op for op-table entry `name`."""
-    ref = getattr(get_ops("torch"), name)
-    table = {"eager": lambda: ref, "compiled": lambda: torch.compile(ref, dynamic=False),
-             "fused": lambda: getattr(get_ops("triton"), name)}
-    return {p: table[p]() for p in paths}
-
-
 def refused_paths(failed: set[str] | frozenset[str]) -> dict[str, tuple[str, ...]]:
     """What selfcheck failures forbid timing: the fused path of each failed op (key = op name) and, if anything
     failed, the fused path of the aggregate sections (key "aggregate": block, train step, sampling)."""
-    out: dict[str, tuple[str, ...]] = {op: ("fused",) for op in OP_NAMES if op in failed}
+    out: dict[str, tuple[str, ...]] = {op: ("fused",) for op in case_entries() if op in failed}
     if failed:
         out["aggregate"] = ("fused",)
     return out
-
-
-def bench_ops(
-    model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms, paths: tuple[str, ...] = PATHS,
-    peak_bw: float | None = None, refused: dict[str, tuple[str, ...]] | None = None,
-) -> list[dict]:
-    """Per op and path: fwd and fwd+bwd ms, and effective GB/s = fused-op I/O bytes (counted) / time
-    (paths in `refused[op]` are not timed)."""
-    rows = []
-    refused = refused or {}
-    inputs = op_inputs(model, batch, img_size, device=device, requires_grad=True)
-    for name in OP_NAMES:
-        args = inputs[name]
-        fused_io = count_call(getattr(get_ops("triton"), name), args).summary()["phases"]
-        io_fwd = fused_io["fwd"]["all"]["bytes"]
-        io_fwd_bwd = io_fwd + fused_io["bwd"]["all"]["bytes"]
-        allowed = tuple(p for p in paths if p not in refused.get(name, ()))
-        for path, fn in op_path_functions(name, allowed).items():
-            fwd = timer(lambda fn=fn, args=args: fn(*args))
-            fwd_bwd = timer(_fwd_bwd(fn, args))
-            row = dict(op=name, path=path, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, io_bytes_fwd=io_fwd,
-                       io_bytes_fwd_bwd=io_fwd_bwd, gbps_fwd=io_fwd / fwd / 1e6,
-                       gbps_fwd_bwd=io_fwd_bwd / fwd_bwd / 1e6)
-            if peak_bw:
-                row["pct_peak_bw_fwd"] = 100 * row["gbps_fwd"] * 1e9 / peak_bw
-                row["pct_peak_bw_fwd_bwd"] = 100 * row["gbps_fwd_bwd"] * 1e9 / peak_bw
-            rows.append(row)
-    return rows
 
 
 def bench_block(

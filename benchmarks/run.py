@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ops import count_case, model_cases
 from benchmarks.report import git_commit, source_fingerprint
 from benchmarks.roofline import (
     DEFAULT_ASSUMPTIONS,
@@ -30,8 +31,7 @@ from benchmarks.roofline import (
     project,
     speedup_table,
 )
-from benchmarks.traffic import NON_GEMM, compare, count_block, count_call, count_forward, count_train_step
-from benchmarks.workloads import OP_NAMES, op_inputs
+from benchmarks.traffic import NON_GEMM, compare, count_block, count_forward, count_train_step
 from jit_fast.configs import model_config
 from jit_kernels import get_ops
 
@@ -67,14 +67,15 @@ def block_section(models: list[tuple[str, int]], batch: int) -> dict:
 
 
 def op_boundary_section(model: str, batch: int, img_size: int) -> list[dict]:
-    """Per fused-op boundary: eager reference vs fused custom op launches, bytes and saved activations."""
+    """Per case of every registered op (`benchmarks.ops.model_cases`, bf16 autocast dtypes): eager reference vs fused
+    custom op launches, bytes and saved activations."""
     rows = []
-    inputs = op_inputs(model, batch, img_size, requires_grad=True)
-    for name in OP_NAMES:
+    for case in model_cases(model, batch, img_size):
+        data = case.make("cpu", "bf16", 0)
         for path, backend in (("eager", "torch"), ("fused", "triton")):
-            s = count_call(getattr(get_ops(backend), name), inputs[name]).summary()
+            s = count_case(data, get_ops(backend), torch.bfloat16).summary()
             rows.append(dict(
-                op=name, path=path,
+                op=f"{case.entry} {case.label}", path=path,
                 fwd_launches=s["phases"]["fwd"]["all"]["launches"], fwd_bytes=s["phases"]["fwd"]["all"]["bytes"],
                 bwd_launches=s["phases"]["bwd"]["all"]["launches"], bwd_bytes=s["phases"]["bwd"]["all"]["bytes"],
                 saved_activation_bytes=s["saved_activation_bytes"],

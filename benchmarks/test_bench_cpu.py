@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.cpu import decode_workload, reference_op_workloads, sampler_workloads
-from benchmarks.workloads import OP_NAMES, op_inputs
+from benchmarks.ops import model_cases
 from jit_kernels import get_ops
 
 pytestmark = pytest.mark.bench
@@ -25,7 +25,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", list(reference_op_workloads("JiT-T/4", batch=1, img_size=16)))
 def test_reference_op(benchmark, name: str) -> None:
     """Eager reference op forward on a JiT-B/16 block at batch 2 (fp32 residual, bf16 GEMM outputs)."""
     benchmark(reference_op_workloads("JiT-B/16", batch=2)[name])
@@ -34,8 +34,9 @@ def test_reference_op(benchmark, name: str) -> None:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_op_dispatch_overhead(benchmark, backend: str) -> None:
     """rmsnorm_modulate on a tiny tensor: eager reference vs the custom op (same CPU math, plus dispatch)."""
-    args = op_inputs("JiT-T/4", batch=1, img_size=8)["rmsnorm_modulate"]
-    benchmark(get_ops(backend).rmsnorm_modulate, *args)
+    [case] = [c for c in model_cases("JiT-T/4", 1, 8) if c.entry == "rmsnorm_modulate"]
+    data = case.make("cpu", "bf16", 0)
+    benchmark(data.call, get_ops(backend), data.inputs, torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", ["heun_step_null_net", "heun_step_jit_t4"])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu, report, roofline, run
+from benchmarks import gpu, ops, report, roofline, run
 from benchmarks.traffic import count_block
 
 
@@ -47,7 +47,9 @@ def stub_gpu_section() -> dict:
 
 def test_gpu_bench_wiring_on_cpu(stub_gpu_section: dict) -> None:
     g = stub_gpu_section
-    assert {(r["op"], r["path"]) for r in g["ops"]} == {(o, p) for o in run.OP_NAMES for p in ("eager", "fused")}
+    assert {(r["op"], r["path"]) for r in g["ops"]} == {(o, p) for o in ops.case_entries() for p in ("eager", "fused")}
+    assert {(r["op"], r["case"], r["path"]) for r in g["ops"]} == {
+        (c.entry, c.label, p) for c in ops.model_cases("JiT-T/4", 2, 16) for p in ("eager", "fused")}
     assert all(r["io_bytes_fwd_bwd"] > r["io_bytes_fwd"] > 0 for r in g["ops"])
     assert [r["path"] for r in g["block"]] == ["eager", "fused"]
     assert all(r["mfu_fwd_bwd"] > 0 for r in g["block"])
@@ -191,3 +193,30 @@ def test_gpu_suite_runs_selfcheck_first_and_refuses_failed_fused_paths(monkeypat
     md = report.render_result(dict(json.loads((report.RESULTS_DIR / "JiT-B-16_b128_256_cpu.json").read_text()),
                                    gpu=out))
     assert "FAILED swiglu bf16 M=2304 h=2048" in md and "swiglu fused" in md
+
+
+def test_ops_cases_follow_the_registry_at_model_shapes() -> None:
+    """benchmarks.ops builds its cases from every registered op's spec, at the block shapes of the model asked for."""
+    from jit_kernels import op_specs
+
+    cases, sizes = ops.model_cases("JiT-B/16", 4, 256), ops.model_sizes("JiT-B/16", 4, 256)
+    assert {c.entry for c in cases} == {c.entry for s in op_specs() for c in s.cases(sizes)}
+    labels = {c.label for c in cases}
+    assert "B=4 N=288 D=768 bias" in labels and "B=4 N=288 H=12 Dh=64" in labels and "M=1152 h=2048" in labels
+
+
+def test_ops_cli_without_cuda_runs_interpreter_numerics(monkeypatch, tmp_path, capsys) -> None:
+    """Without CUDA nothing is timed: the cases' numerics run interpreted, one line each, and a failing case makes
+    the exit status 1 (here restricted to the fp32 SwiGLU cases to stay fast)."""
+    from jit_kernels import selfcheck as sc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    only = [c for c in sc.op_checks("cpu", ops.CPU_SIZES) if c.name.startswith("swiglu fp32")]
+    monkeypatch.setattr(ops, "op_checks", lambda device, sizes: only)
+    out = tmp_path / "ops.json"
+    assert ops.main(["--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "nothing was timed" in text and text.count("PASS  swiglu fp32") == 2
+    assert [r["passed"] for r in json.loads(out.read_text())] == [True, True]
+    monkeypatch.setattr(ops, "op_checks", lambda device, sizes: [sc.Check("broken", ("swiglu",), lambda: 1 / 0)])
+    assert ops.main([]) == 1 and "FAIL  broken" in capsys.readouterr().out
