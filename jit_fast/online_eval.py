@@ -57,6 +57,10 @@ class EvalResult:
     grid: np.ndarray | None
 
 
+class _Stopped(Exception):
+    """Raised between sampler steps once a stop is asked for on any rank."""
+
+
 class OnlineEvaluator:
     """Inception, reference statistics and sampler, built once per run and reused by every evaluation."""
 
@@ -84,7 +88,8 @@ class OnlineEvaluator:
     @torch.no_grad()
     def evaluate(self, should_stop: Callable[[], bool],
                  progress: Callable[[int], None] | None = None) -> EvalResult | None:
-        """Generate, extract features, score; None (on every rank) when `should_stop` turns true on any rank."""
+        """Generate, extract features, score; None (on every rank) when `should_stop` turns true on any rank, checked
+        before every sampler step (a preemption notice gives seconds, a chunk of a large model can take minutes)."""
         s, env, mcfg = self.s, self.env, self.mcfg
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
@@ -92,12 +97,19 @@ class OnlineEvaluator:
         shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
         acc = fid.FeatureAccumulator(self.extractor, s.fid_batch_size, env.device)
         grid = None
-        for chunk in self.schedule():
+
+        def between_steps() -> None:  # a preemption stops the evaluation at the next sampler step, on every rank
             if D.any_rank(env, should_stop()):
-                return None
+                raise _Stopped
+
+        for chunk in self.schedule():
             k, st, en = chunk if chunk is not None else (-1, 0, min(s.gen_bsz, s.num_images))
             y = class_labels(st, en, mcfg.num_classes).to(env.device)
-            u8 = to_uint8(self.sampler.run(image_noise(s.seed, range(st, en), shape), y, s.cfg))
+            try:
+                between_steps()
+                u8 = to_uint8(self.sampler.run(image_noise(s.seed, range(st, en), shape), y, s.cfg, between_steps))
+            except _Stopped:
+                return None
             if chunk is None:
                 continue
             acc.add(u8, st)
