@@ -150,18 +150,6 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def inside_data_message(directory: str | Path, data_path: str | Path | None) -> str | None:
-    """A warning when the run directory lies inside the training data (the next scan of the data would index the
-    run's samples and grids as training images), else None."""
-    if not data_path:
-        return None
-    out, data = Path(directory).resolve(), Path(data_path).resolve()
-    if out == data or data in out.parents:
-        return (f"output directory {directory} is inside the data directory {data_path}: a later scan of the data "
-                "would take its images for training images; choose an --output-dir outside it")
-    return None
-
-
 def takeover_message(lock: RunDirLock) -> str | None:
     """The line to print when the lock was left by a process that ended without releasing it, else None."""
     if lock.took_over is None:

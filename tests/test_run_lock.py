@@ -104,13 +104,3 @@ def test_temps_of_a_killed_writer_are_removed_and_live_ones_kept(tmp_path):
         p.write_bytes(b"x" * 10)
     assert sorted(run_lock.remove_stale_temps(tmp_path)) == sorted(dead)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in dead)
-
-
-def test_output_inside_the_data_directory_is_warned_about(tmp_path):
-    data = tmp_path / "imagenet"
-    (data / "train").mkdir(parents=True)
-    assert "is inside the data directory" in run_lock.inside_data_message(data / "train" / "run", data)
-    assert run_lock.inside_data_message(data, data) is not None
-    assert run_lock.inside_data_message(tmp_path / "runs", data) is None
-    assert run_lock.inside_data_message(tmp_path / "imagenet-runs", data) is None  # a sibling with a common prefix
-    assert run_lock.inside_data_message(tmp_path / "runs", None) is None
