@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import socket
 import sys
 import time
@@ -23,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jit_fast.errors import UserError
-from jit_fast.files import TMP_PREFIX
 
 LOCK_NAME = ".jit_fast.lock"
 
@@ -131,23 +129,6 @@ def hold_run_dir(directory: str | Path, what: str) -> RunDirLock:
     os.write(fd, json.dumps(asdict(me)).encode())
     os.fsync(fd)
     return RunDirLock(path, fd, me, previous)
-
-
-_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(\d+)\.[0-9a-f]{8}$")
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the temporary files `files.atomic_write` left in `directory` and its subdirectories (one level) when
-    their writer was killed: with the directory's lock held, no live writer of ours can own one (a temp whose pid
-    still runs here is kept anyway). Returns what was removed."""
-    removed = []
-    for parent in [directory, *(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink())]:
-        for p in parent.iterdir():
-            m = _TEMP.match(p.name)
-            if m and p.is_file() and not p.is_symlink() and not _alive(int(m.group(1))):
-                p.unlink()
-                removed.append(p)
-    return removed
 
 
 def takeover_message(lock: RunDirLock) -> str | None:
