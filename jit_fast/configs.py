@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 from jit_fast.errors import UsageError
+from jit_fast.options import (
+    DECAY,
+    INT_NONNEGATIVE,
+    INT_POSITIVE,
+    LEARNING_RATE,
+    NONNEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    UNIT_OPEN,
+    NumberRange,
+    check_options,
+    option,
+)
 
 # Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
 MODEL_PRESETS: dict[str, dict[str, int | float | str]] = {
@@ -40,101 +54,40 @@ MODEL_PRESETS: dict[str, dict[str, int | float | str]] = {
 # Text-conditional twins (issue 14): the same networks, the class table replaced by a caption projection.
 MODEL_PRESETS.update({f"{name}-Text": {**arch, "conditioning": "text"} for name, arch in list(MODEL_PRESETS.items())})
 
-CONDITIONINGS = ("class", "text")
-TEXT_TOKENS = ("pooled", "sequence")
-NULL_TEXTS = ("learned", "empty")
-
-
-@dataclass(frozen=True)
-class NumberRange:
-    """Allowed values of a numeric setting; also an argparse `type=` so bad flags fail at parse time."""
-
-    kind: type = float  # int or float
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def describe(self) -> str:
-        """Human-readable range, e.g. 'a finite number in (0, 1]' or 'an integer >= 1'."""
-        what = "an integer" if self.kind is int else "a finite number"
-        fmt = "{:d}" if self.kind is int else "{:g}"
-        lo, hi = (None if b is None else fmt.format(int(b) if self.kind is int else b) for b in (self.lo, self.hi))
-        if self.lo is not None and self.hi is not None:
-            return f"{what} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {lo}"
-        if self.hi is not None:
-            return f"{what} {'<' if self.hi_open else '<='} {hi}"
-        return what
-
-    def contains(self, v: float) -> bool:
-        """True if `v` has the right kind, is finite and lies within the bounds."""
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
-            return False
-        if not math.isfinite(v):
-            return False
-        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-            return False
-        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
-
-    def __call__(self, text: str) -> int | float:
-        """Parse and check a command-line value; ArgumentTypeError gives argparse's 'argument --x: ...' line."""
-        try:
-            v = self.kind(text)
-        except ValueError:
-            v = None
-        if v is None or not self.contains(v):
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
-        return v
-
-
-INT_POSITIVE = NumberRange(int, lo=1)
-INT_NONNEGATIVE = NumberRange(int, lo=0)
-SEED = NumberRange(int, lo=0, hi=2**63 - 1)
-PROBABILITY = NumberRange(float, lo=0.0, hi=1.0)
-UNIT_OPEN = NumberRange(float, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-DECAY = NumberRange(float, lo=0.0, hi=1.0, hi_open=True)
-POSITIVE = NumberRange(float, lo=0.0, lo_open=True)
-NONNEGATIVE = NumberRange(float, lo=0.0)
-LEARNING_RATE = NumberRange(float, lo=0.0, hi=1.0, lo_open=True)  # AdamW lr > 1 is nonsense, 1e300 overflows
-
-# Allowed values of the numeric ModelConfig fields (--model-arg KEY=VALUE reaches them unchecked by argparse).
-MODEL_RANGES: dict[str, NumberRange] = {
-    "input_size": INT_POSITIVE, "patch_size": INT_POSITIVE, "in_channels": INT_POSITIVE,
-    "num_classes": INT_POSITIVE, "hidden_size": INT_POSITIVE, "depth": INT_POSITIVE, "num_heads": INT_POSITIVE,
-    "mlp_ratio": POSITIVE, "attn_drop": DECAY, "proj_drop": DECAY, "bottleneck_dim": INT_POSITIVE,
-    "in_context_len": INT_NONNEGATIVE, "in_context_start": INT_NONNEGATIVE, "mlp_pad_to": INT_POSITIVE,
-    "text_dim": INT_NONNEGATIVE,
-}
+Conditioning = Literal["class", "text"]
+TextTokens = Literal["pooled", "sequence"]
+NullText = Literal["learned", "empty"]
+Kernels = Literal["torch", "triton"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Solver = Literal["heun", "euler"]
 
 
 @dataclass
 class ModelConfig:
     """Constructor arguments of a JiT model; names follow the official constructor."""
 
-    input_size: int = 256
-    patch_size: int = 16
-    in_channels: int = 3
-    num_classes: int = 1000
-    hidden_size: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    attn_drop: float = 0.0
-    proj_drop: float = 0.0
-    bottleneck_dim: int = 128
-    in_context_len: int = 32
-    in_context_start: int = 4
-    kernels: str = "torch"
-    mlp_pad_to: int = 1
+    input_size: int = option(256, range=INT_POSITIVE)
+    patch_size: int = option(16, range=INT_POSITIVE)
+    in_channels: int = option(3, range=INT_POSITIVE)
+    num_classes: int = option(1000, range=INT_POSITIVE)
+    hidden_size: int = option(768, range=INT_POSITIVE)
+    depth: int = option(12, range=INT_POSITIVE)
+    num_heads: int = option(12, range=INT_POSITIVE)
+    mlp_ratio: float = option(4.0, range=POSITIVE)
+    attn_drop: float = option(0.0, range=DECAY)
+    proj_drop: float = option(0.0, range=DECAY)
+    bottleneck_dim: int = option(128, range=INT_POSITIVE)
+    in_context_len: int = option(32, range=INT_NONNEGATIVE)
+    in_context_start: int = option(4, range=INT_NONNEGATIVE)
+    kernels: Kernels = "torch"
+    mlp_pad_to: int = option(1, range=INT_POSITIVE)
     # Text conditioning (class models leave these at their defaults): the caption embedding width of the
     # encoder, pooled (one vector) or sequence (per-token states as the in-context tokens), and the null
     # embedding of dropped captions: learned, or the encoder's embedding of the empty caption.
-    conditioning: str = "class"
-    text_dim: int = 0
-    text_tokens: str = "pooled"
-    null_text: str = "learned"
+    conditioning: Conditioning = "class"
+    text_dim: int = option(0, range=INT_NONNEGATIVE)
+    text_tokens: TextTokens = "pooled"
+    null_text: NullText = "learned"
 
     @property
     def head_dim(self) -> int:
@@ -151,9 +104,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field for out-of-range values and impossible shapes."""
-        for name, allowed in MODEL_RANGES.items():
-            if not allowed.contains(getattr(self, name)):
-                raise ValueError(f"model setting {name} must be {allowed.describe()}, got {getattr(self, name)!r}")
+        check_options(self, ValueError, lambda name: f"model setting {name}")
         if self.input_size % self.patch_size:
             raise ValueError(f"img_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -164,13 +115,6 @@ class ModelConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 for the 2D sin-cos embedding")
         if not 0 <= self.in_context_start <= self.depth:
             raise ValueError(f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        for name, allowed in (("conditioning", CONDITIONINGS), ("text_tokens", TEXT_TOKENS),
-                              ("null_text", NULL_TEXTS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"model setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.conditioning == "text" and self.text_dim < 1:
             raise ValueError("a text-conditional model needs text_dim >= 1 (the text encoder's hidden size)")
         if self.conditioning == "text" and self.text_tokens == "sequence" and self.in_context_len < 1:
@@ -191,100 +135,164 @@ def model_config(name: str, img_size: int = 256, num_classes: int = 1000, **over
     return cfg
 
 
+def _model_arg(text: str) -> tuple[str, int | float | bool | str]:
+    """One `--model-arg KEY=VALUE`: the value as int, float or bool where it reads as one, else the string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
+    key, value = (part.strip() for part in text.split("=", 1))
+    for conv in (int, float):
+        try:
+            return key, conv(value)
+        except ValueError:
+            pass
+    return key, value.lower() == "true" if value.lower() in ("true", "false") else value
+
+
 @dataclass
-class TrainConfig:
-    """Training recipe; field names follow the official training command's flags.
+class DataOptions:
+    """Data."""
 
-    Defaults are the official ImageNet recipe. `batch_size` is per rank (per micro-step), so the
-    global batch is batch_size x world_size x grad_accum and lr = blr x global_batch / 256
-    unless `lr` is set. `num_classes` 0 means: from the dataset (or the resumed checkpoint).
+    data_path: str = option("", "ImageFolder root (DIR/train is used when present)")
+    demo_data: bool = option(False, "train on the built-in digits dataset")
+    data_backend: Literal["auto", "dali", "torch"] = option("auto", "JPEG decoding: DALI on the GPU or torchvision")
+    dali_filter: Literal["cubic", "linear"] = option(
+        "cubic", "DALI's final resize: cubic (PIL BICUBIC) or linear (cheaper on CPU, ~44 dB)")
+    flip: bool = option(True, "random horizontal flip (official recipe; --no-flip for data like digits)")
+    img_size: int = option(256, "image size", range=INT_POSITIVE)
+    num_classes: int = option(0, "number of classes (0: from the data or the resumed checkpoint)",
+                              flags=("--num-classes", "--class-num"), range=INT_NONNEGATIVE)
+    num_workers: int = option(4, "loader workers / DALI threads", range=INT_NONNEGATIVE)
+
+
+@dataclass
+class ModelOptions:
+    """Model and flow matching."""
+
+    model: str = option("JiT-B/16", "model preset, e.g. JiT-B/16")
+    extra_model_args: dict = option(help="model constructor override KEY=VALUE (repeatable)", factory=dict,
+                                    flags=("--model-arg",), parse=_model_arg, action="append")
+    attn_dropout: float = option(-1.0, "attention dropout of the middle blocks (default: the preset's)",
+                                 range=DECAY, unset=-1.0)
+    proj_dropout: float = option(-1.0, "projection dropout of the middle blocks (default: the preset's)",
+                                 range=DECAY, unset=-1.0)
+    P_mean: float = option(-0.8, "logit-normal t mean", flags=("--P-mean",), range=NumberRange(float))
+    P_std: float = option(0.8, "logit-normal t std", flags=("--P-std",), range=POSITIVE)
+    noise_scale: float = option(1.0, "noise scale", range=POSITIVE)
+    t_eps: float = option(0.05, "clamp of 1 - t in the v conversion", range=UNIT_OPEN)
+    label_drop_prob: float = option(0.1, "label dropout probability (CFG)", range=PROBABILITY)
+
+
+@dataclass
+class OptimizerOptions:
+    """Optimizer and EMA."""
+
+    batch_size: int = option(128, "per-GPU batch size (per micro-step)", range=INT_POSITIVE)
+    grad_accum: int = option(1, "gradient accumulation micro-steps", range=INT_POSITIVE)
+    blr: float = option(5e-5, "base lr: lr = blr * global_batch / 256", range=LEARNING_RATE)
+    lr: float | None = option(None, "absolute lr (overrides --blr)", range=LEARNING_RATE)
+    weight_decay: float = option(0.0, "AdamW weight decay (not on biases and 1-D params)", range=NONNEGATIVE)
+    beta1: float = option(0.9, "AdamW beta1", range=DECAY)
+    beta2: float = option(0.95, "AdamW beta2", range=DECAY)
+    grad_clip: float = option(0.0, "clip the global grad norm (0: off)", range=NONNEGATIVE)
+    ema_decay1: float = option(0.9999, "first EMA decay (used for sampling)", range=DECAY)
+    ema_decay2: float = option(0.9996, "second EMA decay", range=DECAY)
+
+
+@dataclass
+class ScheduleOptions:
+    """Schedule."""
+
+    epochs: int = option(600, "training epochs (schedule length)", range=INT_POSITIVE)
+    max_steps: int = option(0, "stop after this many optimizer steps (0: no limit)", range=INT_NONNEGATIVE)
+    lr_schedule: Literal["constant", "cosine"] = option("constant", "learning-rate schedule after the warmup")
+    min_lr: float = option(0.0, "final lr of the cosine schedule", range=NumberRange(float, lo=0.0, hi=1.0))
+    warmup_epochs: float = option(5.0, "linear warmup epochs", range=NONNEGATIVE)
+
+
+@dataclass
+class CheckpointOptions:
+    """Run directory and checkpoints."""
+
+    output_dir: str = option("output", "run directory (checkpoints, tb, metrics.jsonl)")
+    resume: str = option("", "checkpoint dir, run dir, official .pth or folder with checkpoint-last.pth")
+    auto_resume: bool = option(False, "continue from output-dir's newest checkpoint if any")
+    overwrite: bool = option(False, "start over: move output-dir's previous run into output-dir/replaced-TIME/")
+    discard_newer: bool = option(False, "resume an older checkpoint in place: move the newer ones to "
+                                        "output-dir/discarded-TIME/")
+    skip_checksum: bool = option(False, "load checkpoint files even if they differ from checksums.json")
+    save_freq_steps: int = option(0, "checkpoint every N steps (0: off)", flags=("--save-freq-steps", "--save-freq"),
+                                  range=INT_NONNEGATIVE)
+    save_last_freq: int = option(5, "checkpoint every N epochs (official meaning)", range=INT_NONNEGATIVE)
+    keep_last: int = option(3, "checkpoints kept (0: all)", range=INT_NONNEGATIVE)
+    async_save: bool = option(False, "write checkpoints in a background thread")
+
+
+@dataclass
+class EvaluationOptions:
+    """Evaluation: the demo's after training, online FID/IS (official flags and defaults), --evaluate-gen."""
+
+    demo_eval: bool = option(False, "run the demo evaluation (sample grid + accuracy) after training")
+    online_eval: bool = option(False, "FID/IS of EMA1 every --eval-freq epochs and at the end (in memory)")
+    evaluate_gen: bool = option(False, "with --resume: only generate and evaluate (as sample.py --ckpt)")
+    eval_freq: int = option(40, "epochs between online evaluations (also after the last epoch)", range=INT_POSITIVE)
+    gen_bsz: int = option(256, "images per rank per sampling batch (evaluations)", range=INT_POSITIVE)
+    eval_num_images: int = option(0, "images per evaluation (0: 50000 for FID, the demo's own default)",
+                                  flags=("--num-images",), range=INT_NONNEGATIVE)
+    eval_steps: int = option(50, "sampling steps (evaluations)", flags=("--num-sampling-steps",), range=INT_POSITIVE)
+    cfg: float = option(1.0, "CFG scale of the evaluations (online, --evaluate-gen, demo)", range=NONNEGATIVE)
+    interval_min: float = option(0.0, "CFG interval start (evaluations)", range=PROBABILITY)
+    interval_max: float = option(1.0, "CFG interval end (evaluations)", range=PROBABILITY)
+    solver: Solver = option("heun", "ODE solver of the evaluations", flags=("--sampling-method",))
+    fid_ref: str = option("", "FID reference: statistics .npz (mu, sigma) or image folder (none: IS only)")
+    inception_weights: str = option("", "torch-fidelity Inception weights .pth (offline; none: its download)")
+
+
+@dataclass
+class TextOptions:
+    """Text conditioning (docs/TEXT.md): caption embeddings from --text-cache, or the frozen encoder per step."""
+
+    use_text_conditioning: bool = option(False, "train the -Text twin of --model (the fork's flag)")
+    text_cache: str = option("", "text models: caption embeddings from python -m jit_fast.data.encode_text")
+    text_encoder: str = option("", "text models: encoder (hub id or dir); with --text-cache it must be the cache's, "
+                                   "without one it runs frozen per step", flags=("--text-encoder", "--llm-model-name"))
+    text_encoder_revision: str = option("", "hub revision of --text-encoder")
+    max_text_len: int = option(0, "tokens per caption (0: the cache's, else 77)", range=INT_NONNEGATIVE)
+    freeze_llm: bool = option(True, "keep the text encoder frozen (default; --no-freeze-llm is not supported yet)")
+
+
+@dataclass
+class RuntimeOptions:
+    """Runtime: device, precision, kernels, distribution, logging."""
+
+    preset: str = option("", "run preset: demo, demo-text or imagenette (RUN_PRESETS; flags override it)")
+    kernels: Kernels = option("torch", "block ops: the eager torch ops or the fused Triton kernels")
+    precision: Precision = option("auto", "auto: bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU")
+    device: str = option("auto", "auto | cpu | cuda")
+    seed: int = option(0, "seed of init, data order and noise", range=SEED)
+    fsdp: Literal["auto", "on", "off"] = option("auto", "FSDP2 sharding (auto: when world_size > 1)")
+    compile: bool = option(False, "torch.compile each block")
+    activation_checkpointing: bool = option(False, "recompute block activations in backward")
+    reshard_after_forward: bool = option(True, "FSDP2: free gathered params after forward")
+    max_memory_gb: float = option(0.0, "GPU memory per rank, GiB: print the modeled memory plan and stop before "
+                                       "the first step if it does not fit (0: a GPU only warns)", range=NONNEGATIVE)
+    log_freq: int = option(50, "steps between host syncs for loss/grad-norm logging", range=INT_POSITIVE)
+    signal_check_freq: int = option(1, "steps between preemption-flag agreements", range=INT_POSITIVE)
+    tensorboard: bool = option(True, "TensorBoard scalars in OUTPUT/tb")
+    peak_tflops: float = option(0.0, "per-device peak TFLOP/s for MFU (0: from the GPU name)", range=NONNEGATIVE)
+    wandb: str = option("", "also log scalars and grids to this Weights & Biases project")
+    profile_steps: str = option("", "A:B: torch.profiler trace (and CUDA memory snapshot) of steps A..B-1 in "
+                                    "OUTPUT/profile/")
+
+
+@dataclass
+class TrainConfig(RuntimeOptions, TextOptions, EvaluationOptions, CheckpointOptions, ScheduleOptions,
+                  OptimizerOptions, ModelOptions, DataOptions):
+    """Training recipe: one flat set of fields declared by the groups above (flag, help, choices, range on each).
+
+    Field names follow the official training command's flags and defaults are the official ImageNet recipe.
+    `batch_size` is per rank (per micro-step), so the global batch is batch_size x world_size x grad_accum and
+    lr = blr x global_batch / 256 unless `lr` is set.
     """
-
-    preset: str = ""
-    model: str = "JiT-B/16"
-    img_size: int = 256
-    num_classes: int = 0
-    data_path: str = ""
-    demo_data: bool = False  # use the built-in digits ImageFolder (jit_fast.data.prepare_demo)
-    data_backend: str = "auto"
-    dali_filter: str = "cubic"  # DALI's final resize: cubic (PIL BICUBIC) or linear (cheaper on CPU, ~44 dB)
-    flip: bool = True  # random horizontal flip; off for the digits demo (a mirrored 3 is no digit)
-    output_dir: str = "output"
-    resume: str = ""
-    auto_resume: bool = False  # continue from output_dir's newest checkpoint if there is one
-    overwrite: bool = False  # a fresh run may replace output_dir's old run (moved aside, never deleted)
-    discard_newer: bool = False  # resuming a non-latest checkpoint in place moves the newer ones aside
-    skip_checksum: bool = False  # load checkpoint files even if they differ from their checksums.json
-    # recipe
-    epochs: int = 600
-    max_steps: int = 0
-    batch_size: int = 128
-    grad_accum: int = 1
-    blr: float = 5e-5
-    lr: float | None = None  # absolute lr; None: blr x global_batch / 256 (official)
-    min_lr: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 0.0
-    ema_decay1: float = 0.9999
-    ema_decay2: float = 0.9996
-    P_mean: float = -0.8
-    P_std: float = 0.8
-    noise_scale: float = 1.0
-    t_eps: float = 0.05
-    label_drop_prob: float = 0.1
-    attn_dropout: float = -1.0
-    proj_dropout: float = -1.0
-    kernels: str = "torch"
-    precision: str = "auto"  # auto: bf16 on sm_80+ GPUs, fp16 on older ones (no bf16), fp32 on CPU
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 4
-    # distributed / performance
-    fsdp: str = "auto"  # auto: FSDP2 when world_size > 1
-    compile: bool = False
-    activation_checkpointing: bool = False
-    reshard_after_forward: bool = True
-    max_memory_gb: float = 0.0  # GiB per rank the modeled peak must fit before the first step; 0: a GPU only warns
-    # logging / checkpoints
-    log_freq: int = 50
-    save_freq_steps: int = 0
-    save_last_freq: int = 5
-    keep_last: int = 3
-    async_save: bool = False
-    signal_check_freq: int = 1
-    tensorboard: bool = True
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name
-    # evaluation: the demo's after training, online FID/IS (official flags and defaults), --evaluate-gen
-    demo_eval: bool = False
-    online_eval: bool = False
-    evaluate_gen: bool = False
-    eval_freq: int = 40  # epochs between online evaluations (and after the last epoch)
-    gen_bsz: int = 256  # images per rank per sampling batch
-    eval_num_images: int = 0  # 0: 50000 for FID (official), the demo's own default for the demo evaluation
-    eval_steps: int = 50
-    cfg: float = 1.0
-    interval_min: float = 0.0
-    interval_max: float = 1.0
-    solver: str = "heun"
-    fid_ref: str = ""  # reference statistics .npz or image folder ("": Inception Score only)
-    inception_weights: str = ""  # torch-fidelity Inception weights .pth ("": torch-fidelity's download)
-    # watching and profiling
-    wandb: str = ""  # Weights & Biases project ("": off)
-    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1
-    extra_model_args: dict = field(default_factory=dict)
-    # text conditioning (issue 14, docs/TEXT.md): a -Text model reads caption embeddings from --text-cache, or
-    # runs the frozen --text-encoder per step; "" / 0 mean "take it from the cache" (text_tokens and null_text
-    # are --model-arg shorthands, folded into extra_model_args by the parser)
-    use_text_conditioning: bool = False  # the fork's switch: the model's -Text twin
-    text_cache: str = ""
-    text_encoder: str = ""
-    text_encoder_revision: str = ""
-    max_text_len: int = 0
-    freeze_llm: bool = True
 
 
 # Run presets for `train.py --preset NAME`: TrainConfig fields; explicit flags override them.
@@ -348,107 +356,117 @@ RUN_PRESETS: dict[str, dict] = {
 }
 
 
-# Allowed values of every numeric TrainConfig field (flags are checked at parse time, presets and
-# API configs by `train.validate_config`).
-TRAIN_RANGES: dict[str, NumberRange] = {
-    "img_size": INT_POSITIVE, "num_classes": INT_NONNEGATIVE, "num_workers": INT_NONNEGATIVE,
-    "epochs": INT_POSITIVE, "max_steps": INT_NONNEGATIVE, "batch_size": INT_POSITIVE, "grad_accum": INT_POSITIVE,
-    "blr": LEARNING_RATE, "lr": LEARNING_RATE, "min_lr": NumberRange(float, lo=0.0, hi=1.0),
-    "warmup_epochs": NONNEGATIVE, "weight_decay": NONNEGATIVE, "beta1": DECAY, "beta2": DECAY,
-    "grad_clip": NONNEGATIVE, "ema_decay1": DECAY, "ema_decay2": DECAY, "P_mean": NumberRange(float),
-    "P_std": POSITIVE, "noise_scale": POSITIVE, "t_eps": UNIT_OPEN, "label_drop_prob": PROBABILITY,
-    "attn_dropout": DECAY, "proj_dropout": DECAY, "seed": SEED, "log_freq": INT_POSITIVE,
-    "save_freq_steps": INT_NONNEGATIVE, "save_last_freq": INT_NONNEGATIVE, "keep_last": INT_NONNEGATIVE,
-    "signal_check_freq": INT_POSITIVE, "peak_tflops": NONNEGATIVE, "cfg": NONNEGATIVE,
-    "interval_min": PROBABILITY, "interval_max": PROBABILITY, "eval_steps": INT_POSITIVE,
-    "eval_num_images": INT_NONNEGATIVE, "eval_freq": INT_POSITIVE, "gen_bsz": INT_POSITIVE,
-    "max_memory_gb": NONNEGATIVE,
-    "max_text_len": INT_NONNEGATIVE,
-}
-
-
-# Sampling defaults of `sample.py` (the official evaluation); `--preset demo` takes those of the demo run.
-SAMPLING_DEFAULTS: dict = {"cfg": [2.9], "interval": [0.1, 1.0], "steps": 50, "solver": "heun"}
 DEFAULT_NUM_IMAGES = 50000
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    """Settings of one `sample.py` launch, built once from the parsed flags by `SampleConfig.from_args`."""
+EMA_NAMES = ("ema1", "ema2", "model")
 
-    ckpt: str | Path
-    preset: str | None = None
-    model: str | None = None  # None: the checkpoint's metadata decides (as img_size, num_classes)
-    img_size: int | None = None
-    num_classes: int | None = None
-    num_images: int = DEFAULT_NUM_IMAGES
-    num_images_given: bool = False
-    batch_size: int = 64
-    cfg: tuple[float, ...] = (2.9,)
-    interval: tuple[float, float] = (0.1, 1.0)
-    steps: int = 50
-    solver: str = "heun"
-    seed: int = 0
-    ema: tuple[str, ...] = ("ema1",)
-    noise_scale: float | None = None  # None: the checkpoint's, else 1 (2 at >= 512 px)
-    t_eps: float | None = None  # None: the checkpoint's, else 0.05
-    out: Path = Path("samples_out")
-    fid_ref: Path | None = None
-    fid_ref_crop: int | None = None
-    fid_cache: Path | None = None
-    fid_batch_size: int = 64
-    fid_workers: int = 4
-    inception_weights: Path | None = None
-    skip_checksum: bool = False
-    metrics: bool = True
-    png: bool = False
-    no_npz: bool = False
-    npz_keys: str = "both"
-    compile: bool = False
-    no_cuda_graph: bool = False
-    precision: str = "auto"
-    kernels: str = "torch"
-    device: str = "auto"
-    overwrite: bool = False
-    keep_parts: bool = False
+
+def _float_list(text: str) -> list[float]:
+    """Comma-separated guidance scales, each finite and >= 0 (NaN would give all-zero images)."""
+    vals = [NONNEGATIVE(v.strip()) for v in text.split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def _ema_list(text: str) -> list[str]:
+    """Comma-separated weights to sample from, a subset of EMA_NAMES (several sweep)."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in EMA_NAMES]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"--ema takes a comma-separated subset of {EMA_NAMES}, got {text!r}")
+    return vals
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Checkpoint and sampling (flags left out take the official values, or the demo run's with --preset demo)."""
+
+    ckpt: str | Path = option(help="checkpoint: .pth (official or ours), .safetensors, DCP dir, run dir")
+    preset: Literal["demo"] | None = option(None, "demo: sample grid + class accuracy (digits)")
+    model: str | None = option(None, "model preset when the checkpoint has no metadata")
+    img_size: int | None = option(None, "image size when the checkpoint has no metadata", range=INT_POSITIVE)
+    num_classes: int | None = option(None, "classes when the checkpoint has no metadata", range=INT_POSITIVE)
+    num_images: int = option(DEFAULT_NUM_IMAGES, "images to generate", range=INT_POSITIVE)
+    num_images_given: bool = option(False, cli=False)
+    batch_size: int = option(64, "images per rank per batch (fixed graph shape)", range=INT_POSITIVE)
+    cfg: tuple[float, ...] = option((2.9,), "guidance scale(s), e.g. 2.5,2.7,2.9", range=NONNEGATIVE,
+                                    parse=_float_list)
+    interval: tuple[float, float] = option((0.1, 1.0), "CFG interval", range=PROBABILITY, nargs=2,
+                                           metavar=("LO", "HI"))
+    steps: int = option(50, "sampling steps", range=INT_POSITIVE)
+    solver: Solver = option("heun", "ODE solver")
+    seed: int = option(0, "seed of the noise (image i's noise depends only on the seed and i)", range=SEED)
+    ema: tuple[str, ...] = option(("ema1",), "weights: ema1, ema2, model (comma list sweeps)", parse=_ema_list)
+    noise_scale: float | None = option(None, "default: checkpoint's, else 1 (2 at >= 512)", range=POSITIVE)
+    t_eps: float | None = option(None, "default: checkpoint's, else 0.05", range=UNIT_OPEN)
     # text models (docs/TEXT.md): prompts (image i gets prompt i % P) and the encoder (default: the checkpoint's)
-    prompt: tuple[str, ...] = ()
-    prompts: Path | None = None
-    images_per_prompt: int | None = None
-    text_encoder: str | None = None
+    prompt: tuple[str, ...] = option((), "text models: a caption (repeatable)", action="append")
+    prompts: Path | None = option(None, "text models: a file of captions, one per line", parse=Path)
+    images_per_prompt: int | None = option(None, "text models: images of each prompt (image i gets prompt i %% P; "
+                                                 "default 1)", range=INT_POSITIVE)
+    text_encoder: str | None = option(None, "text models: the encoder (hub id or dir; default: the one the "
+                                            "checkpoint records, which must match its revision)")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """FID / Inception Score."""
+
+    metrics: bool = option(True, "skip Inception (no FID/IS)", flags=("--no-metrics",))
+    fid_ref: Path | None = option(None, "reference: stats .npz (mu, sigma), images .npz or dir", parse=Path)
+    fid_ref_crop: int | None = option(None, "ADM center-crop reference folder images", range=INT_POSITIVE)
+    fid_cache: Path | None = option(None, "cache of folder statistics (default ~/.cache)", parse=Path)
+    fid_batch_size: int = option(64, "Inception batch (64 = torch-fidelity's)", range=INT_POSITIVE)
+    fid_workers: int = option(4, "decoder processes for a reference folder", range=INT_NONNEGATIVE)
+    inception_weights: Path | None = option(None, "torch-fidelity Inception .pth (offline)", parse=Path)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Output and runtime."""
+
+    out: Path = option(Path("samples_out"), "output directory", parse=Path)
+    png: bool = option(False, "also write OUT/images/NNNNNN.png")
+    no_npz: bool = option(False, "do not write samples.npz")
+    npz_keys: Literal["both", "named", "adm"] = option(
+        "both", "samples.npz arrays: images/labels, arr_0/arr_1 (ADM suite) or both")
+    overwrite: bool = option(False, "discard chunks of a different earlier run in OUT")
+    keep_parts: bool = option(False, "keep OUT/parts after finishing")
+    skip_checksum: bool = option(False, "load a DCP checkpoint even if its files differ from checksums.json "
+                                        "(corrupt)")
+    compile: bool = option(False, "torch.compile the network")
+    no_cuda_graph: bool = option(False, "run the sampler eagerly on CUDA")
+    precision: Precision = option("auto", "auto: bf16 on sm_80+, fp16 on older GPUs, fp32 on CPU")
+    kernels: Kernels = option("torch", "block ops: the eager torch ops or the fused Triton kernels")
+    device: str = option("auto", "auto | cpu | cuda")
+
+
+@dataclass(frozen=True)
+class SampleConfig(OutputOptions, MetricOptions, SampleOptions):
+    """Settings of one `sample.py` launch, built once from the parsed flags by `SampleConfig.from_args`."""
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleConfig:
         """The config of parsed `sample.py` flags: unset sampling flags get the official (or demo) defaults."""
-        defaults = dict(SAMPLING_DEFAULTS)
-        if a.preset == "demo":
+        given = dict(vars(a))
+        if given.get("preset") == "demo":
             demo = RUN_PRESETS["demo"]
-            defaults.update(cfg=[demo["cfg"]], interval=[demo["interval_min"], demo["interval_max"]],
+            defaults = dict(cfg=(demo["cfg"],), interval=(demo["interval_min"], demo["interval_max"]),
                             steps=demo["eval_steps"])
-        given = {f.name: getattr(a, f.name) for f in fields(cls) if f.name != "num_images_given"}
-        for k, v in defaults.items():
-            if given[k] is None:
-                given[k] = v
-        given["num_images_given"] = a.num_images is not None
-        if a.num_images is None:
-            given["num_images"] = DEFAULT_NUM_IMAGES
-        given.update(cfg=tuple(given["cfg"]), interval=tuple(given["interval"]), ema=tuple(given["ema"]),
-                     out=Path(given["out"]), prompt=tuple(given["prompt"] or ()))
+            given = {**defaults, **given}
+        given["num_images_given"] = "num_images" in given
+        for name in ("cfg", "interval", "ema", "prompt"):
+            if name in given:
+                given[name] = tuple(given[name])
         return cls(**given)
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for a value or combination that cannot work (also for API callers)."""
-        checks = [("--num-images", self.num_images, INT_POSITIVE), ("--batch-size", self.batch_size, INT_POSITIVE),
-                  ("--steps", self.steps, INT_POSITIVE), ("--seed", self.seed, SEED),
-                  ("--fid-batch-size", self.fid_batch_size, INT_POSITIVE)]
-        for flag, value, allowed in checks:
-            if not allowed.contains(value):
-                raise UsageError(f"{flag} must be {allowed.describe()}, got {value!r}")
-        bad_cfg = [c for c in self.cfg if not NONNEGATIVE.contains(c)]
-        if bad_cfg:
-            raise UsageError(f"--cfg must be {NONNEGATIVE.describe()}, got {bad_cfg[0]!r}")
+        check_options(self, UsageError)
         lo, hi = self.interval
-        if not (PROBABILITY.contains(lo) and PROBABILITY.contains(hi) and lo < hi):
+        if not lo < hi:
             raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
         if self.fid_ref is not None and not self.metrics:
             raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")

@@ -39,25 +39,15 @@ from jit_fast import fid, integrity
 from jit_fast.checkpoint import CheckpointError, ModelMeta, build_model_from_meta, load_weights
 from jit_fast.checkpoint.weights import check_state_dict
 from jit_fast.conditioning import Condition, TextCondition
-from jit_fast.configs import (
-    INT_NONNEGATIVE,
-    INT_POSITIVE,
-    NONNEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    SEED,
-    UNIT_OPEN,
-    ModelConfig,
-    SampleConfig,
-)
+from jit_fast.configs import ModelConfig, SampleConfig
 from jit_fast.demo_eval import evaluate_demo
 from jit_fast.demo_eval import summary as demo_summary
 from jit_fast.errors import UsageError, UserError
 from jit_fast.files import atomic_write
 from jit_fast.model import JiT
+from jit_fast.options import add_options
 from jit_fast.outputs import GRID_COLUMNS, GRID_IMAGES, BackgroundWriter, PartStore, write_pngs, write_samples
 from jit_fast.sampler import (
-    SOLVERS,
     StaticSampler,
     forward_rows_per_image,
     image_noise,
@@ -75,7 +65,6 @@ from jit_fast.text.sampling import (
     write_grid_captions,
 )
 
-EMA_NAMES = ("ema1", "ema2", "model")
 LABEL_RULE = "i % num_classes"
 
 
@@ -390,70 +379,14 @@ def recipe(a: SampleConfig, meta: ModelMeta, mcfg: ModelConfig) -> tuple[float, 
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _float_list(text: str) -> list[float]:
-    """Comma-separated guidance scales, each finite and >= 0 (NaN would give all-zero images)."""
-    vals = [NONNEGATIVE(v.strip()) for v in text.split(",") if v.strip()]
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
-
-
-def _ema_list(text: str) -> list[str]:
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in EMA_NAMES]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(f"--ema takes a comma-separated subset of {EMA_NAMES}, got {text!r}")
-    return vals
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """sample.py's parser: one flag per SampleConfig field, from its declaration."""
     p = argparse.ArgumentParser(
-        prog="sample.py", description="Generate images from a JiT checkpoint and evaluate FID/IS (torchrun-ready).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="sample.py", usage="%(prog)s --ckpt CKPT [OPTIONS]  (sample.py --help lists them)",
+        description="Generate images from a JiT checkpoint and evaluate FID/IS (torchrun-ready).",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint: .pth (official or ours), .safetensors, DCP dir, run dir")
-    p.add_argument("--preset", choices=["demo"], default=None, help="demo: sample grid + class accuracy (digits)")
-    p.add_argument("--model", default=None, help="model preset when the checkpoint has no metadata")
-    p.add_argument("--img-size", type=INT_POSITIVE, default=None)
-    p.add_argument("--num-classes", type=INT_POSITIVE, default=None)
-    p.add_argument("--num-images", type=INT_POSITIVE, default=None, help="images to generate (default 50000)")
-    p.add_argument("--batch-size", type=INT_POSITIVE, default=64, help="images per rank per batch (fixed graph shape)")
-    p.add_argument("--cfg", type=_float_list, default=None, help="guidance scale(s), e.g. 2.5,2.7,2.9 (default 2.9)")
-    p.add_argument("--interval", type=PROBABILITY, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CFG interval (default 0.1 1.0)")
-    p.add_argument("--steps", type=INT_POSITIVE, default=None, help="sampling steps (default 50)")
-    p.add_argument("--solver", choices=SOLVERS, default=None, help="(default heun)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--ema", type=_ema_list, default=["ema1"], help="weights: ema1, ema2, model (comma list sweeps)")
-    p.add_argument("--noise-scale", type=POSITIVE, default=None, help="default: checkpoint's, else 1 (2 at >= 512)")
-    p.add_argument("--t-eps", type=UNIT_OPEN, default=None, help="default: checkpoint's, else 0.05")
-    p.add_argument("--out", type=Path, default=Path("samples_out"))
-    p.add_argument("--fid-ref", type=Path, default=None, help="reference: stats .npz (mu, sigma), images .npz or dir")
-    p.add_argument("--fid-ref-crop", type=INT_POSITIVE, default=None, help="ADM center-crop reference folder images")
-    p.add_argument("--fid-cache", type=Path, default=None, help="cache of folder statistics (default ~/.cache)")
-    p.add_argument("--fid-batch-size", type=INT_POSITIVE, default=64, help="Inception batch (64 = torch-fidelity's)")
-    p.add_argument("--fid-workers", type=INT_NONNEGATIVE, default=4, help="decoder processes for a reference folder")
-    p.add_argument("--inception-weights", type=Path, default=None, help="torch-fidelity Inception .pth (offline)")
-    p.add_argument("--skip-checksum", action="store_true",
-                   help="load a DCP checkpoint even if its files differ from checksums.json (corrupt)")
-    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="skip Inception (no FID/IS)")
-    p.add_argument("--png", action="store_true", help="also write OUT/images/NNNNNN.png")
-    p.add_argument("--no-npz", action="store_true", help="do not write samples.npz")
-    p.add_argument("--npz-keys", choices=["both", "named", "adm"], default="both",
-                   help="samples.npz arrays: images/labels, arr_0/arr_1 (ADM suite) or both")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run the sampler eagerly on CUDA")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--kernels", choices=["torch", "triton"], default="torch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--prompt", action="append", default=None, help="text models: a caption (repeatable)")
-    p.add_argument("--prompts", type=Path, default=None, help="text models: a file of captions, one per line")
-    p.add_argument("--images-per-prompt", type=INT_POSITIVE, default=None,
-                   help="text models: images of each prompt (image i gets prompt i %% P; default 1)")
-    p.add_argument("--text-encoder", default=None, help="text models: the encoder (hub id or dir; default: the one "
-                   "the checkpoint records, which must match its revision)")
-    p.add_argument("--overwrite", action="store_true", help="discard chunks of a different earlier run in OUT")
-    p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after finishing")
+    add_options(p, SampleConfig)
     return p
 
 
@@ -578,7 +511,7 @@ def run_demo(a: SampleConfig, net: JiT, env: D.DistEnv, meta: ModelMeta,
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = SampleConfig.from_args(build_parser().parse_args(argv))
     try:
         rows = run(a)
     except (UserError, OSError) as e:

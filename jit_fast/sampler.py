@@ -11,6 +11,7 @@ GPU (the large-batch evaluation path of `jit_fast.sample`).
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Callable
 
 import torch
@@ -25,10 +26,11 @@ from jit_fast.conditioning import (
     same_layout,
     static_condition,
 )
+from jit_fast.configs import Solver
 from jit_fast.denoiser import Net, x_to_v
 from jit_fast.seeds import image_seed
 
-SOLVERS = ("heun", "euler")
+SOLVERS = typing.get_args(Solver)
 
 
 def time_grid(steps: int, device=None) -> torch.Tensor:

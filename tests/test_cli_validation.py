@@ -13,9 +13,10 @@ from train_helpers import REPO, describe, run_cli, subprocess_env, tiny_argv
 
 import jit_fast.generate as sample_mod
 from jit_fast.checkpoint import list_checkpoints
-from jit_fast.configs import RUN_PRESETS, TRAIN_RANGES, TrainConfig
+from jit_fast.configs import RUN_PRESETS, TrainConfig
+from jit_fast.options import flags
 from jit_fast.train import main
-from jit_fast.train_cli import _OPTIONS, ConfigError, parse_config, validate_config
+from jit_fast.train_cli import ConfigError, build_parser, parse_config, validate_config
 from jit_fast.train_state import base_learning_rate
 
 
@@ -62,12 +63,18 @@ def test_train_refuses_a_bad_number_naming_the_flag(flag: str, value: str, tmp_p
 
 
 def test_every_numeric_train_flag_refuses_nan(tmp_path: Path, capsys) -> None:
-    """No numeric flag escapes the range table: each one refuses 'nan' at parse time."""
-    numeric = [(names[0], dest) for names, dest, _, _ in _OPTIONS if dest in TRAIN_RANGES]
+    """No numeric flag escapes its field's range: each one refuses 'nan' at parse time."""
+    numeric = [flags(f)[0] for f in dataclasses.fields(TrainConfig) if f.metadata["range"] is not None]
     assert len(numeric) >= 30
-    for flag, _ in numeric:
+    for flag in numeric:
         line = _refused_by_argparse(main, [*_no_run(tmp_path), flag, "nan"], capsys)
         assert f"argument {flag}" in line, line
+
+
+def test_train_help_lists_every_run_preset_and_groups_the_flags() -> None:
+    text = build_parser().format_help()
+    assert all(name in text for name in RUN_PRESETS), text
+    assert "Optimizer and EMA:" in text and "(default: 0.9999)" in text
 
 
 def test_train_accepts_the_edges_of_each_range() -> None:
@@ -81,7 +88,7 @@ def test_interval_order_and_preset_or_api_values_are_checked(capsys) -> None:
     assert main(["--preset", "demo", "--interval-min", "0.5", "--interval-max", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --interval-min 0.5 must be < --interval-max 0.5"
     for field, value, flag in (("ema_decay1", 1.5, "--ema-decay1"), ("lr", float("nan"), "--lr"),
-                               ("beta2", 1.0, "beta2"), ("batch_size", 8.0, "--batch-size")):
+                               ("beta2", 1.0, "--beta2"), ("batch_size", 8.0, "--batch-size")):
         with pytest.raises(ConfigError, match=f"^{flag} must be"):
             validate_config(dataclasses.replace(TrainConfig(data_path="x"), **{field: value}))
 

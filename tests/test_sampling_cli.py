@@ -14,6 +14,7 @@ from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint
 import jit_fast.generate as sample_mod
 from jit_fast import fid, integrity
 from jit_fast.checkpoint import ModelMeta
+from jit_fast.configs import SampleConfig
 from jit_fast.model import JiT
 from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image
 
@@ -59,7 +60,7 @@ def test_outputs_match_library_and_nfe_is_printed(ckpt, tmp_path, fake_inception
     # equal to the library: chunk k = images [4k, 4k+4) through a static sampler of batch 4
     sd = torch.load(ckpt, weights_only=False)["model_ema1"]
     net = sample_mod.build_net(ModelMeta(model="JiT-T/4", img_size=IMG, num_classes=CLASSES),
-                               sample_mod.build_parser().parse_args(["--ckpt", "x"]), torch.device("cpu"))
+                               SampleConfig(ckpt="x"), torch.device("cpu"))
     net.load_state_dict({k.removeprefix("net."): v for k, v in sd.items()})
     s = StaticSampler(net, 4, steps=3, num_classes=CLASSES)
     for st in (0, 4, 8):

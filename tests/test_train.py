@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from jit_fast.checkpoint.dcp import load_dcp_keys
 from jit_fast.configs import TrainConfig
 from jit_fast.seeds import mix_seed
 from jit_fast.train import Trainer, TrainingDiverged, main, run_training
-from jit_fast.train_cli import ConfigError, parse_config
+from jit_fast.train_cli import ConfigError, parse_config, validate_config
 from jit_fast.train_state import lr_at, param_groups
 
 
@@ -264,8 +265,10 @@ def test_flags_accept_underscores_and_presets() -> None:
     assert (cfg.batch_size, cfg.P_mean, cfg.P_std, cfg.num_classes, cfg.ema_decay1) == (32, -0.5, 0.7, 10, 0.99)
     assert cfg.demo_data and not cfg.demo_eval and cfg.img_size == 32
     assert {"batch_size", "P_mean", "P_std", "num_classes", "ema_decay1", "demo_eval"} <= explicit
-    with pytest.raises(ConfigError, match="--lr-schedule must be one of"):
+    with pytest.raises(SystemExit):  # a choice is checked at parse time (the choices are the field's Literal)
         parse_config(["--preset", "demo", "--lr-schedule", "step"])
+    with pytest.raises(ConfigError, match="--lr-schedule must be one of"):  # and again for an API config
+        validate_config(dataclasses.replace(cfg, lr_schedule="step"))
     with pytest.raises(ConfigError, match="--evaluate-gen evaluates a trained run"):
         parse_config(["--preset", "demo", "--evaluate_gen"])
     with pytest.raises(ConfigError, match="--fid-ref .* does not exist"):
