@@ -148,7 +148,7 @@ def _model_arg(text: str) -> tuple[str, int | float | bool | str]:
     return key, value.lower() == "true" if value.lower() in ("true", "false") else value
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataOptions:
     """Data."""
 
@@ -164,7 +164,7 @@ class DataOptions:
     num_workers: int = option(4, "loader workers / DALI threads", range=INT_NONNEGATIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     """Model and flow matching."""
 
@@ -182,7 +182,7 @@ class ModelOptions:
     label_drop_prob: float = option(0.1, "label dropout probability (CFG)", range=PROBABILITY)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerOptions:
     """Optimizer and EMA."""
 
@@ -198,7 +198,7 @@ class OptimizerOptions:
     ema_decay2: float = option(0.9996, "second EMA decay", range=DECAY)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleOptions:
     """Schedule."""
 
@@ -209,7 +209,7 @@ class ScheduleOptions:
     warmup_epochs: float = option(5.0, "linear warmup epochs", range=NONNEGATIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointOptions:
     """Run directory and checkpoints."""
 
@@ -227,7 +227,7 @@ class CheckpointOptions:
     async_save: bool = option(False, "write checkpoints in a background thread")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationOptions:
     """Evaluation: the demo's after training, online FID/IS (official flags and defaults), --evaluate-gen."""
 
@@ -247,7 +247,7 @@ class EvaluationOptions:
     inception_weights: str = option("", "torch-fidelity Inception weights .pth (offline; none: its download)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextOptions:
     """Text conditioning (docs/TEXT.md): caption embeddings from --text-cache, or the frozen encoder per step."""
 
@@ -260,7 +260,7 @@ class TextOptions:
     freeze_llm: bool = option(True, "keep the text encoder frozen (default; --no-freeze-llm is not supported yet)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeOptions:
     """Runtime: device, precision, kernels, distribution, logging."""
 
@@ -284,7 +284,7 @@ class RuntimeOptions:
                                     "OUTPUT/profile/")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(RuntimeOptions, TextOptions, EvaluationOptions, CheckpointOptions, ScheduleOptions,
                   OptimizerOptions, ModelOptions, DataOptions):
     """Training recipe: one flat set of fields declared by the groups above (flag, help, choices, range on each).

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from jit_fast import distributed as D
 from jit_fast import generate
-from jit_fast.checkpoint.dcp import CheckpointManager
+from jit_fast.checkpoint.dcp import CheckpointManager, ResolvedCheckpoint
 from jit_fast.checkpoint.meta import ModelMeta
 from jit_fast.conditioning import Condition
 from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_config
@@ -68,8 +69,6 @@ from jit_kernels import select_ops
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-_FAULT_STEP_ENV = "JIT_FAST_FAULT_SIGNAL_STEP"  # tests: "STEP" or "STEP:RANK" sends SIGTERM to itself
-_FAULT_EVAL_ENV = "JIT_FAST_FAULT_SIGNAL_EVAL"  # tests: any value sends SIGTERM during the next online evaluation
 _TAG_T_DROP, _TAG_NOISE, _TAG_DROPOUT = 1, 2, 3
 
 
@@ -206,46 +205,89 @@ class BatchDraws:
         return out
 
 
-class Trainer:
-    """Builds data, model (FSDP2 when distributed), optimizer, EMAs and checkpoints; `run()` trains.
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run decided before anything is built: the final, frozen config (resume metadata, the data's classes and
+    the conditioning applied), where it starts, its data and the numbers derived from them."""
 
-    Every attribute is created here. Seams for new features: `build_model` (the network),
-    `train_step` / `micro_step` (one optimizer step / one micro-batch's loss and backward) and
-    `end_epoch` (after an epoch's last step, before its checkpoint).
+    cfg: TrainConfig
+    explicit: frozenset[str]
+    resume: ResolvedCheckpoint | None
+    start: StartPoint | None
+    loader: Any
+    cond: ConditionSource
+    global_batch: int
+    base_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    model_meta: ModelMeta
+    model_cfg: ModelConfig
+    precision: str
+    amp_dtype: torch.dtype | None
+    use_fsdp: bool
+
+
+def resolve_run(cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = None) -> ResolvedRun:
+    """Parse-to-build step: the start point, resume metadata, data, classes, conditioning, lr and steps, then the
+    memory plan (printed; refused over --max-memory-gb). Errors of a run continued by --auto-resume say so."""
+    explicit = frozenset(explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)})
+    log = rank0_print(env)
+    precision, amp_dtype = D.resolve_precision(cfg.precision, env.device)
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
+    resume = resolve_resume(cfg, set(explicit), env, log)
+    given = cfg
+    try:
+        start = read_start(resume) if resume is not None else None
+        if start is not None:
+            cfg = merge_model_meta(cfg, set(explicit), start)
+        loader = build_train_loader(cfg, env)
+        cond = ConditionSource.build(cfg, loader, env, start and start.model_meta.text_encoder)
+        cfg = cond.fit_config(fit_num_classes(cfg, loader.num_classes))
+        global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
+        steps_per_epoch = count_steps_per_epoch(cfg, len(loader))
+        total = cfg.epochs * steps_per_epoch
+        meta = cond.record(model_meta(cfg))
+        run = ResolvedRun(cfg, explicit, resume, start, loader, cond, global_batch, checked_base_lr(cfg, global_batch),
+                          steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total, meta,
+                          train_model_config(cfg, meta, start), precision, amp_dtype, use_fsdp)
+    except ConfigError as e:  # say which run is being continued when the user did not name it
+        if resume is None or given.resume:
+            raise
+        raise ConfigError(f"{e} (continuing {resume.path} by --auto-resume; pass --overwrite to start "
+                          "over or choose another --output-dir)") from None
+    check_training_run(cfg, precision, env.world_size if use_fsdp else 1, cfg.num_classes, env.device, log)
+    return run
+
+
+def rank0_print(env: D.DistEnv) -> Callable[[str], None]:
+    """A print that speaks on rank 0 only."""
+    return lambda msg: print(msg, flush=True) if env.is_main else None
+
+
+class Trainer:
+    """Builds the model (FSDP2 when distributed), optimizer, EMAs and checkpointer of a resolved run; `run()` trains.
+
+    Every attribute is created here. `run` is start_run, steps with after_step's periodic work (log, preempt,
+    save, evaluate), finish, close, report. Seams for new features: `build_model` (the network), `train_step` /
+    `micro_step` (one optimizer step / one micro-batch's loss and backward) and `end_epoch` (after an epoch's
+    last step, before its checkpoint).
     """
 
-    def __init__(self, cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, run: ResolvedRun, env: D.DistEnv) -> None:
+        self.cfg = run.cfg
         self.env = env
-        self.explicit = explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)}
         self.device = env.device
-        self.out = Path(cfg.output_dir)
-        self.precision, self.amp_dtype = D.resolve_precision(cfg.precision, self.device)
-        self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
+        self.out = Path(run.cfg.output_dir)
+        self.resume, self.loader, self.cond = run.resume, run.loader, run.cond
+        self.precision, self.amp_dtype, self.use_fsdp = run.precision, run.amp_dtype, run.use_fsdp
+        self.global_batch, self.base_lr = run.global_batch, run.base_lr
+        self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
+        self.model_meta, self.model_cfg = run.model_meta, run.model_cfg
         self.signal_received: str | None = None
         self.pbar = None
-        self.resume = resolve_resume(cfg, self.explicit, env, self.log)
-        try:
-            start = read_start(self.resume) if self.resume is not None else None
-            if start is not None:
-                self.cfg = merge_model_meta(self.cfg, self.explicit, start)
-            self.loader = build_train_loader(self.cfg, env)
-            self.cond = ConditionSource.build(self.cfg, self.loader, env, start and start.model_meta.text_encoder)
-            self.cfg = self.cond.fit_config(fit_num_classes(self.cfg, self.loader.num_classes))
-            self.global_batch = self.cfg.batch_size * env.world_size * self.cfg.grad_accum
-            self.base_lr = checked_base_lr(self.cfg, self.global_batch)
-            self.steps_per_epoch = count_steps_per_epoch(self.cfg, len(self.loader))
-            total = self.cfg.epochs * self.steps_per_epoch
-            self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
-            self.model_meta = self.cond.record(model_meta(self.cfg))
-            self.model_cfg = train_model_config(self.cfg, self.model_meta, start)
-        except ConfigError as e:  # say which run is being continued when the user did not name it
-            if self.resume is None or cfg.resume:
-                raise
-            raise ConfigError(f"{e} (continuing {self.resume.path} by --auto-resume; pass --overwrite to start "
-                              "over or choose another --output-dir)") from None
-        check_training_run(self.cfg, self.precision, env.world_size if self.use_fsdp else 1, self.cfg.num_classes,
-                           self.device, self.log)  # the memory plan: printed, and refused over --max-memory-gb
+        self.old_handlers: dict = {}  # the signal handlers a run replaced (start_run), restored by close
+        self.own_start = False  # the run continues a checkpoint of its own output directory
+        self.t_start = 0.0
         net = self.build_model()
         self.has_dropout = self.model_cfg.attn_drop > 0 or self.model_cfg.proj_drop > 0
         self.n_params = sum(p.numel() for p in net.parameters())
@@ -259,8 +301,8 @@ class Trainer:
         self.state = TrainState(net, self.cfg, self.base_lr, self.device, loss_scaling=self.precision == "fp16")
         self.draws = BatchDraws(self.cfg, env, self.model_cfg.in_channels)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
-        if start is not None:
-            self._restore(start)
+        if run.start is not None:
+            self._restore(run.start)
         self.metrics = MetricsLogger(self.out, env.is_main, self.cfg.tensorboard, self.cfg.wandb or None,
                                      dataclasses.asdict(self.cfg))
         self.evals = RunEvaluations(
@@ -402,86 +444,122 @@ class Trainer:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def run(self, step_callback: Callable[[Trainer], None] | None = None) -> int:
-        """Train to `total_steps`; returns 0 (also after a preemption checkpoint)."""
-        cfg, env = self.cfg, self.env
-        old_handlers = install_preemption_handlers(self._on_signal)
+        """Train to `total_steps`: after every step the callback (tests inject faults there), then the periodic
+        work. Returns 0 (also after a preemption checkpoint), or the demo evaluation's code."""
+        self.start_run()
+        try:
+            stopped = self.evaluate_pending()
+            self.meters = Meters.start(self.device, self.step)
+            for epoch_done in () if stopped else self.steps():
+                if step_callback is not None:
+                    step_callback(self)
+                stopped = self.after_step(epoch_done)
+                if stopped:
+                    break
+            stopped = self.finish(stopped)
+        finally:
+            self.close()
+        return self.report(stopped)
+
+    def steps(self) -> Iterator[bool]:
+        """Take optimizer steps epoch by epoch up to `total_steps`; yields after each whether it ended an epoch."""
+        while self.step < self.total_steps:
+            batches = self._epoch_batches()
+            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                self.profiler.before_step(self.step)
+                self.train_step(batches)
+                self.step += 1
+                self.profiler.after_step(self.step)
+                self.step_in_epoch += 1
+                self.pbar.update(1)
+                epoch_done = self.step_in_epoch == self.steps_per_epoch
+                yield epoch_done
+                if epoch_done:
+                    break
+
+    def evaluate_pending(self) -> bool:
+        """An online evaluation the previous run did not finish, first. True: a signal stopped it."""
+        pending = self.evals is not None and self.evals.pending(self.step, self.epoch, self.step_in_epoch)
+        return pending and not self.evaluate()
+
+    def after_step(self, epoch_done: bool) -> bool:
+        """The periodic work of a step: log, agree on a preemption, save and evaluate when due. True: stop."""
+        if self.step % self.cfg.log_freq == 0:
+            self.flush_metrics()
+        preempted = self.preempted()
+        self.ckpt.poll()
+        save = self.save_due(epoch_done)
+        evaluate = epoch_done and self.evals is not None and self.evals.due_after_epoch(self.epoch)
+        if epoch_done:
+            self.end_epoch()
+        if preempted or save or evaluate:  # an evaluation starts from a checkpoint
+            self.save()
+        if evaluate and not preempted:
+            preempted = not self.evaluate()
+        return preempted
+
+    def preempted(self) -> bool:
+        """Every signal_check_freq steps: did a rank receive SIGTERM / SIGUSR1 (all ranks agree)?"""
+        return self.step % self.cfg.signal_check_freq == 0 and D.any_rank(self.env, self.signal_received is not None)
+
+    def save_due(self, epoch_done: bool) -> bool:
+        """A checkpoint is due every save_freq_steps steps, and after every save_last_freq-th and the last epoch."""
+        cfg = self.cfg
+        return bool((cfg.save_freq_steps and self.step % cfg.save_freq_steps == 0) or (
+            epoch_done and cfg.save_last_freq
+            and (self.epoch % cfg.save_last_freq == 0 or self.epoch + 1 == cfg.epochs)))
+
+    def start_run(self) -> None:
+        """Before the first step: signal handlers, the run's first line, the progress bar."""
+        self.old_handlers = install_preemption_handlers(self._on_signal)
         # a checkpoint we resumed from counts as this run's save only if it lives in this run's directory
-        own = self.resume is not None and self.resume.kind == "dcp" and is_own_checkpoint(self.resume, self.out)
-        self.last_save_step = self.step if own else -1
+        self.own_start = self.resume is not None and self.resume.kind == "dcp" and is_own_checkpoint(self.resume,
+                                                                                                      self.out)
+        self.last_save_step = self.step if self.own_start else -1
         self.log(describe_run(self))
         if self.resume is not None and self.step >= self.total_steps:
             self.log(f"{self.out} is already trained to step {self.step}: nothing to train"
-                     f"{', re-running the demo evaluation' if cfg.demo_eval else ''} (a larger --max-steps "
+                     f"{', re-running the demo evaluation' if self.cfg.demo_eval else ''} (a larger --max-steps "
                      "continues it, --overwrite starts over)")
         from tqdm import tqdm
 
         self.pbar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                         disable=not env.is_main, dynamic_ncols=True, smoothing=0.05)
-        t_start = time.perf_counter()
-        preempted = False
-        try:
-            if self.evals is not None and self.evals.pending(self.step, self.epoch, self.step_in_epoch):
-                preempted = not self.evaluate()  # an evaluation the previous run did not finish
-            self.meters = Meters.start(self.device, self.step)
-            while self.step < self.total_steps and not preempted:
-                batches = self._epoch_batches()
-                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
-                    self.profiler.before_step(self.step)
-                    self.train_step(batches)
-                    self.step += 1
-                    self.profiler.after_step(self.step)
-                    self.step_in_epoch += 1
-                    epoch_done = self.step_in_epoch == self.steps_per_epoch
-                    self.pbar.update(1)
-                    if step_callback is not None:
-                        step_callback(self)
-                    if self.step % cfg.log_freq == 0:
-                        self.flush_metrics()
-                    _inject_fault(self.step, self.env.rank)
-                    if self.step % cfg.signal_check_freq == 0 and D.any_rank(env, self.signal_received is not None):
-                        preempted = True
-                    self.ckpt.poll()
-                    due = (cfg.save_freq_steps and self.step % cfg.save_freq_steps == 0) or (
-                        epoch_done and cfg.save_last_freq
-                        and (self.epoch % cfg.save_last_freq == 0 or self.epoch + 1 == cfg.epochs)
-                    )
-                    evaluate = epoch_done and self.evals is not None and self.evals.due_after_epoch(self.epoch)
-                    if epoch_done:
-                        self.end_epoch()
-                    if preempted or due or evaluate:  # an evaluation starts from a checkpoint
-                        self.save()
-                    if evaluate and not preempted:
-                        preempted = not self.evaluate()
-                    if preempted or epoch_done:
-                        break
-            if self.last_save_step != self.step:
-                self.save()
-            if self.evals is not None and not preempted and not self.evals.done(self.step):
-                preempted = not self.evaluate()  # a run stopped mid-epoch (--max-steps) is evaluated at its end
-            self.flush_metrics()
-            self.ckpt.wait()
-        finally:
-            self.profiler.close()
-            self.metrics.close()
-            self.pbar.close()
-            self.pbar = None
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-        dt = time.perf_counter() - t_start
-        where = self.ckpt.last_saved or (self.resume.path if own else None)
+                         disable=not self.env.is_main, dynamic_ncols=True, smoothing=0.05)
+        self.t_start = time.perf_counter()
+
+    def finish(self, stopped: bool) -> bool:
+        """After the loop: the final checkpoint, the end-of-run evaluation, the last metrics. True: preempted."""
+        if self.last_save_step != self.step:
+            self.save()
+        if self.evals is not None and not stopped and not self.evals.done(self.step):
+            stopped = not self.evaluate()  # a run stopped mid-epoch (--max-steps) is evaluated at its end
+        self.flush_metrics()
+        self.ckpt.wait()
+        return stopped
+
+    def close(self) -> None:
+        """Always, also on an error: close the profiler, the loggers and the bar; restore the signal handlers."""
+        self.profiler.close()
+        self.metrics.close()
+        self.pbar.close()
+        self.pbar = None
+        for sig, h in self.old_handlers.items():
+            signal.signal(sig, h)
+
+    def report(self, preempted: bool) -> int:
+        """The run's last line; the demo evaluation after a finished demo run (its exit code)."""
+        where = self.ckpt.last_saved or (self.resume.path if self.own_start else None)
         if preempted:
             self.log(f"preempted ({self.signal_received or 'signal on another rank'}) at step {self.step}: "
                      f"checkpoint {where}; continue with --resume {self.out}")
-        else:
-            loss = f", loss {self.last_loss:.4f}" if math.isfinite(self.last_loss) else ""
-            self.log(f"done: step {self.step} in {dt:.0f}s{loss}, checkpoint {where}")
-            if cfg.demo_eval:
-                return self.demo_eval()
-        return 0
+            return 0
+        loss = f", loss {self.last_loss:.4f}" if math.isfinite(self.last_loss) else ""
+        self.log(f"done: step {self.step} in {time.perf_counter() - self.t_start:.0f}s{loss}, checkpoint {where}")
+        return self.demo_eval() if self.cfg.demo_eval else 0
 
     def evaluate(self) -> bool:
         """Online evaluation of EMA1 at this step (not counted in img/s); False when a signal interrupted it."""
-        ok = self.evals.evaluate(self.step, self.epoch, lambda: _eval_fault() or self.signal_received is not None)
+        ok = self.evals.evaluate(self.step, self.epoch, lambda: self.signal_received is not None)
         self.meters = Meters.start(self.device, self.step)
         return ok
 
@@ -528,23 +606,6 @@ def install_preemption_handlers(handler: Callable) -> dict:
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
 
-def _inject_fault(step: int, rank: int) -> None:
-    """Tests: SIGTERM to this process at the step (and rank) named by the JIT_FAST_FAULT_SIGNAL_STEP variable."""
-    spec = os.environ.get(_FAULT_STEP_ENV)
-    if not spec:
-        return
-    at, _, only = spec.partition(":")
-    if step == int(at) and (not only or int(only) == rank):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _eval_fault() -> bool:
-    """Tests: SIGTERM to this process during an online evaluation when JIT_FAST_FAULT_SIGNAL_EVAL is set."""
-    if os.environ.pop(_FAULT_EVAL_ENV, None):
-        os.kill(os.getpid(), signal.SIGTERM)
-    return False
-
-
 # ----------------------------------------------------------------------------------------------
 # entry points
 
@@ -557,8 +618,7 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None,
         return 0
     env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
     try:
-        trainer = Trainer(cfg, env, explicit)
-        return trainer.run(step_callback)
+        return Trainer(resolve_run(cfg, env, explicit), env).run(step_callback)
     finally:
         D.shutdown(env)
 

@@ -10,6 +10,9 @@ would accept an EMA built with the other one), writing the verdict to OUTPUT_DIR
 size), runs one real `train_step` and saves, from rank 0, the loss and every full gradient as the optimizer
 sees it. `first_step_grads` does the same in-process (one rank, no process group).
 
+`sigterm STEP RANK ARGS` trains as train.py does and SIGTERMs rank RANK after step STEP; `sigterm-eval ARGS`
+SIGTERMs the process as its first online evaluation starts (fault injection through the step callback).
+
 `overflow ARGS` (fp16): puts an inf into one gradient shard of rank 1 only, at step 2, and writes per rank
 OUTPUT_DIR/overflow_rank<R>.json: skipped steps, whether this rank's weights and EMAs stayed as they were after
 step 1, and the loss scale.
@@ -22,6 +25,7 @@ import faulthandler
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 
 from jit_fast import distributed as D
-from jit_fast.train import Trainer
+from jit_fast.train import Trainer, resolve_run, run_training
 from jit_fast.train_cli import parse_config
 
 PERTURB_STD = 0.05
@@ -42,7 +46,7 @@ def trainer(argv: list[str]) -> Iterator[Trainer]:
     cfg, explicit = parse_config(argv)
     env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
     try:
-        yield Trainer(cfg, env, explicit)
+        yield Trainer(resolve_run(cfg, env, explicit), env)
     finally:
         D.shutdown(env)
 
@@ -135,18 +139,52 @@ def overflow_check(argv: list[str]) -> int:
     return 0
 
 
+def sigterm_at_step(step: int, rank: int, argv: list[str]) -> int:
+    """Train as train.py does, with SIGTERM sent to this process by rank `rank` right after step `step`."""
+    cfg, explicit = parse_config(argv)
+
+    def fault(tr: Trainer) -> None:
+        if tr.step == step and tr.env.rank == rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return run_training(cfg, explicit, step_callback=fault)
+
+
+def sigterm_in_eval(argv: list[str]) -> int:
+    """Train as train.py does, with SIGTERM sent to this process as the first online evaluation starts."""
+    cfg, explicit = parse_config(argv)
+
+    def fault(tr: Trainer) -> None:
+        if tr.evals is None or "evaluate" in vars(tr.evals):
+            return
+        evaluate = tr.evals.evaluate
+
+        def interrupted(step: int, epoch: int, stop) -> bool:
+            del vars(tr.evals)["evaluate"]  # once
+            os.kill(os.getpid(), signal.SIGTERM)
+            return evaluate(step, epoch, stop)
+
+        tr.evals.evaluate = interrupted
+
+    return run_training(cfg, explicit, step_callback=fault)
+
+
 def main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "ema":
         return ema_check(rest)
     if mode == "overflow":
         return overflow_check(rest)
+    if mode == "sigterm":
+        return sigterm_at_step(int(rest[0]), int(rest[1]), rest[2:])
+    if mode == "sigterm-eval":
+        return sigterm_in_eval(rest)
     if mode == "grads":
         grads = first_step_grads(rest[1:])
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(grads, rest[0])
         return 0
-    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow)")
+    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow | sigterm STEP RANK | sigterm-eval)")
 
 
 if __name__ == "__main__":

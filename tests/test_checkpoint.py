@@ -295,7 +295,7 @@ def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_p
     resume and 3 more, with d the decay the config asked for (--ema-decay1 / --ema-decay2, distinct), not the EMA's
     own `decay`: an EMA built or restored with the other one's decay, or from the other one's shadow, fails."""
     from jit_fast.distributed import DistEnv, full_tensor
-    from jit_fast.train import Trainer
+    from jit_fast.train import Trainer, resolve_run
     from jit_fast.train_cli import parse_config
 
     out = tmp_path / "ema"
@@ -306,7 +306,8 @@ def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_p
 
     for extra in (("--max-steps", "3"), ("--max-steps", "6", "--resume", str(out))):
         cfg, explicit = parse_config(tiny_argv(data, out, *extra))
-        tr = Trainer(cfg, DistEnv(), explicit)
+        env = DistEnv()
+        tr = Trainer(resolve_run(cfg, env, explicit), env)
         if not history:
             record(tr)  # p_0, the weights both EMAs start from
         tr.run(step_callback=record)

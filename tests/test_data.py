@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -149,12 +150,14 @@ def test_dali_parity_psnr(photo_root: Path, size: int) -> None:
 
 def test_dali_filter_option() -> None:
     from jit_fast.configs import TrainConfig
-    from jit_fast.train_cli import ConfigError, parse_config
+    from jit_fast.train_cli import ConfigError, parse_config, validate_config
 
     assert TrainConfig().dali_filter == "cubic"
     assert parse_config(["--preset", "demo", "--dali-filter", "linear"])[0].dali_filter == "linear"
-    with pytest.raises(ConfigError, match="dali-filter"):
+    with pytest.raises(SystemExit):  # argparse: the choices are the field's Literal
         parse_config(["--preset", "demo", "--dali-filter", "lanczos"])
+    with pytest.raises(ConfigError, match="--dali-filter must be one of"):
+        validate_config(dataclasses.replace(TrainConfig(data_path="x"), dali_filter="lanczos"))
     with pytest.raises(ValueError, match="dali_filter"):
         build_loader(Path(__file__).parent / "no_such_root", backend="dali", dali_filter="nearest")
 

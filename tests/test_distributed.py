@@ -176,8 +176,7 @@ def test_sigterm_kill_and_resume_is_bitwise(data: Path, cache: Path, ref2: Path,
     """SIGTERM on rank 1 only: both ranks checkpoint at the same step boundary and exit 0; resuming
     reproduces the uninterrupted run's parameters, both EMAs and the optimizer state bitwise."""
     out = tmp_path / "killed"
-    env = subprocess_env(cache, JIT_FAST_FAULT_SIGNAL_STEP="7:1")
-    p = torchrun(["train.py", *two_rank_args(data, out)], env=env)
+    p = torchrun([WORKER, "sigterm", "7", "1", *two_rank_args(data, out)], env=subprocess_env(cache))
     assert p.returncode == 0, describe(p)
     assert "preempted" in p.stdout and "step 7" in p.stdout, describe(p)
     assert [s for s, _ in list_checkpoints(out)] == [7]

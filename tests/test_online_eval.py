@@ -18,6 +18,7 @@ from train_helpers import (
     make_image_folder,
     read_losses,
     run_cli,
+    run_worker,
     subprocess_env,
     tiny_argv,
     torchrun,
@@ -64,8 +65,7 @@ def test_evaluation_preempted_resumed_and_training_untouched(data: Path, tmp_pat
               "--tensorboard"]
     p = run_cli(tiny_argv(data, plain, *EVAL), env=subprocess_env(cache=tmp_path / "cache"))  # same threads
     assert p.returncode == 0, describe(p)
-    env = subprocess_env(cache=tmp_path / "cache", JIT_FAST_FAULT_SIGNAL_EVAL="1")
-    p = run_cli(tiny_argv(data, run, *online), env=env)
+    p = run_worker(["sigterm-eval", *tiny_argv(data, run, *online)], env=subprocess_env(cache=tmp_path / "cache"))
     assert p.returncode == 0 and "preempted" in p.stdout + p.stderr, describe(p)
     assert latest_checkpoint(run).name.endswith("000000008") and not _evals(run), describe(p)
     p = run_cli(tiny_argv(data, run, *online, "--resume", str(run)), env=subprocess_env(cache=tmp_path / "cache"))

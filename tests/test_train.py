@@ -23,7 +23,7 @@ from jit_fast.checkpoint import latest_checkpoint, list_checkpoints
 from jit_fast.checkpoint.dcp import load_dcp_keys
 from jit_fast.configs import TrainConfig
 from jit_fast.seeds import mix_seed
-from jit_fast.train import Trainer, TrainingDiverged, main, run_training
+from jit_fast.train import Trainer, TrainingDiverged, main, resolve_run, run_training
 from jit_fast.train_cli import ConfigError, parse_config, validate_config
 from jit_fast.train_state import lr_at, param_groups
 
@@ -95,7 +95,8 @@ def test_training_does_not_depend_on_the_global_rng(data: Path, tmp_path: Path, 
     torch.save(old, rank_file)
     reseal(ckpt)
     cfg, explicit = parse_config(tiny_argv(data, half, *args, "--max-steps", "4", "--resume", str(half)))
-    tr = Trainer(cfg, DistEnv(), explicit)
+    env = DistEnv()
+    tr = Trainer(resolve_run(cfg, env, explicit), env)
     assert tr.step == 2 and tr.has_dropout == dropout
     scramble()
     assert tr.run(step_callback=scramble) == 0
@@ -293,7 +294,8 @@ def test_blr_scales_with_the_global_batch(data: Path, tmp_path: Path) -> None:
     cfg, explicit = parse_config(argv[:i] + argv[i + 2:])  # no --lr: lr = blr x global batch / 256
     from jit_fast.distributed import DistEnv
 
-    tr = Trainer(cfg, DistEnv(), explicit)
+    env = DistEnv()
+    tr = Trainer(resolve_run(cfg, env, explicit), env)
     assert tr.global_batch == 8 and tr.base_lr == pytest.approx(1e-4 * 8 / 256)
     assert tr.steps_per_epoch == 8  # 64 images: 16 loader batches of 4, two per step
     groups = param_groups(tr.state.net, 0.05)

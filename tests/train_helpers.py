@@ -135,6 +135,13 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_worker(args: list[str], env: dict[str, str] | None = None, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    """`python tests/dist_worker.py <args>` in one process (cwd = repo root): train.py's run with a test hook."""
+    return subprocess.run([sys.executable, str(REPO / "tests" / "dist_worker.py"), *args], cwd=REPO,
+                          env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def describe(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
 
