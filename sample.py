@@ -7,7 +7,7 @@
 import faulthandler
 import sys
 
-from jit_fast.generate import main
+from jit_fast.sampling.generate import main
 
 if __name__ == "__main__":
     faulthandler.enable()  # a native crash on any rank still prints that rank's Python stack

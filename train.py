@@ -3,7 +3,7 @@
 import faulthandler
 import sys
 
-from jit_fast.train import main
+from jit_fast.train.trainer import main
 
 if __name__ == "__main__":
     faulthandler.enable()  # a native crash (SIGSEGV/SIGABRT) on any rank still prints that rank's Python stack

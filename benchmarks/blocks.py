@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-import jit_fast.model as jit_model
+import jit_fast.model.network as jit_model
 from jit_fast.configs import ModelConfig
 
 

@@ -22,8 +22,8 @@ import torch
 from benchmarks.blocks import block_index, block_leaves, capture_block_inputs
 from benchmarks.flash_standin import flash_attention_standin
 from benchmarks.traffic import Count, OpRecord, count_block
-from jit_fast import model as jit_model
 from jit_fast.configs import model_config
+from jit_fast.model import network as jit_model
 
 COMPILE_BATCHES = (2, 4)
 KERNEL_NODES = ("SchedulerNode", "FusedSchedulerNode", "OuterLoopFusedSchedulerNode", "ForeachKernelSchedulerNode")

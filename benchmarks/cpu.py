@@ -47,8 +47,8 @@ def reference_op_workloads(
 
 def sampler_workloads(batch: int = 4) -> dict[str, Callable[[], object]]:
     """One Heun step with a zero-cost net (pure sampler overhead) and with the tiny JiT-T/4 net."""
-    from jit_fast.model import build_model
-    from jit_fast.sampler import guided_velocity, heun_step
+    from jit_fast.model.network import build_model
+    from jit_fast.sampling.sampler import guided_velocity, heun_step
 
     z = torch.randn(batch, 3, 16, 16)
     y = torch.zeros(batch, dtype=torch.long)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-import jit_fast.model as jit_model
+import jit_fast.model.network as jit_model
 
 BENCH_NAMESPACE = "jit_fast_bench"
 
@@ -71,7 +71,7 @@ flash_attention.register_autograd(_fa_backward, setup_context=_fa_setup)
 
 
 def standin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Drop-in for `jit_fast.attention.attention` during counting (dropout changes no byte or FLOP)."""
+    """Drop-in for `jit_fast.model.attention.attention` during counting (dropout changes no byte or FLOP)."""
     if dropout_p and not isinstance(q, torch._subclasses.fake_tensor.FakeTensor):
         raise ValueError("the flash-attention stand-in only counts; it has no dropout for real tensors")
     return flash_attention(q, k, v)[0]

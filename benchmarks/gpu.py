@@ -27,7 +27,7 @@ from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, m
 from benchmarks.ops import bench_ops, case_entries
 from benchmarks.roofline import GPUS, GPUSpec
 from benchmarks.traffic import PATH_KERNELS, count_block, count_train_step
-from jit_fast.model import build_model
+from jit_fast.model.network import build_model
 
 SKIP_MESSAGE = "CUDA is not available on this machine: GPU timings were not taken."
 PATHS = ("eager", "compiled", "fused")
@@ -122,8 +122,8 @@ def bench_block(
 
 def make_train_step(model: str, path: str, batch: int, img_size: int, device: str) -> Callable[[], object]:
     """One full step: bf16-autocast loss, backward, fused AdamW, two EMA updates (blocks compiled if asked)."""
-    from jit_fast.denoiser import flow_matching_loss
-    from jit_fast.ema import EMA
+    from jit_fast.model.denoiser import flow_matching_loss
+    from jit_fast.train.ema import EMA
 
     torch.manual_seed(0)
     net = build_model(model, img_size, kernels=PATH_KERNELS["fused" if path == "fused" else "eager"]).to(device)
@@ -173,7 +173,7 @@ def bench_sampling(
     configs: tuple[tuple[str, bool], ...] = (("eager", False), ("fused", False), ("fused", True)),
 ) -> list[dict]:
     """Wall-clock images/s of a `steps`-step Heun run with CFG per (path, CUDA graph) configuration."""
-    from jit_fast.sampler import StaticSampler
+    from jit_fast.sampling.sampler import StaticSampler
 
     rows = []
     for path, graphs in configs:

@@ -31,7 +31,7 @@ def git_commit(short: bool = True) -> str:
 
 def source_files(root: Path = ROOT) -> list[Path]:
     """The sources every number of a result depends on: the kernels (jit_kernels/*.py) and the model definition."""
-    return sorted((root / "jit_kernels").glob("*.py")) + [root / "jit_fast" / "model.py"]
+    return sorted((root / "jit_kernels").glob("*.py")) + [root / "jit_fast" / "model" / "network.py"]
 
 
 def source_fingerprint(root: Path = ROOT) -> dict:
@@ -41,7 +41,7 @@ def source_fingerprint(root: Path = ROOT) -> dict:
     for path in source_files(root):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return dict(commit=git_commit(short=False), sources_sha256=digest.hexdigest(),
-                sources="jit_kernels/*.py, jit_fast/model.py")
+                sources="jit_kernels/*.py, jit_fast/model/network.py")
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -304,8 +304,8 @@ def render_result(res: dict) -> str:
         f"## {res['model']}, batch {res['batch']}, {res['img_size']}px",
         f"Command: `{res['command']}` on {res['host']}, {res['created']}, git {res['git']}, torch "
         f"{res['versions']['torch']}, triton {res['versions']['triton']}"
-        + (f"; jit_kernels/*.py + jit_fast/model.py sha256 {res['source']['sources_sha256'][:12]}." if "source" in res
-           else "."),
+        + (f"; jit_kernels/*.py + jit_fast/model/network.py sha256 {res['source']['sources_sha256'][:12]}."
+           if "source" in res else "."),
         "### Measured on GPU",
         *_measured_gpu(res),
         "### Measured on CPU",
@@ -336,14 +336,14 @@ tables and say so. No GPU timing appears here unless it was measured on that GPU
 def staleness(res: dict, current: dict) -> str | None:
     """Why a result no longer describes the checkout (`current` = `source_fingerprint()`), or None.
 
-    Stale when the sha256 of jit_kernels/*.py and jit_fast/model.py differs from the one recorded (or none was
+    Stale when the sha256 of jit_kernels/*.py and jit_fast/model/network.py differs from the one recorded (or none was
     recorded). A different commit alone is no warning: committing the results themselves moves HEAD.
     """
     recorded = res.get("source")
     if not recorded or "sources_sha256" not in recorded:
         return f"records no source hash (git {res.get('git', 'unknown')}): cannot tell whether it matches the checkout"
     if recorded["sources_sha256"] != current["sources_sha256"]:
-        return (f"was produced from other jit_kernels/*.py or jit_fast/model.py "
+        return (f"was produced from other jit_kernels/*.py or jit_fast/model/network.py "
                 f"(sha256 {recorded['sources_sha256'][:12]}, git {recorded.get('commit', 'unknown')[:12]}) "
                 f"than the checkout's (sha256 {current['sources_sha256'][:12]}, git {current['commit'][:12]})")
     return None

@@ -101,7 +101,7 @@ def step_section(model: str, batch: int, img_size: int) -> dict:
 
 def sampling_section(model: str, batch: int, img_size: int) -> dict:
     """Modeled sampling images/s: forward rows per image of Heun-50 with interval CFG times the modeled row cost."""
-    from jit_fast.sampler import forward_rows_per_image
+    from jit_fast.sampling.sampler import forward_rows_per_image
 
     s = SAMPLING
     rows_per_image = forward_rows_per_image(s["steps"], s["solver"], s["interval"], s["cfg"])

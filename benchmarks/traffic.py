@@ -21,7 +21,7 @@ Conventions (the modeled GPU execution):
   (linear, conv, matmul and SDPA run in bf16; elementwise ops keep their input dtypes).
 - Saved-for-backward bytes come from `saved_tensors_hooks`, deduplicated by storage, split into
   activations and weights (parameters, buffers and anything computed from them alone, such as
-  autocast's bf16 weight copies): `jit_fast.saved_bytes.SavedBytes`, which the memory plan shares.
+  autocast's bf16 weight copies): `jit_fast.shared.saved_bytes.SavedBytes`, which the memory plan shares.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import jit_fast.model as jit_model
+import jit_fast.model.network as jit_model
 from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, cast_parameters, model_batch
 from benchmarks.flash_standin import BENCH_NAMESPACE, flash_attention_standin
 from benchmarks.flops import attention_flops, gemm_flops
 from jit_fast.configs import model_config
-from jit_fast.saved_bytes import OVERWRITE_OPS, SavedBytes
+from jit_fast.shared.saved_bytes import OVERWRITE_OPS, SavedBytes
 from jit_kernels.table import FUNCTIONS
 
 if TYPE_CHECKING:
@@ -445,8 +445,8 @@ def count_train_step(
     With `param_dtype` the forward and backward use block parameters of that dtype (FSDP2's bf16 gather); the
     optimizer phase is then not counted, since FSDP2 steps its fp32 shards (not modeled here).
     """
-    from jit_fast.denoiser import flow_matching_loss
-    from jit_fast.ema import EMA
+    from jit_fast.model.denoiser import flow_matching_loss
+    from jit_fast.train.ema import EMA
 
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     with FakeTensorMode(), flash_attention_standin():

@@ -2,7 +2,7 @@
 
 A 2-D Swiss roll is embedded in R^D by a fixed random column-orthogonal P (D x 2, P^T P = I); the
 same 5-layer ReLU MLP (256 hidden units) is trained for each D with x-, eps- and v-prediction, all
-with the v-loss of `jit_fast.denoiser.flow_matching_loss`, and sampled with `jit_fast.sampler.solve`.
+with the v-loss of `jit_fast.model.denoiser.flow_matching_loss`, and sampled with `jit_fast.sampling.sampler.solve`.
 Samples are mapped back to 2-D with P^T. Writes `toy_manifold.png` (rows: prediction, columns: D)
 and `results.json` ({prediction: {D: {nearest_distance, off_manifold}}}) to --out.
 
@@ -28,11 +28,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from jit_fast.denoiser import PREDICTIONS, Prediction, flow_matching_loss, sample_t, to_velocity
-from jit_fast.ema import EMA
-from jit_fast.files import atomic_write
-from jit_fast.sampler import SOLVERS, solve
-from jit_fast.seeds import mix_seed
+from jit_fast.model.denoiser import PREDICTIONS, Prediction, flow_matching_loss, sample_t, to_velocity
+from jit_fast.sampling.sampler import SOLVERS, solve
+from jit_fast.shared.files import atomic_write
+from jit_fast.shared.seeds import mix_seed
+from jit_fast.train.ema import EMA
 
 T_EPS = 0.05  # the paper's clip of (1 - t) (and here of t for eps-prediction)
 
@@ -147,7 +147,7 @@ def train(net: ToyMLP, P: torch.Tensor, prediction: Prediction, cfg: ToyConfig, 
 @torch.no_grad()
 def generate(net: ToyMLP, dim: int, prediction: Prediction, cfg: ToyConfig, generator: torch.Generator,
              progress: Progress) -> torch.Tensor:
-    """cfg.samples points in R^D from N(0, I) noise, integrated by `jit_fast.sampler.solve`."""
+    """cfg.samples points in R^D from N(0, I) noise, integrated by `jit_fast.sampling.sampler.solve`."""
     z = torch.randn(cfg.samples, dim, generator=generator)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 from jit_fast.checkpoint import load_official_checkpoint
 from jit_fast.configs import MODEL_PRESETS, ModelConfig, TrainConfig, model_config
-from jit_fast.denoiser import flow_matching_loss
-from jit_fast.model import JiT, build_model
-from jit_fast.sampler import sample
+from jit_fast.model.denoiser import flow_matching_loss
+from jit_fast.model.network import JiT, build_model
+from jit_fast.sampling.sampler import sample
 
 __all__ = [
     "JiT",

@@ -7,7 +7,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from jit_fast.errors import UsageError
 from jit_fast.options import (
     DECAY,
     INT_NONNEGATIVE,
@@ -22,6 +21,7 @@ from jit_fast.options import (
     check_options,
     option,
 )
+from jit_fast.shared.errors import UsageError
 
 # Official JiT presets (depth, hidden, heads, bottleneck, in-context start, patch).
 MODEL_PRESETS: dict[str, dict[str, int | float | str]] = {

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from jit_fast.checkpoint.weights import WEIGHT_SETS, export_checkpoint
-from jit_fast.errors import UserError
+from jit_fast.shared.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

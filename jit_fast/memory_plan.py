@@ -11,7 +11,7 @@ Terms (bytes per rank; with FSDP2, world size > 1, every persistent state is sha
 - weight copies: one process keeps autocast's low-precision weight copies for backward (counted: saved tensors
   computed from the parameters alone); FSDP2 instead holds its unsharded working set (modeled: the root's fp32
   parameters, two blocks gathered in the autocast dtype, one block's gradients unsharded for the reduce-scatter);
-- activations: the bytes autograd saves for backward (`jit_fast.saved_bytes`, counted on fake tensors, one
+- activations: the bytes autograd saves for backward (`jit_fast.shared.saved_bytes`, counted on fake tensors, one
   micro-batch). With activation checkpointing: what is saved outside the blocks (with the activations several
   blocks share, the fused model's SiLU(c)), the block inputs the checkpoints hold, and the largest block's saved
   bytes while it is recomputed in backward;
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import jit_fast.model as jit_model
+import jit_fast.model.network as jit_model
 from jit_fast.configs import (
     INT_POSITIVE,
     MODEL_PRESETS,
@@ -43,8 +43,8 @@ from jit_fast.configs import (
     TrainConfig,
     model_config,
 )
-from jit_fast.errors import UserError
-from jit_fast.saved_bytes import SavedBytes, count_saved, storage_key, tensors
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.saved_bytes import SavedBytes, count_saved, storage_key, tensors
 
 GIB = 2**30
 # CUDA context (~0.3-0.5 GiB), cuBLAS / cuDNN workspaces, activation gradients in flight during backward and
@@ -133,7 +133,7 @@ def count_activations(cfg: ModelConfig, batch: int, amp_dtype: torch.dtype | Non
     """Count one training forward (flow-matching loss, CPU autocast to `amp_dtype`) on fake tensors.
 
     `block_param_dtype` gives the blocks' parameters that dtype, as FSDP2 gathers them (the root stays fp32)."""
-    from jit_fast.denoiser import flow_matching_loss
+    from jit_fast.model.denoiser import flow_matching_loss
 
     with FakeTensorMode(), flash_like_attention():
         net = jit_model.JiT(cfg).train()

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from jit_fast.model import build_model
-from jit_fast.sampler import StaticSampler
+from jit_fast.model.network import build_model
+from jit_fast.sampling.sampler import StaticSampler
 from jit_kernels import OpTable, get_ops
 from jit_kernels.selfcheck import (
     MODE_DTYPES,

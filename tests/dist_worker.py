@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from jit_fast import distributed as D
-from jit_fast.train import Trainer, resolve_run, run_training
-from jit_fast.train_cli import parse_config
+from jit_fast.shared import distributed as D
+from jit_fast.train.cli import parse_config
+from jit_fast.train.trainer import Trainer, resolve_run, run_training
 
 PERTURB_STD = 0.05
 PERTURB_SEED = 1234

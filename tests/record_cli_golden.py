@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from jit_fast import generate, train_cli
 from jit_fast.configs import SampleConfig, TrainConfig
-from jit_fast.errors import UsageError
+from jit_fast.sampling import generate
+from jit_fast.shared.errors import UsageError
+from jit_fast.train import cli as train_cli
 
 GOLDEN = Path(__file__).parent / "data" / "cli_golden.json"
 TRAIN_BASE = ["--data-path", "/tmp/jit-golden-data"]

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 import jit_fast
-from jit_fast import fid
 from jit_fast.checkpoint.official import export_official_checkpoint
+from jit_fast.sampling import fid
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, 10
@@ -112,8 +112,8 @@ def gather_worker(rank: int, world: int, port: int, images: np.ndarray, chunk: i
     """mp.spawn target: this rank's chunks into a FeatureAccumulator and a folder's stats, over gloo."""
     import torch.distributed as dist
 
-    from jit_fast import fid
-    from jit_fast.generate import rank_chunks
+    from jit_fast.sampling import fid
+    from jit_fast.sampling.generate import rank_chunks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -29,8 +29,8 @@ def tiny(kernels: str = "torch", seed: int = 0, **kw) -> jit_fast.JiT:
 
 
 def test_exports() -> None:
-    import jit_fast.generate  # noqa: F401  (the sample.py library must not shadow jit_fast.sample)
-    import jit_fast.train  # noqa: F401
+    import jit_fast.sampling.generate  # noqa: F401  (the sample.py library must not shadow jit_fast.sample)
+    import jit_fast.train.trainer  # noqa: F401
 
     for name in ("build_model", "flow_matching_loss", "sample", "load_official_checkpoint", "JiT"):
         assert name in jit_fast.__all__ and callable(getattr(jit_fast, name))

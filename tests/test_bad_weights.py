@@ -15,15 +15,15 @@ import pytest
 import torch
 from train_helpers import REPO, subprocess_env, tiny_argv
 
-from jit_fast import integrity
 from jit_fast.checkpoint import latest_checkpoint
 from jit_fast.checkpoint.dcp import load_dcp_keys
+from jit_fast.checkpoint.safe_dcp import load_metadata
 from jit_fast.checkpoint.weights import export_checkpoint
 from jit_fast.export import main as export_main
-from jit_fast.generate import main as sample_main
-from jit_fast.model import build_model
-from jit_fast.safe_dcp import load_metadata
-from jit_fast.train import main as train_main
+from jit_fast.model.network import build_model
+from jit_fast.sampling.generate import main as sample_main
+from jit_fast.shared import integrity
+from jit_fast.train.trainer import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TENSOR = "blocks.1.attn.qkv.weight"

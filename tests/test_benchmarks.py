@@ -124,14 +124,14 @@ def test_full_cpu_run_completes(tmp_path) -> None:
 
 
 def test_source_fingerprint_tracks_kernels_and_model(tmp_path) -> None:
-    """The hash covers jit_kernels/*.py and jit_fast/model.py, and any byte change of one of them changes it."""
-    for rel in ("jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model.py", "jit_fast/train.py"):
+    """The hash covers jit_kernels/*.py and jit_fast/model/network.py, and any byte change of one of them changes it."""
+    for rel in ("jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model/network.py", "jit_fast/train/trainer.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(f"# {rel}\n")
     assert [p.relative_to(tmp_path).as_posix() for p in report.source_files(tmp_path)] == [
-        "jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model.py"]
+        "jit_kernels/a.py", "jit_kernels/b.py", "jit_fast/model/network.py"]
     before = report.source_fingerprint(tmp_path)["sources_sha256"]
-    (tmp_path / "jit_fast/train.py").write_text("# not a source of the numbers\n")
+    (tmp_path / "jit_fast/train/trainer.py").write_text("# not a source of the numbers\n")
     assert report.source_fingerprint(tmp_path)["sources_sha256"] == before
     (tmp_path / "jit_kernels/b.py").write_text("# b.py \n")
     assert report.source_fingerprint(tmp_path)["sources_sha256"] != before

@@ -34,8 +34,8 @@ from jit_fast.checkpoint.official import (
     safe_load,
 )
 from jit_fast.configs import model_config
-from jit_fast.model import JiT
-from jit_fast.train import main
+from jit_fast.model.network import JiT
+from jit_fast.train.trainer import main
 
 TINY_MODEL = dict(depth=2, in_context_start=1)
 
@@ -294,9 +294,9 @@ def test_each_ema_follows_its_configured_decay_across_a_resume(data: Path, tmp_p
     """ema_k = d^k p_0 + sum_i (1 - d) d^(k-i) p_i (float64) over the parameters after each of 3 steps, a save, a
     resume and 3 more, with d the decay the config asked for (--ema-decay1 / --ema-decay2, distinct), not the EMA's
     own `decay`: an EMA built or restored with the other one's decay, or from the other one's shadow, fails."""
-    from jit_fast.distributed import DistEnv, full_tensor
-    from jit_fast.train import Trainer, resolve_run
-    from jit_fast.train_cli import parse_config
+    from jit_fast.shared.distributed import DistEnv, full_tensor
+    from jit_fast.train.cli import parse_config
+    from jit_fast.train.trainer import Trainer, resolve_run
 
     out = tmp_path / "ema"
     history: list[list[torch.Tensor]] = []
@@ -334,7 +334,7 @@ def flip_byte(path: Path, where: float = 0.5) -> None:
 
 def test_every_saved_file_is_in_the_manifest(data: Path, run4: Path, tmp_path: Path) -> None:
     """Sync and async saves record every file of the checkpoint, and the digests verify."""
-    from jit_fast import integrity
+    from jit_fast.shared import integrity
 
     out = tmp_path / "async"
     assert main(tiny_argv(data, out, "--max-steps", "2", "--async-save")) == 0
@@ -412,8 +412,8 @@ def test_metrics_rows_are_not_duplicated_after_a_resume(data: Path, tmp_path: Pa
 
 def test_finite_but_exploded_weights_stop_the_run(data: Path, tmp_path: Path) -> None:
     """|x| = 1e30 in an embedding row the data never uses: loss and grad norm stay finite, the guard still stops."""
-    from jit_fast.train import TrainingDiverged, run_training
-    from jit_fast.train_cli import parse_config
+    from jit_fast.train.cli import parse_config
+    from jit_fast.train.trainer import TrainingDiverged, run_training
 
     out = tmp_path / "boom"
     cfg, explicit = parse_config(tiny_argv(data, out, "--num-classes", "5", "--max-steps", "8",
@@ -435,7 +435,7 @@ def test_verified_digests_are_reused_only_while_size_mtime_and_record_match(tmp_
     """The per-process cache of verified digests skips re-hashing a file only while its size and mtime are those
     it was hashed at AND the manifest still records that digest: a same-size rewrite with a new mtime is hashed
     again, and a manifest whose digest changed is checked against the file, not waved through."""
-    from jit_fast import integrity
+    from jit_fast.shared import integrity
 
     d = tmp_path / "ckpt"
     d.mkdir()

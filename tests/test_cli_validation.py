@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO, describe, run_cli, subprocess_env, tiny_argv
 
-import jit_fast.generate as sample_mod
+import jit_fast.sampling.generate as sample_mod
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.configs import RUN_PRESETS, TrainConfig
 from jit_fast.options import flags
-from jit_fast.train import main
-from jit_fast.train_cli import ConfigError, build_parser, parse_config, validate_config
-from jit_fast.train_state import base_learning_rate
+from jit_fast.train.cli import ConfigError, build_parser, parse_config, validate_config
+from jit_fast.train.state import base_learning_rate
+from jit_fast.train.trainer import main
 
 
 def _refused_by_argparse(entry, argv: list[str], capsys) -> str:

@@ -150,7 +150,7 @@ def test_dali_parity_psnr(photo_root: Path, size: int) -> None:
 
 def test_dali_filter_option() -> None:
     from jit_fast.configs import TrainConfig
-    from jit_fast.train_cli import ConfigError, parse_config, validate_config
+    from jit_fast.train.cli import ConfigError, parse_config, validate_config
 
     assert TrainConfig().dali_filter == "cubic"
     assert parse_config(["--preset", "demo", "--dali-filter", "linear"])[0].dali_filter == "linear"

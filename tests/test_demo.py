@@ -42,7 +42,7 @@ def test_quality_gate_applies_to_the_full_schedule_only(flags: tuple[str, ...], 
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """About 30 steps miss the targets either way: cut short by --max-steps the run is scored and reported but
     exits 0; as its full schedule (--epochs 1, 28 steps) the same miss exits 1."""
-    from jit_fast.train import main
+    from jit_fast.train.trainer import main
 
     out = tmp_path / "demo"
     assert main(["--preset", "demo", "--num-images", "60", "--output-dir", str(out), *flags]) == code

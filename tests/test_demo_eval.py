@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from jit_fast import demo_eval
 from jit_fast.data.demo import demo_arrays
-from jit_fast.demo_eval import evaluate_demo, summary
+from jit_fast.sampling import demo_eval
+from jit_fast.sampling.demo_eval import evaluate_demo, summary
 
 
 class DigitNet(torch.nn.Module):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from jit_fast.denoiser import eps_to_v, flow_matching_loss, to_velocity, x_to_v
+from jit_fast.model.denoiser import eps_to_v, flow_matching_loss, to_velocity, x_to_v
 
 
 def test_to_velocity_by_hand() -> None:

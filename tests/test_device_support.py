@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import jit_fast
-from jit_fast import attention
+from jit_fast.model import attention
 from jit_kernels import device_support, get_ops, reference, select_ops
 from jit_kernels.compile_check import TARGETS
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from train_helpers import REPO, subprocess_env, tiny_argv
 
-from jit_fast import integrity
 from jit_fast.checkpoint import latest_checkpoint, list_checkpoints
 from jit_fast.export import main as export_main
-from jit_fast.files import DiskFullError, atomic_write
-from jit_fast.generate import main as sample_main
-from jit_fast.train import main as train_main
+from jit_fast.sampling.generate import main as sample_main
+from jit_fast.shared import integrity
+from jit_fast.shared.files import DiskFullError, atomic_write
+from jit_fast.train.trainer import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAPACITY = 16 * 2**20

@@ -37,7 +37,7 @@ from train_helpers import (
 )
 
 from jit_fast.checkpoint import list_checkpoints
-from jit_fast.train import main
+from jit_fast.train.trainer import main
 from jit_kernels.numerics import FP32_RTOL, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -298,8 +298,8 @@ def test_fsdp_grad_accumulation_matches(data: Path, cache: Path, fp32_one: dict[
 
 FUSED_TABLE_UNDER_FSDP = """
 import torch
-from jit_fast.distributed import init_distributed, prepare_model
-from jit_fast.model import build_model
+from jit_fast.shared.distributed import init_distributed, prepare_model
+from jit_fast.model.network import build_model
 
 env = init_distributed("cpu", force_group=True)
 torch.manual_seed(0)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from sampling_utils import FakeInception, crops, photos, random_inception_weights
 
-from jit_fast import fid
-from jit_fast.sampler import to_uint8
+from jit_fast.sampling import fid
+from jit_fast.sampling.sampler import to_uint8
 
 
 @pytest.fixture(scope="module")

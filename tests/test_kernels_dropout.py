@@ -11,7 +11,7 @@ import triton.language as tl
 from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
-from jit_fast.seeds import dropout_seed
+from jit_fast.shared.seeds import dropout_seed
 from jit_kernels import op_specs, reference
 from jit_kernels import rmsnorm_modulate as rm
 from jit_kernels import swiglu as sw
@@ -463,8 +463,8 @@ STEPS, BATCH = 30, 32
 def train_losses(kernels: str, seed: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-step losses of STEPS AdamW steps from one init on one data/time/noise sequence; only the dropout masks
     depend on `seed` (torch's generator for nn.Dropout and SDPA, `dropout_seed` for the fused masks)."""
-    from jit_fast.denoiser import flow_matching_loss, sample_t
-    from jit_fast.seeds import mix_seed
+    from jit_fast.model.denoiser import flow_matching_loss, sample_t
+    from jit_fast.shared.seeds import mix_seed
 
     torch.manual_seed(0)
     net = jit_fast.build_model("JiT-H/16", kernels=kernels, **H_TINY).train()

@@ -20,7 +20,7 @@ from triton_interp import use_gpu_bf16_rounding
 
 import jit_fast
 from jit_fast.checkpoint.official import official_state_dict_shapes
-from jit_fast.model import SwiGLUFFN
+from jit_fast.model.network import SwiGLUFFN
 from jit_kernels import get_ops
 from jit_kernels.numerics import assert_within_rule
 

@@ -12,7 +12,7 @@ import torch
 from test_kernels_model import B, compare
 
 import jit_fast
-from jit_fast.conditioning import TextCondition
+from jit_fast.shared.conditioning import TextCondition
 
 TEXT = dict(img_size=32, depth=1, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4,
             in_context_start=0, text_dim=24, text_tokens="sequence")

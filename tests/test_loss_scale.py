@@ -1,4 +1,4 @@
-"""fp16 loss scaling (`jit_fast.loss_scale.LossScaler`) on its own: the logged window statistics and the resumed
+"""fp16 loss scaling (`jit_fast.train.loss_scale.LossScaler`) on its own: the logged window statistics and the resumed
 state. The training-loop tests log every step (windows of one step), where the per-window arithmetic cannot show."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from jit_fast.loss_scale import INIT_SCALE, LossScaler
+from jit_fast.train.loss_scale import INIT_SCALE, LossScaler
 
 
 def scaler_steps(scaler: LossScaler, w: torch.nn.Parameter, overflow: list[bool]) -> None:

@@ -83,10 +83,10 @@ def test_really_checkpointed_run_saves_the_outside_term_and_the_streams(tiny_pla
     blocks 1 and 2); the plan's held inputs also count what the checkpoints keep by reference (c is saved outside)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from jit_fast.denoiser import flow_matching_loss
-    from jit_fast.distributed import checkpoint_block_forward
-    from jit_fast.model import JiT
-    from jit_fast.saved_bytes import SavedBytes, count_saved
+    from jit_fast.model.denoiser import flow_matching_loss
+    from jit_fast.model.network import JiT
+    from jit_fast.shared.distributed import checkpoint_block_forward
+    from jit_fast.shared.saved_bytes import SavedBytes, count_saved
 
     cfg = jit_fast.configs.model_config("JiT-T/4", img_size=32, num_classes=10, kernels="triton", **TINY)
     b, d = tiny_plan.batch, cfg.hidden_size
@@ -149,7 +149,7 @@ def test_cli_rejects_bad_flags(capsys):
 
 
 def test_imagenette_preset_is_the_small_data_recipe():
-    from jit_fast.train_cli import parse_config, validate_config
+    from jit_fast.train.cli import parse_config, validate_config
 
     cfg, _ = parse_config(["--preset", "imagenette"])
     validate_config(cfg)

@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from jit_fast.errors import UserError
-from jit_fast.metrics import MetricsLogger
+from jit_fast.shared.errors import UserError
+from jit_fast.train.metrics import MetricsLogger
 
 
 class _FakeRun:

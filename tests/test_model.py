@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import jit_fast
 from jit_fast.checkpoint.official import official_state_dict_shapes
-from jit_fast.embeddings import sincos_pos_embed_2d, timestep_embedding
-from jit_fast.sampler import guidance_scale, in_interval, sample, time_grid
+from jit_fast.model.embeddings import sincos_pos_embed_2d, timestep_embedding
+from jit_fast.sampling.sampler import guidance_scale, in_interval, sample, time_grid
 from jit_kernels import reference
 
 # DESIGN.md section 2 table: depth, hidden, heads, bottleneck, in-context start, patch

@@ -25,9 +25,9 @@ from train_helpers import (
 )
 
 from jit_fast.checkpoint import latest_checkpoint
-from jit_fast.generate import main as sample_main
-from jit_fast.train import main
-from jit_fast.train_cli import parse_config
+from jit_fast.sampling.generate import main as sample_main
+from jit_fast.train.cli import parse_config
+from jit_fast.train.trainer import main
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import jit_fast
-from jit_fast import online_eval
 from jit_fast.configs import TrainConfig
-from jit_fast.distributed import DistEnv
-from jit_fast.ema import EMA
-from jit_fast.fid import FEATURE_DIM
+from jit_fast.sampling.fid import FEATURE_DIM
+from jit_fast.shared.distributed import DistEnv
+from jit_fast.train import online_eval
+from jit_fast.train.ema import EMA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from train_helpers import tiny_argv
 
-from jit_fast.profiling import parse_step_range
-from jit_fast.train import main
-from jit_fast.train_cli import ConfigError, parse_config
+from jit_fast.train.cli import ConfigError, parse_config
+from jit_fast.train.profiling import parse_step_range
+from jit_fast.train.trainer import main
 
 
 def test_trace_of_the_requested_steps(data: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jit_fast
-from jit_fast.sampler import StaticSampler, forward_rows_per_image, image_noise, nfe_per_image
+from jit_fast.sampling.sampler import StaticSampler, forward_rows_per_image, image_noise, nfe_per_image
 
 IMG, CLASSES = 16, 10
 

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from sampling_utils import CLASSES, IMG, FakeInception, run_cli, tiny_checkpoint, tiny_net
 
-import jit_fast.generate as sample_mod
-from jit_fast import fid, integrity
+import jit_fast.sampling.generate as sample_mod
 from jit_fast.checkpoint import ModelMeta
 from jit_fast.configs import SampleConfig
-from jit_fast.model import JiT
-from jit_fast.sampler import StaticSampler, image_noise, nfe_per_image
+from jit_fast.model.network import JiT
+from jit_fast.sampling import fid
+from jit_fast.sampling.sampler import StaticSampler, image_noise, nfe_per_image
+from jit_fast.shared import integrity
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,7 @@ def test_cli_errors_without_traceback(ckpt, tmp_path):
 
 
 def test_demo_preset_calls_the_demo_evaluation(ckpt, tmp_path, monkeypatch, capsys):
-    """`--preset demo` hands the net and the demo run's sampling settings to jit_fast.demo_eval."""
+    """`--preset demo` hands the net and the demo run's sampling settings to jit_fast.sampling.demo_eval."""
     from jit_fast.configs import RUN_PRESETS
 
     seen = {}

@@ -20,8 +20,8 @@ from sampling_utils import (
     torchrun,
 )
 
-import jit_fast.generate as sample_mod
-from jit_fast import fid
+import jit_fast.sampling.generate as sample_mod
+from jit_fast.sampling import fid
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sampling_utils import CLASSES, IMG, tiny_net
 
-from jit_fast.sampler import (
+from jit_fast.sampling.sampler import (
     StaticSampler,
     forward_rows_per_image,
     image_noise,

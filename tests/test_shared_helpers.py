@@ -8,31 +8,31 @@ import numpy as np
 import pytest
 import torch
 
-import jit_fast.generate as sample_mod
-from jit_fast import fid
+import jit_fast.sampling.generate as sample_mod
 from jit_fast.checkpoint import CheckpointError
+from jit_fast.checkpoint.safe_dcp import UnsafeCheckpointError
 from jit_fast.configs import SampleConfig
 from jit_fast.data.prepare import PrepareError
-from jit_fast.distributed import resolve_precision
-from jit_fast.errors import UsageError, UserError
-from jit_fast.files import atomic_write
-from jit_fast.integrity import ChecksumError
-from jit_fast.safe_dcp import UnsafeCheckpointError
-from jit_fast.sampler import image_seed as sampler_image_seed
-from jit_fast.seeds import image_seed, mix_seed
-from jit_fast.train import mix_seed as train_mix_seed
-from jit_fast.train_cli import ConfigError
+from jit_fast.sampling import fid
+from jit_fast.sampling.sampler import image_seed as sampler_image_seed
+from jit_fast.shared.distributed import resolve_precision
+from jit_fast.shared.errors import UsageError, UserError
+from jit_fast.shared.files import atomic_write
+from jit_fast.shared.integrity import ChecksumError
+from jit_fast.shared.seeds import image_seed, mix_seed
+from jit_fast.train.cli import ConfigError
+from jit_fast.train.trainer import mix_seed as train_mix_seed
 
 
 def test_mix_seed_matches_the_old_training_formula() -> None:
-    # computed by jit_fast.train.mix_seed before it moved to jit_fast.seeds (exact resumes depend on them)
+    # computed by the training module's mix_seed before it moved to the seeds module (exact resumes depend on them)
     assert [mix_seed(0), mix_seed(1, 2, 3), mix_seed(7, 123456, 5, 2), mix_seed(2**40 + 3, 99, 1), mix_seed(-1, 0)] \
         == [3980143261097177850, 2623250113353451629, 1421130376740681028, 7547449383109027090, 5961565333936754605]
     assert train_mix_seed is mix_seed
 
 
 def test_image_seed_matches_the_old_sampler_formula() -> None:
-    # computed by jit_fast.sampler.image_seed before it moved (samples.npz of a seed depends on them)
+    # computed by jit_fast.sampling.sampler.image_seed before it moved (samples.npz of a seed depends on them)
     got = [image_seed(0, 0), image_seed(0, 1), image_seed(1, 0), image_seed(123, 49999), image_seed(2**31 - 1, 7)]
     assert got == [7896617691693857887, 2918264622725855778, 3717377837946358015, 517498580130663833,
                    5281756285149850524]

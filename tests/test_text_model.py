@@ -13,10 +13,10 @@ import torch
 
 import jit_fast
 from jit_fast.checkpoint.official import official_state_dict_shapes
-from jit_fast.conditioning import TextCondition, drop_condition
 from jit_fast.configs import MODEL_PRESETS
-from jit_fast.model import TextEmbedder
-from jit_fast.sampler import StaticSampler, guided_velocity, image_noise, sample
+from jit_fast.model.network import TextEmbedder
+from jit_fast.sampling.sampler import StaticSampler, guided_velocity, image_noise, sample
+from jit_fast.shared.conditioning import TextCondition, drop_condition
 
 IMG, E = 16, 12
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jit_fast.conditioning import TextCondition
+from jit_fast.shared.conditioning import TextCondition
 from jit_fast.text.prompts import PromptError, prompt_conditions, read_prompts
 
 

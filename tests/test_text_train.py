@@ -14,19 +14,19 @@ import torch
 from dist_worker import first_step_grads
 from train_helpers import assert_bitwise_equal, checkpoint_tensors, make_text_data, read_losses, tiny_argv
 
-from jit_fast import generate
 from jit_fast.checkpoint import latest_checkpoint
 from jit_fast.checkpoint.dcp import load_dcp_keys
 from jit_fast.configs import TrainConfig, model_config
 from jit_fast.data.captions import build_caption_index
 from jit_fast.data.encode_text import encode_captions
-from jit_fast.distributed import DistEnv
+from jit_fast.sampling import generate
+from jit_fast.shared.distributed import DistEnv
 from jit_fast.text.cache import TextCache, caption_digest
 from jit_fast.text.encoder import TextEncoder
 from jit_fast.text.sampling import encode_prompts
 from jit_fast.text.tiny import build_tiny_encoder
-from jit_fast.train import main
-from jit_fast.train_condition import ConditionSource
+from jit_fast.train.condition import ConditionSource
+from jit_fast.train.trainer import main
 from jit_kernels.numerics import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +121,7 @@ def test_live_frozen_encoder_trains_without_a_cache_and_stays_out_of_the_checkpo
 
 def test_fork_flag_spellings_and_the_unsupported_unfrozen_encoder() -> None:
     """The fork's flags map onto ours; --text-tokens/--null-text are model args; --no-freeze-llm is refused."""
-    from jit_fast.train_cli import ConfigError, parse_config
+    from jit_fast.train.cli import ConfigError, parse_config
 
     cfg, _ = parse_config(["--preset", "demo", "--use_text_conditioning", "--llm_model_name", "org/llm",
                            "--max_text_len", "64", "--freeze_llm", "--text-tokens", "sequence", "--null-text", "empty"])

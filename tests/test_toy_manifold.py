@@ -104,7 +104,7 @@ def test_sampling_integrates_the_velocity_of_each_prediction(toy) -> None:
 
 def test_training_draws_its_times_from_the_configured_logit_normal(toy, monkeypatch) -> None:
     """Every step's times come from sample_t with the run's --p-mean and --p-std."""
-    from jit_fast.denoiser import sample_t
+    from jit_fast.model.denoiser import sample_t
 
     seen = []
 

@@ -20,12 +20,12 @@ import torch
 from sampling_utils import random_inception_weights
 from train_helpers import REPO, subprocess_env, tiny_argv
 
-from jit_fast import integrity
 from jit_fast.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from jit_fast.checkpoint.safe_dcp import load_metadata
 from jit_fast.export import main as export_main
-from jit_fast.generate import main as sample_main
-from jit_fast.safe_dcp import load_metadata
-from jit_fast.train import main as train_main
+from jit_fast.sampling.generate import main as sample_main
+from jit_fast.shared import integrity
+from jit_fast.train.trainer import main as train_main
 
 
 class Payload:
@@ -175,7 +175,7 @@ def test_crafted_inception_weights_leave_no_marker(run2: Path, tmp_path: Path, c
 
 def test_inception_weights_are_validated(tmp_path: Path) -> None:
     """Weights-only files that are not torch-fidelity's InceptionV3 are refused with the key named."""
-    from jit_fast import fid
+    from jit_fast.sampling import fid
 
     good = random_inception_weights(tmp_path / "good.pth")
     sd = torch.load(good, weights_only=True)

@@ -4,10 +4,10 @@ Training checkpoints are torch.distributed.checkpoint (DCP) directories
 ``<run>/checkpoints/step_<N>/`` holding the sharded model, optimizer and both EMAs (resharding
 on load: any world size can resume any other), ``meta.json`` (step, epoch, data position,
 model metadata, recipe), ``rank<R>.pt`` (per-rank loader position; no RNG state) and ``checksums.json``
-(sha256 of every file, `jit_fast.integrity`). A checkpoint is written into ``.tmp-step_<N>`` and
+(sha256 of every file, `jit_fast.shared.integrity`). A checkpoint is written into ``.tmp-step_<N>`` and
 renamed into place only when complete, so the newest ``step_*`` directory is always whole; a save that
 fails for want of space is one DiskFullError line (disk, free space, the checkpoint's size).
-Every DCP read goes through `jit_fast.safe_dcp.SafeFileSystemReader` (no code from the files,
+Every DCP read goes through `jit_fast.checkpoint.safe_dcp.SafeFileSystemReader` (no code from the files,
 checksums verified unless `verify=False`).
 """
 
@@ -30,10 +30,10 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from jit_fast import distributed as D
-from jit_fast import integrity
 from jit_fast.checkpoint.meta import ARCH_KEYS, RECIPE_KEYS, CheckpointError, ModelMeta, short_error
-from jit_fast.files import TMP_PREFIX, DiskFullError, disk_full_error
+from jit_fast.shared import distributed as D
+from jit_fast.shared import integrity
+from jit_fast.shared.files import TMP_PREFIX, DiskFullError, disk_full_error
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STEP_PREFIX = "step_"
@@ -154,8 +154,8 @@ def dcp_model_meta(run: dict, path: str | Path) -> ModelMeta:
 
 def _safe_reader(ckpt_dir: str | Path, verify: bool, what: str = "read"):
     """A SafeFileSystemReader whose metadata is already parsed (a refusal is a CheckpointError here, not in DCP)."""
+    from jit_fast.checkpoint.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
     from jit_fast.checkpoint.sanity import WeightsError
-    from jit_fast.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
 
     reader = SafeFileSystemReader(ckpt_dir, verify=verify)
     try:
@@ -168,7 +168,7 @@ def _safe_reader(ckpt_dir: str | Path, verify: bool, what: str = "read"):
 def load_dcp_keys(ckpt_dir: str | Path, keys: set[str], verify: bool = True) -> dict:
     """Load top-level entries (e.g. {"ema1"}) of a DCP checkpoint as full CPU tensors, in one process.
 
-    `verify=False` skips the checksums (never the allow-lists) of `jit_fast.safe_dcp`.
+    `verify=False` skips the checksums (never the allow-lists) of `jit_fast.checkpoint.safe_dcp`.
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -215,8 +215,8 @@ def dcp_load(state: dict, ckpt_dir: str | Path, distributed: bool, verify: bool 
 
 def _checksum_cause(e: BaseException) -> str | None:
     """The refusal another rank reported (checksums, allow-lists, weights), if that is what failed."""
+    from jit_fast.checkpoint.safe_dcp import UnsafeCheckpointError
     from jit_fast.checkpoint.sanity import WeightsError
-    from jit_fast.safe_dcp import UnsafeCheckpointError
 
     for cause in _causes(e)[1:]:
         if isinstance(cause, integrity.ChecksumError | UnsafeCheckpointError | WeightsError):

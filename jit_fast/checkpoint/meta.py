@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jit_fast.errors import UserError
+from jit_fast.shared.errors import UserError
 
 ARCH_KEYS = ("model", "img_size", "num_classes", "overrides")
 RECIPE_KEYS = ("noise_scale", "t_eps", "P_mean", "P_std")

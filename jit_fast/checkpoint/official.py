@@ -18,7 +18,7 @@ from jit_fast.checkpoint.dcp import state_nbytes
 from jit_fast.checkpoint.meta import RECIPE_KEYS, CheckpointError, ModelMeta, short_error
 from jit_fast.checkpoint.sanity import check_weights
 from jit_fast.configs import ModelConfig
-from jit_fast.files import atomic_write
+from jit_fast.shared.files import atomic_write
 
 OFFICIAL_MODEL_KEYS = ("model", "model_ema1", "model_ema2")
 # Non-persistent RoPE tables that some releases stored; they are rebuilt from the config.

@@ -2,7 +2,7 @@
 
 One rule for every checkpoint kind, applied by each reader where its tensors come off the disk: the official
 `.pth` loader (`official.load_official_checkpoint`), the `.safetensors` loader (`weights.load_safetensors`) and
-the DCP reader every DCP load goes through (`jit_fast.safe_dcp.SafeFileSystemReader`). Sampling, export and
+the DCP reader every DCP load goes through (`jit_fast.checkpoint.safe_dcp.SafeFileSystemReader`). Sampling, export and
 resume therefore all refuse NaN weights (which sample black images) and integer tensors (which loading would
 silently cast) with one line naming the file and the tensor.
 """

@@ -22,7 +22,7 @@ from jit_fast.checkpoint.official import (
     strip_net_prefix,
 )
 from jit_fast.checkpoint.sanity import check_weights
-from jit_fast.files import atomic_write
+from jit_fast.shared.files import atomic_write
 
 WEIGHT_SETS = ("ema1", "ema2", "model")
 _OFFICIAL_KEY = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
@@ -101,7 +101,7 @@ def build_model_from_meta(meta: ModelMeta, kernels: str = "torch", device: torch
                           precision: str = "fp32", **overrides):
     """Rebuild the network a checkpoint was trained with from `load_weights` metadata, its op table chosen for
     `device` and `precision` (`jit_kernels.select_ops`)."""
-    from jit_fast.model import build_model
+    from jit_fast.model.network import build_model
 
     missing = [k for k in ("model", "img_size", "num_classes") if getattr(meta, k) is None]
     if missing:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from .index import IMG_EXTENSIONS, FolderIndex, FolderScan, listing, show_path, validate_scan, walk_folder
 
 MAX_CAPTION_BYTES = 1 << 16  # a caption file or jsonl line longer than this is refused (64 KiB)

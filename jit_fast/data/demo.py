@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files import atomic_write
+from ..shared.files import atomic_write
 from .index import build_index, cache_dir
 from .loader import to_float
 from .torch_backend import decode_all

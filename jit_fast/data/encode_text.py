@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from ..text.cache import (
     INDEX,
     POOLINGS,
@@ -82,11 +82,11 @@ def encode_captions(
 ) -> Path:
     """Encode the captions of captioned folder `data` into cache `out` (resuming it); returns `out`.
 
-    `env` (a `jit_fast.distributed.DistEnv`) shares the shards over its ranks; None is one process.
+    `env` (a `jit_fast.shared.distributed.DistEnv`) shares the shards over its ranks; None is one process.
     """
     from tqdm import tqdm
 
-    from ..distributed import barrier, broadcast_object
+    from ..shared.distributed import barrier, broadcast_object
 
     if pooling not in POOLINGS:
         raise CacheError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu or cuda")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from ..distributed import init_distributed, shutdown
+    from ..shared.distributed import init_distributed, shutdown
 
     env = None
     try:

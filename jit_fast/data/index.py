@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from ..files import atomic_write
+from ..shared.files import atomic_write
 
 log = logging.getLogger(__name__)
 

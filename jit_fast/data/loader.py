@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distributed import leader_first
+from ..shared.distributed import leader_first
 from .captions import build_caption_index
 from .index import FolderIndex, build_index
 from .order import EpochPlan, batches_per_epoch, plan_epoch

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import UserError
-from ..files import atomic_write
+from ..shared.errors import UserError
+from ..shared.files import atomic_write
 from .crop import center_crop
 from .index import header_problem, listing, max_pixels, open_image, scan_folder, show_path
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jit_fast.conditioning import TextCondition
-from jit_fast.errors import UserError
-from jit_fast.files import atomic_write
+from jit_fast.shared.conditioning import TextCondition
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.files import atomic_write
 from jit_fast.text.encoder import EncoderSpec
 
 FORMAT = "jit_fast-text-cache-v1"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from jit_fast.conditioning import TextCondition
-from jit_fast.errors import UserError
+from jit_fast.shared.conditioning import TextCondition
+from jit_fast.shared.errors import UserError
 
 DEFAULT_MAX_LENGTH = 77
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from jit_fast.conditioning import TextCondition
-from jit_fast.errors import UserError
+from jit_fast.shared.conditioning import TextCondition
+from jit_fast.shared.errors import UserError
 
 MAX_PROMPTS_BYTES = 1 << 24  # a prompts file over 16 MiB is refused
 PROMPT_RULE = "i % num_prompts"

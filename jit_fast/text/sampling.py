@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig
-from jit_fast.errors import UsageError
-from jit_fast.files import atomic_write
+from jit_fast.shared.conditioning import TextCondition
+from jit_fast.shared.errors import UsageError
+from jit_fast.shared.files import atomic_write
 from jit_fast.text.encoder import EncoderError, EncoderSpec, TextEncoder
 from jit_fast.text.prompts import read_prompts
 

@@ -5,7 +5,7 @@ non-tensor entries of a shard (optimizer hyper-parameters) with `torch.load(weig
 a crafted checkpoint directory runs code under both. `SafeFileSystemReader` unpickles `.metadata`
 with an allow-list of the classes DCP metadata is made of, loads the non-tensor entries with
 `weights_only=True`, and (unless told not to) verifies every file against `checksums.json`
-(`jit_fast.integrity`): `.metadata` before it is parsed, the data files once on the coordinator.
+(`jit_fast.shared.integrity`): `.metadata` before it is parsed, the data files once on the coordinator.
 Weight tensors (model and EMAs) must be floating point (checked in `.metadata`) and finite (checked as
 they are read), the rule of `jit_fast.checkpoint.sanity`.
 """
@@ -22,7 +22,6 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from jit_fast import integrity
 from jit_fast.checkpoint.sanity import (
     WeightsError,
     count_nonfinite,
@@ -30,7 +29,8 @@ from jit_fast.checkpoint.sanity import (
     dtype_problem,
     nonfinite_problem,
 )
-from jit_fast.errors import UserError
+from jit_fast.shared import integrity
+from jit_fast.shared.errors import UserError
 
 METADATA_FILE = ".metadata"
 # (module, name) of every global a DCP .metadata pickle needs (found by unpickling fp32, bf16,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from jit_fast.errors import UserError
+from jit_fast.shared.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

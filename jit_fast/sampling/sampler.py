@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from jit_fast.conditioning import (
+from jit_fast.configs import Solver
+from jit_fast.model.denoiser import Net, x_to_v
+from jit_fast.shared.conditioning import (
     Condition,
     cat_conditions,
     condition_device,
@@ -26,9 +28,7 @@ from jit_fast.conditioning import (
     same_layout,
     static_condition,
 )
-from jit_fast.configs import Solver
-from jit_fast.denoiser import Net, x_to_v
-from jit_fast.seeds import image_seed
+from jit_fast.shared.seeds import image_seed
 
 SOLVERS = typing.get_args(Solver)
 

@@ -14,7 +14,7 @@ Every finished chunk is written to `OUT/parts/` (atomic files); a restarted run 
 settings reuses them, so a long run resumes where it stopped. At the end rank 0 streams the
 parts into `OUT/samples.npz`, writes `OUT/grid.png` and `OUT/metrics.json`, and drops the parts.
 Inception features of every chunk are computed on the device as it is produced and all-gathered
-at the end (`jit_fast.fid`), so no PNG has to be written to get FID and IS.
+at the end (`jit_fast.sampling.fid`), so no PNG has to be written to get FID and IS.
 """
 
 from __future__ import annotations
@@ -34,26 +34,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jit_fast import distributed as D
-from jit_fast import fid, integrity
 from jit_fast.checkpoint import CheckpointError, ModelMeta, build_model_from_meta, load_weights
 from jit_fast.checkpoint.weights import check_state_dict
-from jit_fast.conditioning import Condition, TextCondition
 from jit_fast.configs import ModelConfig, SampleConfig
-from jit_fast.demo_eval import evaluate_demo
-from jit_fast.demo_eval import summary as demo_summary
-from jit_fast.errors import UsageError, UserError
-from jit_fast.files import atomic_write
-from jit_fast.model import JiT
+from jit_fast.model.network import JiT
 from jit_fast.options import add_options
-from jit_fast.outputs import GRID_COLUMNS, GRID_IMAGES, BackgroundWriter, PartStore, write_pngs, write_samples
-from jit_fast.sampler import (
+from jit_fast.sampling import fid
+from jit_fast.sampling.demo_eval import evaluate_demo
+from jit_fast.sampling.demo_eval import summary as demo_summary
+from jit_fast.sampling.outputs import GRID_COLUMNS, GRID_IMAGES, BackgroundWriter, PartStore, write_pngs, write_samples
+from jit_fast.sampling.sampler import (
     StaticSampler,
     forward_rows_per_image,
     image_noise,
     nfe_per_image,
     to_uint8,
 )
+from jit_fast.shared import distributed as D
+from jit_fast.shared import integrity
+from jit_fast.shared.conditioning import Condition, TextCondition
+from jit_fast.shared.errors import UsageError, UserError
+from jit_fast.shared.files import atomic_write
 from jit_fast.text.encoder import TextEncoder
 from jit_fast.text.prompts import PROMPT_RULE, prompt_conditions, prompt_indices
 from jit_fast.text.sampling import (

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jit_fast import distributed as D
-from jit_fast import fid
 from jit_fast.configs import DEFAULT_NUM_IMAGES, ModelConfig, SampleConfig, TrainConfig
-from jit_fast.ema import EMA
-from jit_fast.files import atomic_write
-from jit_fast.generate import class_labels, load_metric_models, rank_chunks
-from jit_fast.metrics import MetricsLogger, peak_memory_gb
-from jit_fast.outputs import GRID_IMAGES, grid_canvas
-from jit_fast.sampler import StaticSampler, image_noise, to_uint8
+from jit_fast.sampling import fid
+from jit_fast.sampling.generate import class_labels, load_metric_models, rank_chunks
+from jit_fast.sampling.outputs import GRID_IMAGES, grid_canvas
+from jit_fast.sampling.sampler import StaticSampler, image_noise, to_uint8
+from jit_fast.shared import distributed as D
+from jit_fast.shared.files import atomic_write
+from jit_fast.train.ema import EMA
+from jit_fast.train.metrics import MetricsLogger, peak_memory_gb
 
 
 @dataclasses.dataclass(frozen=True)

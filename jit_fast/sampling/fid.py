@@ -3,7 +3,7 @@
 The official evaluation writes 50k PNGs and runs `torch_fidelity.calculate_metrics` on the folder.
 Here the same network (torch-fidelity's `inception-v3-compat`, features "2048" for FID and
 "logits_unbiased" for IS) is fed on the device with the uint8 images the PNGs would hold
-(`jit_fast.sampler.to_uint8` is the PNG rounding, and PNG is lossless), and the metrics are
+(`jit_fast.sampling.sampler.to_uint8` is the PNG rounding, and PNG is lossless), and the metrics are
 torch-fidelity's own functions. Feature batches are cut on a global grid of `batch_size`
 image indices, which is how torch-fidelity's DataLoader batches a sorted PNG folder, so on one
 device the in-memory features equal the folder path's bit for bit.
@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from jit_fast import integrity
-from jit_fast.distributed import broadcast_object
-from jit_fast.errors import UserError
-from jit_fast.files import atomic_write
+from jit_fast.shared import integrity
+from jit_fast.shared.distributed import broadcast_object
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.files import atomic_write
 
 EXTRACTOR_NAME = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"

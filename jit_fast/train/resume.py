@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from jit_fast import distributed as D
 from jit_fast.checkpoint.dcp import (
     CHECKPOINT_SUBDIR,
     ResolvedCheckpoint,
@@ -49,8 +48,9 @@ from jit_fast.checkpoint.official import (
     optimizer_from_official,
 )
 from jit_fast.configs import ModelConfig, TrainConfig, model_config
-from jit_fast.errors import UsageError
-from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState
+from jit_fast.shared import distributed as D
+from jit_fast.shared.errors import UsageError
+from jit_fast.train.state import MAX_WEIGHT_ABS, TrainState
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "demo_eval")  # what --overwrite moves aside
 # fields that fix the network's parameter shapes (dropout rates and kernels may change on resume)

@@ -1,6 +1,6 @@
 """What `sample.py` writes: resumable chunk parts, the streamed samples.npz, PNGs and the grid.
 
-Every file is written atomically (`jit_fast.files.atomic_write`) with its size, so a kill leaves no torn file
+Every file is written atomically (`jit_fast.shared.files.atomic_write`) with its size, so a kill leaves no torn file
 and a full disk is one line naming the file and the space it needs.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jit_fast import distributed as D
-from jit_fast.errors import UsageError
-from jit_fast.files import atomic_write
+from jit_fast.shared import distributed as D
+from jit_fast.shared.errors import UsageError
+from jit_fast.shared.files import atomic_write
 
 ArraySpec = tuple[tuple[int, ...], np.dtype, Callable[[], Iterator[np.ndarray]]]
 GRID_IMAGES = 64

@@ -12,9 +12,9 @@ import dataclasses
 from pathlib import Path
 
 from jit_fast.configs import MODEL_PRESETS, RUN_PRESETS, ModelConfig, TrainConfig
-from jit_fast.errors import UsageError as ConfigError  # the name train's callers and tests catch
 from jit_fast.options import add_options, check_options, choices
-from jit_fast.profiling import parse_step_range
+from jit_fast.shared.errors import UsageError as ConfigError  # the name train's callers and tests catch
+from jit_fast.train.profiling import parse_step_range
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from jit_fast.configs import ModelConfig
-from jit_fast.errors import UserError
-from jit_fast.files import atomic_write
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.files import atomic_write
 
 # Dense bf16 tensor-core peak per device in TFLOP/s (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {

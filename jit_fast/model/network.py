@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jit_fast.attention import attention
-from jit_fast.conditioning import TextCondition
 from jit_fast.configs import ModelConfig, model_config
-from jit_fast.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
+from jit_fast.model.attention import attention
+from jit_fast.model.embeddings import rope_tables, sincos_pos_embed_2d, timestep_embedding
+from jit_fast.shared.conditioning import TextCondition
 from jit_kernels import OpTable, device_support, get_ops, select_ops
 from jit_kernels.dropout import Dropout
 from jit_kernels.reference import gated_residual
@@ -398,7 +398,7 @@ class JiT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def set_dropout_seed(self, seed: int | torch.Tensor | None) -> None:
-        """Key the fused dropout masks of the following training forwards (`jit_fast.seeds.dropout_seed`, one per
+        """Key the fused dropout masks of the following training forwards (`jit_fast.shared.seeds.dropout_seed`, one per
         forward); None returns to a fresh key per forward from torch's generator, as nn.Dropout draws.
 
         The key is written into a device buffer the kernels read, in place (an int by `fill_`, a tensor by `copy_`:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from jit_fast import distributed as D
 from jit_fast.checkpoint.meta import ModelMeta
-from jit_fast.conditioning import Condition, TextCondition
 from jit_fast.configs import MODEL_PRESETS, ModelConfig, TrainConfig, model_config
-from jit_fast.errors import UsageError
+from jit_fast.shared import distributed as D
+from jit_fast.shared.conditioning import Condition, TextCondition
+from jit_fast.shared.errors import UsageError
 from jit_fast.text.encoder import DEFAULT_MAX_LENGTH, EncoderSpec, TextEncoder
 
 DemoCondition = Callable[[torch.Tensor, int], Condition]

@@ -11,11 +11,11 @@ import math
 
 import torch
 
-from jit_fast import distributed as D
 from jit_fast.configs import ModelConfig, TrainConfig
-from jit_fast.ema import EMA
-from jit_fast.loss_scale import LossScaler
-from jit_fast.model import JiT
+from jit_fast.model.network import JiT
+from jit_fast.shared import distributed as D
+from jit_fast.train.ema import EMA
+from jit_fast.train.loss_scale import LossScaler
 
 # |x| beyond this in a parameter or EMA weight means the run has exploded even while the loss is finite
 MAX_WEIGHT_ABS = 1e6

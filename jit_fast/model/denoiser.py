@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from jit_fast.conditioning import Condition, drop_condition
+from jit_fast.shared.conditioning import Condition, drop_condition
 
 Net = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 Prediction = Literal["x", "eps", "v"]

@@ -27,17 +27,21 @@ from typing import Any
 
 import torch
 
-from jit_fast import distributed as D
-from jit_fast import generate
 from jit_fast.checkpoint.dcp import CheckpointManager, ResolvedCheckpoint
 from jit_fast.checkpoint.meta import ModelMeta
-from jit_fast.conditioning import Condition
 from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_config
-from jit_fast.demo_eval import score_demo_run
-from jit_fast.denoiser import flow_matching_loss, sample_t
-from jit_fast.errors import UserError
 from jit_fast.memory_plan import check_training_run
-from jit_fast.metrics import (
+from jit_fast.model.denoiser import flow_matching_loss, sample_t
+from jit_fast.model.network import JiT
+from jit_fast.sampling import generate
+from jit_fast.sampling.demo_eval import score_demo_run
+from jit_fast.shared import distributed as D
+from jit_fast.shared.conditioning import Condition
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.seeds import dropout_seed, mix_seed
+from jit_fast.train.cli import ConfigError, parse_config
+from jit_fast.train.condition import ConditionSource, describe_rows, is_text_run
+from jit_fast.train.metrics import (
     DROPPED_METRICS_FILE,
     MetricsLogger,
     drop_rows_after,
@@ -45,10 +49,9 @@ from jit_fast.metrics import (
     peak_memory_gb,
     train_flops_per_image,
 )
-from jit_fast.model import JiT
-from jit_fast.online_eval import RunEvaluations, evaluate_gen_config
-from jit_fast.profiling import StepProfiler, parse_step_range
-from jit_fast.resume import (
+from jit_fast.train.online_eval import RunEvaluations, evaluate_gen_config
+from jit_fast.train.profiling import StepProfiler, parse_step_range
+from jit_fast.train.resume import (
     Progress,
     StartPoint,
     check_architecture,
@@ -61,10 +64,7 @@ from jit_fast.resume import (
     resolve_resume,
     restore,
 )
-from jit_fast.seeds import dropout_seed, mix_seed
-from jit_fast.train_cli import ConfigError, parse_config
-from jit_fast.train_condition import ConditionSource, describe_rows, is_text_run
-from jit_fast.train_state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
+from jit_fast.train.state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
 from jit_kernels import select_ops
 
 EXIT_USAGE = 2
@@ -333,7 +333,7 @@ class Trainer:
         return self.cond.prepare(JiT(self.model_cfg, select_ops(self.model_cfg.kernels, self.device, self.precision)))
 
     def _restore(self, start: StartPoint) -> None:
-        """Continue from `start`: weights, optimizer, EMAs and progress (no RNG state: see jit_fast.resume)."""
+        """Continue from `start`: weights, optimizer, EMAs and progress (no RNG state: see jit_fast.train.resume)."""
         p = restore(start, self.state, self.cfg, self.model_cfg, self.env, self.global_batch, self.steps_per_epoch,
                     self.log)
         self.step, self.epoch, self.step_in_epoch = p.step, p.epoch, p.step_in_epoch

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from jit_fast.conditioning import Condition
 from jit_fast.configs import TrainConfig
 from jit_fast.data.demo import demo_arrays
-from jit_fast.denoiser import Net
-from jit_fast.files import atomic_write
-from jit_fast.sampler import sample, to_uint8
+from jit_fast.model.denoiser import Net
+from jit_fast.sampling.sampler import sample, to_uint8
+from jit_fast.shared.conditioning import Condition
+from jit_fast.shared.files import atomic_write
 
 ACCURACY_TARGET = 0.95
 # a judge that misclassifies more real digits than samples may be misclassified cannot certify the target

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jit_fast.errors import UserError
-from jit_fast.files import atomic_write
+from jit_fast.shared.errors import UserError
+from jit_fast.shared.files import atomic_write
 
 MANIFEST_FILE = "checksums.json"
 ALGORITHM = "sha256"

@@ -1,0 +1,1 @@
+"""The JiT network and what it is made of: blocks, attention, embeddings, and the flow-matching objective."""
