@@ -244,11 +244,12 @@ def resolve_run(cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = No
         cond = ConditionSource.build(cfg, loader, env, start and start.model_meta.text_encoder)
         cfg = cond.fit_config(fit_num_classes(cfg, loader.num_classes))
         global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
+        base_lr = checked_base_lr(cfg, global_batch)
         steps_per_epoch = count_steps_per_epoch(cfg, len(loader))
         total = cfg.epochs * steps_per_epoch
         meta = cond.record(model_meta(cfg))
-        run = ResolvedRun(cfg, explicit, resume, start, loader, cond, global_batch, checked_base_lr(cfg, global_batch),
-                          steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total, meta,
+        run = ResolvedRun(cfg, explicit, resume, start, loader, cond, global_batch, base_lr, steps_per_epoch,
+                          min(total, cfg.max_steps) if cfg.max_steps else total, meta,
                           train_model_config(cfg, meta, start), precision, amp_dtype, use_fsdp)
     except ConfigError as e:  # say which run is being continued when the user did not name it
         if resume is None or given.resume:
@@ -488,7 +489,7 @@ class Trainer:
             self.flush_metrics()
         preempted = self.preempted()
         self.ckpt.poll()
-        save = self.save_due(epoch_done)
+        save = checkpoint_due(self.cfg, self.step, self.epoch, epoch_done)
         evaluate = epoch_done and self.evals is not None and self.evals.due_after_epoch(self.epoch)
         if epoch_done:
             self.end_epoch()
@@ -501,13 +502,6 @@ class Trainer:
     def preempted(self) -> bool:
         """Every signal_check_freq steps: did a rank receive SIGTERM / SIGUSR1 (all ranks agree)?"""
         return self.step % self.cfg.signal_check_freq == 0 and D.any_rank(self.env, self.signal_received is not None)
-
-    def save_due(self, epoch_done: bool) -> bool:
-        """A checkpoint is due every save_freq_steps steps, and after every save_last_freq-th and the last epoch."""
-        cfg = self.cfg
-        return bool((cfg.save_freq_steps and self.step % cfg.save_freq_steps == 0) or (
-            epoch_done and cfg.save_last_freq
-            and (self.epoch % cfg.save_last_freq == 0 or self.epoch + 1 == cfg.epochs)))
 
     def start_run(self) -> None:
         """Before the first step: signal handlers, the run's first line, the progress bar."""
@@ -570,6 +564,12 @@ class Trainer:
         code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log,
                               self.cond.demo_condition(self.model_cfg)) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, epoch: int, epoch_done: bool) -> bool:
+    """A checkpoint is due every save_freq_steps steps, and after every save_last_freq-th and the last epoch."""
+    return bool((cfg.save_freq_steps and step % cfg.save_freq_steps == 0) or (
+        epoch_done and cfg.save_last_freq and (epoch % cfg.save_last_freq == 0 or epoch + 1 == cfg.epochs)))
 
 
 def describe_run(tr: Trainer) -> str:
