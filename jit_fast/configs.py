@@ -277,6 +277,9 @@ class RuntimeOptions:
                                        "the first step if it does not fit (0: a GPU only warns)", range=NONNEGATIVE)
     log_freq: int = option(50, "steps between host syncs for loss/grad-norm logging", range=INT_POSITIVE)
     signal_check_freq: int = option(1, "steps between preemption-flag agreements", range=INT_POSITIVE)
+    loss_explosion: float = option(10.0, "stop (exit 3) when the logged loss stays above this multiple of its "
+                                         "running average (0: off; NaN/Inf always stops)", range=NONNEGATIVE)
+    loss_explosion_logs: int = option(3, "... at this many consecutive log points", range=INT_POSITIVE)
     tensorboard: bool = option(True, "TensorBoard scalars in OUTPUT/tb")
     peak_tflops: float = option(0.0, "per-device peak TFLOP/s for MFU (0: from the GPU name)", range=NONNEGATIVE)
     wandb: str = option("", "also log scalars and grids to this Weights & Biases project")
@@ -357,6 +360,8 @@ RUN_PRESETS: dict[str, dict] = {
 
 
 DEFAULT_NUM_IMAGES = 50000
+DEMO_NUM_IMAGES = 500  # images the demo judge samples by default
+DEMO_MIN_IMAGES = 2 * _DEMO["num_classes"]  # the judge needs two images of every digit
 
 
 EMA_NAMES = ("ema1", "ema2", "model")
@@ -468,6 +473,9 @@ class SampleConfig(OutputOptions, MetricOptions, SampleOptions):
         lo, hi = self.interval
         if not lo < hi:
             raise UsageError(f"--interval needs 0 <= LO < HI <= 1, got {lo} {hi}")
+        if self.preset == "demo" and self.metrics and self.num_images < DEMO_MIN_IMAGES:
+            raise UsageError(f"--num-images {self.num_images}: the demo judge needs at least {DEMO_MIN_IMAGES} "
+                             "images (two per digit class); pass more, or --no-metrics to only sample")
         if self.fid_ref is not None and not self.metrics:
             raise UsageError("--fid-ref needs the Inception metrics; drop --no-metrics")
         if self.images_per_prompt is not None and self.num_images_given:

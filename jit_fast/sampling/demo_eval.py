@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from jit_fast.configs import TrainConfig
+from jit_fast.configs import DEMO_NUM_IMAGES, TrainConfig
 from jit_fast.data.demo import demo_arrays
 from jit_fast.model.denoiser import Net
 from jit_fast.sampling.sampler import sample, to_uint8
@@ -130,7 +130,7 @@ def evaluate_demo(
     img_size: int = 32,
     noise_scale: float = 1.0,
     t_eps: float = 0.05,
-    num_images: int = 500,
+    num_images: int = DEMO_NUM_IMAGES,
     batch_size: int = 250,
     device: torch.device | str | None = None,
     condition: Callable[[torch.Tensor, int], Condition] | None = None,

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from jit_fast.checkpoint import CheckpointError, ModelMeta, build_model_from_meta, load_weights
 from jit_fast.checkpoint.weights import check_state_dict
-from jit_fast.configs import ModelConfig, SampleConfig
+from jit_fast.configs import DEMO_NUM_IMAGES, ModelConfig, SampleConfig
 from jit_fast.model.network import JiT
 from jit_fast.options import add_options
 from jit_fast.sampling import fid
@@ -55,6 +55,7 @@ from jit_fast.shared import integrity
 from jit_fast.shared.conditioning import Condition, TextCondition
 from jit_fast.shared.errors import UsageError, UserError
 from jit_fast.shared.files import atomic_write
+from jit_fast.shared.run_lock import hold_for_run
 from jit_fast.text.encoder import TextEncoder
 from jit_fast.text.prompts import PROMPT_RULE, prompt_conditions, prompt_indices
 from jit_fast.text.sampling import (
@@ -412,9 +413,13 @@ def run(args: argparse.Namespace | SampleConfig) -> list[dict]:
         env = D.init_distributed(a.device)
     except ValueError as e:  # unknown device, CUDA asked for but absent
         raise UsageError(str(e)) from None
+    lock = None
     try:
+        lock = hold_for_run(a.out, "sample.py", env, lambda msg: print(msg, flush=True) if env.is_main else None)
         return _run(a, env)
     finally:
+        if lock is not None:
+            lock.release()
         D.shutdown(env)
 
 
@@ -428,8 +433,10 @@ def _run(a: SampleConfig, env: D.DistEnv) -> list[dict]:
     check_state_dict(net, sd, f"{meta.source or a.ckpt} [{a.ema[0]}]")
     swap_weights(net, sd)
     del sd
-    if a.preset == "demo":
+    if a.preset == "demo" and a.metrics:
         return [run_demo(a, net, env, meta, encoder)]
+    if a.preset == "demo" and not a.num_images_given:  # --no-metrics: the judge's images, without the judge
+        a = dataclasses.replace(a, num_images=DEMO_NUM_IMAGES)
     texts = None
     if encoder is not None:
         prompts = sampling_prompts(a.prompt, a.prompts)
@@ -518,4 +525,4 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
-    return 1 if a.preset == "demo" and not rows[0]["passed"] else 0
+    return 1 if a.preset == "demo" and a.metrics and not rows[0]["passed"] else 0

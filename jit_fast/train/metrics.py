@@ -138,11 +138,12 @@ class MetricsLogger:
         if wandb_project:
             self.wandb = start_wandb(wandb_project, out, config or {})
 
-    def log(self, step: int, scalars: dict[str, float], group: str = "train") -> None:
-        """One metrics.jsonl row; TensorBoard/W&B scalars named `group/key` (None values skipped)."""
+    def log(self, step: int, scalars: dict[str, float | str | None], group: str = "train") -> None:
+        """One metrics.jsonl row; TensorBoard/W&B scalars named `group/key` (numbers only: None and text, such
+        as a divergence's reason, go to metrics.jsonl alone)."""
         if not self.enabled:
             return
-        present = {f"{group}/{k}": v for k, v in scalars.items() if v is not None}
+        present = {f"{group}/{k}": v for k, v in scalars.items() if isinstance(v, (int, float))}
         if self.writer is not None:
             for k, v in present.items():
                 self.writer.add_scalar(k, v, step)

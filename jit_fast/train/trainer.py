@@ -38,9 +38,11 @@ from jit_fast.sampling.demo_eval import score_demo_run
 from jit_fast.shared import distributed as D
 from jit_fast.shared.conditioning import Condition
 from jit_fast.shared.errors import UserError
+from jit_fast.shared.run_lock import hold_for_run
 from jit_fast.shared.seeds import dropout_seed, mix_seed
 from jit_fast.train.cli import ConfigError, parse_config
 from jit_fast.train.condition import ConditionSource, describe_rows, is_text_run
+from jit_fast.train.divergence import LossWatch, divergence_reason, logged_losses
 from jit_fast.train.metrics import (
     DROPPED_METRICS_FILE,
     MetricsLogger,
@@ -64,7 +66,7 @@ from jit_fast.train.resume import (
     resolve_resume,
     restore,
 )
-from jit_fast.train.state import MAX_WEIGHT_ABS, TrainState, base_learning_rate, lr_at
+from jit_fast.train.state import TrainState, base_learning_rate, lr_at
 from jit_kernels import select_ops
 
 EXIT_USAGE = 2
@@ -316,6 +318,11 @@ class Trainer:
         self.lr = 0.0  # the learning rate of the latest step
         self.last_save_step = -1
         self.last_loss = float("nan")
+        self.loss_watch = LossWatch(self.cfg.loss_explosion,
+                                    self.cfg.loss_explosion_logs if self.cfg.loss_explosion else 0)
+        past = logged_losses(self.out / "metrics.jsonl") if env.is_main and run.start is not None else []
+        for loss in D.broadcast_object(env, past):  # a resumed run's watch starts from its history, on every rank
+            self.loss_watch.observe(loss)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -396,8 +403,12 @@ class Trainer:
         loss, gnorm, exploded = D.all_reduce_mean(self.env, vals).tolist()
         gnorm, scaling = self.state.scaling.window(gnorm, mt.steps)  # fp16: skipped steps, loss scale
         now = time.perf_counter()
-        check_not_diverged(loss, gnorm, exploded > 0, (mt.step0 + 1, self.step),
-                           self.ckpt.last_saved or (self.resume.path if self.resume else None))
+        reason = divergence_reason(loss, gnorm, exploded > 0) or self.loss_watch.observe(loss)
+        if reason:
+            self.metrics.log(self.step, {"reason": reason, "first_step": mt.step0 + 1}, group="diverged")
+            good = self.ckpt.last_saved or (self.resume.path if self.resume else None)
+            raise TrainingDiverged(f"{reason} (steps {mt.step0 + 1}-{self.step}); stopping without saving. "
+                                   f"Last good checkpoint: {good or 'none'}")
         img_s = (self.step - mt.step0) * self.global_batch / max(now - mt.t0, 1e-9)
         peak = peak_flops(self.device, self.precision, self.cfg.peak_tflops)
         mfu = img_s * self.flops_per_image / (peak * self.env.world_size) if peak else None
@@ -582,17 +593,6 @@ def describe_run(tr: Trainer) -> str:
             f"{tr.total_steps} ({tr.steps_per_epoch}/epoch) | {tr.out}")
 
 
-def check_not_diverged(loss: float, gnorm: float, exploded: bool, steps: tuple[int, int],
-                       good: Path | None) -> None:
-    """Raise TrainingDiverged (naming the steps and the last good checkpoint) on NaN/Inf or exploded weights."""
-    if math.isfinite(loss) and math.isfinite(gnorm) and not exploded:
-        return
-    what = f"loss {loss} / grad norm {gnorm} is not finite" if not (math.isfinite(loss) and math.isfinite(
-        gnorm)) else f"weights exploded (|x| > {MAX_WEIGHT_ABS:g} in a parameter or EMA; loss {loss:.4g})"
-    raise TrainingDiverged(f"{what} (steps {steps[0]}-{steps[1]}); stopping without saving. "
-                           f"Last good checkpoint: {good or 'none'}")
-
-
 def threading_is_main() -> bool:
     import threading
 
@@ -617,9 +617,13 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None,
         generate.run(evaluate_gen_config(cfg, explicit if explicit is not None else set()))
         return 0
     env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
+    lock = None
     try:
+        lock = hold_for_run(cfg.output_dir, "train.py", env, rank0_print(env), cfg.data_path or None)
         return Trainer(resolve_run(cfg, env, explicit), env).run(step_callback)
     finally:
+        if lock is not None:
+            lock.release()
         D.shutdown(env)
 
 

@@ -1,0 +1,102 @@
+"""Run directories through the real CLIs (issue 26): one writer per directory, a diverging run exits non-zero
+with its reason in the metrics, and sample.py's demo checks its image count when the flags are read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sampling_utils import tiny_checkpoint
+from train_helpers import REPO, describe, run_cli, subprocess_env, tiny_argv
+
+from jit_fast.checkpoint import list_checkpoints
+from jit_fast.sampling.generate import main as sample_main
+from jit_fast.shared.run_lock import LOCK_NAME
+
+
+def _wait_for_holder(lock: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the lock file names a holder (the first run is past its start), failing if the process ended."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if lock.is_file() and lock.stat().st_size:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{lock} was never written")
+
+
+def test_a_second_writer_of_a_run_directory_stops_and_a_dead_holder_is_taken_over(data: Path, tmp_path: Path):
+    """Two real train.py processes on one --output-dir: the second (and a sample.py into it) stops at once with one
+    line naming the first; after the first is killed (kill -9) the next run takes its lock over and says so."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *tiny_argv(data, out, "--max-steps", "100000")],
+                             cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _wait_for_holder(out / LOCK_NAME, first)
+        second = run_cli(tiny_argv(data, out, "--max-steps", "2", "--auto-resume"), timeout=120)
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1, describe(second)
+        assert f"is being written by pid {first.pid} on host " in err[0] and "train.py" in err[0], err
+        sample = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(out), "--out", str(out),
+                                 "--num-images", "2", "--no-metrics"], cwd=REPO, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert sample.returncode == 2 and f"pid {first.pid}" in sample.stderr, describe(sample)
+    finally:
+        first.kill()
+        first.communicate()
+    third = run_cli(tiny_argv(data, out, "--max-steps", "2", "--overwrite"), timeout=300)
+    assert third.returncode == 0, describe(third)
+    assert f"took over the lock left by pid {first.pid}" in third.stdout, describe(third)
+    assert (out / LOCK_NAME).read_bytes() == b""  # released at the end
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(directory).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_diverging_run_exits_non_zero_and_keeps_its_last_checkpoint(data: Path, tmp_path: Path):
+    """A healthy run continued with --lr 1 (the largest lr the range allows) blows the loss up: the run stops with
+    one line and exit 3, writes the reason to metrics.jsonl, and its last (healthy) checkpoint is untouched. The
+    resumed run's watch starts from the losses metrics.jsonl already holds."""
+    out = tmp_path / "run"
+    good = run_cli(tiny_argv(data, out, "--max-steps", "16", "--save-freq-steps", "16"))
+    assert good.returncode == 0, describe(good)
+    saved = list_checkpoints(out)[-1][1]
+    before = _digest(saved)
+    bad = run_cli(tiny_argv(data, out, "--auto-resume", "--lr", "1", "--max-steps", "400", "--save-freq-steps", "4"))
+    err = [line for line in bad.stderr.strip().splitlines() if not line.startswith("train:")]
+    assert bad.returncode == 3 and err[-1].startswith("error: ") and "Traceback" not in bad.stderr, describe(bad)
+    assert "stayed above 10 x its lowest running average" in err[-1] and saved.name in err[-1], err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    diverged = [r for r in rows if r.get("kind") == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["reason"] in err[-1], rows[-3:]
+    assert max(r["step"] for r in rows) < 16 + 4 * 2  # stopped within a few log points, before a second save
+    assert _digest(saved) == before
+
+
+def test_sample_demo_checks_its_image_count_at_parse_time_and_honours_no_metrics(tmp_path: Path, capsys):
+    """`--preset demo --num-images 2` is one line naming the minimum and why (before any checkpoint is read);
+    with --no-metrics the demo preset samples the images asked for without the judge."""
+    missing = tmp_path / "no_such_checkpoint"
+    assert sample_main(["--ckpt", str(missing), "--preset", "demo", "--num-images", "2", "--out",
+                        str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 20" in err[0] and "two per digit" in err[0] and "--no-metrics" in err[0], err
+    assert "no_such_checkpoint" not in err[0]
+    ckpt = tiny_checkpoint(tmp_path / "checkpoint-last.pth")
+    out = tmp_path / "plain"
+    assert sample_main(["--ckpt", str(ckpt), "--preset", "demo", "--num-images", "3", "--no-metrics", "--steps", "2",
+                        "--batch-size", "2", "--out", str(out)]) == 0
+    with np.load(out / "samples.npz") as npz:
+        assert npz["images"].shape[0] == 3
+    assert not (out / "demo_eval.json").exists()
