@@ -99,18 +99,20 @@ def _read_caption_file(path: str) -> tuple[str | None, str]:
     return (text, "") if text else (None, "empty caption")
 
 
-def _folder_captions(root: str, root_real: str, skipped: list[tuple[str, str]]) -> dict[str, list[_Caption]]:
-    """key -> captions of captions/; unusable caption files are appended to skipped with the reason."""
+def _folder_captions(root: str, root_real: str, skipped: list[tuple[str, str]], refused: dict[str, list]
+                     ) -> dict[str, list[_Caption]]:
+    """key -> captions of captions/; unusable caption files go to refused (key -> [(path, why)])."""
     cap_dir = os.path.join(root, "captions")
     found: dict[str, list[_Caption]] = {}
     for dirpath, files in walk_folder(cap_dir, root_real, skipped, (".txt",)):
         for fname, _ in files:
             path = os.path.join(dirpath, fname)
             text, why = _read_caption_file(path)
+            key = key_of(os.path.relpath(path, cap_dir))
             if text is None:
-                skipped.append((path, why))
+                refused.setdefault(key, []).append((path, why))
                 continue
-            found.setdefault(key_of(os.path.relpath(path, cap_dir)), []).append(_Caption(path, text))
+            found.setdefault(key, []).append(_Caption(path, text))
     return found
 
 
@@ -162,8 +164,9 @@ def scan_captioned(root: str | Path) -> tuple[FolderScan, list[str], list[str], 
         for fname, st in files:
             path = os.path.join(dirpath, fname)
             images.setdefault(key_of(os.path.relpath(path, img_dir)), []).append((path, st))
+    refused: dict[str, list[tuple[str, str]]] = {}  # unusable caption files (empty, too big, not UTF-8) by key
     if layout == "folders":
-        caps = _folder_captions(root, root_real, scan.skipped)
+        caps = _folder_captions(root, root_real, scan.skipped, refused)
     else:
         caps = _jsonl_captions(root, scan.skipped)
     unpaired: list[tuple[str, str]] = []
@@ -178,7 +181,7 @@ def scan_captioned(root: str | Path) -> tuple[FolderScan, list[str], list[str], 
         name = os.path.relpath(path, img_dir).replace(os.sep, "/")
         entries = [c for c in entries if c.file in (None, name)]  # a jsonl line names the file, extension included
         if not entries:
-            unpaired.append((path, "image without a caption"))
+            unpaired += refused.pop(key, None) or [(path, "image without a caption")]
             continue
         if len(entries) > 1:
             unpaired.append((path, f"{len(entries)} captions: " + ", ".join(c.source for c in entries)))
@@ -193,6 +196,7 @@ def scan_captioned(root: str | Path) -> tuple[FolderScan, list[str], list[str], 
             if key not in images or (c.file is not None and c.file not in names[key]):
                 hint = f" {c.file!r} (paths are relative to images/)" if c.file is not None else ""
                 unpaired.append((c.source, f"caption without an image{hint}"))
+    unpaired += [item for items in refused.values() for item in items]  # unusable and without an image
     return scan, keys, texts, unpaired
 
 

@@ -11,6 +11,7 @@ overwritten.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -60,7 +61,12 @@ def prepare_cache(out: Path, meta: dict) -> dict:
             raise CacheError(f"text cache {out / INDEX} was made with other settings ({'; '.join(wrong)}): "
                              "choose another --out")
         return old
-    if cache_files(out):
+    names = cache_files(out)
+    if any(re.fullmatch(r"(pooled|tokens|lengths|done)-\d{5}\.npy|empty-\w+\.npy", n) for n in names):
+        raise CacheError(f"--out {out} holds text-cache files but no {INDEX} (an encode_text run was stopped before "
+                         "it wrote one, or the index was removed): nothing there is used or overwritten; remove the "
+                         "folder or choose another --out")
+    if names:
         raise CacheError(f"--out {out} is a non-empty folder without {INDEX}: not a text cache, not written into")
     out.mkdir(parents=True, exist_ok=True)
     prepare_shards(out, meta)
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="captions per shard file (the unit of work "
                     "a rank takes)")
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu or cuda")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (loading and encoding)")
     args = ap.parse_args(argv)
     from ..shared.distributed import init_distributed, shutdown
 
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CacheError(f"data folder {args.data} does not exist or is not a folder")
         env = init_distributed(args.device)
         encoder = TextEncoder.load(args.encoder, revision=args.revision, max_length=args.max_text_len,
-                                   device=env.device)
+                                   device=env.device, progress=not args.no_progress)
         encode_captions(args.data, encoder, args.out, pooling=args.pooling, seq_len=args.seq_tokens,
                         batch_size=args.batch_size, shard_rows=args.shard_rows, env=env,
                         progress=not args.no_progress)

@@ -29,7 +29,7 @@ import torch
 from jit_fast.shared.conditioning import TextCondition
 from jit_fast.shared.errors import UserError
 from jit_fast.shared.files import atomic_write
-from jit_fast.text.encoder import EncoderSpec
+from jit_fast.text.encoder import EncoderSpec, directory_revision
 
 FORMAT = "jit_fast-text-cache-v1"
 INDEX = "index.json"
@@ -93,6 +93,7 @@ def read_index(root: Path) -> dict:
     need(isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(keys) >= 1,
          "keys must be a non-empty list of strings")
     need(len(set(keys)) == len(keys), "duplicate keys")
+    need(_int(meta.get("count")) and meta["count"] == len(keys), "count must be the number of keys")
     need(isinstance(digests, list) and len(digests) == len(keys)
          and all(isinstance(d, str) and _HEX16.fullmatch(d) for d in digests), "one caption digest per key needed")
     need(isinstance(meta.get("complete"), bool), "complete must be true or false")
@@ -167,6 +168,12 @@ class TextCache:
         for what, want, have in checks:
             if want is not None and want != have:
                 wrong.append(f"{what} {have!r} (wanted {want!r})")
+        if encoder is not None and revision is None and self.spec.revision.startswith("sha256:") \
+                and Path(encoder).is_dir() and encoder == self.spec.name:
+            now = directory_revision(encoder)
+            if now != self.spec.revision:
+                wrong.append(f"encoder revision {self.spec.revision!r} (the folder is now {now!r}: its files "
+                             "changed since the cache was made)")
         if context_len is not None and self.pooling == "sequence" and self.seq_len < context_len:
             wrong.append(f"{self.seq_len} tokens per caption (the model's in_context_len is {context_len}; "
                          f"re-encode with --seq-tokens {context_len})")

@@ -88,21 +88,30 @@ class TextEncoder(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         freeze: bool = True,
+        progress: bool = True,
     ) -> TextEncoder:
-        """Load `name` (hub id or local directory) with AutoTokenizer/AutoModel; bf16 on a GPU, fp32 elsewhere."""
+        """Load `name` (hub id or local directory) with AutoTokenizer/AutoModel; bf16 on a GPU, fp32 elsewhere.
+        `progress=False` also silences transformers' weight-loading bar (a CLI's --no-progress)."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         if max_length < 1:
             raise EncoderError(f"--max-text-len must be >= 1, got {max_length}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         name = os.fspath(name)
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
             model = AutoModel.from_pretrained(name, revision=revision, dtype=dtype)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EncoderError(f"cannot load text encoder {name!r}: {first}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()  # T5-style: the encoder stack alone gives the caption states
         if os.path.isdir(name):
