@@ -277,6 +277,8 @@ class RuntimeOptions:
                                        "the first step if it does not fit (0: a GPU only warns)", range=NONNEGATIVE)
     log_freq: int = option(50, "steps between host syncs for loss/grad-norm logging", range=INT_POSITIVE)
     signal_check_freq: int = option(1, "steps between preemption-flag agreements", range=INT_POSITIVE)
+    preempt_grace: float = option(30.0, "seconds after SIGTERM/SIGUSR1 within which the run ends, saved or not "
+                                        "(0: no limit)", range=NONNEGATIVE)
     loss_explosion: float = option(10.0, "stop (exit 3) when the logged loss stays above this multiple of its "
                                          "running average (0: off; NaN/Inf always stops)", range=NONNEGATIVE)
     loss_explosion_logs: int = option(3, "... at this many consecutive log points", range=INT_POSITIVE)

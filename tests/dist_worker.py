@@ -11,7 +11,8 @@ size), runs one real `train_step` and saves, from rank 0, the loss and every ful
 sees it. `first_step_grads` does the same in-process (one rank, no process group).
 
 `sigterm STEP RANK ARGS` trains as train.py does and SIGTERMs rank RANK after step STEP; `sigterm-eval ARGS`
-SIGTERMs the process as its first online evaluation starts (fault injection through the step callback).
+SIGTERMs the process as its first online evaluation starts; `sigterm-hang STEP ARGS` SIGTERMs it after step STEP
+and then hangs in the step callback (fault injection through the step callback).
 
 `overflow ARGS` (fp16): puts an inf into one gradient shard of rank 1 only, at step 2, and writes per rank
 OUTPUT_DIR/overflow_rank<R>.json: skipped steps, whether this rank's weights and EMAs stayed as they were after
@@ -27,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +152,19 @@ def sigterm_at_step(step: int, rank: int, argv: list[str]) -> int:
     return run_training(cfg, explicit, step_callback=fault)
 
 
+def sigterm_then_hang(step: int, argv: list[str]) -> int:
+    """Train as train.py does; after step `step` SIGTERM this process and never return from the step callback (a
+    stuck step): only the grace watchdog (--preempt-grace) can end the process."""
+    cfg, explicit = parse_config(argv)
+
+    def fault(tr: Trainer) -> None:
+        if tr.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(600)
+
+    return run_training(cfg, explicit, step_callback=fault)
+
+
 def sigterm_in_eval(argv: list[str]) -> int:
     """Train as train.py does, with SIGTERM sent to this process as the first online evaluation starts."""
     cfg, explicit = parse_config(argv)
@@ -177,6 +192,8 @@ def main(argv: list[str]) -> int:
         return overflow_check(rest)
     if mode == "sigterm":
         return sigterm_at_step(int(rest[0]), int(rest[1]), rest[2:])
+    if mode == "sigterm-hang":
+        return sigterm_then_hang(int(rest[0]), rest[1:])
     if mode == "sigterm-eval":
         return sigterm_in_eval(rest)
     if mode == "grads":
@@ -184,7 +201,7 @@ def main(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(grads, rest[0])
         return 0
-    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow | sigterm STEP RANK | sigterm-eval)")
+    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow | sigterm STEP RANK | sigterm-hang STEP | sigterm-eval)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from sampling_utils import tiny_checkpoint
-from train_helpers import REPO, describe, run_cli, subprocess_env, tiny_argv
+from train_helpers import REPO, describe, run_cli, run_worker, subprocess_env, tiny_argv
 
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.sampling.generate import main as sample_main
@@ -74,7 +74,7 @@ def test_a_diverging_run_exits_non_zero_and_keeps_its_last_checkpoint(data: Path
     saved = list_checkpoints(out)[-1][1]
     before = _digest(saved)
     bad = run_cli(tiny_argv(data, out, "--auto-resume", "--lr", "1", "--max-steps", "400", "--save-freq-steps", "4"))
-    err = [line for line in bad.stderr.strip().splitlines() if not line.startswith("train:")]
+    err = [line for line in bad.stderr.strip().splitlines() if line.strip() and not line.startswith("train:")]
     assert bad.returncode == 3 and err[-1].startswith("error: ") and "Traceback" not in bad.stderr, describe(bad)
     assert "stayed above 10 x its lowest running average" in err[-1] and saved.name in err[-1], err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +82,20 @@ def test_a_diverging_run_exits_non_zero_and_keeps_its_last_checkpoint(data: Path
     assert len(diverged) == 1 and diverged[0]["reason"] in err[-1], rows[-3:]
     assert max(r["step"] for r in rows) < 16 + 4 * 2  # stopped within a few log points, before a second save
     assert _digest(saved) == before
+
+
+def test_a_run_stuck_after_sigterm_ends_when_its_grace_period_does(data: Path, tmp_path: Path):
+    """SIGTERM, then a step that never returns: the watchdog ends the process --preempt-grace seconds later (exit
+    143, one line naming the last checkpoint), which stays intact. Without the watchdog the worker would sleep for
+    ten minutes and the subprocess timeout would fail this test."""
+    out = tmp_path / "run"
+    p = run_worker(["sigterm-hang", "3", *tiny_argv(data, out, "--max-steps", "50", "--save-freq-steps", "2",
+                                                    "--preempt-grace", "1")], timeout=120)
+    err = [line for line in p.stderr.strip().splitlines() if line.strip() and not line.startswith("train:")]
+    assert p.returncode == 143, describe(p)
+    assert err[-1].startswith("error: SIGTERM 1 s ago and the run has not stopped") and "step_000000002" in err[-1], err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert (out / "checkpoints" / "step_000000002" / ".metadata").is_file()
 
 
 def test_sample_demo_checks_its_image_count_at_parse_time_and_honours_no_metrics(tmp_path: Path, capsys):

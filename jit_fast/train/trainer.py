@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +51,7 @@ from jit_fast.train.metrics import (
     train_flops_per_image,
 )
 from jit_fast.train.online_eval import RunEvaluations, evaluate_gen_config
+from jit_fast.train.preemption import Preemption
 from jit_fast.train.profiling import StepProfiler, parse_step_range
 from jit_fast.train.resume import (
     Progress,
@@ -286,9 +286,8 @@ class Trainer:
         self.global_batch, self.base_lr = run.global_batch, run.base_lr
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
         self.model_meta, self.model_cfg = run.model_meta, run.model_cfg
-        self.signal_received: str | None = None
+        self.preemption = Preemption(self.cfg.preempt_grace, lambda: self.ckpt.last_saved)
         self.pbar = None
-        self.old_handlers: dict = {}  # the signal handlers a run replaced (start_run), restored by close
         self.own_start = False  # the run continues a checkpoint of its own output directory
         self.t_start = 0.0
         net = self.build_model()
@@ -439,9 +438,6 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, _frame) -> None:
-        self.signal_received = signal.Signals(signum).name
-
     def _epoch_batches(self) -> Iterator:
         if self.step_in_epoch:
             self.loader.load_state_dict({"epoch": self.epoch, "batch": self.step_in_epoch * self.cfg.grad_accum,
@@ -512,11 +508,12 @@ class Trainer:
 
     def preempted(self) -> bool:
         """Every signal_check_freq steps: did a rank receive SIGTERM / SIGUSR1 (all ranks agree)?"""
-        return self.step % self.cfg.signal_check_freq == 0 and D.any_rank(self.env, self.signal_received is not None)
+        due = self.step % self.cfg.signal_check_freq == 0
+        return due and D.any_rank(self.env, self.preemption.received is not None)
 
     def start_run(self) -> None:
         """Before the first step: signal handlers, the run's first line, the progress bar."""
-        self.old_handlers = install_preemption_handlers(self._on_signal)
+        self.preemption.install()
         # a checkpoint we resumed from counts as this run's save only if it lives in this run's directory
         self.own_start = self.resume is not None and self.resume.kind == "dcp" and is_own_checkpoint(self.resume,
                                                                                                       self.out)
@@ -548,14 +545,13 @@ class Trainer:
         self.metrics.close()
         self.pbar.close()
         self.pbar = None
-        for sig, h in self.old_handlers.items():
-            signal.signal(sig, h)
+        self.preemption.restore()
 
     def report(self, preempted: bool) -> int:
         """The run's last line; the demo evaluation after a finished demo run (its exit code)."""
         where = self.ckpt.last_saved or (self.resume.path if self.own_start else None)
         if preempted:
-            self.log(f"preempted ({self.signal_received or 'signal on another rank'}) at step {self.step}: "
+            self.log(f"preempted ({self.preemption.received or 'signal on another rank'}) at step {self.step}: "
                      f"checkpoint {where}; continue with --resume {self.out}")
             return 0
         loss = f", loss {self.last_loss:.4f}" if math.isfinite(self.last_loss) else ""
@@ -564,7 +560,7 @@ class Trainer:
 
     def evaluate(self) -> bool:
         """Online evaluation of EMA1 at this step (not counted in img/s); False when a signal interrupted it."""
-        ok = self.evals.evaluate(self.step, self.epoch, lambda: self.signal_received is not None)
+        ok = self.evals.evaluate(self.step, self.epoch, lambda: self.preemption.received is not None)
         self.meters = Meters.start(self.device, self.step)
         return ok
 
@@ -591,19 +587,6 @@ def describe_run(tr: Trainer) -> str:
             f"{mode}, {tr.precision}, {tr.device} | global batch {tr.global_batch} = {cfg.batch_size} x "
             f"{env.world_size} ranks x {cfg.grad_accum} | lr {tr.base_lr:.3g} | steps {tr.step}->"
             f"{tr.total_steps} ({tr.steps_per_epoch}/epoch) | {tr.out}")
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def install_preemption_handlers(handler: Callable) -> dict:
-    """SIGTERM and SIGUSR1 call `handler` (main thread only); returns the handlers they replaced."""
-    if not threading_is_main():
-        return {}
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
 
 # ----------------------------------------------------------------------------------------------
