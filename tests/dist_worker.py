@@ -201,7 +201,8 @@ def main(argv: list[str]) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(grads, rest[0])
         return 0
-    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow | sigterm STEP RANK | sigterm-hang STEP | sigterm-eval)")
+    raise SystemExit(f"unknown mode {mode!r} (ema | grads OUT | overflow | sigterm STEP RANK | sigterm-hang STEP | "
+                     "sigterm-eval)")
 
 
 if __name__ == "__main__":
