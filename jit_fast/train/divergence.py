@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jit_fast.configs import TrainConfig
 from jit_fast.train.state import MAX_WEIGHT_ABS
 
 
@@ -37,6 +38,14 @@ class LossWatch:
     floor: float = field(default=math.inf, init=False)
     seen: int = field(default=0, init=False)
     strikes: int = field(default=0, init=False)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, history: list[float]) -> LossWatch:
+        """The watch a run's config asks for (`--loss-explosion 0`: off), fed the losses it already logged."""
+        watch = cls(cfg.loss_explosion, cfg.loss_explosion_logs if cfg.loss_explosion else 0)
+        for loss in history:
+            watch.observe(loss)
+        return watch
 
     def observe(self, loss: float) -> str | None:
         """Take one logged (finite) loss; the reason the run exploded, or None."""

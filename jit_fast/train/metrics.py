@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,9 @@ def peak_memory_gb(device: torch.device) -> float:
 DROPPED_METRICS_FILE = "metrics.dropped.jsonl"
 
 
-def drop_rows_after(path: str | Path, step: int) -> int:
-    """Move rows with step > `step` from metrics.jsonl to metrics.dropped.jsonl beside it; returns how many.
+def drop_rows_after(path: str | Path, step: int, log: Callable[[str], None] | None = None) -> int:
+    """Move rows with step > `step` from metrics.jsonl to metrics.dropped.jsonl beside it; returns how many (and
+    says so through `log`).
 
     A resume redoes the steps after its checkpoint (or abandons them, --discard-newer): their old rows
     would otherwise stay as duplicates. The file is rewritten atomically and the rows are kept aside.
@@ -107,6 +109,8 @@ def drop_rows_after(path: str | Path, step: int) -> int:
         f.flush()
         os.fsync(f.fileno())
     atomic_write(path, "".join(keep))
+    if log is not None:
+        log(f"moved {len(drop)} metrics.jsonl row(s) after step {step} to {DROPPED_METRICS_FILE}")
     return len(drop)
 
 

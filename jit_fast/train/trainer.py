@@ -43,7 +43,6 @@ from jit_fast.train.cli import ConfigError, parse_config
 from jit_fast.train.condition import ConditionSource, describe_rows, is_text_run
 from jit_fast.train.divergence import LossWatch, divergence_reason, logged_losses
 from jit_fast.train.metrics import (
-    DROPPED_METRICS_FILE,
     MetricsLogger,
     drop_rows_after,
     peak_flops,
@@ -317,11 +316,8 @@ class Trainer:
         self.lr = 0.0  # the learning rate of the latest step
         self.last_save_step = -1
         self.last_loss = float("nan")
-        self.loss_watch = LossWatch(self.cfg.loss_explosion,
-                                    self.cfg.loss_explosion_logs if self.cfg.loss_explosion else 0)
         past = logged_losses(self.out / "metrics.jsonl") if env.is_main and run.start is not None else []
-        for loss in D.broadcast_object(env, past):  # a resumed run's watch starts from its history, on every rank
-            self.loss_watch.observe(loss)
+        self.loss_watch = LossWatch.of(self.cfg, D.broadcast_object(env, past))  # the same on every rank
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -347,16 +343,9 @@ class Trainer:
         self.log(f"resumed from {start.source.path} at step {self.step} (epoch {self.epoch}, "
                  f"{self.step_in_epoch}/{self.steps_per_epoch})")
         if self.env.is_main:  # rows of steps this run will redo (or a discarded history) leave metrics.jsonl
-            n = drop_rows_after(self.out / "metrics.jsonl", self.step)
-            if n:
-                self.log(f"moved {n} metrics.jsonl row(s) after step {self.step} to {DROPPED_METRICS_FILE}")
+            drop_rows_after(self.out / "metrics.jsonl", self.step, self.log)
 
     # -- the step ----------------------------------------------------------------------------
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, batches: Iterator) -> None:
         """One optimizer step over grad_accum micro-batches: lr, losses and backward, clip, AdamW, EMAs."""
@@ -381,7 +370,7 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.seed, self.step, self.env.rank, m, _TAG_DROPOUT))  # torch path
             self.state.net.set_dropout_seed(dropout_seed(cfg.seed, self.step, self.env.rank, m))  # fused path
         D.set_gradient_sync(self.state.net, m == n_micro - 1)
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             loss = flow_matching_loss(
                 self.state.net, x, y, t=t, noise=self.draws.noise(self.step, m), drop=drop,
                 P_mean=cfg.P_mean, P_std=cfg.P_std, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps,
@@ -571,6 +560,11 @@ class Trainer:
         code = score_demo_run(net, self.cfg, self.out / "demo_eval", full, self.log,
                               self.cond.demo_condition(self.model_cfg)) if self.env.is_main else 0
         return D.broadcast_object(self.env, code)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to the run's mixed-precision dtype (None: fp32, no autocast)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def checkpoint_due(cfg: TrainConfig, step: int, epoch: int, epoch_done: bool) -> bool:
