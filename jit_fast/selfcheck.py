@@ -6,18 +6,21 @@ Runs every check of `jit_kernels.selfcheck` (each fused op forward and backward 
 shapes, bitwise-deterministic backward, dropout masks), then a whole JiT-B/16 block through
 `torch.compile(fullgraph=True)` under the device's low-precision autocast (bf16, else fp16) against float64
 within the same rule, and CUDA-graph capture + replay of the sampler's step bitwise equal to running that step
-eagerly. Those two need the model, so they live here: the kernel package imports nothing from `jit_fast`.
+eagerly, and every attention backend the GPU runs (flash-attn 3 / 2, cuDNN, SDPA) against float64. Those need
+the model package, so they live here: the kernel package imports nothing from `jit_fast`.
 One PASS/FAIL line per check, exit 1 on any failure; without CUDA there is nothing to check (exit 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from types import SimpleNamespace
 
 import torch
 
+from jit_fast.model.attention import BACKENDS, SDPA, Backend, run_at
 from jit_fast.model.network import build_model
 from jit_fast.sampling.sampler import StaticSampler
 from jit_kernels import OpTable, get_ops
@@ -147,11 +150,44 @@ def check_sampler_graph(device: torch.device | str, sizes: Sizes = PRODUCTION, g
     return f"{sizes.sampler_steps} Heun steps, batch {sizes.sampler_batch}: bitwise equal; {how}"
 
 
+def check_attention(backend: Backend, device: torch.device | str, sizes: Sizes = PRODUCTION) -> str:
+    """One attention backend at the production (heads, head dim) of B, H and G, forward and backward in the
+    device's low precision, against float64 within the rule that bounds by the math path's own error."""
+    low = MODE_DTYPES[low_precision(device)]
+    items = []
+    for heads, d in sizes.heads:
+        dim = backend.padded_dim(d) or d
+        gen = torch.Generator().manual_seed(d)
+        qkv = [torch.randn(2, sizes.tokens, heads, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+        up = torch.randn(2, sizes.tokens, heads, d, generator=gen, dtype=torch.float64)
+        outs = []
+        for i, dtype in enumerate((low, torch.float64, low)):  # the backend, then the math path twice
+            leaves = [t.to(device, dtype, copy=True).requires_grad_() for t in qkv]
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]) if i else \
+                    contextlib.nullcontext():
+                out = run_at(SDPA, d, *leaves) if i else run_at(backend, dim, *leaves)
+            out.backward(up.to(device, dtype))
+            outs.append([out, *(t.grad for t in leaves)])
+        items += [(f"{name} d={d}", a, r, e) for name, a, r, e in zip(("out", "dq", "dk", "dv"), *outs, strict=True)]
+    return judge(items)
+
+
+def attention_checks(device: torch.device | str, sizes: Sizes = PRODUCTION) -> list[Check]:
+    """A check per attention backend this device runs (installed, its GPU generation); none without CUDA."""
+    if torch.device(device).type != "cuda":
+        return []
+    cap = torch.cuda.get_device_capability(device)
+    return [Check(f"attention {b.name}: fwd+bwd at head dims {', '.join(str(d) for _, d in sizes.heads)} vs float64",
+                  ("attention", b.name), lambda b=b: check_attention(b, device, sizes))
+            for b in (*BACKENDS, SDPA) if b.installed() and cap >= b.min_capability]
+
+
 def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None,
                backend: str = "inductor", graph: bool | None = None) -> list[Check]:
     """Every check of a selfcheck run, in report order: the fused ops', then the block's and the sampler's."""
     return [
         *kernel_checks(device, sizes, ops),
+        *attention_checks(device, sizes),
         Check(f"JiT-B/16 block, torch.compile(fullgraph=True), {low_precision(device)} autocast, fwd+bwd vs float64",
               ("block",),
               lambda: check_block(device, sizes, backend)),

@@ -4,14 +4,12 @@ elsewhere, and flash-attn only where it runs. No GPU here: CUDA tensors are fake
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import jit_fast
-from jit_fast.model import attention
 from jit_kernels import device_support, get_ops, reference, select_ops
 from jit_kernels.compile_check import TARGETS
 
@@ -78,16 +76,3 @@ def test_a_fused_model_refuses_a_gpu_its_kernels_do_not_run_on(monkeypatch):
     with pytest.raises(RuntimeError, match=r"sm_75 has no bf16 .*select_ops\('triton', device, 'bf16'\)"):
         net.check_device(torch.device("cuda"), torch.bfloat16)
     assert net.ops is get_ops("triton") and net.ops.swiglu.__module__ == "jit_kernels.swiglu"
-
-
-def test_flash_attn_only_on_ampere_and_newer(monkeypatch):
-    """flash-attn 2 needs sm_80+: a T4 (sm_75) gets SDPA even with flash-attn installed."""
-    monkeypatch.setattr(attention, "flash_attn_func", lambda q, k, v, dropout_p=0.0: q)
-    with FakeTensorMode(), torch.device("cuda"):
-        q = torch.randn(1, 4, 2, 8, dtype=torch.float16)
-        for (major, minor), want in (((7, 5), False), ((8, 0), True), ((8, 9), True)):
-            monkeypatch.setattr(torch.cuda, "get_device_properties",
-                                lambda device=None, m=major, n=minor: SimpleNamespace(major=m, minor=n))
-            assert attention.flash_supported(q, q, q) is want
-        assert not attention.flash_supported(q.float(), q.float(), q.float())  # fp32: SDPA
-    assert not attention.flash_supported(torch.randn(1, 4, 2, 8).half(), *[torch.randn(1, 4, 2, 8).half()] * 2)

@@ -19,6 +19,7 @@ import torch
 from triton_interp import use_gpu_bf16_rounding
 
 from jit_fast import selfcheck as model_sc
+from jit_fast.model import attention
 from jit_kernels import get_ops, reference
 from jit_kernels import selfcheck as sc
 from jit_kernels.dropout import keep_mask
@@ -48,8 +49,16 @@ def test_model_checks_extend_the_kernel_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     kernel = [c.name for c in sc.kernel_checks("cuda", TINY, ops=get_ops("triton"))]
     full = [c.name for c in model_sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
+    installed = [b.name for b in (*attention.BACKENDS, attention.SDPA) if b.installed()]
     assert full[:len(kernel)] == kernel and [c.split(":")[0].split(",")[0] for c in full[len(kernel):]] == [
-        "JiT-B/16 block", "sampler step"]
+        *(f"attention {name}" for name in installed), "JiT-B/16 block", "sampler step"]
+    assert installed[-1] == "sdpa"  # PyTorch SDPA is checked on every GPU
+
+
+def test_attention_backends_a_gpu_generation_lacks_are_not_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert [c.name.split(":")[0] for c in model_sc.attention_checks("cuda", TINY)] == ["attention sdpa"]
+    assert model_sc.attention_checks("cpu", TINY) == []
 
 
 def test_production_sizes_reach_multi_step_paths():
@@ -108,7 +117,7 @@ def test_gpu_without_bf16_checks_fp16(monkeypatch):
     names = [c.name for c in model_sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
     assert not [n for n in names if "bf16" in n]
     numerics = [n for n in names if "backward twice" not in n and "block" not in n and "sampler" not in n
-                and "dropout" not in n]
+                and "dropout" not in n and not n.startswith("attention")]
     assert sum(" fp16 " in n for n in numerics) == sum(" fp32 " in n for n in numerics) == len(numerics) / 2
     assert sum(" fp16 " in n and "dropout 0.2" in n for n in names) == 2  # the dropout ops in fp16 there
     assert "swiglu fp16 backward twice: bitwise" in names and any("fp16 autocast" in n for n in names)

@@ -1,17 +1,18 @@
 """One writer per run directory: an advisory lock that the operating system releases when its holder dies.
 
 `hold_run_dir(directory, what)` takes `directory/.jit_fast.lock` with `flock` and records who holds it (pid, host,
-since when, the command); a second writer stops at once with one line naming the holder. The lock file is never
-deleted (deleting it would let a third process lock a new file while the second still holds the old one); a clean
-release empties it, so a lock file with a holder recorded in it whose lock is free was left by a process that died
-(`kill -9`, a lost node), and is taken over with a message. Exclusion between hosts holds where the filesystem
-implements `flock` across clients (local disks; NFSv4 and NFSv3 with lockd, which emulate it with POSIX locks;
-Lustre mounted with `-o flock`; GPFS); on one that ignores locks, processes of one host are still kept apart by the
-recorded pid.
+since when, the command); a second writer stops at once with one line naming the holder. A clean release removes
+the lock file while still holding it (and a directory the run made and left empty), and a new holder checks that
+the file it locked is still the one at the path, so two processes never hold two files. A lock file whose lock is
+free was therefore left by a process that died (`kill -9`, a lost node), and is taken over with a message.
+Exclusion between hosts holds where the filesystem implements `flock` across clients (local disks; NFSv4 and NFSv3
+with lockd, which emulate it with POSIX locks; Lustre mounted with `-o flock`; GPFS); on one that ignores locks,
+processes of one host are still kept apart by the recorded pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -87,17 +88,22 @@ def _check_directory(directory: Path) -> None:
 class RunDirLock:
     """A held run-directory lock; `release()` (or process exit, however it happens) frees it."""
 
-    def __init__(self, path: Path, fd: int, holder: Holder, took_over: Holder | None) -> None:
-        self.path, self._fd, self.holder, self.took_over = path, fd, holder, took_over
+    def __init__(self, path: Path, fd: int, holder: Holder, took_over: Holder | None, made_dir: bool) -> None:
+        self.path, self._fd, self.holder, self.took_over, self.made_dir = path, fd, holder, took_over, made_dir
 
     def release(self) -> None:
-        """Empty the lock file (a clean end: no takeover message next time) and unlock it."""
+        """A clean end: remove the lock file while still holding it (a later holder checks that the file it locked
+        is still the one at the path), unlock, and remove the directory if this run made it and left it empty."""
         if self._fd < 0:
             return
-        os.ftruncate(self._fd, 0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = -1
+        if self.made_dir:
+            with contextlib.suppress(OSError):  # not empty (the run wrote something): kept
+                self.path.parent.rmdir()
 
     def __enter__(self) -> RunDirLock:
         return self
@@ -106,33 +112,47 @@ class RunDirLock:
         self.release()
 
 
+def _lock_file(directory: Path, path: Path) -> int:
+    """An open, flock-ed descriptor of the lock file at `path` (retrying if it was replaced while we locked it);
+    raises RunDirBusy naming the holder when another process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = holder.describe() if holder else "another process"
+            raise RunDirBusy(f"{directory} is being written by {who}: wait for it to finish, stop it, or choose "
+                             "another --output-dir") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it on release between our open and our lock: lock the new one
+
+
 def hold_run_dir(directory: str | Path, what: str) -> RunDirLock:
     """Take the lock of `directory` for this process (`what`: "train.py", "sample.py") or raise RunDirBusy naming
     its holder and how to proceed. Call it on one rank only, before anything in the directory is written."""
     directory = Path(directory)
+    made_dir = not directory.exists() and not directory.is_symlink()
     _check_directory(directory)
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
-        who = holder.describe() if holder else "another process"
-        raise RunDirBusy(f"{directory} is being written by {who}: wait for it to finish, stop it, or choose "
-                         "another --output-dir") from None
+    fd = _lock_file(directory, path)
     previous = _read_holder(fd)
     me = Holder(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), what,
                 " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500])
     if previous and previous.host == me.host and previous.pid != me.pid and _alive(previous.pid):
         os.close(fd)  # the lock was free but its recorded holder lives: this filesystem ignores flock
         raise RunDirBusy(f"{directory} is being written by {previous.describe()} (this filesystem does not enforce "
-                         f"locks; if that process is not a {previous.what} run, empty {path})")
+                         f"locks; if that process is not a {previous.what} run, remove {path})")
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(asdict(me)).encode())
     os.fsync(fd)
-    return RunDirLock(path, fd, me, previous)
+    return RunDirLock(path, fd, me, previous, made_dir)
 
 
 _TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.(\d+)\.[0-9a-f]{8}$")
