@@ -27,6 +27,7 @@ from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, m
 from benchmarks.ops import bench_ops, case_entries
 from benchmarks.roofline import GPUS, GPUSpec
 from benchmarks.traffic import PATH_KERNELS, count_block, count_train_step
+from jit_fast.configs import model_config
 from jit_fast.model.network import build_model
 
 SKIP_MESSAGE = "CUDA is not available on this machine: GPU timings were not taken."
@@ -235,6 +236,32 @@ def selfcheck_summary(check: dict) -> dict:
                 failed=[c["name"] for c in check["checks"] if not c["passed"]], seconds=check["seconds"])
 
 
+def bench_attention(model: str, batch: int, img_size: int, device: str, timer: Timer = cuda_ms,
+                    dropout_p: float = 0.0) -> dict:
+    """Every attention backend this GPU runs at the model's (heads, head dim, tokens), bf16, forward and
+    forward+backward side by side (ms; the head dim each runs at, padded or not)."""
+    from jit_fast.model import attention as A
+
+    cfg = model_config(model, img_size=img_size)
+    tokens = cfg.grid_size**2 + cfg.in_context_len
+    cap = torch.cuda.get_device_capability(device)
+    rows = {}
+    for b in (*A.BACKENDS, A.SDPA):
+        dim = b.padded_dim(cfg.head_dim) or cfg.head_dim
+        if not (b.installed() and cap >= b.min_capability and (b.dropout or dropout_p == 0)):
+            continue
+        qkv = [torch.randn(batch, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3)]
+        call = lambda *t, b=b, dim=dim: A.run_at(b, dim, *t, dropout_p)  # noqa: E731
+        try:
+            rows[b.name] = dict(head_dim=dim, fwd_ms=timer(lambda c=call, t=qkv: c(*t)),
+                                fwd_bwd_ms=timer(_fwd_bwd(call, tuple(qkv))))
+        except Exception as e:  # noqa: BLE001 - a backend that refuses this GPU or shape: record why
+            rows[b.name] = dict(head_dim=dim, error=f"{type(e).__name__}: {e}")
+    return dict(tokens=tokens, heads=cfg.num_heads, head_dim=cfg.head_dim, batch=batch, dropout_p=dropout_p,
+                backends=rows)
+
+
 def run_gpu_suite(model: str, batch: int, img_size: int, sample_steps: int = 10) -> dict:
     """jit_fast.selfcheck, then all GPU sections on cuda:0 (each section's failure is recorded, not raised), fused
     paths that failed the selfcheck left out (see `refused_paths`); the skip message without CUDA."""
@@ -253,6 +280,7 @@ def run_gpu_suite(model: str, batch: int, img_size: int, sample_steps: int = 10)
     sections = {
         "ops": lambda: bench_ops(model, batch, img_size, "cuda", peak_bw=spec.hbm_bytes_per_s if spec else None,
                                  refused=refused),
+        "attention": lambda: bench_attention(model, batch, img_size, "cuda"),
         "block": lambda: bench_block(model, batch, img_size, "cuda", paths=agg, peak_flops=peak_flops),
         "train_step": lambda: bench_train_step(model, batch, img_size, "cuda", timer=_step_timer, paths=agg,
                                                peak_flops=peak_flops),

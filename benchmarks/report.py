@@ -78,6 +78,14 @@ def _measured_gpu(res: dict) -> list[str]:
               f"{r['gbps_fwd_bwd']:.0f}", f"{r['pct_peak_bw_fwd_bwd']:.0f}%" if "pct_peak_bw_fwd_bwd" in r else "-"]
              for r in gpu["ops"]],
         ))
+    att = gpu.get("attention")
+    if isinstance(att, dict) and "backends" in att:
+        out.append(_table(
+            [f"attention backend ({att['heads']} heads x {att['head_dim']}, {att['tokens']} tokens, batch "
+             f"{att['batch']}, bf16)", "runs at head dim", "fwd ms", "fwd+bwd ms"],
+            [[name, r["head_dim"], f"{r['fwd_ms']:.3f}", f"{r['fwd_bwd_ms']:.3f}"] if "fwd_ms" in r
+             else [name, r["head_dim"], r.get("error", "-"), "-"] for name, r in att["backends"].items()],
+        ))
     if isinstance(gpu.get("block"), list):
         out.append(_table(
             ["block path", "fwd ms", "fwd+bwd ms", "img/s (depth x block, fwd+bwd)", "MFU fwd+bwd"],

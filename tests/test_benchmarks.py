@@ -220,3 +220,22 @@ def test_ops_cli_without_cuda_runs_interpreter_numerics(monkeypatch, tmp_path, c
     assert [r["passed"] for r in json.loads(out.read_text())] == [True, True]
     monkeypatch.setattr(ops, "op_checks", lambda device, sizes: [sc.Check("broken", ("swiglu",), lambda: 1 / 0)])
     assert ops.main([]) == 1 and "FAIL  broken" in capsys.readouterr().out
+
+
+def test_attention_bench_times_every_backend_the_gpu_runs(monkeypatch) -> None:
+    """Wiring on CPU: on a faked sm_90 with flash-attn-3 'installed' as a stand-in that runs SDPA, the bench
+    lists it (at the padded head dim of JiT-H) beside SDPA; on a faked sm_75 only SDPA is timed."""
+    from jit_fast.model import attention as A
+
+    fa3 = A.Backend("flash-attn-3", A.HOPPER, False, (64, 96, 128), A._sdpa, lambda: True)
+    monkeypatch.setattr(A, "BACKENDS", (fa3,))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    res = gpu.bench_attention("JiT-H/32", 1, 64, "cpu", timer=_once)
+    assert res["head_dim"] == 80 and list(res["backends"]) == ["flash-attn-3", "sdpa"]
+    assert res["backends"]["flash-attn-3"]["head_dim"] == 96 and res["backends"]["sdpa"]["head_dim"] == 80
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in res["backends"].values())
+    lines = "\n".join(report._measured_gpu(dict(command="c", created="t", gpu=dict(device="STUB", torch="x",
+                                                                                   attention=res))))
+    assert "| flash-attn-3 | 96 | 1.000 | 1.000 |" in lines and "| sdpa | 80 |" in lines
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert list(gpu.bench_attention("JiT-H/32", 1, 64, "cpu", timer=_once)["backends"]) == ["sdpa"]
