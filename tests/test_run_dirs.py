@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from sampling_utils import tiny_checkpoint
-from train_helpers import REPO, describe, run_cli, run_worker, subprocess_env, tiny_argv
+from train_helpers import REPO, describe, make_image_folder, run_cli, run_worker, subprocess_env, tiny_argv
 
 from jit_fast.checkpoint import list_checkpoints
 from jit_fast.sampling.generate import main as sample_main
@@ -114,3 +114,29 @@ def test_sample_demo_checks_its_image_count_at_parse_time_and_honours_no_metrics
     with np.load(out / "samples.npz") as npz:
         assert npz["images"].shape[0] == 3
     assert not (out / "demo_eval.json").exists()
+
+
+def test_output_dir_problems_through_the_cli(data: Path, tmp_path: Path, capsys):
+    """Issue 26 item 7 through train.py's main: a dangling symlink as --output-dir is one line (was `[Errno 17]
+    File exists`); the temp file a kill -9 left is removed by the next run; an output inside the data is warned
+    about."""
+    from jit_fast.train.trainer import main as train_main
+
+    dangling = tmp_path / "out"
+    dangling.symlink_to(tmp_path / "missing")
+    assert train_main(tiny_argv(data, dangling, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: output directory {dangling} is a symbolic link to {tmp_path / 'missing'}, which does "
+                   "not exist: create its target or choose another directory"], err
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run / f".tmp-samples.npz.{dead.pid}.0123abcd"
+    stale.write_bytes(b"x" * 1000)
+    assert train_main(tiny_argv(data, run, "--max-steps", "1")) == 0
+    assert not stale.exists() and "removed 1 temporary file(s) a killed writer left" in capsys.readouterr().out
+    own = make_image_folder(tmp_path / "own_data")  # not the shared fixture: the run would land inside it
+    inside = own / "runs" / "r1"
+    assert train_main(tiny_argv(own, inside, "--max-steps", "1")) == 0
+    assert f"warning: output directory {inside} is inside the data directory {own}" in capsys.readouterr().out
