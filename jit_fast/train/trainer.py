@@ -395,8 +395,9 @@ class Trainer:
         if reason:
             self.metrics.log(self.step, {"reason": reason, "first_step": mt.step0 + 1}, group="diverged")
             good = self.ckpt.last_saved or (self.resume.path if self.resume else None)
-            raise TrainingDiverged(f"{reason} (steps {mt.step0 + 1}-{self.step}); stopping without saving. "
-                                   f"Last good checkpoint: {good or 'none'}")
+            when = f"step {self.step}" if mt.step0 + 1 == self.step else f"steps {mt.step0 + 1}-{self.step}"
+            raise TrainingDiverged(f"{reason} ({when}); stopping without saving. Last good checkpoint: "
+                                   f"{good or 'none'}")
         img_s = (self.step - mt.step0) * self.global_batch / max(now - mt.t0, 1e-9)
         peak = peak_flops(self.device, self.precision, self.cfg.peak_tflops)
         mfu = img_s * self.flops_per_image / (peak * self.env.world_size) if peak else None
