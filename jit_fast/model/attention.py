@@ -9,6 +9,7 @@ is the unpadded attention. On a GPU the first choice for each (backend, head dim
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -21,7 +22,9 @@ FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2 and cuDNN attention run on Ampere 
 HOPPER = (9, 0)
 
 
+@functools.cache
 def _module(name: str):
+    """The module if it imports (looked up once: this runs on every attention call), else None."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -68,6 +71,7 @@ def _cudnn(q, k, v, dropout_p: float, scale: float | None) -> torch.Tensor:
         return _sdpa(q, k, v, dropout_p, scale)
 
 
+@functools.cache
 def _cudnn_installed() -> bool:
     return torch.backends.cudnn.is_available() and hasattr(torch.nn.attention, "SDPBackend")
 
