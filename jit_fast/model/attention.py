@@ -67,7 +67,9 @@ def _sdpa(q, k, v, dropout_p: float, scale: float | None) -> torch.Tensor:
 def _cudnn(q, k, v, dropout_p: float, scale: float | None) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+    # cuDNN first; PyTorch's own kernels where cuDNN turns a shape down (an error would stop a run instead)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
         return _sdpa(q, k, v, dropout_p, scale)
 
 
