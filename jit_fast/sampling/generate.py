@@ -415,7 +415,7 @@ def run(args: argparse.Namespace | SampleConfig) -> list[dict]:
         raise UsageError(str(e)) from None
     lock = None
     try:
-        lock = hold_for_run(a.out, "sample.py", env, lambda msg: print(msg, flush=True) if env.is_main else None)
+        lock = hold_for_run(a.out, "sample.py", env, D.rank0_print(env))
         return _run(a, env)
     finally:
         if lock is not None:

@@ -128,6 +128,11 @@ def shutdown(env: DistEnv) -> None:
         env.owns_group = False
 
 
+def rank0_print(env: DistEnv) -> Callable[[str], None]:
+    """A print that speaks on rank 0 only (the log of a run before its progress bar exists)."""
+    return lambda msg: print(msg, flush=True) if env.is_main else None
+
+
 def barrier(env: DistEnv) -> None:
     """Host-side barrier over the control group (no device synchronization)."""
     if env.distributed:

@@ -232,7 +232,7 @@ def resolve_run(cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = No
     """Parse-to-build step: the start point, resume metadata, data, classes, conditioning, lr and steps, then the
     memory plan (printed; refused over --max-memory-gb). Errors of a run continued by --auto-resume say so."""
     explicit = frozenset(explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)})
-    log = rank0_print(env)
+    log = D.rank0_print(env)
     precision, amp_dtype = D.resolve_precision(cfg.precision, env.device)
     use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
     resume = resolve_resume(cfg, set(explicit), env, log)
@@ -259,11 +259,6 @@ def resolve_run(cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = No
                           "over or choose another --output-dir)") from None
     check_training_run(cfg, precision, env.world_size if use_fsdp else 1, cfg.num_classes, env.device, log)
     return run
-
-
-def rank0_print(env: D.DistEnv) -> Callable[[str], None]:
-    """A print that speaks on rank 0 only."""
-    return lambda msg: print(msg, flush=True) if env.is_main else None
 
 
 class Trainer:
@@ -597,7 +592,7 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None,
     env = D.init_distributed(cfg.device, force_group=cfg.fsdp == "on")
     lock = None
     try:
-        lock = hold_for_run(cfg.output_dir, "train.py", env, rank0_print(env), cfg.data_path or None)
+        lock = hold_for_run(cfg.output_dir, "train.py", env, D.rank0_print(env), cfg.data_path or None)
         return Trainer(resolve_run(cfg, env, explicit), env).run(step_callback)
     finally:
         if lock is not None:
