@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 # transformers 5 loads with `dtype=`; 5.25 requires Hugging Face's `kernels` (why our kernel package is jit_kernels)
 TEXT = ["transformers>=5.24,<6", "tokenizers>=0.23,<1"]
+FP8 = ["torchao>=0.18,<0.19"]  # torchao.float8 training (--fp8); its float8 API moves between 0.x minors
 
 setup(
     name="jit_fast",
@@ -31,8 +32,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9,<10", "pytest-benchmark>=5,<6", "scikit-learn", "scikit-image", "ruff>=0.17,<0.18",
-                 *TEXT],
+                 *TEXT, *FP8],
         "flash": ["flash-attn"],
         "text": TEXT,
+        "fp8": FP8,
     },
 )

@@ -60,6 +60,7 @@ NullText = Literal["learned", "empty"]
 Kernels = Literal["torch", "triton"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Solver = Literal["heun", "euler"]
+Fp8 = Literal["off", "tensorwise", "rowwise"]
 
 
 @dataclass
@@ -270,6 +271,9 @@ class RuntimeOptions:
     device: str = option("auto", "auto | cpu | cuda")
     seed: int = option(0, "seed of init, data order and noise", range=SEED)
     fsdp: Literal["auto", "on", "off"] = option("auto", "FSDP2 sharding (auto: when world_size > 1)")
+    fp8: Fp8 = option("off", "float8 GEMMs in the block linears (qkv, proj, w12, w3) via torchao, with tensorwise "
+                             "or rowwise scales; needs an sm_89+ GPU (H100, L40, L4)")
+    fp8_emulate: bool = option(False, "run --fp8 through torchao's emulation (CPU and any GPU; slow, for tests)")
     compile: bool = option(False, "torch.compile each block")
     activation_checkpointing: bool = option(False, "recompute block activations in backward")
     reshard_after_forward: bool = option(True, "FSDP2: free gathered params after forward")

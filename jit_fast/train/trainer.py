@@ -30,6 +30,7 @@ from jit_fast.checkpoint.dcp import CheckpointManager, ResolvedCheckpoint
 from jit_fast.checkpoint.meta import ModelMeta
 from jit_fast.configs import LEARNING_RATE, ModelConfig, TrainConfig, model_config
 from jit_fast.memory_plan import check_training_run
+from jit_fast.model import fp8
 from jit_fast.model.denoiser import flow_matching_loss, sample_t
 from jit_fast.model.network import JiT
 from jit_fast.sampling import generate
@@ -235,6 +236,9 @@ def resolve_run(cfg: TrainConfig, env: D.DistEnv, explicit: set[str] | None = No
     log = D.rank0_print(env)
     precision, amp_dtype = D.resolve_precision(cfg.precision, env.device)
     use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and env.world_size > 1)
+    refused = fp8.refusal(cfg.fp8, cfg.fp8_emulate, env.device)
+    if refused:
+        raise ConfigError(refused)
     resume = resolve_resume(cfg, set(explicit), env, log)
     given = cfg
     try:
@@ -328,7 +332,11 @@ class Trainer:
     def build_model(self) -> JiT:
         """The network to train, with identical initial weights on every rank and at every world size."""
         torch.manual_seed(self.cfg.seed)
-        return self.cond.prepare(JiT(self.model_cfg, select_ops(self.model_cfg.kernels, self.device, self.precision)))
+        ops = select_ops(self.model_cfg.kernels, self.device, self.precision)
+        if self.cfg.fp8 == "off":
+            return self.cond.prepare(JiT(self.model_cfg, ops))
+        config = fp8.float8_config(self.cfg.fp8, self.cfg.fp8_emulate, fsdp_all_gather=self.use_fsdp)
+        return self.cond.prepare(fp8.convert_block_linears(JiT(self.model_cfg, fp8.float8_ops(ops, config)), config))
 
     def _restore(self, start: StartPoint) -> None:
         """Continue from `start`: weights, optimizer, EMAs and progress (no RNG state: see jit_fast.train.resume)."""
