@@ -6,7 +6,8 @@ Runs every check of `jit_kernels.selfcheck` (each fused op forward and backward 
 shapes, bitwise-deterministic backward, dropout masks), then a whole JiT-B/16 block through
 `torch.compile(fullgraph=True)` under the device's low-precision autocast (bf16, else fp16) against float64
 within the same rule, and CUDA-graph capture + replay of the sampler's step bitwise equal to running that step
-eagerly, and every attention backend the GPU runs (flash-attn 3 / 2, cuDNN, SDPA) against float64. Those need
+eagerly, every attention backend the GPU runs (flash-attn 3 / 2, cuDNN, SDPA) against float64, and on sm_89+
+the float8 GEMM of each `--fp8` recipe. Those need
 the model package, so they live here: the kernel package imports nothing from `jit_fast`.
 One PASS/FAIL line per check, exit 1 on any failure; without CUDA there is nothing to check (exit 0).
 """
@@ -182,12 +183,52 @@ def attention_checks(device: torch.device | str, sizes: Sizes = PRODUCTION) -> l
             for b in (*BACKENDS, SDPA) if b.installed() and cap >= b.min_capability]
 
 
+# e4m3 keeps 3 mantissa bits (unit roundoff 2^-4): one float8 GEMM of random data lands near 2^-5 relative error
+# (measured 2.4e-2 to 3.3e-2 emulated); 2^-3 leaves room for any reduction order and is ~10x under a wrong GEMM.
+FP8_GEMM_BOUND = 2.0**-3
+
+
+def check_fp8_gemm(recipe: str, device: torch.device | str, sizes: Sizes = PRODUCTION, emulate: bool = False) -> str:
+    """The float8 GEMM the block linears run under `--fp8 recipe`, forward and both gradients, at each production
+    width (tokens of two images, a (3D, D) qkv weight), against float64 within FP8_GEMM_BOUND."""
+    from jit_fast.model import fp8
+
+    gemm = fp8.float8_gemm(fp8.float8_config(recipe, emulate=emulate))
+    worst = (0.0, "")
+    for d in sizes.widths:
+        gen = torch.Generator().manual_seed(d)
+        x = torch.randn(2, sizes.tokens, d, generator=gen, dtype=torch.float64)
+        w = torch.randn(3 * d, d, generator=gen, dtype=torch.float64) / d**0.5
+        up = torch.randn(2, sizes.tokens, 3 * d, generator=gen, dtype=torch.float64)
+        xs, ws = (t.to(device, torch.bfloat16).requires_grad_() for t in (x, w))
+        out = gemm(xs, ws)
+        out.backward(up.to(device, out.dtype))
+        want = (x @ w.T, up @ w, up.flatten(0, 1).T @ x.flatten(0, 1))
+        for name, got, ref in zip(("out", "dx", "dw"), (out, xs.grad, ws.grad), want, strict=True):
+            err = float((got.double().cpu() - ref).norm() / ref.norm())
+            if not err <= FP8_GEMM_BOUND:
+                raise AssertionError(f"{recipe} {name} D={d}: rel err {err:.2e} > {FP8_GEMM_BOUND:.2e}")
+            worst = max(worst, (err, f"{name} D={d}"))
+    return f"worst {worst[1]}: rel err {worst[0]:.2e} <= bound {FP8_GEMM_BOUND:.2e}"
+
+
+def fp8_checks(device: torch.device | str, sizes: Sizes = PRODUCTION) -> list[Check]:
+    """A check per --fp8 recipe where it runs (torchao installed, an sm_89+ GPU); none elsewhere."""
+    from jit_fast.model import fp8
+
+    if fp8.refusal(fp8.RECIPES[0], False, torch.device(device)) is not None:
+        return []
+    return [Check(f"fp8 {r}: float8 GEMM of the block linears, fwd+bwd vs float64", ("fp8", r),
+                  lambda r=r: check_fp8_gemm(r, device, sizes)) for r in fp8.RECIPES]
+
+
 def all_checks(device: torch.device | str, sizes: Sizes = PRODUCTION, ops: SimpleNamespace | None = None,
                backend: str = "inductor", graph: bool | None = None) -> list[Check]:
     """Every check of a selfcheck run, in report order: the fused ops', then the block's and the sampler's."""
     return [
         *kernel_checks(device, sizes, ops),
         *attention_checks(device, sizes),
+        *fp8_checks(device, sizes),
         Check(f"JiT-B/16 block, torch.compile(fullgraph=True), {low_precision(device)} autocast, fwd+bwd vs float64",
               ("block",),
               lambda: check_block(device, sizes, backend)),

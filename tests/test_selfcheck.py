@@ -19,7 +19,7 @@ import torch
 from triton_interp import use_gpu_bf16_rounding
 
 from jit_fast import selfcheck as model_sc
-from jit_fast.model import attention
+from jit_fast.model import attention, fp8
 from jit_kernels import get_ops, reference
 from jit_kernels import selfcheck as sc
 from jit_kernels.dropout import keep_mask
@@ -50,8 +50,10 @@ def test_model_checks_extend_the_kernel_checks(monkeypatch):
     kernel = [c.name for c in sc.kernel_checks("cuda", TINY, ops=get_ops("triton"))]
     full = [c.name for c in model_sc.all_checks("cuda", TINY, ops=get_ops("triton"))]
     installed = [b.name for b in (*attention.BACKENDS, attention.SDPA) if b.installed()]
+    fp8_names = [f"fp8 {r}" for r in fp8.RECIPES] if fp8.refusal("rowwise", False, torch.device("cuda")) is None \
+        else []
     assert full[:len(kernel)] == kernel and [c.split(":")[0].split(",")[0] for c in full[len(kernel):]] == [
-        *(f"attention {name}" for name in installed), "JiT-B/16 block", "sampler step"]
+        *(f"attention {name}" for name in installed), *fp8_names, "JiT-B/16 block", "sampler step"]
     assert installed[-1] == "sdpa"  # PyTorch SDPA is checked on every GPU
 
 
@@ -59,6 +61,27 @@ def test_attention_backends_a_gpu_generation_lacks_are_not_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert [c.name.split(":")[0] for c in model_sc.attention_checks("cuda", TINY)] == ["attention sdpa"]
     assert model_sc.attention_checks("cpu", TINY) == []
+
+
+def test_fp8_checks_need_fp8_tensor_cores(monkeypatch):
+    pytest.importorskip("torchao.float8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert model_sc.fp8_checks("cuda", TINY) == [] and model_sc.fp8_checks("cpu", TINY) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert [c.ops for c in model_sc.fp8_checks("cuda", TINY)] == [("fp8", r) for r in fp8.RECIPES]
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_fp8_gemm_check_passes_emulated_and_fails_on_a_wrong_gemm(recipe, monkeypatch):
+    """The check run on CPU through torchao's emulation (two widths); a GEMM off by one e4m3 step's worth of
+    scale (x 1.25) must FAIL it."""
+    pytest.importorskip("torchao.float8")
+    sizes = dataclasses.replace(TINY, tokens=33, widths=(64, 96))
+    assert "<= bound" in model_sc.check_fp8_gemm(recipe, "cpu", sizes, emulate=True)
+    right = fp8.float8_gemm
+    monkeypatch.setattr(fp8, "float8_gemm", lambda config: lambda x, w: 1.25 * right(config)(x, w))
+    with pytest.raises(AssertionError, match="rel err"):
+        model_sc.check_fp8_gemm(recipe, "cpu", sizes, emulate=True)
 
 
 def test_production_sizes_reach_multi_step_paths():
