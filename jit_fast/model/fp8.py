@@ -21,6 +21,8 @@ import torch
 
 from jit_kernels import OpTable
 
+from ..shared.quiet import quiet_pytree_notices
+
 if TYPE_CHECKING:
     from torchao.float8 import Float8LinearConfig
 
@@ -37,7 +39,8 @@ def refusal(recipe: str, emulate: bool, device: torch.device) -> str | None:
     if recipe not in RECIPES:
         return f"--fp8 {recipe!r} is not a recipe; choose off, {' or '.join(RECIPES)}"
     try:
-        import torchao.float8  # noqa: F401
+        with quiet_pytree_notices():
+            import torchao.float8  # noqa: F401
     except ImportError:
         return "--fp8 needs torchao (pip install 'jit_fast[fp8]')"
     if emulate:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from jit_fast.shared.conditioning import TextCondition
 from jit_fast.shared.errors import UserError
+from jit_fast.shared.quiet import quiet_pytree_notices
 
 DEFAULT_MAX_LENGTH = 77
 
@@ -105,7 +106,8 @@ class TextEncoder(nn.Module):
             hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-            model = AutoModel.from_pretrained(name, revision=revision, dtype=dtype)
+            with quiet_pytree_notices():  # transformers imports torchao (if installed) while it loads a model
+                model = AutoModel.from_pretrained(name, revision=revision, dtype=dtype)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EncoderError(f"cannot load text encoder {name!r}: {first}") from exc

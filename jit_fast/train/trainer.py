@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -603,6 +604,7 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None,
         lock = hold_for_run(cfg.output_dir, "train.py", env, D.rank0_print(env), cfg.data_path or None)
         return Trainer(resolve_run(cfg, env, explicit), env).run(step_callback)
     finally:
+        gc.collect()  # free the Trainer (held by a reference cycle) while the process group still exists
         if lock is not None:
             lock.release()
         D.shutdown(env)
