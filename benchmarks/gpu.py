@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, model_batch
 from benchmarks.ops import bench_ops, case_entries
-from benchmarks.roofline import GPUS, GPUSpec
-from benchmarks.traffic import PATH_KERNELS, count_block, count_train_step
 from jit_fast.configs import model_config
 from jit_fast.model.network import build_model
+from jit_fast.perf.blocks import block_index, block_leaves, capture_block_inputs, model_batch
+from jit_fast.perf.roofline import GPUS, GPUSpec
+from jit_fast.perf.traffic import PATH_KERNELS, count_block, count_train_step
 
 SKIP_MESSAGE = "CUDA is not available on this machine: GPU timings were not taken."
 PATHS = ("eager", "compiled", "fused")

@@ -4,7 +4,7 @@
 
 On CUDA it times, per case and path (`eager`: the reference op; `compiled`: `torch.compile` of it; `fused`: the
 custom op), forward and forward+backward with `triton.testing.do_bench` (median ms) and the peak memory each
-allocates beyond its inputs, beside the fused op's counted I/O bytes (`benchmarks.traffic.count_call`) and the
+allocates beyond its inputs, beside the fused op's counted I/O bytes (`jit_fast.perf.traffic.count_call`) and the
 GB/s they imply. Without CUDA nothing is timed: it runs each case's numerics through the Triton interpreter at
 small shapes instead (the fused kernels against float64, the rule of the tests) and says so. The cases are the
 ones `jit_kernels.selfcheck` verifies (`OpSpec.cases`), built at the block shapes of `--model`: a new op is
@@ -94,8 +94,8 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
 
 
 def count_case(data: CaseData, table: OpTable, out: torch.dtype | None):
-    """`benchmarks.traffic.count_call` of one case through `table` (forward and backward, on fake copies)."""
-    from benchmarks.traffic import count_call
+    """`jit_fast.perf.traffic.count_call` of one case through `table` (forward and backward, on fake copies)."""
+    from jit_fast.perf.traffic import count_call
 
     names = list(data.inputs)
     return count_call(lambda *ts: data.call(table, dict(zip(names, ts, strict=True)), out),

@@ -188,7 +188,7 @@ def _modeled(res: dict) -> list[str]:
         f"{a['gemm_efficiency']:.0%}, attention {a['attention_efficiency']:.0%}, memory "
         f"{a['bandwidth_efficiency']:.0%}. Peaks: "
         + "; ".join(f"{k} {v['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {v['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
-                    for k, v in m["gpus"].items()) + " (datasheet values, see benchmarks/roofline.py).",
+                    for k, v in m["gpus"].items()) + " (datasheet values, see jit_fast/perf/roofline.py).",
     ]
     model = res["model"]
     block = m["blocks"].get(model) or next(iter(m["blocks"].values()))

@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.ops import count_case, model_cases
 from benchmarks.report import git_commit, source_fingerprint
-from benchmarks.roofline import (
+from jit_fast.configs import model_config
+from jit_fast.perf.roofline import (
     DEFAULT_ASSUMPTIONS,
     GPUS,
     H100,
@@ -31,8 +32,7 @@ from benchmarks.roofline import (
     project,
     speedup_table,
 )
-from benchmarks.traffic import NON_GEMM, compare, count_block, count_forward, count_train_step
-from jit_fast.configs import model_config
+from jit_fast.perf.traffic import NON_GEMM, compare, count_block, count_forward, count_train_step
 from jit_kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -170,13 +170,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def _compiled(args: argparse.Namespace, size: int, eager, fused) -> dict:
     """The official release as shipped: what the CPU can tell (statement) and the inductor CPU proxy, modeled."""
-    from benchmarks.compiled import __doc__ as compiled_doc
+    from jit_fast.perf.compiled import __doc__ as compiled_doc
 
     out: dict = dict(statement=" ".join(compiled_doc.split()))
     if args.no_inductor:
         out["inductor_cpu_proxy"] = dict(skipped="not requested (--no-inductor)")
         return out
-    from benchmarks.compiled import compiled_block_count, inductor_cpu_proxy
+    from jit_fast.perf.compiled import compiled_block_count, inductor_cpu_proxy
 
     proxy = inductor_cpu_proxy(args.model, img_size=size, batch=args.batch)
     compiled = compiled_block_count(proxy, eager)

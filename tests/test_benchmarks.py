@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu, ops, report, roofline, run
-from benchmarks.traffic import count_block
+from benchmarks import gpu, ops, report, run
+from jit_fast.perf import roofline
+from jit_fast.perf.traffic import count_block
 
 
 def _once(fn) -> float:
@@ -91,7 +92,7 @@ def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
 @pytest.mark.slow
 def test_inductor_proxy_scales_and_models() -> None:
     """The compiled-block proxy on a tiny preset: both compiles agree, bytes grow with the batch, it projects."""
-    from benchmarks.compiled import compiled_block_count, inductor_cpu_proxy
+    from jit_fast.perf.compiled import compiled_block_count, inductor_cpu_proxy
 
     p = inductor_cpu_proxy("JiT-T/4", img_size=16, batch=8)
     assert all(v["kernels"] > 0 and v["extern_calls"] > 0 for v in p["phases"].values())
@@ -100,7 +101,7 @@ def test_inductor_proxy_scales_and_models() -> None:
 
 
 def test_command_lines(capsys: pytest.CaptureFixture) -> None:
-    from benchmarks import traffic
+    from jit_fast.perf import traffic
 
     assert traffic.main(["--model", "JiT-B/16", "--path", "fused", "--batch", "4", "--top", "40"]) == 0
     assert "jit_fast::" in capsys.readouterr().out

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import jit_fast
-from benchmarks.traffic import count_train_step
 from jit_fast import memory_plan as mp
+from jit_fast.perf.traffic import count_train_step
 
 GIB = 2**30
 TINY = dict(depth=3, hidden_size=64, num_heads=4, bottleneck_dim=16, in_context_len=4, in_context_start=1)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.flash_standin import flash_attention
-from benchmarks.roofline import H100, project
-from benchmarks.traffic import (
+from jit_fast.perf.flash_standin import flash_attention
+from jit_fast.perf.roofline import H100, project
+from jit_fast.perf.traffic import (
     NON_GEMM,
     compare,
     count_block,

@@ -3,7 +3,7 @@
 A `saved_tensors_hooks` pack hook sees every tensor an autograd node saves; storages are counted once each
 (views share their base's storage) and split into activations and weights. Weights are parameters, buffers and
 anything computed from them alone (autocast's low-precision weight copies): a forward dispatch mode marks the
-outputs of an op whose tensor inputs are all constants as constants too. `benchmarks/traffic.py` counts saved
+outputs of an op whose tensor inputs are all constants as constants too. `jit_fast/perf/traffic.py` counts saved
 bytes with the same `SavedBytes` inside its traffic counter.
 """
 

@@ -16,7 +16,7 @@ Conventions (the modeled GPU execution):
   instead routes each custom op to its CUDA kernel on the fake tensors (`jit_kernels.spec.LaunchHelpers`) and
   records every Triton launch; the tests require both counts to agree.
 - Attention is the flash-attention kernel both paths use on a GPU: the model's `attention` is swapped
-  for the counting stand-in of `benchmarks.flash_standin` (one opaque op forward, one backward).
+  for the counting stand-in of `jit_fast.perf.flash_standin` (one opaque op forward, one backward).
 - Autocast is CPU autocast (bf16); for every op JiT uses its cast lists agree with CUDA autocast
   (linear, conv, matmul and SDPA run in bf16; elementwise ops keep their input dtypes).
 - Saved-for-backward bytes come from `saved_tensors_hooks`, deduplicated by storage, split into
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,11 +39,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import jit_fast.model.network as jit_model
-from benchmarks.blocks import block_index, block_leaves, capture_block_inputs, cast_parameters, model_batch
-from benchmarks.flash_standin import BENCH_NAMESPACE, flash_attention_standin
-from benchmarks.flops import attention_flops, gemm_flops
 from jit_fast.configs import model_config
-from jit_fast.shared.saved_bytes import OVERWRITE_OPS, SavedBytes
+from jit_fast.perf.blocks import block_index, block_leaves, capture_block_inputs, cast_parameters, model_batch
+from jit_fast.perf.flash_standin import BENCH_NAMESPACE, flash_attention_standin
+from jit_fast.perf.flops import attention_flops, gemm_flops
+from jit_fast.shared.saved_bytes import OVERWRITE_OPS, SavedBytes, storage_key
 from jit_kernels.table import FUNCTIONS
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ FREE_OPS = frozenset({
 })
 GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
 FUSED_NAMESPACE = "jit_fast"
+# Forward regions of the block linears' GEMMs (op-table functions and the w3 module), on both paths
+BLOCK_LINEAR_REGION = re.compile(
+    r"^blocks\.\d+\.(attn\[(linear_qk_norm_rope|branch_linear)\]|mlp\[linear_swiglu\]|mlp\.w3)$")
 
 
 def footprint(t: torch.Tensor) -> int:
@@ -89,6 +93,12 @@ class OpRecord:
     bytes_written: int
     flops: int = 0
     model_flops: int = 0
+    gemm_mnk: tuple[int, int, int] | None = None  # a GEMM's (m, k, n): it multiplies m x k by k x n
+    block_linear: bool = False  # a GEMM of a block linear (qkv, proj, w12, w3), forward or backward: what --fp8 runs
+    # a block-linear GEMM's two operands: "input" (forward), "saved" (a forward operand again, backward), "grad" (an
+    # output gradient the first time a GEMM reads it), "grad again" (its second GEMM)
+    operands: tuple[str, ...] = ()
+    fp8: bool = False  # timed at the FP8 peak (see jit_fast.perf.float8)
 
     @property
     def bytes(self) -> int:
@@ -213,6 +223,10 @@ class TrafficCounter(TorchDispatchMode):
         self.phase = "fwd"
         self.regions: list[str] = []
         self.saved = SavedBytes(constants)
+        # storages the block linears' forward GEMMs read (activations, weight copies): a backward GEMM reading one
+        # is that linear's dgrad or wgrad; the storages stay referenced so no key is reused
+        self.linear_operands: dict[int, torch.UntypedStorage] = {}
+        self.linear_grads: dict[int, torch.UntypedStorage] = {}  # output gradients a backward GEMM already read
 
     @property
     def region(self) -> str:
@@ -259,8 +273,30 @@ class TrafficCounter(TorchDispatchMode):
         elif ns == "aten" and name in GEMM_OPS:
             record.category = "gemm"
             record.flops = record.model_flops = gemm_flops(name, args)
+            self._tag_block_linear(record, name, args)
         self.records.append(record)
         return out
+
+    def _tag_block_linear(self, record: OpRecord, name: str, args: tuple) -> None:
+        """Note a 2-D GEMM's (m, k, n) and whether it belongs to a block linear: forward by its region, backward by
+        reading a storage one of their forward GEMMs read."""
+        if name not in ("mm", "addmm"):
+            return
+        a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+        record.gemm_mnk = (a.shape[0], a.shape[1], b.shape[1])
+        if self.phase == "fwd":
+            record.block_linear = bool(BLOCK_LINEAR_REGION.match(self.region))
+            if record.block_linear:
+                record.operands = ("input", "input")
+                self.linear_operands.update({storage_key(t): t.untyped_storage() for t in (a, b)})
+        else:
+            keys = (storage_key(a), storage_key(b))
+            record.block_linear = any(key in self.linear_operands for key in keys)
+            if record.block_linear:
+                record.operands = tuple("saved" if key in self.linear_operands else
+                                        "grad again" if key in self.linear_grads else "grad" for key in keys)
+                self.linear_grads.update({key: t.untyped_storage() for key, t in zip(keys, (a, b), strict=True)
+                                          if key not in self.linear_operands})
 
     def _cost_attention(self, record: OpRecord, name: str, args: tuple) -> None:
         record.category = "attention"

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from benchmarks.traffic import Count, OpRecord
+from jit_fast.perf.traffic import Count, OpRecord
 
 
 @dataclass(frozen=True)
 class GPUSpec:
-    """Peak dense bf16 tensor-core throughput and HBM bandwidth of one GPU (datasheet figures)."""
+    """Peak dense bf16 and FP8 tensor-core throughput (0: no FP8 tensor cores), HBM bandwidth and memory of one
+    GPU (datasheet figures)."""
 
     name: str
     peak_bf16_flops: float
     hbm_bytes_per_s: float
+    peak_fp8_flops: float = 0.0
+    memory_bytes: float = 80e9
 
 
 # Sources: NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 tensor core 312 TFLOPS dense,
 # 624 with sparsity; HBM2e 2,039 GB/s); NVIDIA H100 datasheet (H100 SXM: BF16 1,979 TFLOPS with
 # sparsity, i.e. 989.5 dense; HBM3 3.35 TB/s); NVIDIA H200 datasheet (H200 SXM: BF16 1,979 TFLOPS with
-# sparsity, 989.5 dense; HBM3e 4.8 TB/s).
-A100 = GPUSpec("A100-SXM4-80GB", 312e12, 2.039e12)
-H100 = GPUSpec("H100-SXM5-80GB", 989.5e12, 3.35e12)
-H200 = GPUSpec("H200-SXM-141GB", 989.5e12, 4.8e12)
+# sparsity, 989.5 dense; HBM3e 4.8 TB/s). FP8 (E4M3/E5M2) dense: H100 SXM and H200 SXM 1,979 TFLOPS (3,958 with
+# sparsity); the A100 has no FP8 tensor cores. Memory: 80 GB, 80 GB and 141 GB.
+A100 = GPUSpec("A100-SXM4-80GB", 312e12, 2.039e12, 0.0, 80e9)
+H100 = GPUSpec("H100-SXM5-80GB", 989.5e12, 3.35e12, 1979e12, 80e9)
+H200 = GPUSpec("H200-SXM-141GB", 989.5e12, 4.8e12, 1979e12, 141e9)
 GPUS = {"A100": A100, "H100": H100, "H200": H200}
 
 
@@ -51,7 +55,11 @@ def op_time(r: OpRecord, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> 
     """Modeled seconds of one op: the slower of its compute and memory time, at least the kernel floor."""
     t_mem = r.bytes / (gpu.hbm_bytes_per_s * a.bandwidth_efficiency)
     t_compute = 0.0
-    if r.category == "gemm":
+    if r.category == "gemm" and r.fp8:
+        if not gpu.peak_fp8_flops:
+            raise ValueError(f"{gpu.name} has no FP8 tensor cores: an FP8 count cannot be projected onto it")
+        t_compute = r.flops / (gpu.peak_fp8_flops * a.gemm_efficiency)
+    elif r.category == "gemm":
         t_compute = r.flops / (gpu.peak_bf16_flops * a.gemm_efficiency)
     elif r.category == "attention":
         t_compute = r.flops / (gpu.peak_bf16_flops * a.attention_efficiency)
@@ -59,7 +67,8 @@ def op_time(r: OpRecord, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> 
 
 
 def project(count: Count, gpu: GPUSpec, a: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
-    """Modeled time per phase and category, total, throughput and MFU of one counted run on `gpu`."""
+    """Modeled time per phase and category, total, throughput and MFU of one counted run on `gpu` (MFU against
+    the bf16 peak, FP8 runs included, so the paths compare on one scale)."""
     by: dict[str, dict[str, float]] = {}
     for r in count.records:
         by.setdefault(r.phase, {}).setdefault(r.category, 0.0)
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: count a train step (or block) for both paths and print the modeled comparison with its inputs."""
     import argparse
 
-    from benchmarks.traffic import count_block, count_train_step
+    from jit_fast.perf.traffic import count_block, count_train_step
 
     ap = argparse.ArgumentParser(description="Modeled fused-vs-eager speedup from counted traffic (not measured).")
     ap.add_argument("--model", default="JiT-B/16")

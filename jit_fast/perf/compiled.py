@@ -3,7 +3,7 @@
 The traffic counter sees aten ops; a compiled block runs inductor-generated kernels instead, and on a
 GPU those are Triton kernels whose fusion choices and timings exist only on the GPU. On a CPU, inductor
 lowers and fuses the same graph with the same scheduler and emits C++ kernels; its scheduler records
-for each fused kernel the bytes of the buffers it reads and writes. `benchmarks/compiled.py` compiles the eager
+for each fused kernel the bytes of the buffers it reads and writes. `jit_fast/perf/compiled.py` compiles the eager
 standard block (forward and backward), reads those per-kernel byte estimates, and scales them from
 batch 2 and 4 to the requested batch (every buffer is batch-proportional or batch-independent).
 Limits: the C++ backend fuses differently from the Triton backend (no split reductions, other
@@ -19,11 +19,11 @@ from collections.abc import Iterator
 
 import torch
 
-from benchmarks.blocks import block_index, block_leaves, capture_block_inputs
-from benchmarks.flash_standin import flash_attention_standin
-from benchmarks.traffic import Count, OpRecord, count_block
 from jit_fast.configs import model_config
 from jit_fast.model import network as jit_model
+from jit_fast.perf.blocks import block_index, block_leaves, capture_block_inputs
+from jit_fast.perf.flash_standin import flash_attention_standin
+from jit_fast.perf.traffic import Count, OpRecord, count_block
 
 COMPILE_BATCHES = (2, 4)
 KERNEL_NODES = ("SchedulerNode", "FusedSchedulerNode", "OuterLoopFusedSchedulerNode", "ForeachKernelSchedulerNode")
