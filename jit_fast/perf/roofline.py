@@ -22,17 +22,18 @@ class GPUSpec:
     peak_bf16_flops: float
     hbm_bytes_per_s: float
     peak_fp8_flops: float = 0.0
-    memory_bytes: float = 80e9
+    memory_bytes: int = 80 * 2**30
 
 
 # Sources: NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 tensor core 312 TFLOPS dense,
 # 624 with sparsity; HBM2e 2,039 GB/s); NVIDIA H100 datasheet (H100 SXM: BF16 1,979 TFLOPS with
 # sparsity, i.e. 989.5 dense; HBM3 3.35 TB/s); NVIDIA H200 datasheet (H200 SXM: BF16 1,979 TFLOPS with
 # sparsity, 989.5 dense; HBM3e 4.8 TB/s). FP8 (E4M3/E5M2) dense: H100 SXM and H200 SXM 1,979 TFLOPS (3,958 with
-# sparsity); the A100 has no FP8 tensor cores. Memory: 80 GB, 80 GB and 141 GB.
-A100 = GPUSpec("A100-SXM4-80GB", 312e12, 2.039e12, 0.0, 80e9)
-H100 = GPUSpec("H100-SXM5-80GB", 989.5e12, 3.35e12, 1979e12, 80e9)
-H200 = GPUSpec("H200-SXM-141GB", 989.5e12, 4.8e12, 1979e12, 141e9)
+# sparsity); the A100 has no FP8 tensor cores. Memory: the "80 GB" parts hold about 79.6 GiB and the "141 GB" H200
+# about 140 GiB as CUDA reports them; taken as 79 and 139 GiB for the driver's share.
+A100 = GPUSpec("A100-SXM4-80GB", 312e12, 2.039e12, 0.0, 79 * 2**30)
+H100 = GPUSpec("H100-SXM5-80GB", 989.5e12, 3.35e12, 1979e12, 79 * 2**30)
+H200 = GPUSpec("H200-SXM-141GB", 989.5e12, 4.8e12, 1979e12, 139 * 2**30)
 GPUS = {"A100": A100, "H100": H100, "H200": H200}
 
 
