@@ -370,12 +370,71 @@ def warn_stale(paths: list[Path], current: dict, out=None) -> int:
     return stale
 
 
+TARGET_VS_COMPILED = 1.5  # the step speedup over the compiled official release asked for
+TARGET_SAMPLING_MINUTES = 2.0  # 50k B/16 images on 8 GPUs
+
+
+def render_plans(res: dict) -> str:
+    """Markdown for one `benchmarks.plans` result: training per preset, sampling, calibration, the targets."""
+    setting = f"{res['gpus']} x {res['gpu']}, global batch {res['global_batch']}, {res['epochs']} epochs of ImageNet"
+    rows, samp, best = [], [], {}
+    for model, entry in res["presets"].items():
+        p, paths = entry["plan"], entry["plan"]["paths"]
+        comp = paths["compiled"]["step_s"]
+        fp8 = {k: v for k, v in paths.items() if k.startswith("fused+fp8")}
+        best[model] = max([("fused bf16", comp / paths["fused"]["step_s"])]
+                          + [(k.replace("fused+fp8 ", "fused FP8 "), comp / v["step_s"]) for k, v in fp8.items()],
+                          key=lambda kv: kv[1])
+        batch = f"{p['per_gpu_batch']}" + (f" ({p['grad_accum']} x {p['micro_batch']})" if p["grad_accum"] > 1 else "")
+        rows.append([model, batch, f"{p['peak_bytes'] / 2**30:.1f}" + ("" if p["fits"] else " (no fit)"),
+                     *(f"{paths[k]['step_s'] * 1e3:.0f}" for k in ("eager", "compiled", "fused")),
+                     *(f"{v['step_s'] * 1e3:.0f}" for v in fp8.values()),
+                     f"{comp / paths['fused']['step_s']:.2f}x", *(f"{comp / v['step_s']:.2f}x" for v in fp8.values()),
+                     f"{paths['fused']['days']:.1f}", f"{paths['fused']['mfu']:.1%}"])
+        sm = entry["sampling"]
+        samp.append([model, *(f"{v['img_per_s_per_gpu']:.1f}" for v in sm["paths"].values()),
+                     *(f"{v['minutes']:.2f}" for v in sm["paths"].values())])
+    fp8_names = [k.replace("fused+fp8 ", "") for k in next(iter(res["presets"].values()))["plan"]["paths"]
+                 if k.startswith("fused+fp8")]
+    sm0 = next(iter(res["presets"].values()))["sampling"]
+    spaths = list(sm0["paths"])
+    c = res["calibration"]
+    reached = [m for m, (_, r) in best.items() if r >= TARGET_VS_COMPILED]
+    top = max(best.items(), key=lambda kv: kv[1][1])
+    b16 = res["presets"].get("JiT-B/16", {}).get("sampling", {}).get("paths", {})
+    fastest = min(b16.items(), key=lambda kv: kv[1]["minutes"]) if b16 else None
+    out = [
+        f"## Modeled training plans: {setting}",
+        f"Command: `{res['command']}`, {res['created']}; `python -m jit_fast.plan` for each preset. **Every figure "
+        "is modeled** (counted traffic on the roofline; memory from the memory plan), none measured.",
+        _table(["model", "batch / GPU", "peak GiB", "eager ms", "compiled ms", "fused ms",
+                *(f"fused FP8 {n} ms" for n in fp8_names), "fused vs compiled",
+                *(f"FP8 {n} vs compiled" for n in fp8_names), "days (fused)", "MFU (fused)"], rows),
+        f"Modeled sampling ({sm0['settings']['solver']}-{sm0['settings']['steps']}, CFG {sm0['settings']['cfg']} "
+        f"on t in {sm0['settings']['interval']}, {sm0['forward_rows_per_image']} forward rows per image, "
+        f"{sm0['batch_per_gpu']} images per GPU), img/s per GPU and minutes for {sm0['images']:,} images on "
+        f"{sm0['gpus']} GPUs:",
+        _table(["model", *(f"{n} img/s" for n in spaths), *(f"{n} min" for n in spaths)], samp),
+        f"Calibration: the official code trained {c['model']} ({c['img_size']}px, {c['per_gpu_batch']} per GPU on "
+        f"{c['gpus']} x {c['gpu']}, {c['epochs']} epochs) in about {c['days']:.0f} days; the planner's eager estimate "
+        f"of that run is {c['modeled_eager_days']:.1f} days (measured / modeled = {c['measured_over_modeled']:.2f}).",
+        f"Targets in the model: a step {TARGET_VS_COMPILED}x the compiled official release is "
+        + (f"reached by {', '.join(reached)}" if reached else
+           f"not reached (best: {top[0]} {top[1][0]}, {top[1][1]:.2f}x)")
+        + (f"; 50k JiT-B/16 images on {sm0['gpus']} GPUs in {TARGET_SAMPLING_MINUTES:g} minutes is "
+           + ("reached" if fastest[1]["minutes"] <= TARGET_SAMPLING_MINUTES else "not reached")
+           + f" (fastest: {fastest[0]}, {fastest[1]['minutes']:.2f} min)." if fastest else "."),
+    ]
+    return "\n\n".join(out) + "\n"
+
+
 def build_document(results_dir: Path = RESULTS_DIR) -> str:
-    """docs/PERFORMANCE.md text from every result JSON (GPU results first, then by name)."""
+    """docs/PERFORMANCE.md text: the planner's preset tables, then every result JSON (GPU results first)."""
+    plans = [render_plans(json.loads(p.read_text())) for p in sorted((results_dir / "plans").glob("*.json"))]
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     results.sort(key=lambda r: ("skipped" in r.get("gpu", {}), r["model"], r["batch"]))
     body = [render_result(r) for r in results] or ["No results yet: run `python -m benchmarks.run`.\n"]
-    return HEADER + "\n" + "\n".join(body)
+    return HEADER + "\n" + "\n".join(plans + body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--out", type=Path, default=PERFORMANCE_MD)
     args = ap.parse_args(argv)
-    warn_stale(sorted(args.results.glob("*.json")), source_fingerprint())
+    warn_stale(sorted(args.results.glob("*.json")) + sorted((args.results / "plans").glob("*.json")),
+               source_fingerprint())
     for path in sorted(args.results.glob("*.json")):  # keep each result's own Markdown in step with this renderer
         path.with_suffix(".md").write_text(render_result(json.loads(path.read_text())))
     args.out.parent.mkdir(parents=True, exist_ok=True)

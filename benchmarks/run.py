@@ -29,15 +29,14 @@ from jit_fast.perf.roofline import (
     H100,
     PURE_ROOFLINE,
     format_speedup,
-    project,
     speedup_table,
 )
-from jit_fast.perf.traffic import NON_GEMM, compare, count_block, count_forward, count_train_step
+from jit_fast.perf.traffic import NON_GEMM, compare, count_block, count_train_step
+from jit_fast.plan import SAMPLING, sampling_times
 from jit_kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BLOCK_MODELS = ("JiT-B/16", "JiT-L/16", "JiT-H/16")
-SAMPLING = dict(steps=50, solver="heun", interval=(0.1, 1.0), cfg=2.9)
 
 
 def default_img_size(model: str) -> int:
@@ -100,22 +99,19 @@ def step_section(model: str, batch: int, img_size: int) -> dict:
 
 
 def sampling_section(model: str, batch: int, img_size: int) -> dict:
-    """Modeled sampling images/s: forward rows per image of Heun-50 with interval CFG times the modeled row cost."""
-    from jit_fast.sampling.sampler import forward_rows_per_image
-
-    s = SAMPLING
-    rows_per_image = forward_rows_per_image(s["steps"], s["solver"], s["interval"], s["cfg"])
-    counts = {p: count_forward(model, p, 2 * batch, img_size) for p in ("eager", "fused")}
+    """Modeled sampling images/s (`jit_fast.plan.sampling_times`): forward rows per image of Heun-50 with interval
+    CFG times the modeled row cost, per GPU."""
     table = []
     for gname, gpu in GPUS.items():
+        rows_per_image, times = sampling_times(model, img_size, gpu, 1, batch, 50_000)
         row = dict(gpu=gname, modeled=True)
-        for path, c in counts.items():
-            per_row = project(c, gpu)["seconds"] / (2 * batch)
-            row[f"{path}_ms_per_forward_row"] = per_row * 1e3
-            row[f"{path}_img_per_s"] = 1.0 / (rows_per_image * per_row)
+        for t in times:
+            key = t.path.replace(", ", "_").replace(" ", "_")
+            row[f"{key}_ms_per_forward_row"] = 1e3 / (rows_per_image * t.img_per_s_per_gpu)
+            row[f"{key}_img_per_s"] = t.img_per_s_per_gpu
         row["speedup_fused_vs_eager"] = row["fused_img_per_s"] / row["eager_img_per_s"]
         table.append(row)
-    return dict(settings=dict(s, interval=list(s["interval"])), forward_batch=2 * batch,
+    return dict(settings=dict(SAMPLING, interval=list(SAMPLING["interval"])), forward_batch=2 * batch,
                 rows_per_image=rows_per_image, projection=table)
 
 

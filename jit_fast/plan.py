@@ -30,7 +30,8 @@ from jit_fast.configs import MODEL_PRESETS, model_config
 from jit_fast.perf.compiled import compiled_block_count, inductor_cpu_proxy
 from jit_fast.perf.float8 import RECIPES, fp8_count
 from jit_fast.perf.roofline import DEFAULT_ASSUMPTIONS, GPUS, Assumptions, GPUSpec, project
-from jit_fast.perf.traffic import Count, count_block, count_train_step
+from jit_fast.perf.traffic import Count, count_block, count_forward, count_train_step
+from jit_fast.sampling.sampler import forward_rows_per_image
 from jit_fast.shared.errors import UserError
 from jit_fast.shared.quiet import CPP_EXTENSION_LOGGER, quiet_loggers
 
@@ -39,6 +40,8 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 CALIBRATION = dict(model="JiT-G/32", img_size=512, gpus=8, gpu="H100", per_gpu_batch=16, epochs=600, days=20.0)
 OFFICIAL_PRESETS = tuple(m for m in MODEL_PRESETS if m.split("/")[0] in ("JiT-B", "JiT-L", "JiT-H", "JiT-G"))
 SECONDS_PER_DAY = 86400.0
+# The sampler the official FID numbers use: Heun, 50 steps, CFG 2.9 on t in [0.1, 1.0]
+SAMPLING = dict(steps=50, solver="heun", interval=(0.1, 1.0), cfg=2.9)
 
 
 class PlanError(UserError, ValueError):
@@ -180,6 +183,35 @@ def plan_run(model: str = "JiT-B/16", gpus: int = 8, gpu: str = "H100", global_b
                    activation_checkpointing, times)
 
 
+@dataclass(frozen=True)
+class SamplingTime:
+    """Modeled sampling throughput of one sampler path: images per second per GPU, minutes for all the images."""
+
+    path: str
+    img_per_s_per_gpu: float
+    minutes: float
+
+
+def sampling_times(model: str, img_size: int, gpu: GPUSpec, gpus: int, batch: int, images: int, fp8: str = "off",
+                   a: Assumptions = DEFAULT_ASSUMPTIONS) -> tuple[int, tuple[SamplingTime, ...]]:
+    """Heun-50 with interval CFG (`SAMPLING`), `batch` images per GPU (2 x `batch` forward rows while guided):
+    (forward rows per image, the time of each sampler path). eager and fused run under autocast, which casts the
+    block weights in every forward; "bf16 weights" casts them once before sampling; "fp8 weights" also runs the
+    block linears in FP8 with weights cast once (only with `fp8`)."""
+    rows = forward_rows_per_image(SAMPLING["steps"], SAMPLING["solver"], SAMPLING["interval"], SAMPLING["cfg"])
+    counts = {"eager": count_forward(model, "eager", 2 * batch, img_size),
+              "fused": count_forward(model, "fused", 2 * batch, img_size),
+              "fused, bf16 weights": count_forward(model, "fused", 2 * batch, img_size, param_dtype=torch.bfloat16)}
+    if fp8 != "off":
+        counts["fused+fp8, fp8 weights"] = fp8_count(counts["fused, bf16 weights"], fp8, weights_cast_once=True)
+    out = []
+    for path, c in counts.items():
+        per_row = project(c, gpu, a)["seconds"] / (2 * batch)
+        ips = 1.0 / (rows * per_row)
+        out.append(SamplingTime(path, ips, images / (gpus * ips) / 60))
+    return rows, tuple(out)
+
+
 def calibration(assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
     """The official JiT-G/32 run's reported days against this planner's eager estimate of the same run."""
     c = CALIBRATION
@@ -189,12 +221,33 @@ def calibration(assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
     return dict(c, modeled_eager_days=eager.days, measured_over_modeled=c["days"] / eager.days)
 
 
-def to_json(p: RunPlan, calib: dict | None, assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
+def sampling_dict(model: str, img_size: int, gpu: str, gpus: int, batch: int, images: int, fp8: str = "off",
+                  a: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
+    """`sampling_times` as a JSON-ready dict with its settings."""
+    rows, times = sampling_times(model, img_size, GPUS[gpu], gpus, batch, images, fp8, a)
+    return dict(settings=dict(SAMPLING, interval=list(SAMPLING["interval"])), forward_rows_per_image=rows,
+                batch_per_gpu=batch, images=images, gpus=gpus,
+                paths={t.path: dict(img_per_s_per_gpu=t.img_per_s_per_gpu, minutes=t.minutes) for t in times})
+
+
+def to_json(p: RunPlan, calib: dict | None, sampling: dict | None,
+            assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
     """The plan as a JSON-ready dict, every figure labelled modeled."""
     out = dataclasses.asdict(p)
     out["paths"] = {t["path"]: {k: v for k, v in t.items() if k != "path"} for t in out["paths"]}
-    return dict(modeled=True, plan=out, assumptions=dataclasses.asdict(assumptions), calibration=calib,
-                statement=" ".join(__doc__.split("\n\n", 2)[2].split()))
+    return dict(modeled=True, plan=out, sampling=sampling, assumptions=dataclasses.asdict(assumptions),
+                calibration=calib, statement=" ".join(__doc__.split("\n\n", 2)[2].split()))
+
+
+def format_sampling(sm: dict) -> str:
+    """The printed sampling estimate: one line per sampler path."""
+    st = sm["settings"]
+    lines = [f"sampling {sm['images']:,} images on {sm['gpus']} GPUs, {sm['batch_per_gpu']} per GPU "
+             f"({st['solver']}-{st['steps']}, CFG {st['cfg']} on t in {st['interval']}: "
+             f"{sm['forward_rows_per_image']} forward rows per image), modeled:"]
+    for path, v in sm["paths"].items():
+        lines.append(f"  {path:<24}{v['img_per_s_per_gpu']:>8.1f} img/s/GPU{v['minutes']:>8.2f} min")
+    return "\n".join(lines)
 
 
 def format_plan(p: RunPlan, calib: dict | None, assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
@@ -248,20 +301,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compiled", action="store_true",
                     help="skip the compiled path (it compiles one block twice with inductor on CPU, about a minute)")
     ap.add_argument("--no-calibration", action="store_true", help="skip the JiT-G/32 calibration line")
+    ap.add_argument("--sample-batch", type=int, default=256, help="images per GPU per sampling batch")
+    ap.add_argument("--sample-images", type=int, default=50_000, help="images to sample (FID-50k)")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the sampling estimate")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     try:
+        for flag, value in (("--sample-batch", args.sample_batch), ("--sample-images", args.sample_images)):
+            if value < 1:
+                raise PlanError(f"{flag} must be an integer >= 1, got {value}")
         if not args.no_compiled and not args.json:
             print("counting the step on fake tensors and compiling one block with inductor on CPU "
                   "(about a minute; --no-compiled skips it) ...", file=sys.stderr, flush=True)
         p = plan_run(args.model, args.gpus, args.gpu, args.global_batch, args.epochs, args.img_size or None,
                      args.fp8, args.kernels, args.dataset_size, args.activation_checkpointing,
                      args.memory_gb or None, not args.no_compiled)
+        sampling = None if args.no_sampling else sampling_dict(
+            args.model, p.img_size, args.gpu, args.gpus, args.sample_batch, args.sample_images, args.fp8)
         calib = None if args.no_calibration else calibration()
     except UserError as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(to_json(p, calib), indent=1) if args.json else format_plan(p, calib))
+    if args.json:
+        print(json.dumps(to_json(p, calib, sampling), indent=1))
+    else:
+        print(format_plan(p, calib) + ("\n" + format_sampling(sampling) if sampling else ""))
     return 0
 
 

@@ -90,6 +90,25 @@ def test_run_writes_json_and_markdown(tmp_path, stub_gpu_section: dict) -> None:
 
 
 @pytest.mark.slow
+def test_plans_write_json_and_the_report_renders_them(tmp_path) -> None:
+    """benchmarks.plans on a tiny preset: one JSON with every path and the sampling estimate; the report's plan
+    section shows its step times and states whether the targets are reached."""
+    from benchmarks import plans
+
+    out = tmp_path / "plans"
+    assert plans.main(["--models", "JiT-T/4", "--img-size", "32", "--gpus", "1", "--global-batch", "8",
+                       "--epochs", "1", "--sample-batch", "2", "--out", str(out)]) == 0
+    (js,) = out.glob("*.json")
+    res = json.loads(js.read_text())
+    paths = res["presets"]["JiT-T/4"]["plan"]["paths"]
+    assert set(paths) == {"eager", "compiled", "fused", "fused+fp8 tensorwise", "fused+fp8 rowwise"}
+    assert res["modeled"] is True and res["calibration"]["model"] == "JiT-G/32"
+    doc = report.build_document(tmp_path)
+    assert "## Modeled training plans: 1 x H100" in doc and f"{paths['fused']['step_s'] * 1e3:.0f}" in doc
+    assert "Targets in the model: a step 1.5x the compiled official release is" in doc
+
+
+@pytest.mark.slow
 def test_inductor_proxy_scales_and_models() -> None:
     """The compiled-block proxy on a tiny preset: both compiles agree, bytes grow with the batch, it projects."""
     from jit_fast.perf.compiled import compiled_block_count, inductor_cpu_proxy

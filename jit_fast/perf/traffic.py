@@ -95,8 +95,8 @@ class OpRecord:
     model_flops: int = 0
     gemm_mnk: tuple[int, int, int] | None = None  # a GEMM's (m, k, n): it multiplies m x k by k x n
     block_linear: bool = False  # a GEMM of a block linear (qkv, proj, w12, w3), forward or backward: what --fp8 runs
-    # a block-linear GEMM's two operands: "input" (forward), "saved" (a forward operand again, backward), "grad" (an
-    # output gradient the first time a GEMM reads it), "grad again" (its second GEMM)
+    # a block-linear GEMM's two operands: "input" or "weight" (forward), "saved" (a forward operand again, backward),
+    # "grad" (an output gradient the first time a GEMM reads it), "grad again" (its second GEMM)
     operands: tuple[str, ...] = ()
     fp8: bool = False  # timed at the FP8 peak (see jit_fast.perf.float8)
 
@@ -286,8 +286,9 @@ class TrafficCounter(TorchDispatchMode):
         record.gemm_mnk = (a.shape[0], a.shape[1], b.shape[1])
         if self.phase == "fwd":
             record.block_linear = bool(BLOCK_LINEAR_REGION.match(self.region))
-            if record.block_linear:
-                record.operands = ("input", "input")
+            if record.block_linear:  # the weight (or autocast's copy of it) is a constant's storage
+                record.operands = tuple("weight" if storage_key(t) in self.saved.constant_storages else "input"
+                                        for t in (a, b))
                 self.linear_operands.update({storage_key(t): t.untyped_storage() for t in (a, b)})
         else:
             keys = (storage_key(a), storage_key(b))
@@ -518,18 +519,21 @@ def count_train_step(
 
 
 def count_forward(
-    model: str = "JiT-B/16", path: str = "eager", batch: int = 128, img_size: int = 256, **overrides
+    model: str = "JiT-B/16", path: str = "eager", batch: int = 128, img_size: int = 256,
+    param_dtype: torch.dtype | None = None, **overrides
 ) -> Count:
-    """Count one inference forward of the whole model (eval mode, no grad, bf16 autocast): one sampler NFE."""
+    """Count one inference forward of the whole model (eval mode, no grad, bf16 autocast): one sampler NFE.
+    `param_dtype=torch.bfloat16`: block weights cast once beforehand, so no forward casts them (`cast_parameters`)."""
     cfg = model_config(model, img_size=img_size, kernels=PATH_KERNELS[path], **overrides)
     with FakeTensorMode(), flash_attention_standin():
-        net = jit_model.JiT(cfg).eval()
+        net = cast_parameters(jit_model.JiT(cfg).eval(), param_dtype)
         x, t, y = model_batch(cfg, batch)
         counter = TrafficCounter(_constants(net))
         with counter, torch.no_grad(), track_regions(counter, net), torch.autocast("cpu", dtype=torch.bfloat16):
             net(x, t, y)
     meta = dict(kind="forward", model=model, path=path, batch=batch, img_size=img_size,
-                tokens=cfg.grid_size**2 + cfg.in_context_len, hidden=cfg.hidden_size, depth=cfg.depth, autocast="bf16")
+                tokens=cfg.grid_size**2 + cfg.in_context_len, hidden=cfg.hidden_size, depth=cfg.depth, autocast="bf16",
+                params=str(param_dtype or torch.float32))
     return _finish(counter, meta)
 
 
