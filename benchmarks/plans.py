@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.img_size or None)
     result = dict(
         schema=1, modeled=True,
-        command="python -m benchmarks.plans " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=" ".join(["python -m benchmarks.plans", *(sys.argv[1:] if argv is None else argv)]),
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         source=source_fingerprint(), gpu=args.gpu, gpus=args.gpus, global_batch=args.global_batch,
         epochs=args.epochs, assumptions=dataclasses.asdict(DEFAULT_ASSUMPTIONS), calibration=plan.calibration(),

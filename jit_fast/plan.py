@@ -38,7 +38,8 @@ from jit_fast.shared.quiet import CPP_EXTENSION_LOGGER, quiet_loggers
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # The official JiT-G/32 run (JiT paper and repository): 8 H100s, 16 images per GPU, 600 epochs, about 20 days
 CALIBRATION = dict(model="JiT-G/32", img_size=512, gpus=8, gpu="H100", per_gpu_batch=16, epochs=600, days=20.0)
-OFFICIAL_PRESETS = tuple(m for m in MODEL_PRESETS if m.split("/")[0] in ("JiT-B", "JiT-L", "JiT-H", "JiT-G"))
+OFFICIAL_PRESETS = tuple(m for m in MODEL_PRESETS
+                         if m.split("/")[0] in ("JiT-B", "JiT-L", "JiT-H", "JiT-G") and not m.endswith("-Text"))
 SECONDS_PER_DAY = 86400.0
 # The sampler the official FID numbers use: Heun, 50 steps, CFG 2.9 on t in [0.1, 1.0]
 SAMPLING = dict(steps=50, solver="heun", interval=(0.1, 1.0), cfg=2.9)
@@ -143,8 +144,9 @@ def plan_run(model: str = "JiT-B/16", gpus: int = 8, gpu: str = "H100", global_b
              memory_gb: float | None = None, compiled: bool = True,
              assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> RunPlan:
     """Model a training run: memory per GPU (the memory plan), step time, img/s, days and MFU per path."""
-    if model not in MODEL_PRESETS:
-        raise PlanError(f"--model {model!r} is not a preset; choose one of {', '.join(OFFICIAL_PRESETS)}")
+    if model not in MODEL_PRESETS or model.endswith("-Text"):
+        why = "text-conditioned presets are not modeled" if model in MODEL_PRESETS else "it is not a preset"
+        raise PlanError(f"--model {model!r}: {why}; choose one of {', '.join(OFFICIAL_PRESETS)}")
     if gpu not in GPUS:
         raise PlanError(f"--gpu {gpu!r} is not modeled; choose one of {', '.join(GPUS)}")
     for flag, value in (("--gpus", gpus), ("--global-batch", global_batch), ("--epochs", epochs),

@@ -160,7 +160,8 @@ def test_cli_prints_json_from_outside_the_checkout(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--gpus", "4", "--global-batch", "10"], "--global-batch 10 does not split over --gpus 4"),
     (["--gpu", "A100", "--fp8", "rowwise"], "--fp8 needs FP8 tensor cores; the A100 has none"),
-    (["--model", "JiT-X/16"], "--model 'JiT-X/16' is not a preset"),
+    (["--model", "JiT-X/16"], "--model 'JiT-X/16': it is not a preset; choose one of JiT-B/16, JiT-B/32,"),
+    (["--model", "JiT-B/16-Text"], "--model 'JiT-B/16-Text': text-conditioned presets are not modeled"),
     (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
     (["--global-batch", "4096", "--dataset-size", "1000"], "--global-batch 4096 exceeds --dataset-size 1000"),
 ])
