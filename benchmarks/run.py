@@ -32,16 +32,11 @@ from jit_fast.perf.roofline import (
     speedup_table,
 )
 from jit_fast.perf.traffic import NON_GEMM, compare, count_block, count_train_step
-from jit_fast.plan import SAMPLING, sampling_times
+from jit_fast.plan import SAMPLING, default_img_size, sampling_times
 from jit_kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BLOCK_MODELS = ("JiT-B/16", "JiT-L/16", "JiT-H/16")
-
-
-def default_img_size(model: str) -> int:
-    """Official resolution of a preset: 256 for /16 models, 512 for /32 models."""
-    return 512 if model.endswith("/32") else 256
 
 
 def block_section(models: list[tuple[str, int]], batch: int) -> dict:

@@ -10,7 +10,8 @@ as shipped: blocks under torch.compile, from inductor's CPU scheduler, `jit_fast
 project's Triton kernels) and, with --fp8, fused with the block linears in FP8 (`jit_fast.perf.float8`).
 With more than one GPU the blocks compute with FSDP2's bf16 gathered weights and the optimizer steps 1/N of the
 states; the all-gathers and reduce-scatters are assumed hidden behind compute (not modeled). A per-GPU batch the
-memory plan does not fit is modeled as gradient accumulation over the largest micro-batch that fits.
+memory plan does not fit is modeled as gradient accumulation over the largest micro-batch that divides it and fits.
+Memory is the bf16 run's for every path (FP8's transient float8 copies are not in the memory plan).
 The calibration line compares the one public measured figure known, the official code training JiT-G/32 at 512px
 with 16 images per GPU on 8 H100s for 600 epochs in about 20 days, with this planner's eager estimate of that run.
 """
@@ -118,9 +119,9 @@ def path_times(model: str, img_size: int, micro: int, accum: int, gpus: int, ste
     """Modeled step of each of `paths` (eager, compiled, fused, fused+fp8): `accum` counted forward+backward passes
     of `micro` images per GPU, then the optimizer and two EMAs (on 1/`gpus` of the states with FSDP2)."""
     dtype = torch.bfloat16 if gpus > 1 else None  # FSDP2 computes with bf16 gathered block weights
+    counted = sorted({"compiled": "eager", "fused+fp8": "fused"}.get(p, p) for p in paths)  # what each derives from
     counts = {path: count_train_step(model, path, micro, img_size, optimizer=False, param_dtype=dtype)
-              for path in ("eager", "fused") if path in paths or (path == "eager" and "compiled" in paths)
-              or (path == "fused" and "fused+fp8" in paths)}
+              for path in counted}
     if "fused+fp8" in paths:
         counts["fused+fp8"] = fp8_count(counts["fused"], fp8)
     opt = count_train_step(model, "eager", 1, img_size)
