@@ -32,7 +32,7 @@ from jit_fast.perf.roofline import (
     speedup_table,
 )
 from jit_fast.perf.traffic import NON_GEMM, compare, count_block, count_train_step
-from jit_fast.plan import SAMPLING, default_img_size, sampling_times
+from jit_fast.plan import SAMPLING, default_img_size, sampling_counts, sampling_times
 from jit_kernels import get_ops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -94,11 +94,12 @@ def step_section(model: str, batch: int, img_size: int) -> dict:
 
 
 def sampling_section(model: str, batch: int, img_size: int) -> dict:
-    """Modeled sampling images/s (`jit_fast.plan.sampling_times`): forward rows per image of Heun-50 with interval
-    CFG times the modeled row cost, per GPU."""
+    """Modeled sampling images/s per GPU (`jit_fast.plan.sampling_counts`, `sampling_times`): forward rows per image
+    of Heun-50 with interval CFG times the modeled row cost; counted once, projected on each GPU."""
     table = []
+    counts = sampling_counts(model, img_size, batch)
     for gname, gpu in GPUS.items():
-        rows_per_image, times = sampling_times(model, img_size, gpu, 1, batch, 50_000)
+        rows_per_image, times = sampling_times(counts, gpu, 1, 50_000)
         row = dict(gpu=gname, modeled=True)
         for t in times:
             key = t.path.replace(", ", "_").replace(" ", "_")

@@ -195,21 +195,25 @@ class SamplingTime:
     minutes: float
 
 
-def sampling_times(model: str, img_size: int, gpu: GPUSpec, gpus: int, batch: int, images: int, fp8: str = "off",
-                   a: Assumptions = DEFAULT_ASSUMPTIONS) -> tuple[int, tuple[SamplingTime, ...]]:
-    """Heun-50 with interval CFG (`SAMPLING`), `batch` images per GPU (2 x `batch` forward rows while guided):
-    (forward rows per image, the time of each sampler path). eager and fused run under autocast, which casts the
-    block weights in every forward; "bf16 weights" casts them once before sampling; "fp8 weights" also runs the
-    block linears in FP8 with weights cast once (only with `fp8`)."""
-    rows = forward_rows_per_image(SAMPLING["steps"], SAMPLING["solver"], SAMPLING["interval"], SAMPLING["cfg"])
+def sampling_counts(model: str, img_size: int, batch: int, fp8: str = "off") -> dict[str, Count]:
+    """One sampler forward of each path at `batch` images (2 x `batch` rows while guided): eager and fused run under
+    autocast, which casts the block weights in every forward; "bf16 weights" casts them once before sampling;
+    "fp8 weights" also runs the block linears in FP8 with weights cast once (only with `fp8`)."""
     counts = {"eager": count_forward(model, "eager", 2 * batch, img_size),
               "fused": count_forward(model, "fused", 2 * batch, img_size),
               "fused, bf16 weights": count_forward(model, "fused", 2 * batch, img_size, param_dtype=torch.bfloat16)}
     if fp8 != "off":
         counts["fused+fp8, fp8 weights"] = fp8_count(counts["fused, bf16 weights"], fp8, weights_cast_once=True)
+    return counts
+
+
+def sampling_times(counts: dict[str, Count], gpu: GPUSpec, gpus: int, images: int,
+                   a: Assumptions = DEFAULT_ASSUMPTIONS) -> tuple[int, tuple[SamplingTime, ...]]:
+    """Heun-50 with interval CFG (`SAMPLING`) from `sampling_counts`: (forward rows per image, each path's time)."""
+    rows = forward_rows_per_image(SAMPLING["steps"], SAMPLING["solver"], SAMPLING["interval"], SAMPLING["cfg"])
     out = []
     for path, c in counts.items():
-        per_row = project(c, gpu, a)["seconds"] / (2 * batch)
+        per_row = project(c, gpu, a)["seconds"] / c.meta["batch"]
         ips = 1.0 / (rows * per_row)
         out.append(SamplingTime(path, ips, images / (gpus * ips) / 60))
     return rows, tuple(out)
@@ -227,7 +231,7 @@ def calibration(assumptions: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
 def sampling_dict(model: str, img_size: int, gpu: str, gpus: int, batch: int, images: int, fp8: str = "off",
                   a: Assumptions = DEFAULT_ASSUMPTIONS) -> dict:
     """`sampling_times` as a JSON-ready dict with its settings."""
-    rows, times = sampling_times(model, img_size, GPUS[gpu], gpus, batch, images, fp8, a)
+    rows, times = sampling_times(sampling_counts(model, img_size, batch, fp8), GPUS[gpu], gpus, images, a)
     return dict(settings=dict(SAMPLING, interval=list(SAMPLING["interval"])), forward_rows_per_image=rows,
                 batch_per_gpu=batch, images=images, gpus=gpus,
                 paths={t.path: dict(img_per_s_per_gpu=t.img_per_s_per_gpu, minutes=t.minutes) for t in times})

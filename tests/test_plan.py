@@ -178,15 +178,3 @@ def test_every_official_preset_plans_on_8_h100s():
         assert p.fits and p.path("fused").step_s < p.path("eager").step_s, model
         text = plan.format_plan(p, None)
         assert text.startswith("MODELED (not measured): " + model) and "fused+fp8 tensorwise" in text
-
-
-@pytest.mark.slow
-def test_the_compiled_path_lies_between_nothing_and_eager():
-    """The compiled official block (inductor's fused kernels) moves fewer bytes than the eager one, so its step is
-    faster than eager's; the GEMMs and attention are the same, so it cannot beat them."""
-    p = plan.plan_run("JiT-T/4", 1, "H100", 8, 1, 32, dataset_size=64)
-    compiled, eager = p.path("compiled").step_s, p.path("eager").step_s
-    gemm_floor = seconds(Count(meta={}, records=[r for r in count_train_step("JiT-T/4", "eager", 8, 32).records
-                                                 if r.category in ("gemm", "attention")]))
-    assert gemm_floor < compiled < eager
-    assert "fused vs compiled official" in plan.format_plan(p, None)
