@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from jit_fast.model.fp8 import RECIPES
 from jit_fast.perf.traffic import Count, OpRecord
 
 BF16_BYTES = 2
-RECIPES = ("tensorwise", "rowwise")
 
 
 def _cast(r: OpRecord, side: str, elements: int, amax: bool, layouts: int) -> list[OpRecord]:

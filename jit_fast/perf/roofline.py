@@ -21,8 +21,8 @@ class GPUSpec:
     name: str
     peak_bf16_flops: float
     hbm_bytes_per_s: float
-    peak_fp8_flops: float = 0.0
-    memory_bytes: int = 80 * 2**30
+    peak_fp8_flops: float
+    memory_bytes: int
 
 
 # Sources: NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 tensor core 312 TFLOPS dense,
